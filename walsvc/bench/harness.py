@@ -1,0 +1,367 @@
+"""The benchmark harness: scenarios, the system registry, the runner, and helpers for system modules.
+
+Every system (walsvc and the peers a user would pick instead) is a module with the same interface, so the
+harness can run them side by side, interleaved run by run, on the same machine and filesystem.
+
+System interface
+----------------
+A system module exposes (all arguments are plain ints/floats/strs; every result is a dict of floats):
+
+    NAME: str                                       # "redis", "sqlite", "walsvc"
+    DURABILITIES: tuple[str, ...]                   # optional; levels it runs (default ("batch", "always"))
+    available() -> str | None                       # None if usable, else how to make it usable
+
+    throughput(tmpdir: str, producers: int, record_size: int, durability: str, seconds: float,
+               batch: int) -> {"records_per_s", "mib_per_s", "cpu_s_per_million"}
+    latency(tmpdir: str, rate: int, seconds: float, durability: str) -> {"p50_us", "p99_us", "p999_us", "samples"}
+    replay(tmpdir: str, records: int, record_size: int) -> {"records_per_s", "mib_per_s"}
+    recovery(tmpdir: str, records: int, record_size: int) -> {"seconds", "records_per_s", "mib_per_s"}
+
+Any of the four functions may be missing: its scenarios then show "n/a" for that system.  So does a scenario
+whose durability is not in DURABILITIES.  Each call gets a fresh empty `tmpdir` on the filesystem under test
+(the harness deletes it afterwards); the function must stop every process it started before returning, even
+when it fails, and must raise rather than return made-up numbers.
+
+What the functions measure:
+
+- throughput: `producers` separate OS processes append records of `record_size` random bytes to one shared
+  log, `batch` records per round trip (one pipeline / transaction / append_batch), for `seconds` after a start
+  barrier.  records_per_s = records acknowledged / wall time from the barrier to the last producer's end.
+  cpu_s_per_million = user+sys CPU seconds of every process doing the work (producers, and the server or
+  writer process) during that window, per million records.
+- latency: one producer process paced at `rate` records/s, each record 100 bytes carrying its send time
+  (time.monotonic_ns, which is one clock for all processes on Linux); one reader process tailing the log.
+  Latency = reader's receive time - embedded send time; the first 5 % of records are warm-up and not counted.
+  `samples` is the number of latencies counted.
+- replay: pre-fill `records` records (not timed), then time one reader process reading them all from the start.
+- recovery: leave a log of `records` records as an unclean stop would (writer killed), then time reopening it
+  until it accepts appends again.  Only walsvc provides it.
+
+Durability levels (what an acknowledged record survives):
+
+- "os": a process crash, not a power loss (Redis appendfsync no, SQLite synchronous=OFF).
+- "batch": each system's group/periodic level: Redis appendfsync everysec (up to ~1 s lost on power loss),
+  SQLite WAL synchronous=NORMAL (commits not fsynced until a checkpoint), walsvc's group commit policy.
+- "always": fsync before acknowledging (Redis appendfsync always, SQLite synchronous=FULL).
+
+The walsvc module is `walsvc.bench.walsvc_system`; `load_systems` imports it only if it exists, so the suite
+runs without it.  The helpers below (run_workers, proc_cpu_seconds, percentiles_us, throughput_result) are
+for system modules, so all systems count time, CPU and percentiles the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import queue
+import shutil
+import statistics
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+SUBJECT = "walsvc"
+PEER_MODULES = ("walsvc.bench.redis_streams", "walsvc.bench.sqlite_wal")
+SUBJECT_MODULE = "walsvc.bench.walsvc_system"
+DEFAULT_DURABILITIES = ("batch", "always")
+WARMUP_FRACTION = 0.05
+LATENCY_RECORD_SIZE = 100
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers for system modules
+# --------------------------------------------------------------------------------------------------------
+
+
+def _worker_main(target: Callable[..., Any], barrier: Any, results: Any, index: int, args: tuple) -> None:
+    """Run one worker; report its result or its traceback, and break the barrier on failure so nobody waits."""
+    try:
+        results.put((index, True, target(barrier, *args)))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
+        barrier.abort()
+        results.put((index, False, traceback.format_exc()))
+
+
+def run_workers(target: Callable[..., Any], arglists: Sequence[tuple], timeout: float,
+                context: str = "fork", setup_timeout: float = 60.0) -> tuple[float, list[Any]]:
+    """Run `target(barrier, *args)` in one process per entry of `arglists`, all released together.
+
+    Each worker sets itself up (connects, opens files), calls `barrier.wait()`, does the measured work and
+    returns a picklable result.  Returns (monotonic time at which the barrier opened, results in arglists
+    order).  Raises RuntimeError with the worker's traceback if any worker fails or the run exceeds
+    `timeout` seconds after the barrier.  Fork is the default because it starts a worker in milliseconds;
+    a system whose parent holds threads or ZeroMQ contexts should pass context="spawn".
+    """
+    ctx = multiprocessing.get_context(context)
+    barrier = ctx.Barrier(len(arglists) + 1)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(target, barrier, results, i, tuple(args)), daemon=True)
+             for i, args in enumerate(arglists)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        try:
+            barrier.wait(setup_timeout)
+        except threading.BrokenBarrierError:
+            pass  # a worker failed during setup: its traceback is on the queue
+        start = time.monotonic()
+        deadline = start + timeout
+        while len(out) < len(procs):
+            try:
+                index, ok, value = results.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty as exc:
+                raise RuntimeError(f"benchmark workers did not finish within {timeout:.0f} s") from exc
+            if not ok:
+                raise RuntimeError(_first_cause(index, value, results))
+            out[index] = value
+        for p in procs:
+            p.join(10)
+        return start, [out[i] for i in range(len(procs))]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        results.close()
+
+
+def _first_cause(index: int, tb: str, results: Any) -> str:
+    """The failure to show: when one worker fails in setup the others see a broken barrier; show the cause."""
+    failures = [(index, tb)]
+    try:
+        while True:
+            i, ok, value = results.get(timeout=1.0)
+            if not ok:
+                failures.append((i, value))
+    except queue.Empty:
+        pass
+    failures.sort(key=lambda f: "BrokenBarrierError" in f[1])
+    return f"benchmark worker {failures[0][0]} failed:\n{failures[0][1]}"
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds used so far by process `pid` (including waited-for children), from /proc."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()  # the command name may contain spaces
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def percentiles_us(latencies_ns: Sequence[int]) -> dict[str, float]:
+    """p50/p99/p99.9 (nearest rank) in microseconds of latencies in ns, after dropping the warm-up records."""
+    kept = sorted(latencies_ns[int(len(latencies_ns) * WARMUP_FRACTION):])
+    if not kept:
+        raise RuntimeError("the reader received no records")
+
+    def rank(q: float) -> float:
+        return kept[min(len(kept) - 1, max(0, int(q * len(kept) + 0.999999) - 1))] / 1000.0
+
+    return {"p50_us": rank(0.50), "p99_us": rank(0.99), "p999_us": rank(0.999), "samples": float(len(kept))}
+
+
+def throughput_result(records: int, wall_s: float, cpu_s: float, record_size: int) -> dict[str, float]:
+    """The throughput dict from raw counts, so every system derives it the same way."""
+    if records <= 0 or wall_s <= 0:
+        raise RuntimeError(f"no records committed ({records} in {wall_s:.3f} s)")
+    return {"records_per_s": records / wall_s,
+            "mib_per_s": records * record_size / wall_s / 2**20,
+            "cpu_s_per_million": cpu_s / records * 1e6}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row group of the report: a system function, its arguments, and the figure that decides."""
+
+    name: str
+    kind: str  # the system function to call: throughput | latency | replay | recovery
+    params: dict[str, Any]
+    metric: str
+    higher_is_better: bool
+    unit: str
+
+    def applies_to(self, system: ModuleType) -> str | None:
+        """None if `system` can run this scenario, else why not (shown as n/a)."""
+        if not callable(getattr(system, self.kind, None)):
+            return f"{system.NAME} has no {self.kind} benchmark"
+        durability = self.params.get("durability")
+        if durability is not None and durability not in getattr(system, "DURABILITIES", DEFAULT_DURABILITIES):
+            return f"{system.NAME} has no durability level {durability!r}"
+        return None
+
+
+def _size_label(size: int) -> str:
+    return f"{size // 1024}KiB" if size % 1024 == 0 else f"{size}B"
+
+
+def scenarios(quick: bool = False) -> list[Scenario]:
+    """The suite.  Names do not depend on `quick`, so quick and full reports line up."""
+    seconds = 1.0 if quick else 5.0
+    latency_seconds = 1.0 if quick else 10.0
+    log_records = 50_000 if quick else 1_000_000
+    out = []
+    shapes = [(p, size, dur, 64) for dur in ("batch", "always") for p in (1, 4) for size in (100, 1024)]
+    shapes.append((1, 1024, "always", 1))  # one record per round trip: what fsync costs without grouping
+    for producers, size, durability, batch in shapes:
+        out.append(Scenario(
+            name=f"throughput {producers}p {_size_label(size)} {durability} x{batch}", kind="throughput",
+            params={"producers": producers, "record_size": size, "durability": durability,
+                    "seconds": seconds, "batch": batch},
+            metric="records_per_s", higher_is_better=True, unit="rec/s"))
+    for durability in ("os", "batch"):
+        out.append(Scenario(
+            name=f"latency 10k/s {durability}", kind="latency",
+            params={"rate": 10_000, "seconds": latency_seconds, "durability": durability},
+            metric="p99_us", higher_is_better=False, unit="us p99"))
+    for kind in ("replay", "recovery"):
+        out.append(Scenario(
+            name=f"{kind} {_size_label(LATENCY_RECORD_SIZE)}", kind=kind,
+            params={"records": log_records, "record_size": LATENCY_RECORD_SIZE},
+            metric="mib_per_s", higher_is_better=True, unit="MiB/s"))
+    return out
+
+
+def select_scenarios(all_scenarios: list[Scenario], patterns: Sequence[str]) -> list[Scenario]:
+    """The scenarios whose name contains any of `patterns` (all of them if none given)."""
+    if not patterns:
+        return all_scenarios
+    chosen = [s for s in all_scenarios if any(p in s.name for p in patterns)]
+    if not chosen:
+        raise ValueError(f"no scenario matches {', '.join(patterns)}; names: "
+                         + "; ".join(s.name for s in all_scenarios))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------------
+# System registry
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SystemEntry:
+    """A system as the registry found it: the module if usable, else why not."""
+
+    name: str
+    module: ModuleType | None
+    unavailable: str | None
+
+
+def load_systems() -> list[SystemEntry]:
+    """The peers, plus walsvc if its bench module exists.  A system that cannot run says why instead."""
+    entries = []
+    for modname in (*PEER_MODULES, SUBJECT_MODULE):
+        try:
+            module = importlib.import_module(modname)
+        except ImportError as exc:
+            if modname == SUBJECT_MODULE and getattr(exc, "name", None) == SUBJECT_MODULE:
+                continue  # not written yet: the suite runs with the peers alone
+            entries.append(SystemEntry(modname.rsplit(".", 1)[-1], None, f"cannot import {modname}: {exc}"))
+            continue
+        entries.append(SystemEntry(module.NAME, module, module.available()))
+    return entries
+
+
+# --------------------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """Every run of one system on one scenario."""
+
+    runs: list[dict[str, float]] = field(default_factory=list)
+    na: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def stats(self, metric: str) -> dict[str, Any] | None:
+        """median/min/max of `metric` over the successful runs, plus the median of every other figure."""
+        if not self.runs:
+            return None
+        values = [r[metric] for r in self.runs]
+        out = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        out["medians"] = {k: statistics.median(r[k] for r in self.runs) for k in self.runs[0]}
+        return out
+
+
+@dataclass
+class SuiteResult:
+    scenarios: list[Scenario]
+    systems: list[SystemEntry]
+    cells: dict[tuple[str, str], Cell]  # (scenario name, system name) -> Cell
+    runs: int
+    quick: bool
+    elapsed_s: float
+
+    def ratio(self, scenario: Scenario) -> tuple[float | None, str | None]:
+        """walsvc against the best peer, >1 meaning walsvc is better (inverted when lower is better)."""
+        subject = self.cells.get((scenario.name, SUBJECT))
+        subject_stats = subject.stats(scenario.metric) if subject else None
+        peers = [(c.stats(scenario.metric), sysname) for (sname, sysname), c in self.cells.items()
+                 if sname == scenario.name and sysname != SUBJECT]
+        peers = [(s["median"], n) for s, n in peers if s]
+        if not subject_stats or not peers:
+            return None, None
+        pick = max if scenario.higher_is_better else min
+        best, best_name = pick(peers)
+        mine = subject_stats["median"]
+        if best <= 0 or mine <= 0:
+            return None, best_name
+        return (mine / best if scenario.higher_is_better else best / mine), best_name
+
+    @property
+    def failed(self) -> bool:
+        return any(c.errors for c in self.cells.values())
+
+
+def format_value(value: float, unit: str) -> str:
+    """Numbers as a reader wants them: thousands separators for counts, decimals only where they matter."""
+    if unit == "MiB/s" or abs(value) < 100:
+        return f"{value:,.1f}"
+    return f"{value:,.0f}"
+
+
+def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quick: bool, scratch: str,
+              log: Callable[[str], None] = print) -> SuiteResult:
+    """Run every (scenario, system) `runs` times, interleaved run by run so drift hits all systems alike."""
+    usable = [s for s in systems if s.module is not None and s.unavailable is None]
+    cells: dict[tuple[str, str], Cell] = {}
+    plan = []
+    for scenario in suite:
+        for entry in usable:
+            cell = cells[(scenario.name, entry.name)] = Cell()
+            cell.na = scenario.applies_to(entry.module)
+            if cell.na is None:
+                plan.append((scenario, entry))
+    total = len(plan) * runs
+    began = time.monotonic()
+    step = 0
+    os.makedirs(scratch, exist_ok=True)
+    for run in range(runs):
+        for scenario, entry in plan:
+            step += 1
+            cell = cells[(scenario.name, entry.name)]
+            tmpdir = os.path.join(scratch, f"{step:04d}-{entry.name}-{scenario.kind}")
+            os.makedirs(tmpdir)
+            try:
+                result = {k: float(v) for k, v in getattr(entry.module, scenario.kind)(tmpdir, **scenario.params).items()}
+                cell.runs.append(result)
+                line = f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
+                if "cpu_s_per_million" in result:
+                    line += f" ({result['mib_per_s']:,.1f} MiB/s, {result['cpu_s_per_million']:.2f} CPU s/M rec)"
+            except Exception as exc:  # noqa: BLE001 - one broken system must not stop the others' figures
+                cell.errors.append(f"run {run + 1}: {exc}")
+                line = f"FAILED: {exc}"
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            log(f"[{step}/{total}] {entry.name} {scenario.name}: {line}")
+    return SuiteResult(suite, systems, cells, runs, quick, time.monotonic() - began)

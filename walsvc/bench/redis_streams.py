@@ -1,0 +1,204 @@
+"""Redis Streams as a peer: a real redis-server with an append-only file, clients using redis-py.
+
+This is what a user would set up instead of walsvc: one stream as the shared log, XADD to append, XREAD BLOCK
+to tail, XRANGE to replay, and the AOF for durability ("os"/"batch"/"always" = appendfsync no/everysec/always).
+RDB snapshots and AOF rewrites are off, so the server writes nothing but the log during a measurement (a
+rewrite would fork and copy the whole stream mid-run).  The server listens on 127.0.0.1 only, on a free port,
+and is shut down before each function returns.  Interface: see harness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .harness import LATENCY_RECORD_SIZE, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+
+NAME = "redis"
+DURABILITIES = ("os", "batch", "always")
+APPENDFSYNC = {"os": "no", "batch": "everysec", "always": "always"}
+HOST = "127.0.0.1"
+STREAM = b"log"
+FIELD = b"d"
+READ_CHUNK = 10_000
+FILL_PIPELINE = 1_000
+
+
+def available() -> str | None:
+    """None if redis-server and redis-py are both there."""
+    if shutil.which("redis-server") is None:
+        return "redis-server not found: apt-get install redis-server"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis-py not installed: pip install redis"
+    return None
+
+
+def _client(port: int) -> Any:
+    import redis
+
+    client = redis.Redis(host=HOST, port=port, socket_timeout=600)
+    client.ping()
+    return client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _server(tmpdir: str, durability: str) -> Iterator[tuple[int, int]]:
+    """A fresh redis-server on loopback with its AOF in tmpdir; yields (port, pid), always shuts it down."""
+    import redis
+
+    for _attempt in range(3):  # the free port may be taken between probing it and redis binding it
+        port = _free_port()
+        logpath = os.path.join(tmpdir, "redis.log")
+        proc = subprocess.Popen(
+            ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "yes",
+             "--appendfsync", APPENDFSYNC[durability], "--auto-aof-rewrite-percentage", "0",
+             "--dir", tmpdir, "--logfile", logpath, "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while proc.poll() is None:
+                try:
+                    _client(port).close()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not answer PING within 10 s (log: {logpath})")
+                    time.sleep(0.01)
+            if proc.poll() is None:
+                yield port, proc.pid
+                return
+        finally:
+            try:
+                redis.Redis(host=HOST, port=port, socket_timeout=10).shutdown(nosave=True)
+            except redis.RedisError:
+                pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    with open(logpath, errors="replace") as f:
+        raise RuntimeError(f"redis-server failed to start: {f.read()[-2000:]}")
+
+
+def _produce(barrier: Any, port: int, record_size: int, seconds: float, batch: int) -> tuple[int, float, float]:
+    """Pipeline `batch` XADDs per round trip until the deadline; returns (records, end time, CPU seconds)."""
+    client = _client(port)
+    pipe = client.pipeline(transaction=False)
+    payload = os.urandom(record_size)
+    barrier.wait()
+    cpu = time.process_time()
+    end = time.monotonic() + seconds
+    records = 0
+    while time.monotonic() < end:
+        for _ in range(batch):
+            pipe.xadd(STREAM, {FIELD: payload})
+        pipe.execute()
+        records += batch
+    return records, time.monotonic(), time.process_time() - cpu
+
+
+def throughput(tmpdir: str, producers: int, record_size: int, durability: str, seconds: float,
+               batch: int) -> dict[str, float]:
+    with _server(tmpdir, durability) as (port, pid):
+        server_cpu = proc_cpu_seconds(pid)
+        start, results = run_workers(_produce, [(port, record_size, seconds, batch)] * producers,
+                                     timeout=seconds + 120)
+        server_cpu = proc_cpu_seconds(pid) - server_cpu
+        records = sum(r[0] for r in results)
+        stored = _client(port).xlen(STREAM)
+    if stored != records:
+        raise RuntimeError(f"producers counted {records} acknowledged records but the stream holds {stored}")
+    wall = max(r[1] for r in results) - start
+    return throughput_result(records, wall, server_cpu + sum(r[2] for r in results), record_size)
+
+
+def _paced_producer(barrier: Any, port: int, rate: int, count: int) -> int:
+    """XADD one record at a time on a fixed schedule; each carries its send time (monotonic ns)."""
+    client = _client(port)
+    pad = bytes(LATENCY_RECORD_SIZE - 8)
+    barrier.wait()
+    t0 = time.monotonic_ns()
+    for i in range(count):
+        delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
+        if delay > 0:
+            time.sleep(delay / 1e9)
+        client.xadd(STREAM, {FIELD: struct.pack("<q", time.monotonic_ns()) + pad})
+    return count
+
+
+def _tail_reader(barrier: Any, port: int, count: int, timeout: float) -> list[int]:
+    """XREAD BLOCK from the start of the stream; returns one latency (ns) per record received."""
+    client = _client(port)
+    last = b"0-0"
+    latencies: list[int] = []
+    barrier.wait()
+    deadline = time.monotonic() + timeout
+    while len(latencies) < count and time.monotonic() < deadline:
+        reply = client.xread({STREAM: last}, count=1000, block=100)
+        now = time.monotonic_ns()
+        for _stream, entries in reply:
+            latencies.extend(now - struct.unpack_from("<q", fields[FIELD])[0] for _id, fields in entries)
+            last = entries[-1][0]
+    return latencies
+
+
+def _latency_role(barrier: Any, role: str, port: int, rate: int, count: int, timeout: float) -> Any:
+    if role == "producer":
+        return _paced_producer(barrier, port, rate, count)
+    return _tail_reader(barrier, port, count, timeout)
+
+
+def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
+    count = int(rate * seconds)
+    with _server(tmpdir, durability) as (port, _pid):
+        _start, (_sent, latencies) = run_workers(
+            _latency_role, [(role, port, rate, count, seconds + 30) for role in ("producer", "reader")],
+            timeout=seconds + 60)
+    return percentiles_us(latencies)
+
+
+def _fill(port: int, records: int, record_size: int) -> None:
+    client = _client(port)
+    pipe = client.pipeline(transaction=False)
+    payload = os.urandom(record_size)
+    for done in range(0, records, FILL_PIPELINE):
+        for _ in range(min(FILL_PIPELINE, records - done)):
+            pipe.xadd(STREAM, {FIELD: payload})
+        pipe.execute()
+
+
+def _replay_reader(barrier: Any, port: int) -> tuple[int, int, float]:
+    """XRANGE the whole stream in chunks; returns (records, payload bytes, end time)."""
+    client = _client(port)
+    barrier.wait()
+    records = nbytes = 0
+    low = b"-"
+    while entries := client.xrange(STREAM, min=low, count=READ_CHUNK):
+        nbytes += sum(len(fields[FIELD]) for _id, fields in entries)
+        records += len(entries)
+        low = b"(" + entries[-1][0]
+    return records, nbytes, time.monotonic()
+
+
+def replay(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
+    with _server(tmpdir, "batch") as (port, _pid):
+        _fill(port, records, record_size)
+        start, ((count, nbytes, end),) = run_workers(_replay_reader, [(port,)], timeout=600)
+    if count != records:
+        raise RuntimeError(f"replay read {count} records, expected {records}")
+    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20}

@@ -1,0 +1,181 @@
+"""Configuration: one schema per section, checked before anything touches a file.
+
+A config is a TOML file with `[log]`, `[retention]` and `[service]` tables (configs/default.toml documents
+every key), or keyword arguments to `Log.open`.  Unknown keys, wrong types and out-of-range values raise
+`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
+
+
+def _choice(*options: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in options else f"must be one of {', '.join(map(repr, options))}, got {v!r}"
+
+
+def _any(_v: Any) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
+    segment_bytes: int = 128 * MiB
+    max_record_bytes: int = 16 * MiB
+    max_batch_bytes: int = 32 * MiB
+    fsync: str = "batch"
+    fsync_window_ms: int = 5
+    preallocate: bool = True
+    on_corruption: str = "fail"
+    index_interval_bytes: int = 64 * KiB
+    producer_window: int = 128
+    max_producers: int = 4096
+    # retention
+    max_bytes: int = 0
+    max_age_s: int = 0
+    max_cursor_lag_bytes: int = 64 * GiB
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check(f"log.{f.name}" if f.name in _LOG_KEYS else f"retention.{f.name}", getattr(self, f.name),
+                   *_SCHEMA[f.name])
+        if self.max_batch_bytes < self.max_record_bytes + 64:
+            raise ConfigError("log.max_batch_bytes", f"must exceed max_record_bytes ({self.max_record_bytes}) "
+                              "so that one record of the maximum size fits in a batch")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], *, where: str = "option") -> "LogConfig":
+        unknown = sorted(set(options) - set(_SCHEMA))
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown {where}; known: {', '.join(sorted(_SCHEMA))}")
+        return cls(**options)
+
+
+# name: (type, check)
+_SCHEMA: dict[str, tuple[type, Callable[[Any], str | None]]] = {
+    "segment_bytes": (int, _int_range(1 * MiB, 64 * GiB)),
+    "max_record_bytes": (int, _int_range(1 * KiB, 1 * GiB)),
+    "max_batch_bytes": (int, _int_range(2 * KiB, 2 * GiB)),
+    "fsync": (str, _choice("always", "batch", "os")),
+    "fsync_window_ms": (int, _int_range(1, 1000)),
+    "preallocate": (bool, _any),
+    "on_corruption": (str, _choice("fail", "truncate")),
+    "index_interval_bytes": (int, _int_range(4 * KiB, 1 * GiB)),
+    "producer_window": (int, _int_range(1, 65536)),
+    "max_producers": (int, _int_range(1, 1_000_000)),
+    "max_bytes": (int, _int_range(0, 1 << 62)),
+    "max_age_s": (int, _int_range(0, 1 << 40)),
+    "max_cursor_lag_bytes": (int, _int_range(0, 1 << 62)),
+}
+_LOG_KEYS = {"segment_bytes", "max_record_bytes", "max_batch_bytes", "fsync", "fsync_window_ms", "preallocate",
+             "on_corruption", "index_interval_bytes", "producer_window", "max_producers"}
+_RETENTION_KEYS = {"max_bytes", "max_age_s", "max_cursor_lag_bytes"}
+
+
+def _check(key: str, value: Any, typ: type, check: Callable[[Any], str | None]) -> None:
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(key, f"must be an integer, got {type(value).__name__} {value!r}")
+    if typ is not int and not isinstance(value, typ):
+        raise ConfigError(key, f"must be a {typ.__name__}, got {type(value).__name__} {value!r}")
+    problem = check(value)
+    if problem:
+        raise ConfigError(key, problem)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Where the writer listens.  Empty endpoints mean ipc sockets in the log (or socket) directory."""
+    socket_dir: str = ""
+    ingest: str = ""
+    publish: str = ""
+    control: str = ""
+    allow_remote: bool = False
+    curve_secret_key: str = ""
+    curve_public_key: str = ""
+    max_message_bytes: int = 64 * MiB
+    ingest_hwm: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            typ = type(f.default)
+            _check(f"service.{f.name}", value, typ, _SERVICE_CHECKS.get(f.name, _any))
+        for name in ("ingest", "publish", "control"):
+            endpoint = getattr(self, name)
+            if endpoint and not endpoint.startswith(("ipc://", "tcp://")):
+                raise ConfigError(f"service.{name}", f"must be an ipc:// or tcp:// endpoint, got {endpoint!r}")
+            if endpoint.startswith("tcp://") and not _is_loopback(endpoint):
+                if not self.allow_remote:
+                    raise ConfigError(f"service.{name}", f"{endpoint} is not a loopback address; set "
+                                      "service.allow_remote = true and CURVE keys to listen beyond this host")
+                if not (self.curve_secret_key and self.curve_public_key):
+                    raise ConfigError("service.curve_secret_key", "a non-loopback bind needs "
+                                      "curve_secret_key and curve_public_key")
+
+
+_SERVICE_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "max_message_bytes": _int_range(4 * KiB, 2 * GiB),
+    "ingest_hwm": _int_range(1, 1_000_000),
+}
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole config file: the log directory plus each section."""
+    directory: Path
+    log: LogConfig
+    service: ServiceConfig
+
+
+def load(path: str | Path | None = None, *, directory: str | Path | None = None) -> Config:
+    """Read a TOML config (or only defaults); `directory` overrides `[log] dir`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"log", "retention", "service"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown section; known: log, retention, service")
+    log_table = dict(data.get("log", {}))
+    dir_value = log_table.pop("dir", "./wal-data")
+    if not isinstance(dir_value, str):
+        raise ConfigError("log.dir", f"must be a string, got {type(dir_value).__name__}")
+    retention = data.get("retention", {})
+    for key in log_table:
+        if key not in _LOG_KEYS:
+            raise ConfigError(f"log.{key}", f"unknown key; known: dir, {', '.join(sorted(_LOG_KEYS))}")
+    for key in retention:
+        if key not in _RETENTION_KEYS:
+            raise ConfigError(f"retention.{key}", f"unknown key; known: {', '.join(sorted(_RETENTION_KEYS))}")
+    service = data.get("service", {})
+    known_service = {f.name for f in fields(ServiceConfig)}
+    for key in service:
+        if key not in known_service:
+            raise ConfigError(f"service.{key}", f"unknown key; known: {', '.join(sorted(known_service))}")
+    base = Path(path).parent if path is not None else Path(".")
+    directory = Path(directory) if directory is not None else base / dir_value
+    return Config(directory, LogConfig(**log_table, **retention), ServiceConfig(**service))

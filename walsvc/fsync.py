@@ -1,0 +1,177 @@
+"""Making bytes durable: the fsync calls of each platform and the three policies.
+
+- `always`: an append returns only after an fsync covered it.  Appenders that arrive while an fsync runs
+  queue on one lock; the first to get it syncs everything written so far, so N concurrent appends share
+  one fsync (group commit, as PostgreSQL does it).
+- `batch`: a background thread fsyncs at most `window_ms` after the first unsynced write, whether or not
+  another write follows (nori-wal waited for the next append, so a burst's last write could stay unsynced).
+- `os`: never fsync; written is committed.
+
+Any fsync error stops the log for good: on Linux a failed fsync may drop the dirty pages, so a retry could
+report success for data that is gone (PostgreSQL's "fsyncgate").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+from .errors import LogStoppedError
+
+if sys.platform == "darwin":
+    import fcntl
+
+    def sync_data(fd: int) -> None:
+        """macOS fsync does not flush the drive cache; F_FULLFSYNC does."""
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+        except OSError:
+            os.fsync(fd)
+elif hasattr(os, "fdatasync"):
+    sync_data = os.fdatasync
+else:
+    sync_data = os.fsync
+
+
+def sync_dir(path: str | os.PathLike) -> None:
+    """Fsync a directory so a created, renamed or deleted entry survives power loss."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve `size` bytes so a full disk shows up at segment creation, not in the middle of a write."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    elif sys.platform == "darwin":
+        import fcntl
+        import struct
+        for flags in (0x6, 0x4):  # F_ALLOCATECONTIG | F_ALLOCATEALL, then F_ALLOCATEALL alone
+            fstore = struct.pack("IiqqQ", flags, 3, 0, size, 0)  # F_PEOFPOSMODE
+            try:
+                fcntl.fcntl(fd, 42, fstore)  # F_PREALLOCATE
+                break
+            except OSError:
+                continue
+    os.ftruncate(fd, size)
+
+
+class Syncer:
+    """Applies an fsync policy.  The log supplies `snapshot()` -> (fd, end LSN written so far) and is told
+    each new committed LSN through `on_commit`.  The caller must hold `lock` while it swaps or closes the fd
+    that `snapshot` returns, so an fsync never runs on a closed descriptor.
+    """
+
+    def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int]],
+                 on_commit: Callable[[int], None], committed_end: int) -> None:
+        self.policy = policy
+        self.window = window_ms / 1000.0
+        self.lock = threading.Lock()
+        self.committed_end = committed_end
+        self.durable_end = committed_end
+        self.failed: LogStoppedError | None = None
+        self.fsyncs = 0
+        self.fsync_seconds = 0.0
+        self.fsync_max_seconds = 0.0
+        self._snapshot = snapshot
+        self._on_commit = on_commit
+        self._dirty_since: float | None = None
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if policy == "batch":
+            self._thread = threading.Thread(target=self._flusher, name="walsvc-batch-fsync", daemon=True)
+            self._thread.start()
+
+    def check(self) -> None:
+        if self.failed is not None:
+            raise self.failed
+
+    def written(self, end_lsn: int) -> None:
+        """Called after each write (write lock held): commit now (os), or wake the flusher (batch)."""
+        if self.policy == "os":
+            self._commit(end_lsn)
+        elif self.policy == "batch" and self._dirty_since is None:
+            with self._wake:
+                self._dirty_since = time.monotonic()
+                self._wake.notify()
+
+    def sync(self) -> int:
+        """Fsync everything written so far (any policy); returns the committed LSN."""
+        with self.lock:
+            return self._sync_locked()
+
+    def sync_through(self, end_lsn: int) -> None:
+        """Block until `end_lsn` is durable, sharing an fsync with whoever else is waiting."""
+        if self.durable_end >= end_lsn:
+            return
+        with self.lock:
+            if self.durable_end < end_lsn:
+                self._sync_locked()
+
+    def _sync_locked(self) -> int:
+        self.check()
+        fd, end = self._snapshot()
+        if end <= self.durable_end:
+            return self.committed_end
+        self._dirty_since = None
+        start = time.perf_counter()
+        try:
+            sync_data(fd)
+        except OSError as exc:
+            self.failed = LogStoppedError(f"fsync failed ({exc.strerror or exc}); the log accepts no more "
+                                          "writes and must be restarted so recovery can check what reached disk")
+            raise self.failed from exc
+        elapsed = time.perf_counter() - start
+        self.fsyncs += 1
+        self.fsync_seconds += elapsed
+        self.fsync_max_seconds = max(self.fsync_max_seconds, elapsed)
+        self.durable_end = end
+        self._commit(end)
+        return self.committed_end
+
+    def _commit(self, end_lsn: int) -> None:
+        if end_lsn > self.committed_end:
+            self.committed_end = end_lsn
+            self._on_commit(end_lsn)
+
+    def mark_durable(self, end_lsn: int) -> None:
+        """The log fsynced on its own (sealing a segment): everything up to `end_lsn` is durable."""
+        self.durable_end = max(self.durable_end, end_lsn)
+        self._commit(end_lsn)
+
+    def _flusher(self) -> None:
+        while True:
+            with self._wake:
+                while self._dirty_since is None and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                delay = self._dirty_since + self.window - time.monotonic()
+                if delay > 0:
+                    self._wake.wait(delay)
+                if self._stop:
+                    return
+            try:
+                self.sync()
+            except LogStoppedError:
+                return
+
+    def close(self) -> None:
+        if self._thread is not None:
+            with self._wake:
+                self._stop = True
+                self._wake.notify()
+            self._thread.join()

@@ -1,0 +1,43 @@
+"""One writer per log directory, enforced by the OS: an exclusive flock on `DIR/LOCK`.
+
+The lock dies with its process (kill -9 included), so a stale lock never blocks a restart.  The file holds
+the owner's PID so that a refused second writer can say who holds the log.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from .errors import LogLockedError
+
+NAME = "LOCK"
+
+
+class DirectoryLock:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = holder_pid(directory)
+            os.close(fd)
+            raise LogLockedError(str(directory), pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def holder_pid(directory: Path) -> int | None:
+    """The PID written by the current (or last) owner, if readable."""
+    try:
+        return int((directory / NAME).read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None

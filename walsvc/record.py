@@ -1,0 +1,372 @@
+"""The record: nori-wal record v1, byte for byte (see docs/FORMAT.md, "Records").
+
+    varint klen | varint vlen | u8 flags | [varint ttl_ms] | [varint term, varint index] | key | value | u32le crc32c
+
+The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present, bits 2-3 compression
+(0 none, 1 LZ4, 2 zstd), bit 4 version present; bits 5-7 must be zero.  This module is pure: bytes in,
+bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator
+
+from crc32c import crc32c
+
+from .errors import (ChecksumError, CompressionUnavailableError, DecompressionError, IncompleteRecordError,
+                     InvalidRecordError, RecordTooLargeError, VarintOverflowError)
+
+DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+FLAG_TOMBSTONE = 0x01
+FLAG_TTL = 0x02
+FLAG_COMPRESSION_MASK = 0x0C
+FLAG_VERSION = 0x10
+KNOWN_FLAGS = 0x1F
+
+COMPRESSION_CODES = {None: 0, "lz4": 1, "zstd": 2}
+COMPRESSION_NAMES = {0: None, 1: "lz4", 2: "zstd"}
+ZSTD_LEVEL = 3
+
+_U32 = struct.Struct("<I")
+_MAX_U64 = (1 << 64) - 1
+
+
+class Record:
+    """One log record.  `lsn` and `timestamp` (µs since the epoch) are set on records read from a log."""
+
+    __slots__ = ("key", "value", "tombstone", "ttl_ms", "compression", "version", "lsn", "timestamp")
+
+    def __init__(self, key: bytes, value: bytes = b"", tombstone: bool = False, ttl_ms: int | None = None,
+                 compression: str | None = None, version: tuple[int, int] | None = None,
+                 lsn: int = 0, timestamp: int = 0) -> None:
+        self.key = key
+        self.value = value
+        self.tombstone = tombstone
+        self.ttl_ms = ttl_ms
+        self.compression = compression
+        self.version = version
+        self.lsn = lsn
+        self.timestamp = timestamp
+
+    @classmethod
+    def put(cls, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
+            compression: str | None = None) -> "Record":
+        """A put; str arguments are UTF-8 encoded.  `compression` is "zstd", "lz4" or None."""
+        if compression not in COMPRESSION_CODES:
+            raise InvalidRecordError(f"unknown compression {compression!r}; use 'zstd', 'lz4' or None")
+        if ttl_ms is not None and not (isinstance(ttl_ms, int) and 0 <= ttl_ms <= _MAX_U64):
+            raise InvalidRecordError(f"ttl_ms must be a non-negative integer, not {ttl_ms!r}")
+        return cls(_as_bytes(key), _as_bytes(value), ttl_ms=ttl_ms, compression=compression)
+
+    @classmethod
+    def delete(cls, key: bytes | str) -> "Record":
+        """A tombstone: the key was deleted."""
+        return cls(_as_bytes(key), b"", tombstone=True)
+
+    def expires_at_us(self) -> int | None:
+        """Absolute expiry (µs since the epoch) from the write timestamp and the TTL, or None."""
+        if self.ttl_ms is None:
+            return None
+        return self.timestamp + self.ttl_ms * 1000
+
+    def _fields(self) -> tuple:
+        return (self.key, self.value, self.tombstone, self.ttl_ms, self.compression, self.version)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {name}={getattr(self, name)!r}" for name in ("tombstone", "ttl_ms", "compression",
+                                                                        "version", "lsn", "timestamp")
+                        if getattr(self, name))
+        return f"Record(key={self.key!r}, value={self.value!r}{extra})"
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise InvalidRecordError(f"keys and values must be bytes or str, not {type(value).__name__}")
+
+
+def encode_varint(n: int) -> bytes:
+    """Unsigned LEB128."""
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def decode_varint(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+    """Decode the varint at `pos`; returns (value, position after it).  Rejects over-long and >64-bit forms."""
+    result = 0
+    shift = 0
+    start = pos
+    while True:
+        if pos >= end:
+            raise IncompleteRecordError("bytes end inside a varint", offset=start)
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            if (b == 0 and pos - start > 1) or result > _MAX_U64:
+                raise VarintOverflowError("varint is over-long or exceeds 64 bits", offset=start)
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise VarintOverflowError("varint longer than 10 bytes", offset=start)
+
+
+def _compress(code: int, value: bytes) -> bytes:
+    if code == 2:
+        import zstandard
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(value)
+    lz4_block = _lz4()
+    return encode_varint(len(value)) + lz4_block.compress(value, store_size=False)
+
+
+def _lz4():
+    try:
+        import lz4.block
+    except ImportError:
+        raise CompressionUnavailableError("record uses LZ4 compression (code 1) but the 'lz4' package is not "
+                                          "installed; run: pip install 'walsvc[lz4]'") from None
+    return lz4.block
+
+
+def _decompress(code: int, stored: bytes, max_bytes: int) -> bytes:
+    if code == 2:
+        import zstandard
+        try:
+            # stream_reader copes with frames that carry no content size (Rust's streaming encoder) and lets
+            # us stop at the limit instead of trusting a size field.
+            with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
+                out = reader.read(max_bytes + 1)
+        except zstandard.ZstdError as exc:
+            raise DecompressionError(f"zstd value does not decompress: {exc}") from None
+        if len(out) > max_bytes:
+            raise RecordTooLargeError(f"decompressed value exceeds the {max_bytes}-byte maximum record size")
+        return out
+    lz4_block = _lz4()
+    size, pos = decode_varint(stored, 0, len(stored))
+    if size > max_bytes:
+        raise RecordTooLargeError(f"LZ4 value claims {size} bytes, above the {max_bytes}-byte maximum")
+    try:
+        out = lz4_block.decompress(stored[pos:], uncompressed_size=size)
+    except Exception as exc:  # lz4 raises LZ4BlockError, a plain Exception subclass
+        raise DecompressionError(f"LZ4 value does not decompress: {exc}") from None
+    if len(out) != size:
+        raise DecompressionError(f"LZ4 value decompressed to {len(out)} bytes, header said {size}")
+    return out
+
+
+def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
+    """The v1 bytes of `record`.  Compression is skipped (flag cleared) when it does not shrink the value."""
+    key = record.key
+    value = record.value
+    if len(key) + len(value) > max_record_bytes:
+        raise RecordTooLargeError(f"record of {len(key) + len(value)} bytes exceeds the {max_record_bytes}-byte "
+                                  "maximum record size")
+    flags = 0
+    if record.tombstone:
+        flags |= FLAG_TOMBSTONE
+    code = COMPRESSION_CODES.get(record.compression, -1)
+    if code < 0:
+        raise InvalidRecordError(f"unknown compression {record.compression!r}")
+    if code and value:
+        packed = _compress(code, value)
+        if len(packed) < len(value):
+            value = packed
+            flags |= code << 2
+    head = encode_varint(len(key)) + encode_varint(len(value))
+    tail = b""
+    if record.ttl_ms is not None:
+        flags |= FLAG_TTL
+        tail = encode_varint(record.ttl_ms)
+    if record.version is not None:
+        flags |= FLAG_VERSION
+        tail += encode_varint(record.version[0]) + encode_varint(record.version[1])
+    body = b"".join((head, bytes((flags,)), tail, key, value))
+    return body + _U32.pack(crc32c(body))
+
+
+def encode_put(key: bytes, value: bytes) -> bytes:
+    """Fast path for the common record: a plain put, no TTL, no compression (same bytes as `encode`)."""
+    kl = len(key)
+    vl = len(value)
+    if kl < 0x80 and vl < 0x80:
+        body = bytes((kl, vl, 0)) + key + value
+    else:
+        body = encode_varint(kl) + encode_varint(vl) + b"\0" + key + value
+    return body + _U32.pack(crc32c(body))
+
+
+def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
+           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True) -> tuple[Record, int]:
+    """Decode the record at `pos`; returns (record, position after it).
+
+    `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
+    covered these bytes (one C call per frame instead of one per record).
+    """
+    if end is None:
+        end = len(buf)
+    start = pos
+    try:
+        kl = buf[pos]
+        if kl < 0x80:
+            pos += 1
+        else:
+            kl, pos = decode_varint(buf, pos, end)
+        vl = buf[pos]
+        if vl < 0x80:
+            pos += 1
+        else:
+            vl, pos = decode_varint(buf, pos, end)
+        flags = buf[pos]
+    except IndexError:
+        raise IncompleteRecordError("bytes end inside a record header", offset=start) from None
+    pos += 1
+    if kl > max_record_bytes or vl > max_record_bytes or kl + vl > max_record_bytes:
+        raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte maximum",
+                                  offset=start)
+    if flags & ~KNOWN_FLAGS:
+        raise InvalidRecordError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x}", offset=start)
+    code = (flags & FLAG_COMPRESSION_MASK) >> 2
+    if code == 3:
+        raise InvalidRecordError("invalid compression code 3", offset=start)
+    ttl = None
+    version = None
+    if flags & (FLAG_TTL | FLAG_VERSION):
+        if flags & FLAG_TTL:
+            ttl, pos = decode_varint(buf, pos, end)
+        if flags & FLAG_VERSION:
+            term, pos = decode_varint(buf, pos, end)
+            index, pos = decode_varint(buf, pos, end)
+            version = (term, index)
+    kend = pos + kl
+    vend = kend + vl
+    if vend + 4 > end:
+        raise IncompleteRecordError(f"record needs {vend + 4 - start} bytes, only {end - start} remain",
+                                    offset=start)
+    if verify_crc:
+        stored = _U32.unpack_from(buf, vend)[0]
+        if crc32c(buf[start:vend]) != stored:
+            raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
+    value = bytes(buf[kend:vend])
+    if code:
+        try:
+            value = _decompress(code, value, max_record_bytes)
+        except (DecompressionError, RecordTooLargeError, CompressionUnavailableError) as exc:
+            raise exc.located(offset=start) from None
+    return Record(bytes(buf[pos:kend]), value, tombstone=bool(flags & FLAG_TOMBSTONE), ttl_ms=ttl,
+                  compression=COMPRESSION_NAMES[code], version=version), vend + 4
+
+
+def iter_decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
+                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True) -> Iterator[Record]:
+    """Decode records laid end to end in buf[pos:end]; the last one must end exactly at `end`."""
+    if end is None:
+        end = len(buf)
+    while pos < end:
+        record, pos = decode(buf, pos, end, max_record_bytes=max_record_bytes, verify_crc=verify_crc)
+        yield record
+
+
+def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
+    """The v1 bytes of several records laid end to end (a batch payload)."""
+    parts = []
+    for r in records:
+        if (r.compression is None and r.ttl_ms is None and not r.tombstone and r.version is None
+                and len(r.key) + len(r.value) <= max_record_bytes):
+            parts.append(encode_put(r.key, r.value))
+        else:
+            parts.append(encode(r, max_record_bytes))
+    return b"".join(parts)
+
+
+def count_records(buf: bytes | memoryview, pos: int, end: int, *,
+                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> int:
+    """Walk the records in buf[pos:end] without building them, checking structure and each CRC.
+
+    The writer runs this on every batch a producer sends, so garbage never reaches the log.
+    """
+    n = 0
+    start = pos
+    while pos < end:
+        try:
+            record_start = pos
+            kl = buf[pos]
+            if kl < 0x80:
+                pos += 1
+            else:
+                kl, pos = decode_varint(buf, pos, end)
+            vl = buf[pos]
+            if vl < 0x80:
+                pos += 1
+            else:
+                vl, pos = decode_varint(buf, pos, end)
+            flags = buf[pos]
+            pos += 1
+            if kl + vl > max_record_bytes:
+                raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte "
+                                          "maximum", offset=record_start - start)
+            if flags & ~KNOWN_FLAGS or flags & FLAG_COMPRESSION_MASK == FLAG_COMPRESSION_MASK:
+                raise InvalidRecordError(f"invalid flags 0x{flags:02x}", offset=record_start - start)
+            if flags & FLAG_TTL:
+                _, pos = decode_varint(buf, pos, end)
+            if flags & FLAG_VERSION:
+                _, pos = decode_varint(buf, pos, end)
+                _, pos = decode_varint(buf, pos, end)
+        except IndexError:
+            raise IncompleteRecordError("bytes end inside a record header", offset=record_start - start) from None
+        vend = pos + kl + vl
+        if vend + 4 > end:
+            raise IncompleteRecordError("record runs past the end of the batch", offset=record_start - start)
+        if crc32c(buf[record_start:vend]) != _U32.unpack_from(buf, vend)[0]:
+            raise ChecksumError("record CRC32C mismatch", offset=record_start - start)
+        pos = vend + 4
+        n += 1
+    return n
+
+
+def decode_payload(buf: bytes, base_lsn: int, count: int, timestamp: int, first_wanted: int = 0, *,
+                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
+    """The `count` records of a batch frame whose CRC was checked, numbered from `base_lsn`; those below
+    `first_wanted` are skipped.  Plain small records (the common case) take an inlined path."""
+    out = []
+    append = out.append
+    pos = 0
+    end = len(buf)
+    lsn = base_lsn
+    while pos < end:
+        kl = buf[pos]
+        if kl < 0x80 and pos + 2 < end and buf[pos + 1] < 0x80 and buf[pos + 2] == 0:
+            kend = pos + 3 + kl
+            vend = kend + buf[pos + 1]
+            if vend + 4 > end:
+                raise IncompleteRecordError("record runs past the end of its batch", offset=pos, lsn=lsn)
+            if lsn >= first_wanted:
+                append(Record(buf[pos + 3:kend], buf[kend:vend], False, None, None, None, lsn, timestamp))
+            pos = vend + 4
+        else:
+            try:
+                record, pos = decode(buf, pos, end, max_record_bytes=max_record_bytes, verify_crc=False)
+            except IncompleteRecordError as exc:
+                raise exc.located(lsn=lsn) from None
+            if lsn >= first_wanted:
+                record.lsn = lsn
+                record.timestamp = timestamp
+                append(record)
+        lsn += 1
+    if lsn - base_lsn != count:
+        raise InvalidRecordError(f"batch holds {lsn - base_lsn} records, its header says {count}", lsn=base_lsn)
+    return out

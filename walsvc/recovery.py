@@ -1,0 +1,293 @@
+"""Recovery at open: find where the log ends, cut a torn tail, refuse to hide corruption.
+
+Sealed segments are trusted from their seal frame (header and seal CRCs, LSN continuity) and not rescanned,
+so open time is bounded by the active segment, not the size of the log.  The active (last, unsealed)
+segment is scanned frame by frame.  Where the scan stops, `classify` decides:
+
+- `end`: nothing but zeros (the preallocated tail) or end of file follows: a clean end, nothing to cut;
+- `torn`: the last frame is incomplete or fails its CRC and no valid frame follows: a write cut short by a
+  crash; it is truncated in place (ftruncate), and its LSNs, when its header survived, are never reused;
+- `corrupt`: valid data follows the damage, or a sealed segment is damaged: open fails naming the place,
+  unless `on_corruption = "truncate"`, which cuts there and moves every later segment to `quarantine/`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crc32c import crc32c
+
+from . import frame as F
+from .errors import CorruptionError, RecordError
+from .fsync import sync_dir
+from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, find_valid_header, is_zero_from,
+                      list_segments, read_header, read_seal, truncate_and_reserve)
+from .config import LogConfig
+
+QUARANTINE = "quarantine"
+
+
+@dataclass
+class RecoveryInfo:
+    """What recovery found and did; `log.recovery` and `walsvc status` show it."""
+    segments_scanned: int = 0
+    sealed_segments: int = 0
+    records_valid: int = 0
+    bytes_scanned: int = 0
+    bytes_truncated: int = 0
+    torn_tail: bool = False
+    corruption: str | None = None
+    truncated_at: tuple[str, int] | None = None  # (segment file, offset) where bytes were cut
+    quarantined: list[str] = field(default_factory=list)
+    skipped_lsns: tuple[int, int] | None = None  # [first, end) of a torn batch whose LSNs are never reused
+    first_lsn: int = 1
+    last_lsn: int = 0
+    duration_s: float = 0.0
+
+    def summary(self) -> str:
+        parts = [f"{self.segments_scanned} segments ({self.sealed_segments} sealed)",
+                 f"{self.records_valid} records", f"LSN {self.first_lsn}..{self.last_lsn}",
+                 f"{self.duration_s * 1000:.1f} ms"]
+        if self.torn_tail:
+            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {self.truncated_at}")
+        if self.corruption:
+            parts.append(f"CORRUPTION repaired by truncation: {self.corruption}; quarantined {self.quarantined}")
+        return "recovered " + ", ".join(parts)
+
+
+@dataclass
+class Recovered:
+    """What the writer continues from."""
+    active: ActiveSegment | None  # None: start a new segment at next_lsn
+    next_lsn: int
+    next_segment_id: int
+    producers: dict[int, collections.deque] = field(default_factory=dict)
+
+
+def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, is_last: bool) -> str:
+    """The recovery decision for a scan that stopped at `stop`: "end", "torn" or "corrupt".
+
+    zeros_after: only zero bytes follow the damaged frame (its declared extent when its header is valid,
+    else its start); valid_frame_after: a frame with a valid header lies somewhere after the damage.
+    """
+    if stop is None:
+        return "end" if is_last else "corrupt"
+    if stop.header is None and zeros_after:
+        return "end" if is_last else "corrupt"
+    if not is_last or valid_frame_after:
+        return "corrupt"
+    if stop.header is not None and not zeros_after:
+        return "corrupt"
+    return "torn"
+
+
+def _merge_window(producers: dict[int, collections.deque], pid: int, entries: list[F.Appended],
+                  window: int) -> None:
+    q = producers.get(pid)
+    if q is None:
+        q = producers[pid] = collections.deque(maxlen=window)
+    q.extend(entries)
+
+
+def _end_lsn(path: Path) -> int:
+    """One past the highest LSN stored in a segment (used for segments moved to quarantine)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        sealed = read_seal(fd, size)
+        if sealed:
+            return sealed[0].next_lsn
+        end = 0
+        for _, h, _ in FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size):
+            end = max(end, h.end_lsn)
+        return end
+    except RecordError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def verify_sealed(fd: int, seal: F.Seal, seal_offset: int) -> None:
+    """Check a sealed segment's data checksum (one CRC pass over its frames, no record decoding)."""
+    crc = 0
+    pos = F.SEGMENT_HEADER_SIZE
+    while pos < seal_offset:
+        chunk = os.pread(fd, min(SCAN_CHUNK * 8, seal_offset - pos), pos)
+        crc = crc32c(chunk, crc)
+        pos += len(chunk)
+    if crc != seal.data_crc:
+        raise RecordError(f"segment data CRC32C 0x{crc:08x} does not match the seal's 0x{seal.data_crc:08x}")
+
+
+def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[RecoveryInfo, Recovered]:
+    """Open-time recovery of `directory` (which the caller has locked).  `verify` also checks the data
+    checksum of every sealed segment (one CRC pass over the whole log)."""
+    started = time.perf_counter()
+    info = RecoveryInfo()
+    segments = list_segments(directory)
+    state = Recovered(None, 1, 1)
+    if not segments:
+        info.duration_s = time.perf_counter() - started
+        return info, state
+    info.first_lsn = segments[0][0]
+    expected = segments[0][0]
+    for i, (base, path) in enumerate(segments):
+        is_last = i == len(segments) - 1
+        fd = os.open(path, os.O_RDWR)
+        keep_fd = False
+        try:
+            info.segments_scanned += 1
+            size = os.fstat(fd).st_size
+            try:
+                header = read_header(fd)
+            except RecordError as exc:
+                if is_last and size <= F.SEGMENT_HEADER_SIZE or is_last and is_zero_from(fd, 0, size):
+                    # Created but its header never reached the disk: nothing was ever written to it.
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(path)
+                    sync_dir(directory)
+                    break
+                raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
+            if header.base_lsn != base or base < expected:
+                raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
+                                      f"(>= {expected})", segment=path.name, offset=0)
+            state.next_segment_id = header.segment_id + 1
+            sealed = read_seal(fd, size)
+            if sealed is not None:
+                seal, seal_offset = sealed
+                if verify:
+                    try:
+                        verify_sealed(fd, seal, seal_offset)
+                    except RecordError as exc:
+                        raise CorruptionError(exc.detail, segment=path.name) from None
+                info.sealed_segments += 1
+                info.records_valid += seal.record_count
+                for pid, entries in seal.producers.items():
+                    _merge_window(state.producers, pid, entries, cfg.producer_window)
+                expected = seal.next_lsn
+                if seal.record_count:
+                    info.last_lsn = seal.last_lsn
+                continue
+            # Unsealed: scan frame by frame.
+            seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE, allocated=size)
+            scanner = FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size)
+            sealed_at = None
+            for off, h, data in scanner:
+                if h.base_lsn < expected:
+                    scanner.stop = ScanStop(off, RecordError(f"frame LSN {h.base_lsn} goes backwards (expected "
+                                                             f">= {expected})", offset=off, lsn=h.base_lsn), h)
+                    break
+                if h.kind == F.KIND_SEAL:
+                    sealed_at = (off, h)
+                    break
+                if h.base_lsn > expected:
+                    info.skipped_lsns = (expected, h.base_lsn)
+                info.bytes_scanned += h.size
+                seg.note_frame(off, (data,), h.base_lsn, h.count, cfg.index_interval_bytes)
+                info.records_valid += h.count
+                expected = h.end_lsn
+                if h.producer_id:
+                    _merge_window(state.producers, h.producer_id, [F.Appended(h.producer_seq, h.base_lsn, h.count)],
+                                  cfg.producer_window)
+            if seg.record_count:
+                info.last_lsn = seg.last_lsn
+            if sealed_at is not None:
+                # Crashed between writing the seal and cutting the file after it: finish the seal.
+                off, h = sealed_at
+                if not is_zero_from(fd, off + h.size, size):
+                    raise CorruptionError("data follows a seal frame", segment=path.name, offset=off + h.size)
+                os.ftruncate(fd, off + h.size)
+                os.fsync(fd)
+                info.sealed_segments += 1
+                expected = h.base_lsn
+                continue
+            stop = scanner.stop
+            extent = stop.offset + stop.header.size if stop is not None and stop.header is not None else None
+            if stop is None:
+                zeros = True
+            else:
+                zeros = is_zero_from(fd, min(extent, size) if extent is not None else stop.offset, size)
+            valid_after = False
+            if stop is not None and not zeros:
+                search_from = extent if extent is not None and extent <= size else stop.offset + 1
+                valid_after = find_valid_header(fd, search_from, size, expected) is not None
+            verdict = classify(stop, zeros, valid_after, is_last)
+            if verdict == "end":
+                seg.end = stop.offset if stop is not None else size
+                state.active = seg
+                keep_fd = True
+                continue
+            if verdict == "torn":
+                info.torn_tail = True
+                info.truncated_at = (path.name, stop.offset)
+                info.bytes_truncated = _used_bytes(fd, stop.offset, size)
+                if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
+                    info.skipped_lsns = (expected, stop.header.end_lsn)
+                    expected = stop.header.end_lsn
+                truncate_and_reserve(fd, stop.offset, cfg.segment_bytes, cfg.preallocate)
+                seg.end = stop.offset
+                state.active = seg
+                keep_fd = True
+                continue
+            where = stop.offset if stop is not None else size
+            detail = (stop.error.detail if stop is not None else "segment is not sealed but later segments exist")
+            if cfg.on_corruption != "truncate":
+                raise CorruptionError(f"{detail}; valid data follows, so this is not a torn tail (set "
+                                      "on_corruption = \"truncate\" to cut here and quarantine later segments)",
+                                      segment=path.name, offset=where, lsn=expected)
+            info.corruption = f"{detail} in {path.name} at offset {where}"
+            info.truncated_at = (path.name, where)
+            info.bytes_truncated = size - where
+            later = [p for _, p in segments[i + 1:]]
+            burned = max([_end_lsn(p) for p in later] + [_end_lsn_from_stop(stop), expected])
+            _quarantine(directory, later, info)
+            truncate_and_reserve(fd, where, cfg.segment_bytes, cfg.preallocate)
+            if burned > expected:
+                info.skipped_lsns = (expected, burned)
+                expected = burned
+            seg.end = where
+            state.active = seg
+            keep_fd = True
+            break
+        finally:
+            if fd >= 0 and not keep_fd:
+                os.close(fd)
+    state.next_lsn = expected
+    info.duration_s = time.perf_counter() - started
+    return info, state
+
+
+def _end_lsn_from_stop(stop: ScanStop | None) -> int:
+    return stop.header.end_lsn if stop is not None and stop.header is not None else 0
+
+
+def _used_bytes(fd: int, offset: int, size: int) -> int:
+    """Bytes from `offset` up to the last non-zero byte: what a torn write left behind."""
+    end = size
+    step = SCAN_CHUNK
+    while end > offset:
+        start = max(offset, end - step)
+        chunk = os.pread(fd, end - start, start)
+        stripped = chunk.rstrip(b"\0")
+        if stripped:
+            return start + len(stripped) - offset
+        end = start
+    return 0
+
+
+def _quarantine(directory: Path, paths: list[Path], info: RecoveryInfo) -> None:
+    if not paths:
+        return
+    qdir = directory / QUARANTINE
+    qdir.mkdir(exist_ok=True)
+    for p in paths:
+        target = qdir / p.name
+        os.rename(p, target)
+        info.quarantined.append(str(target))
+    sync_dir(qdir)
+    sync_dir(directory)

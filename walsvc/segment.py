@@ -1,0 +1,232 @@
+"""Segment files on disk: naming, creation with preallocation, sealing, and scanning their frames.
+
+A segment is named for the first LSN it may hold, zero-padded to 20 digits (`00000000000000000001.wal`),
+so names sort in log order and a reader finds the segment of any LSN from a directory listing.  Scanning
+reads fixed-size chunks with pread, so memory stays bounded whatever the segment size, and every frame is
+checked with one CRC32C call over its whole payload.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from crc32c import crc32c
+
+from . import frame as F
+from .errors import ChecksumError, IncompleteRecordError, RecordError
+from .fsync import preallocate, sync_data, sync_dir
+
+SUFFIX = ".wal"
+SCAN_CHUNK = 1 << 20
+
+
+def segment_name(base_lsn: int) -> str:
+    return f"{base_lsn:020d}{SUFFIX}"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(base LSN, path) of every segment file, in log order.  Other files are ignored."""
+    found = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if name.endswith(SUFFIX) and len(name) == 20 + len(SUFFIX) and name[:20].isdigit():
+            found.append((int(name[:20]), directory / name))
+    found.sort()
+    return found
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class ActiveSegment:
+    """The segment the writer appends to, with the running summary its seal will record."""
+    path: Path
+    fd: int
+    header: F.SegmentHeader
+    end: int  # offset where the next frame goes
+    last_lsn: int = 0
+    record_count: int = 0
+    data_crc: int = 0
+    index: list[tuple[int, int]] = field(default_factory=list)
+    next_index_at: int = 0
+    allocated: int = 0
+
+    def note_frame(self, offset: int, parts: tuple[bytes | memoryview, ...], base_lsn: int, count: int,
+                   index_interval: int) -> None:
+        """Account for a frame (given as its byte parts) written at `offset`, or found there by recovery."""
+        size = 0
+        for part in parts:
+            self.data_crc = crc32c(part, self.data_crc)
+            size += len(part)
+        if offset >= self.next_index_at:
+            self.index.append((base_lsn, offset))
+            self.next_index_at = offset + index_interval
+        self.end = offset + size
+        if count:
+            self.last_lsn = base_lsn + count - 1
+            self.record_count += count
+
+
+def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, prealloc: bool) -> ActiveSegment:
+    """Create, preallocate and fsync a new segment, then fsync the directory so its name survives a crash."""
+    path = directory / segment_name(base_lsn)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        header = F.SegmentHeader(segment_id, base_lsn, now_us())
+        if prealloc:
+            preallocate(fd, size)
+        os.pwrite(fd, F.encode_segment_header(header), 0)
+        sync_data(fd)
+        sync_dir(directory)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE, allocated=size if prealloc else 0)
+
+
+def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.Appended]]) -> None:
+    """Append the SEAL frame, cut the preallocated tail, fsync.  The file then ends with the seal."""
+    seal = F.Seal(seg.last_lsn, next_lsn, seg.record_count, seg.data_crc, seg.index, producers)
+    data = F.encode_seal(seal, seg.end, now_us())
+    os.pwrite(seg.fd, data, seg.end)
+    os.ftruncate(seg.fd, seg.end + len(data))
+    sync_data(seg.fd)
+
+
+def read_header(fd: int) -> F.SegmentHeader:
+    return F.decode_segment_header(os.pread(fd, F.SEGMENT_HEADER_SIZE, 0))
+
+
+def read_seal(fd: int, size: int) -> tuple[F.Seal, int] | None:
+    """The seal and its offset if this file ends with a valid SEAL frame, else None (not sealed)."""
+    if size < F.SEGMENT_HEADER_SIZE + F.FRAME_HEADER_SIZE + 8:
+        return None
+    offset = F.seal_offset_from_trailer(os.pread(fd, 8, size - 8))
+    if not F.SEGMENT_HEADER_SIZE <= offset <= size - F.FRAME_HEADER_SIZE - 8:
+        return None
+    data = os.pread(fd, size - offset, offset)
+    try:
+        h = F.decode_frame_header(data)
+        if h.kind != F.KIND_SEAL or h.size != len(data):
+            return None
+        F.check_payload(h, data, F.FRAME_HEADER_SIZE)
+        return F.decode_seal(h, memoryview(data)[F.FRAME_HEADER_SIZE:]), offset
+    except RecordError:
+        return None
+
+
+@dataclass
+class ScanStop:
+    """Where and why a scan stopped before the end of the bytes it was given."""
+    offset: int
+    error: RecordError
+    header: F.FrameHeader | None  # set when the header was valid but the payload was not
+
+
+class FrameScanner:
+    """Walk the frames of one segment file from `offset` up to `limit`, in bounded memory.
+
+    Yields (offset, header, frame bytes as a memoryview).  Stops at the first invalid, incomplete or
+    all-zero header, or a bad payload, and leaves the reason in `stop` (None if it reached `limit` exactly).
+    The caller decides whether a stop is a clean end, a torn tail or corruption (see recovery.py).
+    """
+
+    def __init__(self, fd: int, offset: int, limit: int, chunk: int = SCAN_CHUNK) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.limit = limit
+        self.chunk = chunk
+        self.stop: ScanStop | None = None
+        self._buf = b""
+        self._buf_at = offset
+
+    def _view(self, offset: int, n: int) -> memoryview:
+        """n bytes at `offset` (fewer at EOF), from the chunk buffer when possible."""
+        rel = offset - self._buf_at
+        if rel < 0 or rel + n > len(self._buf):
+            want = max(n, self.chunk)
+            self._buf = os.pread(self.fd, min(want, max(self.limit - offset, n)), offset)
+            self._buf_at = offset
+            rel = 0
+        return memoryview(self._buf)[rel:rel + n]
+
+    def __iter__(self) -> Iterator[tuple[int, F.FrameHeader, memoryview]]:
+        while self.offset < self.limit:
+            off = self.offset
+            head = self._view(off, F.FRAME_HEADER_SIZE)
+            try:
+                if len(head) < F.FRAME_HEADER_SIZE and F.is_zero(head):
+                    raise IncompleteRecordError("zero bytes", offset=off)
+                h = F.decode_frame_header(head)
+            except RecordError as exc:
+                self.stop = ScanStop(off, exc.located(offset=off), None)
+                return
+            if off + h.size > self.limit:
+                self.stop = ScanStop(off, IncompleteRecordError(
+                    f"frame of {h.size} bytes runs past the end ({self.limit})", offset=off, lsn=h.base_lsn), h)
+                return
+            data = self._view(off, h.size)
+            if crc32c(data[F.FRAME_HEADER_SIZE:]) != h.payload_crc:
+                self.stop = ScanStop(off, ChecksumError("frame payload CRC32C mismatch", offset=off,
+                                                        lsn=h.base_lsn), h)
+                return
+            self.offset = off + h.size
+            yield off, h, data
+
+
+def is_zero_from(fd: int, offset: int, size: int) -> bool:
+    """True if the file holds only zero bytes from `offset` to `size` (chunked, C-speed comparison)."""
+    while offset < size:
+        n = min(SCAN_CHUNK * 8, size - offset)
+        chunk = os.pread(fd, n, offset)
+        if not chunk or chunk.count(0) != len(chunk):
+            return not chunk
+        offset += len(chunk)
+    return True
+
+
+def find_valid_header(fd: int, start: int, size: int, min_lsn: int) -> int | None:
+    """Offset of the first valid frame header at or after `start` with base LSN >= min_lsn, else None.
+
+    Recovery uses this to tell a torn tail (nothing valid after the damage) from corruption (valid frames
+    follow the damage).  The magic number lets bytes.find do the search in C.
+    """
+    overlap = F.FRAME_HEADER_SIZE
+    pos = start
+    while pos < size:
+        n = min(SCAN_CHUNK * 8, size - pos)
+        chunk = os.pread(fd, n + overlap, pos)
+        i = chunk.find(F.FRAME_MAGIC)
+        while 0 <= i < n:
+            try:
+                h = F.decode_frame_header(chunk, i) if i + F.FRAME_HEADER_SIZE <= len(chunk) else None
+            except RecordError:
+                h = None
+            if h is not None and h.base_lsn >= min_lsn:
+                return pos + i
+            i = chunk.find(F.FRAME_MAGIC, i + 1)
+        pos += n
+    return None
+
+
+def truncate_and_reserve(seg_fd: int, offset: int, size: int, prealloc: bool) -> None:
+    """Cut the file at `offset` in place (no copying), re-reserve the zeroed tail, fsync."""
+    os.ftruncate(seg_fd, offset)
+    if prealloc and size > offset:
+        preallocate(seg_fd, size)
+    sync_data(seg_fd)
+
+
+def remove_segment(path: Path) -> None:
+    os.unlink(path)
+    sync_dir(path.parent)
