@@ -54,7 +54,8 @@ class Log:
         self._sealed = self._load_sealed()
         self._head = HeadWriter(directory)
         self._active: ActiveSegment = state.active or self._new_segment()
-        committed_end = self._next_lsn
+        # The last LSN that exists, not next_lsn: LSNs skipped after a torn batch were never committed.
+        committed_end = max(self.recovery.last_lsn + 1, self.recovery.first_lsn)
         self._written = (self._active.fd, committed_end)
         self._head.publish(committed_end - 1, self._pid)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,

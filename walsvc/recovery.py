@@ -244,7 +244,8 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             info.truncated_at = (path.name, where)
             info.bytes_truncated = size - where
             later = [p for _, p in segments[i + 1:]]
-            burned = max([_end_lsn(p) for p in later] + [_end_lsn_from_stop(stop), expected])
+            burned = max([_end_lsn(p) for p in later] + [_max_end_lsn_after(fd, where, size), expected])
+            _save_tail(directory, path, fd, where, size, info)
             _quarantine(directory, later, info)
             truncate_and_reserve(fd, where, cfg.segment_bytes, cfg.preallocate)
             if burned > expected:
@@ -262,8 +263,31 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     return info, state
 
 
-def _end_lsn_from_stop(stop: ScanStop | None) -> int:
-    return stop.header.end_lsn if stop is not None and stop.header is not None else 0
+def _max_end_lsn_after(fd: int, start: int, size: int) -> int:
+    """One past the highest LSN of any frame header still valid after `start` (so none is ever reused)."""
+    end = 0
+    pos = start
+    while (found := find_valid_header(fd, pos, size, 0)) is not None:
+        end = max(end, F.decode_frame_header(os.pread(fd, F.FRAME_HEADER_SIZE, found)).end_lsn)
+        pos = found + 1
+    return end
+
+
+def _save_tail(directory: Path, path: Path, fd: int, start: int, size: int, info: RecoveryInfo) -> None:
+    """Copy the bytes about to be cut into quarantine/, so a repair never destroys evidence or data."""
+    qdir = directory / QUARANTINE
+    qdir.mkdir(exist_ok=True)
+    target = qdir / f"{path.name}.from-{start}"
+    with open(target, "wb") as out:
+        pos = start
+        while pos < size:
+            chunk = os.pread(fd, min(SCAN_CHUNK * 8, size - pos), pos)
+            out.write(chunk)
+            pos += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    info.quarantined.append(str(target))
+    sync_dir(qdir)
 
 
 def _used_bytes(fd: int, offset: int, size: int) -> int:

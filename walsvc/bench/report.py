@@ -1,0 +1,122 @@
+"""Write a suite's results as report.json (every run, for tools) and report.md (tables, for people).
+
+The Markdown has the machine first, then (when walsvc ran) a summary of walsvc against the best peer, then one
+table per scenario: system | median | min | max | ratio | other figures.  The ratio is walsvc's median over
+the best peer's, inverted for lower-is-better metrics, so above 1 always means walsvc did better.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .harness import SUBJECT, Scenario, SuiteResult, format_value
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+OTHER_UNITS = {"records_per_s": ("rec/s", ""), "mib_per_s": ("MiB/s", ""), "cpu_s_per_million": ("CPU s/M rec", ""),
+               "p50_us": ("us p50", ""), "p99_us": ("us p99", ""), "p999_us": ("us p99.9", ""),
+               "samples": ("samples", ""), "seconds": ("s", "")}
+
+
+def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
+    """Everything, including each run's raw dict, so later analysis need not rerun anything."""
+    scenarios = []
+    for scenario in result.scenarios:
+        ratio, best_peer = result.ratio(scenario)
+        systems = {}
+        for entry in result.systems:
+            cell = result.cells.get((scenario.name, entry.name))
+            if cell is None:
+                continue
+            systems[entry.name] = {**(cell.stats(scenario.metric) or {}), "runs": cell.runs, "na": cell.na,
+                                   "errors": cell.errors}
+        scenarios.append({"name": scenario.name, "kind": scenario.kind, "params": scenario.params,
+                          "metric": scenario.metric, "unit": scenario.unit,
+                          "higher_is_better": scenario.higher_is_better, "ratio": ratio, "best_peer": best_peer,
+                          "systems": systems})
+    return {"machine": machine,
+            "config": {"quick": result.quick, "runs": result.runs, "elapsed_s": round(result.elapsed_s, 1)},
+            "systems": {e.name: e.unavailable for e in result.systems},
+            "scenarios": scenarios}
+
+
+def _params(scenario: Scenario) -> str:
+    return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in scenario.params.items())
+
+
+def _others(scenario: Scenario, medians: dict[str, float]) -> str:
+    parts = []
+    for key, value in medians.items():
+        if key != scenario.metric:
+            unit = OTHER_UNITS.get(key, (key, ""))[0]
+            parts.append(f"{format_value(value, unit)} {unit}")
+    return ", ".join(parts)
+
+
+def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
+    ratio, best_peer = result.ratio(scenario)
+    better = "higher" if scenario.higher_is_better else "lower"
+    lines = [f"### {scenario.name}", "",
+             f"{scenario.metric} ({scenario.unit}, {better} is better); {_params(scenario)}", "",
+             "| system | median | min | max | ratio | other medians |", "|---|---:|---:|---:|---:|---|"]
+    for entry in result.systems:
+        cell = result.cells.get((scenario.name, entry.name))
+        if cell is None:
+            continue
+        stats = cell.stats(scenario.metric)
+        if stats is None:
+            why = cell.na or "; ".join(cell.errors) or "no result"
+            lines.append(f"| {entry.name} | n/a | | | | {why} |")
+            continue
+        fmt = [format_value(stats[k], scenario.unit) for k in ("median", "min", "max")]
+        shown = f"{ratio:.2f}x vs {best_peer}" if entry.name == SUBJECT and ratio is not None else ""
+        notes = _others(scenario, stats["medians"])
+        if cell.errors:
+            notes += f"; {len(cell.errors)} failed run(s): {'; '.join(cell.errors)}"
+        lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
+    return lines + [""]
+
+
+def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
+    mode = "quick (1 short run each: a smoke test, not a measurement)" if result.quick else f"{result.runs} runs each"
+    lines = ["# walsvc benchmark results", "",
+             f"{machine['date']}, {mode}, {result.elapsed_s:,.0f} s in all. "
+             "Shared, noisy machine: compare figures side by side within one report, not across reports.", "",
+             "## Machine", "", "| what | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    lines += ["", "## Systems", ""]
+    lines += [f"- {e.name}: {'ran' if e.unavailable is None else 'skipped: ' + e.unavailable}" for e in result.systems]
+    if all(e.name != SUBJECT for e in result.systems):
+        lines.append(f"- {SUBJECT}: not benchmarked (walsvc.bench.walsvc_system does not exist yet)")
+    lines.append("")
+    summary = [(s, *result.ratio(s)) for s in result.scenarios]
+    if any(r is not None for _s, r, _b in summary):
+        lines += ["## walsvc against the best peer", "", "| scenario | walsvc | best peer | ratio |",
+                  "|---|---:|---:|---:|"]
+        for scenario, ratio, best in summary:
+            mine = result.cells[(scenario.name, SUBJECT)].stats(scenario.metric)
+            theirs = result.cells[(scenario.name, best)].stats(scenario.metric) if best else None
+            lines.append(f"| {scenario.name} | "
+                         f"{format_value(mine['median'], scenario.unit) if mine else 'n/a'} | "
+                         f"{f'{format_value(theirs['median'], scenario.unit)} ({best})' if theirs else 'n/a'} | "
+                         f"{f'{ratio:.2f}x' if ratio is not None else ''} |")
+        lines.append("")
+    lines += ["## Scenarios", ""]
+    for scenario in result.scenarios:
+        lines += _scenario_table(result, scenario)
+    return "\n".join(lines)
+
+
+def write(result: SuiteResult, machine: dict[str, Any], out_dir: str) -> tuple[str, str]:
+    """Write both files into out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, REPORT_JSON), os.path.join(out_dir, REPORT_MD)
+    with open(json_path, "w") as f:
+        json.dump(to_json(result, machine), f, indent=2)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(to_markdown(result, machine))
+        f.write("\n")
+    return json_path, md_path
