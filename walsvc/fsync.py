@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from .errors import LogStoppedError
+from .metrics import Histogram
 
 if sys.platform == "darwin":
     import fcntl
@@ -76,15 +77,13 @@ class Syncer:
 
     def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int]],
                  on_commit: Callable[[int], None], committed_end: int) -> None:
+        self.latency = Histogram()
         self.policy = policy
         self.window = window_ms / 1000.0
         self.lock = threading.Lock()
         self.committed_end = committed_end
         self.durable_end = committed_end
         self.failed: LogStoppedError | None = None
-        self.fsyncs = 0
-        self.fsync_seconds = 0.0
-        self.fsync_max_seconds = 0.0
         self._snapshot = snapshot
         self._on_commit = on_commit
         self._dirty_since: float | None = None
@@ -134,10 +133,7 @@ class Syncer:
             self.failed = LogStoppedError(f"fsync failed ({exc.strerror or exc}); the log accepts no more "
                                           "writes and must be restarted so recovery can check what reached disk")
             raise self.failed from exc
-        elapsed = time.perf_counter() - start
-        self.fsyncs += 1
-        self.fsync_seconds += elapsed
-        self.fsync_max_seconds = max(self.fsync_max_seconds, elapsed)
+        self.latency.record(time.perf_counter() - start)
         self.durable_end = end
         self._commit(end)
         return self.committed_end

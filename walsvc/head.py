@@ -8,8 +8,9 @@ is never fsynced: after a crash, recovery recomputes everything it says.
     0  8  magic b"WALSVCHD"
     8  8  committed LSN (0: nothing committed)
     16 8  writer PID (0: no writer; the log was closed cleanly)
-    24 4  reserved (0)
-    28 4  CRC32C over bytes 0..28 (a reader that sees a half-written update retries)
+    24 8  base LSN of the active segment (names its file)
+    32 8  end offset of written frames in the active segment (readers compute their lag in bytes from it)
+    40 4  CRC32C over bytes 0..40 (a reader that sees a half-written update retries)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from crc32c import crc32c
 
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
-_LAYOUT = struct.Struct("<8sQQI")
+_LAYOUT = struct.Struct("<8sQQQQ")
 _U32 = struct.Struct("<I")
 SIZE = _LAYOUT.size + 4
 
@@ -32,6 +33,8 @@ SIZE = _LAYOUT.size + 4
 class Head:
     committed_lsn: int
     writer_pid: int
+    active_base_lsn: int = 0
+    active_end: int = 0
 
     def writer_alive(self) -> bool:
         """Whether the process that last wrote this head still runs (kill -9 leaves its PID behind)."""
@@ -47,17 +50,17 @@ class Head:
 
 
 def encode(head: Head) -> bytes:
-    body = _LAYOUT.pack(MAGIC, head.committed_lsn, head.writer_pid, 0)
+    body = _LAYOUT.pack(MAGIC, head.committed_lsn, head.writer_pid, head.active_base_lsn, head.active_end)
     return body + _U32.pack(crc32c(body))
 
 
 def decode(data: bytes) -> Head | None:
     if len(data) < SIZE:
         return None
-    magic, committed, pid, _ = _LAYOUT.unpack_from(data)
+    magic, committed, pid, base, end = _LAYOUT.unpack_from(data)
     if magic != MAGIC or crc32c(data[:_LAYOUT.size]) != _U32.unpack_from(data, _LAYOUT.size)[0]:
         return None
-    return Head(committed, pid)
+    return Head(committed, pid, base, end)
 
 
 class HeadWriter:
@@ -66,8 +69,8 @@ class HeadWriter:
     def __init__(self, directory: Path) -> None:
         self.fd = os.open(directory / NAME, os.O_RDWR | os.O_CREAT, 0o644)
 
-    def publish(self, committed_lsn: int, writer_pid: int) -> None:
-        os.pwrite(self.fd, encode(Head(committed_lsn, writer_pid)), 0)
+    def publish(self, head: Head) -> None:
+        os.pwrite(self.fd, encode(head), 0)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -22,7 +22,7 @@ from .config import LogConfig
 from .cursor import load_all as load_cursors
 from .errors import InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer
-from .head import HeadWriter
+from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
@@ -57,7 +57,7 @@ class Log:
         # The last LSN that exists, not next_lsn: LSNs skipped after a torn batch were never committed.
         committed_end = max(self.recovery.last_lsn + 1, self.recovery.first_lsn)
         self._written = (self._active.fd, committed_end)
-        self._head.publish(committed_end - 1, self._pid)
+        self._publish_head(committed_end - 1, self._pid)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
                               committed_end)
         self.records_appended = 0
@@ -104,7 +104,7 @@ class Log:
             "first_lsn": self.first_lsn, "committed_lsn": self.committed_lsn, "next_lsn": self._next_lsn,
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
-            "fsyncs": s.fsyncs, "fsync_seconds_total": s.fsync_seconds, "fsync_seconds_max": s.fsync_max_seconds,
+            "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
             "segments_deleted": self.segments_deleted, "producers": len(self._producers),
             "stopped": str(s.failed) if s.failed else None,
         }
@@ -190,8 +190,12 @@ class Log:
         """Block until `lsn` is durable (an fsync now, shared with concurrent callers)."""
         self._syncer.sync_through(lsn + 1)
 
+    def _publish_head(self, committed_lsn: int, pid: int) -> None:
+        seg = self._active
+        self._head.publish(Head(committed_lsn, pid, seg.header.base_lsn, seg.end))
+
     def _committed(self, end: int) -> None:
-        self._head.publish(end - 1, self._pid)
+        self._publish_head(end - 1, self._pid)
         if self._on_commit_cb is not None:
             self._on_commit_cb(end - 1)
 
@@ -278,7 +282,7 @@ class Log:
             self._syncer.close()
             with self._write_lock:
                 self._closed = True
-                self._head.publish(self.committed_lsn, 0)
+                self._publish_head(self.committed_lsn, 0)
                 self._head.close()
                 os.close(self._active.fd)
                 self._lock_file.release()

@@ -8,13 +8,20 @@ its segment's descriptor open, so retention can delete files under it without ha
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import os
+import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
+import zmq
+
+from . import cursor
 from . import frame as F
-from .errors import CorruptionError, LogClosedError, RecordError, TruncatedError
+from .endpoints import load as load_endpoints
+from .errors import CorruptionError, LogClosedError, RecordError, ServiceUnavailableError, TruncatedError
+from .head import Head, HeadReader
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .segment import FrameScanner, list_segments, read_header, read_seal
 
@@ -170,6 +177,12 @@ class LogReader:
                 return
             yield from batch
 
+    def position(self) -> tuple[int, int] | None:
+        """(base LSN of the segment being read, byte offset of the next frame), or None before the first."""
+        if self._seg is None:
+            return None
+        return self._seg.base_lsn, self._seg.scanner.offset
+
     def close(self) -> None:
         if self._seg is not None:
             self._seg.close()
@@ -198,3 +211,131 @@ def end_of_valid_data(directory: Path) -> int:
         return end
     finally:
         seg.close()
+
+
+class Reader:
+    """A tailing reader for another process: reads the files itself, wakes on the writer's commits.
+
+    `start` is an LSN, "earliest" or "latest"; a named reader (`name=`) resumes after its stored cursor
+    and feeds retention with `commit(lsn)`.  The bound is the committed LSN from the HEAD file; PUB commit
+    messages only wake the reader, and the HEAD file is reread at least every `recheck_s` (100 ms by
+    default) while idle, so missed or late PUB messages cost at most that.  With no writer running the
+    reader reads everything valid on disk and `offline` is True.
+    """
+
+    def __init__(self, directory: str | os.PathLike = "./wal-data", start: int | str = "earliest", *,
+                 name: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 recheck_s: float = 0.05) -> None:
+        self.directory = Path(directory)
+        self.name = cursor.check_name(name) if name is not None else None
+        self._head = HeadReader(self.directory)
+        self.recheck_s = recheck_s
+        self.offline = True
+        self.last_head: Head | None = None
+        if self.name is not None:
+            stored = cursor.load(self.directory, self.name)
+            if stored is not None:
+                start = stored + 1
+        self._log = LogReader(self.directory, start, bound=self._bound, max_record_bytes=max_record_bytes)
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"C")
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 1000)
+        self._endpoint: str | None = None
+        self._connect()
+        self._closed = False
+
+    def _connect(self) -> None:
+        """Subscribe to the writer's commits if it recorded its endpoints (again when they change)."""
+        try:
+            endpoint = load_endpoints(self.directory).publish
+        except ServiceUnavailableError:
+            return
+        if endpoint != self._endpoint:
+            if self._endpoint is not None:
+                self._sub.disconnect(self._endpoint)
+            self._sub.connect(endpoint)
+            self._endpoint = endpoint
+
+    def _bound(self) -> int | None:
+        h = self._head.read()
+        self.last_head = h
+        self.offline = h is None or not h.writer_alive()
+        return None if self.offline else h.committed_lsn
+
+    @property
+    def next_lsn(self) -> int:
+        return self._log.next_lsn
+
+    def poll(self, timeout: float | None = None) -> list[Record]:
+        """The next records (a batch), waiting up to `timeout` seconds (None: forever); [] on timeout."""
+        if self._closed:
+            raise LogClosedError("reader is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self._log.read_batch()
+            if batch:
+                return batch
+            wait = self.recheck_s if deadline is None else min(self.recheck_s, deadline - time.monotonic())
+            if wait <= 0:
+                return []
+            if self._sub.poll(int(wait * 1000) + 1):
+                while True:
+                    try:
+                        self._sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            elif self._endpoint is None or self.offline:
+                self._connect()
+
+    def __iter__(self) -> Iterator[Record]:
+        """Every record from the start position, forever (waits for new ones)."""
+        while True:
+            yield from self.poll(None)
+
+    def __aiter__(self) -> AsyncIterator[Record]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Record]:
+        loop = asyncio.get_running_loop()
+        while True:
+            for record in await loop.run_in_executor(None, self.poll, 0.5):
+                yield record
+
+    def commit(self, lsn: int) -> None:
+        """Durably record that this named reader has processed everything up to `lsn`."""
+        if self.name is None:
+            raise ValueError("only a named reader (Reader(..., name=...)) keeps a cursor")
+        cursor.store(self.directory, self.name, lsn)
+
+    def lag(self) -> dict[str, int]:
+        """How far behind the committed LSN this reader is, in records and (to segment granularity) bytes."""
+        committed = self._bound()
+        h = self.last_head
+        if committed is None or h is None:
+            return {"records": 0, "bytes": 0, "committed_lsn": committed or 0}
+        records = max(0, committed - self._log.next_lsn + 1)
+        position = self._log.position()
+        byte_lag = 0
+        if records and position is not None:
+            seg_base, offset = position
+            for base, path in list_segments(self.directory):
+                if base < seg_base:
+                    continue
+                size = h.active_end if base == h.active_base_lsn else path.stat().st_size
+                byte_lag += max(0, size - (offset if base == seg_base else 0))
+        return {"records": records, "bytes": byte_lag, "committed_lsn": committed}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._log.close()
+            self._head.close()
+            self._ctx.destroy(linger=0)
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,142 @@
+"""The wire protocol between producers, the writer and readers (docs/PROTOCOL.md), as pure codecs.
+
+Every message is a single ZeroMQ frame (multipart is far slower), little-endian:
+
+- ingest (producer PUSH -> writer PULL): APPEND = header + v1 records end to end, so the writer copies the
+  payload into a log frame without re-encoding it;
+- publish (writer PUB -> SUB): COMMIT (topic b"C") carries the committed LSN; REPLY (topic b"R" + producer
+  id) carries an ack, a duplicate-ack or a nack for one batch, so each producer subscribes to its own;
+- control (REQ -> writer REP): JSON requests and replies.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ProtocolError
+
+VERSION = 1
+APPEND_MAGIC = b"WS"
+TYPE_APPEND = 1
+APPEND = struct.Struct("<2sBBQQII")  # magic, version, type, producer id, sequence, count, flags
+APPEND_HEADER_SIZE = APPEND.size  # 28
+
+TOPIC_COMMIT = b"C"
+TOPIC_REPLY = b"R"
+COMMIT = struct.Struct("<1sBQQ")  # topic, version, committed LSN, first LSN
+REPLY = struct.Struct("<1sQBBQQI")  # topic, producer id, version, status, sequence, base LSN, count
+
+ACK = 0  # written and committed: LSNs base .. base+count-1
+DUPLICATE = 1  # already in the log (a resend): the LSNs it got the first time
+NACK = 2  # refused: the detail says why; the batch is not in the log
+
+# Nack codes (the text before ": " in a nack's detail).
+MALFORMED = "malformed"
+TOO_LARGE = "too_large"
+UNKNOWN_VERSION = "unknown_version"
+OUT_OF_SEQUENCE = "out_of_sequence"
+LOG_STOPPED = "log_stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    producer_id: int
+    seq: int
+    count: int
+    payload: memoryview
+
+
+def encode_append(producer_id: int, seq: int, count: int, payload: bytes) -> bytes:
+    return APPEND.pack(APPEND_MAGIC, VERSION, TYPE_APPEND, producer_id, seq, count, 0) + payload
+
+
+def decode_append(msg: bytes | memoryview) -> Append:
+    """Parse an ingest message; the records themselves are checked by the writer (record.count_records)."""
+    if len(msg) < APPEND_HEADER_SIZE:
+        raise ProtocolError(MALFORMED, f"message of {len(msg)} bytes is shorter than the "
+                                       f"{APPEND_HEADER_SIZE}-byte header")
+    magic, version, mtype, pid, seq, count, flags = APPEND.unpack_from(msg)
+    if magic != APPEND_MAGIC:
+        raise ProtocolError(MALFORMED, f"bad magic {bytes(magic)!r} (expected {APPEND_MAGIC!r})")
+    if version != VERSION:
+        raise ProtocolError(UNKNOWN_VERSION, f"protocol version {version}; this writer speaks {VERSION}")
+    if mtype != TYPE_APPEND or flags:
+        raise ProtocolError(MALFORMED, f"unknown message type {mtype} or flags {flags}")
+    if pid == 0 or seq == 0:
+        raise ProtocolError(MALFORMED, "producer id and sequence must be non-zero")
+    if count == 0:
+        raise ProtocolError(MALFORMED, "a batch must hold at least one record")
+    return Append(pid, seq, count, memoryview(msg)[APPEND_HEADER_SIZE:])
+
+
+def peek_producer(msg: bytes) -> tuple[int, int] | None:
+    """(producer id, sequence) of a message too broken to decode, if its header is there to reply to."""
+    if len(msg) >= APPEND_HEADER_SIZE and msg[:2] == APPEND_MAGIC:
+        _, _, _, pid, seq, _, _ = APPEND.unpack_from(msg)
+        if pid:
+            return pid, seq
+    return None
+
+
+def encode_commit(committed_lsn: int, first_lsn: int) -> bytes:
+    return COMMIT.pack(TOPIC_COMMIT, VERSION, committed_lsn, first_lsn)
+
+
+def decode_commit(msg: bytes) -> tuple[int, int]:
+    """(committed LSN, first LSN)."""
+    if len(msg) != COMMIT.size or msg[:1] != TOPIC_COMMIT:
+        raise ProtocolError(MALFORMED, "not a commit message")
+    _, version, committed, first = COMMIT.unpack(msg)
+    if version != VERSION:
+        raise ProtocolError(UNKNOWN_VERSION, f"commit message version {version}")
+    return committed, first
+
+
+def reply_topic(producer_id: int) -> bytes:
+    """The SUB prefix a producer subscribes to for its replies."""
+    return TOPIC_REPLY + struct.pack("<Q", producer_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    producer_id: int
+    status: int
+    seq: int
+    base_lsn: int
+    count: int
+    detail: str = ""
+
+    @property
+    def code(self) -> str:
+        return self.detail.split(":", 1)[0]
+
+
+def encode_reply(r: Reply) -> bytes:
+    return REPLY.pack(TOPIC_REPLY, r.producer_id, VERSION, r.status, r.seq, r.base_lsn, r.count) + \
+        r.detail.encode()
+
+
+def decode_reply(msg: bytes) -> Reply:
+    if len(msg) < REPLY.size or msg[:1] != TOPIC_REPLY:
+        raise ProtocolError(MALFORMED, "not a reply message")
+    _, pid, version, status, seq, base, count = REPLY.unpack_from(msg)
+    if version != VERSION:
+        raise ProtocolError(UNKNOWN_VERSION, f"reply version {version}")
+    return Reply(pid, status, seq, base, count, bytes(msg[REPLY.size:]).decode(errors="replace"))
+
+
+def encode_request(op: str, **args: Any) -> bytes:
+    return json.dumps({"op": op, "version": VERSION, **args}).encode()
+
+
+def decode_json(msg: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(msg)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(MALFORMED, f"control message is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(MALFORMED, "control message must be a JSON object")
+    return value

@@ -1,0 +1,303 @@
+"""The writer process: owns the log, ingests producer batches, publishes commits and acks.
+
+One thread does all socket work.  Each turn of its loop drains every waiting ingest message, appends each
+valid batch as one frame, then (under `always`) fsyncs once for the whole burst: that is group commit across
+producers.  Under `batch` the log's flusher thread fsyncs and pokes this loop through an inproc socket.
+Acks go out only once the commit the policy promises covers the batch; a commit message follows each
+advance of the committed LSN.  Bad input is counted, logged (rate-limited), nacked when the sender can be
+identified, and never reaches the log.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol as P
+from .config import Config
+from .cursor import load_all as load_cursors
+from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
+from .errors import LogStoppedError, ProtocolError, RecordError, ServiceUnavailableError
+from .log import Log
+from .metrics import Metrics
+from .record import count_records
+from .retention import cursor_lag_bytes
+
+log = logging.getLogger("walsvc.writer")
+DRAIN_LIMIT = 2000
+
+
+class RateLimitedLog:
+    """At most one warning per second per kind; the rest are counted and summarized."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, 0.0) >= 1.0:
+            extra = f" ({self._suppressed.pop(kind)} similar suppressed)" if self._suppressed[kind] else ""
+            log.warning("%s%s", message, extra)
+            self._last[kind] = now
+        else:
+            self._suppressed[kind] += 1
+
+
+class Writer:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.directory = config.directory
+        self.metrics = Metrics()
+        self._warn = RateLimitedLog()
+        self._pending: collections.deque[tuple[int, float, P.Reply]] = collections.deque()
+        self._published_commit = -1
+        self._flusher_poke = threading.Event()
+        self._main_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self.started = time.time()
+        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
+        try:
+            self._open_sockets()
+        except BaseException:
+            self.log.close()
+            raise
+
+    # -- sockets ---------------------------------------------------------------------------------------
+
+    def _open_sockets(self) -> None:
+        svc = self.config.service
+        self.ctx = zmq.Context()
+        self.wake_rx = self.ctx.socket(zmq.PAIR)
+        self.wake_rx.bind("inproc://walsvc-wake")
+        self.wake_tx = self.ctx.socket(zmq.PAIR)
+        self.wake_tx.connect("inproc://walsvc-wake")
+        if svc.ingest and svc.publish and svc.control:
+            eps = Endpoints(svc.ingest, svc.publish, svc.control)
+            self._bind(eps)
+        else:
+            eps = self._bind_ipc()
+        self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid())
+        self.endpoints.save(self.directory)
+
+    def _bind(self, eps: Endpoints) -> None:
+        """Create the three service sockets and bind them; on failure close them again."""
+        svc = self.config.service
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, svc.ingest_hwm)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, svc.max_message_bytes)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 1_000_000)
+        self.rep = self.ctx.socket(zmq.REP)
+        sockets = (self.pull, self.pub, self.rep)
+        try:
+            for sock, endpoint in zip(sockets, (eps.ingest, eps.publish, eps.control)):
+                sock.setsockopt(zmq.LINGER, 1000)
+                if svc.curve_secret_key:
+                    sock.curve_server = True
+                    sock.curve_secretkey = svc.curve_secret_key.encode()
+                    sock.curve_publickey = svc.curve_public_key.encode()
+                sock.bind(endpoint)
+        except zmq.ZMQError:
+            for sock in sockets:
+                sock.close(linger=0)
+            raise
+
+    def _bind_ipc(self) -> Endpoints:
+        errors = []
+        for candidate in ipc_candidates(self.directory, self.config.service):
+            try:
+                eps = ipc_endpoints(private_dir(candidate))
+                for endpoint in (eps.ingest, eps.publish, eps.control):
+                    Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+                self._bind(eps)
+                return eps
+            except (zmq.ZMQError, OSError) as exc:
+                errors.append(f"{candidate}: {exc}")
+        raise ServiceUnavailableError("cannot bind ipc sockets: " + "; ".join(errors))
+
+    # -- commits ---------------------------------------------------------------------------------------
+
+    def _on_commit(self, committed_lsn: int) -> None:
+        """Called by the log after each commit; from another thread, only poke the loop."""
+        if threading.get_ident() != self._main_thread:
+            if not self._flusher_poke.is_set():
+                self._flusher_poke.set()
+                self.wake_tx.send(b"", zmq.NOBLOCK)
+
+    def _publish_commits(self) -> None:
+        committed = self.log.committed_lsn
+        now = time.perf_counter()
+        pending = self._pending
+        send = self.pub.send
+        while pending and pending[0][0] <= committed:
+            _, appended_at, reply = pending.popleft()
+            self.metrics.append_to_ack.record(now - appended_at)
+            send(P.encode_reply(reply))
+        if committed != self._published_commit:
+            send(P.encode_commit(committed, self.log.first_lsn))
+            self._published_commit = committed
+
+    # -- ingest ----------------------------------------------------------------------------------------
+
+    def _reply(self, reply: P.Reply) -> None:
+        self.pub.send(P.encode_reply(reply))
+
+    def _reject(self, code: str, detail: str, msg: bytes) -> None:
+        self.metrics.rejected[code] += 1
+        ident = P.peek_producer(msg)
+        self._warn.warn(code, f"rejected a message ({code}): {detail}"
+                              + (f" from producer {ident[0]:016x} seq {ident[1]}" if ident else ""))
+        if ident is not None:
+            self._reply(P.Reply(ident[0], P.NACK, ident[1], 0, 0, f"{code}: {detail}"))
+
+    def _handle(self, msg: bytes) -> None:
+        try:
+            a = P.decode_append(msg)
+        except ProtocolError as exc:
+            self._reject(exc.code, exc.detail, msg)
+            return
+        cfg = self.log.config
+        if len(a.payload) > cfg.max_batch_bytes:
+            self._reject(P.TOO_LARGE, f"batch of {len(a.payload)} bytes exceeds max_batch_bytes "
+                                      f"({cfg.max_batch_bytes})", msg)
+            return
+        window = self.log.producer_batches(a.producer_id)
+        if window:
+            last = window[-1]
+            if a.seq <= last.seq:
+                self.metrics.counters["duplicates"] += 1
+                for b in window:
+                    if b.seq == a.seq:
+                        reply = P.Reply(a.producer_id, P.DUPLICATE, a.seq, b.base_lsn, b.count)
+                        self._pending.append((b.base_lsn + b.count - 1, time.perf_counter(), reply))
+                        return
+                self._reply(P.Reply(a.producer_id, P.DUPLICATE, a.seq, 0, 0, "older than the dedup window"))
+                return
+            if a.seq != last.seq + 1:
+                self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
+                return
+        try:
+            n = count_records(a.payload, 0, len(a.payload), max_record_bytes=cfg.max_record_bytes)
+        except RecordError as exc:
+            code = P.TOO_LARGE if "maximum" in exc.detail else P.MALFORMED
+            self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
+            return
+        if n != a.count:
+            self._reject(P.MALFORMED, f"header says {a.count} records, payload holds {n}", msg)
+            return
+        try:
+            base = self.log.append_encoded(bytes(a.payload), n, producer_id=a.producer_id, producer_seq=a.seq,
+                                           wait=False)
+        except LogStoppedError as exc:
+            self._reject(P.LOG_STOPPED, str(exc), msg)
+            raise
+        self.metrics.counters["batches"] += 1
+        self.metrics.counters["records"] += n
+        self._pending.append((base + n - 1, time.perf_counter(), P.Reply(a.producer_id, P.ACK, a.seq, base, n)))
+
+    def _drain(self) -> int:
+        recv = self.pull.recv
+        handled = 0
+        while handled < DRAIN_LIMIT:
+            try:
+                msg = recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            self._handle(msg)
+            handled += 1
+        return handled
+
+    # -- control ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.log.stats()
+        cursors = load_cursors(self.directory)
+        sealed = self.log._sealed
+        active = self.log._active.end
+        st.update({
+            "directory": str(self.directory), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "endpoints": {"ingest": self.endpoints.ingest, "publish": self.endpoints.publish,
+                          "control": self.endpoints.control},
+            "cursors": {name: {"lsn": lsn, "lag_records": max(0, self.log.committed_lsn - lsn),
+                               "lag_bytes": cursor_lag_bytes(lsn, sealed, active)} for name, lsn in cursors.items()},
+            "recovery": self.log.recovery.summary(),
+            **self.metrics.as_dict(),
+        })
+        return st
+
+    def _control(self) -> None:
+        try:
+            req = P.decode_json(self.rep.recv())
+            op = req.get("op")
+            if op == "status":
+                reply = {"ok": True, **self.status()}
+            elif op == "committed":
+                reply = {"ok": True, "committed_lsn": self.log.committed_lsn, "first_lsn": self.log.first_lsn}
+            elif op == "ping":
+                reply = {"ok": True, "pid": os.getpid()}
+            else:
+                reply = {"ok": False, "error": f"unknown op {op!r}; known: status, committed, ping"}
+        except ProtocolError as exc:
+            self.metrics.rejected["control_" + exc.code] += 1
+            reply = {"ok": False, "error": str(exc)}
+        self.rep.send(json.dumps(reply).encode())
+
+    # -- loop ------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self) -> None:
+        """Run until stop() (or SIGTERM/SIGINT via `install_signal_handlers`), then drain, fsync, close."""
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.rep, zmq.POLLIN)
+        poller.register(self.wake_rx, zmq.POLLIN)
+        always = self.log.fsync_policy == "always"
+        self._publish_commits()
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self.wake_rx in events:
+                    while True:
+                        try:
+                            self.wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    self._flusher_poke.clear()
+                if self.pull in events:
+                    while self._drain() == DRAIN_LIMIT:
+                        if always:
+                            self.log.sync()
+                        self._publish_commits()
+                    if always and self._pending:
+                        self.log.sync()
+                if self.rep in events:
+                    self._control()
+                self._publish_commits()
+            while self._drain():
+                pass
+            self.log.sync()
+            self._publish_commits()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.log.close()
+        finally:
+            self.ctx.destroy(linger=1000)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
