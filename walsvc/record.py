@@ -232,6 +232,8 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
         else:
             vl, pos = decode_varint(buf, pos, end)
         flags = buf[pos]
+        if pos >= end:  # the header ran past `end` into bytes that are not ours: report this record
+            raise IndexError
     except IndexError:
         raise IncompleteRecordError("bytes end inside a record header", offset=start) from None
     pos += 1
@@ -315,6 +317,8 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
             else:
                 vl, pos = decode_varint(buf, pos, end)
             flags = buf[pos]
+            if pos >= end:  # the header ran past `end`: report this record, not a varint beyond it
+                raise IndexError
             pos += 1
             if kl + vl > max_record_bytes:
                 raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte "
