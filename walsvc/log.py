@@ -51,9 +51,11 @@ class Log:
         self._producers: dict[int, collections.deque] = state.producers
         self._next_lsn = state.next_lsn
         self._next_segment_id = state.next_segment_id
-        self._sealed = self._load_sealed()
         self._head = HeadWriter(directory)
         self._active: ActiveSegment = state.active or self._new_segment()
+        # After the active segment exists: when recovery ended on a sealed segment, that one is sealed too
+        # (listing first would take it for the active one and hide it from retention, leaving a hole later).
+        self._sealed = self._load_sealed()
         # The last LSN that exists, not next_lsn: LSNs skipped after a torn batch were never committed.
         committed_end = max(self.recovery.last_lsn + 1, self.recovery.first_lsn)
         self._written = (self._active.fd, committed_end)

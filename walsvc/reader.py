@@ -108,8 +108,9 @@ class LogReader:
         """Move past a sealed segment to the one starting at `next_lsn`; False if it is not there yet."""
         for base, path in list_segments(self.directory):
             if base >= next_lsn:
+                seg = _OpenSegment(base, path)  # before closing ours: a failure must not leave it closed
                 self._seg.close()
-                self._seg = _OpenSegment(base, path)
+                self._seg = seg
                 return True
         return False
 
@@ -125,7 +126,12 @@ class LogReader:
             return []
         out: list[Record] = []
         while len(out) < self.BATCH_RECORDS:
-            records = self._step(bound)
+            try:
+                records = self._step(bound)
+            except (CorruptionError, TruncatedError):
+                if out:  # hand out the good records before the damage; the next call raises again
+                    break
+                raise
             if records is None:
                 break
             out.extend(records)
@@ -137,9 +143,9 @@ class LogReader:
         seg = self._seg
         for off, h, data in seg.scanner:
             if h.kind == F.KIND_SEAL:
+                seg.scanner.offset = off  # stay on the seal until the next segment opens (an error retries)
                 if self._next_segment(h.base_lsn):
                     return []
-                seg.scanner.offset = off
                 return None
             if bound is not None and h.base_lsn > bound:
                 seg.scanner.offset = off
@@ -150,6 +156,7 @@ class LogReader:
                 records = decode_payload(bytes(data[F.FRAME_HEADER_SIZE:]), h.base_lsn, h.count, h.timestamp_us,
                                          self.next_lsn, max_record_bytes=self.max_record_bytes)
             except RecordError as exc:
+                seg.scanner.offset = off  # stay on the bad frame: a retry must raise again, not skip it
                 raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,
                                       lsn=h.base_lsn) from None
             self.next_lsn = h.end_lsn

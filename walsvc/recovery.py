@@ -23,9 +23,9 @@ from crc32c import crc32c
 
 from . import frame as F
 from .errors import CorruptionError, RecordError
-from .fsync import sync_dir
+from .fsync import sync_data, sync_dir
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, find_valid_header, is_zero_from,
-                      list_segments, read_header, read_seal, truncate_and_reserve)
+                      list_segments, now_us, read_header, read_seal, truncate_and_reserve)
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -226,11 +226,11 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 info.torn_tail = True
                 info.truncated_at = (path.name, stop.offset)
                 info.bytes_truncated = _used_bytes(fd, stop.offset, size)
+                burned = expected
                 if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
                     info.skipped_lsns = (expected, stop.header.end_lsn)
-                    expected = stop.header.end_lsn
-                truncate_and_reserve(fd, stop.offset, cfg.segment_bytes, cfg.preallocate)
-                seg.end = stop.offset
+                    burned = stop.header.end_lsn
+                expected = _cut(seg, stop.offset, expected, burned, cfg)
                 state.active = seg
                 keep_fd = True
                 continue
@@ -247,11 +247,9 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             burned = max([_end_lsn(p) for p in later] + [_max_end_lsn_after(fd, where, size), expected])
             _save_tail(directory, path, fd, where, size, info)
             _quarantine(directory, later, info)
-            truncate_and_reserve(fd, where, cfg.segment_bytes, cfg.preallocate)
             if burned > expected:
                 info.skipped_lsns = (expected, burned)
-                expected = burned
-            seg.end = where
+            expected = _cut(seg, where, expected, burned, cfg)
             state.active = seg
             keep_fd = True
             break
@@ -261,6 +259,25 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     state.next_lsn = expected
     info.duration_s = time.perf_counter() - started
     return info, state
+
+
+def _cut(seg: ActiveSegment, offset: int, expected: int, burned: int, cfg: LogConfig) -> int:
+    """Cut the segment at `offset`; returns the next LSN to hand out.
+
+    When LSNs up to `burned` were handed out to the data being cut, an empty DATA frame (count 0) with base
+    LSN `burned` is written at `offset` first and kept: without it the skip lived only in memory and a
+    restart before the next append would hand those LSNs out again.  Recovery and readers jump past it.
+    """
+    if burned > expected:
+        marker = F.encode_frame(F.KIND_DATA, b"", 0, burned, now_us())
+        os.pwrite(seg.fd, marker, offset)
+        sync_data(seg.fd)  # durable before the cut, so a crash in between cannot lose the skip
+        seg.note_frame(offset, (marker,), burned, 0, cfg.index_interval_bytes)
+        expected = burned
+    else:
+        seg.end = offset
+    truncate_and_reserve(seg.fd, seg.end, cfg.segment_bytes, cfg.preallocate)
+    return expected
 
 
 def _max_end_lsn_after(fd: int, start: int, size: int) -> int:

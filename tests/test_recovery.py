@@ -1,0 +1,355 @@
+"""Recovery at open: torn tails at every byte, corruption in sealed and active segments, quarantine, LSNs.
+
+What "LSNs are never reused" means here (asserted below):
+- if the torn frame's header survived (the cut is at or past its 56-byte header), the torn batch's LSNs were
+  handed out by the writer, so every later append gets an LSN above the torn batch's last LSN, also after
+  further restarts;
+- if the header did not survive, nothing on disk says which LSNs it had, so the next append continues right
+  after the last intact batch (those LSNs never reached a reader or an acknowledged producer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import MiB, check_records, fill, flip_bit, frame_offsets, key_for, segment_paths, value_for, zero_from
+from walsvc import Log, LogReader, Record
+from walsvc import frame as F
+from walsvc.errors import CorruptionError
+from walsvc.recovery import QUARANTINE
+
+
+def _read_all(directory: Path) -> list[Record]:
+    with LogReader(directory) as r:
+        return list(r)
+
+
+def _lsns(records: list[Record]) -> list[int]:
+    return [r.lsn for r in records]
+
+
+def _write_batches(directory: Path, batches: list[list[int]], **options) -> list[list[int]]:
+    """Write batches of records (value sizes given) and close; returns the LSNs of each batch."""
+    options.setdefault("segment_bytes", MiB)
+    options.setdefault("fsync", "os")
+    out = []
+    with Log.open(directory, **options) as log:
+        for sizes in batches:
+            base = log.next_lsn
+            out.append(log.append_batch([Record.put(key_for(base + i), value_for(base + i, s))
+                                         for i, s in enumerate(sizes)]))
+    return out
+
+
+def _check_contents(records: list[Record]) -> None:
+    for r in records:
+        assert r.key == key_for(r.lsn)
+        assert r.value == value_for(r.lsn, len(r.value))
+
+
+# -- torn tails -----------------------------------------------------------------------------------------
+
+def test_torn_tail_at_every_byte_of_last_batch(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[30, 40], [10], [50, 0, 20]])
+    (path,) = segment_paths(directory)
+    pristine = path.read_bytes()
+    last_off, last_h = frame_offsets(path)[-1]
+    assert last_h.base_lsn == 4 and last_h.count == 3
+    previous = [lsn for batch in lsns[:-1] for lsn in batch]
+    handed_out_end = lsns[-1][-1] + 1  # one past any LSN ever returned
+    for k in range(last_h.size + 1):
+        path.write_bytes(pristine)
+        zero_from(path, last_off + k)
+        with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+            info = log.recovery
+            cut = 0 < k < last_h.size
+            assert info.torn_tail is cut, k
+            assert info.corruption is None
+            got = list(log.read())
+            _check_contents(got)
+            if k == last_h.size:
+                assert _lsns(got) == previous + lsns[-1]
+                assert log.committed_lsn == lsns[-1][-1]
+                continue
+            assert _lsns(got) == previous, k
+            assert log.committed_lsn == previous[-1], k
+            if cut:
+                assert info.truncated_at == (path.name, last_off), k
+                assert 0 < info.bytes_truncated <= k
+            # The file is cut back to the last intact batch and re-reserved (still preallocated).
+            assert path.stat().st_size == MiB
+            tail = path.read_bytes()[last_off:last_off + last_h.size]
+            if k >= F.FRAME_HEADER_SIZE:
+                # The skip is kept on disk as an empty frame naming the next LSN to use.
+                marker = F.decode_frame_header(tail)
+                assert (marker.kind, marker.count, marker.base_lsn) == (F.KIND_DATA, 0, handed_out_end)
+                assert tail[F.FRAME_HEADER_SIZE:] == bytes(last_h.size - F.FRAME_HEADER_SIZE)
+            else:
+                assert tail == bytes(last_h.size)
+            new = log.append(Record.put(b"after", b"crash"))
+            if k >= F.FRAME_HEADER_SIZE:
+                assert new >= handed_out_end, k  # the torn batch's LSNs are burned
+            else:
+                assert new == previous[-1] + 1, k  # nothing on disk names the torn batch's LSNs
+            assert log.committed_lsn == new
+            assert _lsns(list(log.read()))[-1] == new
+        # A second restart finds the same log: the appended record after the burned range.
+        with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+            assert log.recovery.torn_tail is False and log.recovery.corruption is None
+            assert _lsns(list(log.read())) == previous + [new]
+            assert log.append(Record.put(b"x", b"y")) == new + 1
+
+
+@pytest.mark.parametrize("keep", [F.FRAME_HEADER_SIZE, F.FRAME_HEADER_SIZE + 7])
+def test_burned_lsns_survive_a_restart_without_appends(tmp_path, keep):
+    """Torn batch with a surviving header: reopen, close without writing, reopen: LSNs still not reused."""
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[10, 10], [10, 10, 10]])
+    (path,) = segment_paths(directory)
+    last_off, _ = frame_offsets(path)[-1]
+    zero_from(path, last_off + keep)
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.torn_tail
+        assert log.next_lsn == lsns[-1][-1] + 1
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.committed_lsn == lsns[0][-1]
+        assert log.append(Record.put(b"k", b"v")) > lsns[-1][-1]
+        assert _lsns(list(log.read())) == lsns[0] + [lsns[-1][-1] + 1]
+
+
+def test_torn_tail_without_preallocation(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[30], [30, 30]], preallocate=False)
+    (path,) = segment_paths(directory)
+    last_off, last_h = frame_offsets(path)[-1]
+    assert path.stat().st_size == last_off + last_h.size  # not preallocated: the file ends with the data
+    pristine = path.read_bytes()
+    for k in (1, 30, F.FRAME_HEADER_SIZE, last_h.size - 1):
+        path.write_bytes(pristine[:last_off + k])
+        with Log.open(directory, segment_bytes=MiB, fsync="os", preallocate=False) as log:
+            assert log.recovery.torn_tail
+            assert _lsns(list(log.read())) == lsns[0]
+        # Cut back to the last intact batch (plus the empty frame that keeps the torn LSNs burned).
+        assert path.stat().st_size == last_off + (F.FRAME_HEADER_SIZE if k >= F.FRAME_HEADER_SIZE else 0)
+
+
+def test_append_batch_is_atomic(tmp_path):
+    """A batch is one frame: cutting anywhere inside it loses all of its records, never some."""
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[20], [20] * 10])
+    (path,) = segment_paths(directory)
+    frames = frame_offsets(path)
+    assert len(frames) == 2 and frames[1][1].count == 10
+    off, h = frames[1]
+    pristine = path.read_bytes()
+    for k in range(1, h.size, 17):
+        path.write_bytes(pristine)
+        zero_from(path, off + k)
+        assert _lsns(_read_all(directory)) == lsns[0]  # a reader without a writer: none of the batch
+        with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+            assert _lsns(list(log.read())) == lsns[0]
+
+
+batch_sizes = st.lists(st.lists(st.integers(0, 200), min_size=1, max_size=6), min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=batch_sizes, data=st.data())
+def test_recovery_property_cut_inside_last_batch(tmp_path_factory, batches, data):
+    directory = tmp_path_factory.mktemp("prop") / "wal"
+    lsns = _write_batches(directory, batches)
+    (path,) = segment_paths(directory)
+    last_off, last_h = frame_offsets(path)[-1]
+    k = data.draw(st.integers(0, last_h.size - 1), label="cut")
+    zero_from(path, last_off + k)
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        expected = [lsn for batch in lsns[:-1] for lsn in batch]
+        got = list(log.read())
+        assert _lsns(got) == expected
+        _check_contents(got)
+        assert log.recovery.torn_tail is (k > 0)
+        assert log.recovery.records_valid == len(expected)
+        assert log.append(Record.put(b"n", b"v")) >= (lsns[-1][-1] + 1 if k >= F.FRAME_HEADER_SIZE
+                                                      else len(expected) + 1)
+
+
+# -- zero tails are not damage -----------------------------------------------------------------------------
+
+def test_clean_reopen_is_not_torn_or_corrupt(open_log, tmp_path):
+    log = open_log()
+    fill(log, 50, per_batch=5)
+    log.close()
+    log = open_log()
+    info = log.recovery
+    assert not info.torn_tail and info.corruption is None and info.bytes_truncated == 0
+    assert info.records_valid == 50 and info.last_lsn == 50 and info.first_lsn == 1
+    assert info.segments_scanned == 1 and info.duration_s >= 0
+    assert "50 records" in info.summary()
+    assert log.next_lsn == 51 and log.committed_lsn == 50
+
+
+def test_empty_log_starts_at_lsn_1(open_log):
+    log = open_log()
+    assert log.committed_lsn == 0 and log.next_lsn == 1 and list(log.read()) == []
+    assert log.append(Record.put(b"a", b"b")) == 1
+    assert log.committed_lsn == 1
+
+
+def test_segment_whose_header_never_reached_disk_is_dropped(tmp_path, open_log):
+    log = open_log(segment_bytes=MiB)
+    fill(log, 3000, size=1000, per_batch=10)  # about three segments
+    log.close()
+    paths = segment_paths(tmp_path / "wal")
+    assert len(paths) >= 3
+    # A crash right after creating (and preallocating) the next segment but before its header was written.
+    last = paths[-1]
+    zero_from(last, 0)
+    before = list(range(1, int(last.name[:20])))
+    log = open_log()
+    assert not log.recovery.torn_tail and log.recovery.corruption is None
+    assert _lsns(list(log.read())) == before
+    lsn = log.append(Record.put(b"k", b"v"))
+    assert lsn == before[-1] + 1
+    # The re-created segment and every sealed one are accounted for (stats, retention).
+    assert log.stats()["segments"] == len(segment_paths(tmp_path / "wal")) == len(paths)
+    assert log.total_bytes() == sum(p.stat().st_size for p in paths[:-1]) + log._active.end
+
+
+# -- corruption ------------------------------------------------------------------------------------------
+
+def _multi_segment_log(directory: Path, records: int = 3000, size: int = 1000) -> list[int]:
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        lsns = fill(log, records, size=size, per_batch=10)
+    assert len(segment_paths(directory)) >= 3
+    return lsns
+
+
+def test_flipped_bit_in_sealed_segment(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _multi_segment_log(directory)
+    first = segment_paths(directory)[0]
+    frames = frame_offsets(first)
+    assert frames[-1][1].kind == F.KIND_SEAL
+    bad_off, bad_h = frames[len(frames) // 2]
+    flip_bit(first, bad_off + F.FRAME_HEADER_SIZE + 100, 3)
+
+    with pytest.raises(CorruptionError) as info:
+        Log.open(directory, segment_bytes=MiB, fsync="os", verify=True)
+    assert first.name in str(info.value)
+    # The failed open released the directory: a default open (no rescan of sealed segments) works.
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.corruption is None and not log.recovery.torn_tail
+        assert log.committed_lsn == lsns[-1]
+        got: list[Record] = []
+        with pytest.raises(CorruptionError) as info:
+            for r in log.read():
+                got.append(r)
+        assert _lsns(got) == list(range(1, bad_h.base_lsn))
+        check_records(got, 1000)
+        assert info.value.segment == first.name and info.value.offset == bad_off
+        assert first.name in str(info.value) and f"offset {bad_off}" in str(info.value)
+        # The damage stays in its segment: reading from the next segment on works.
+        second_base = int(segment_paths(directory)[1].name[:20])
+        after = list(log.read(start=second_base))
+        assert _lsns(after) == list(range(second_base, lsns[-1] + 1))
+    # A reader without a writer reports it too.
+    with pytest.raises(CorruptionError):
+        _read_all(directory)
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_flipped_bit_mid_active_segment_fails_open(tmp_path, where):
+    directory = tmp_path / "wal"
+    _write_batches(directory, [[100] * 3 for _ in range(20)])
+    (path,) = segment_paths(directory)
+    off, h = frame_offsets(path)[7]
+    flip_bit(path, off + (F.FRAME_HEADER_SIZE + 40 if where == "payload" else 20))
+    pristine = path.read_bytes()
+    with pytest.raises(CorruptionError) as info:
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+    msg = str(info.value)
+    assert path.name in msg and f"offset {off}" in msg, msg
+    assert info.value.segment == path.name and info.value.offset == off
+    assert path.read_bytes() == pristine  # nothing was cut
+    assert not (directory / QUARANTINE).exists()
+    # Still refused on a second try: never silently truncated.
+    with pytest.raises(CorruptionError):
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+
+
+def test_truncate_mode_in_active_segment_saves_cut_bytes_and_burns_lsns(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[100] * 3 for _ in range(20)])
+    (path,) = segment_paths(directory)
+    off, h = frame_offsets(path)[7]
+    flip_bit(path, off + F.FRAME_HEADER_SIZE + 40)
+    damaged = path.read_bytes()
+    with Log.open(directory, segment_bytes=MiB, fsync="os", on_corruption="truncate") as log:
+        info = log.recovery
+        assert info.corruption and path.name in info.corruption and str(off) in info.corruption
+        assert info.truncated_at == (path.name, off)
+        saved = directory / QUARANTINE / f"{path.name}.from-{off}"
+        assert str(saved) in info.quarantined
+        assert saved.read_bytes() == damaged[off:]
+        assert _lsns(list(log.read())) == list(range(1, h.base_lsn))
+        new = log.append(Record.put(b"k", b"v"))
+        assert new > lsns[-1][-1]
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.corruption is None
+        assert _lsns(list(log.read())) == list(range(1, h.base_lsn)) + [new]
+
+
+def test_truncate_mode_quarantines_later_segments(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _multi_segment_log(directory)
+    paths = segment_paths(directory)
+    second = paths[1]
+    seal_off, seal_h = frame_offsets(second)[-1]
+    assert seal_h.kind == F.KIND_SEAL
+    flip_bit(second, seal_off + F.FRAME_HEADER_SIZE + 2)  # the seal is damaged: the segment looks unsealed
+    damaged = second.read_bytes()
+    with pytest.raises(CorruptionError) as info:
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+    assert second.name in str(info.value) and f"offset {seal_off}" in str(info.value)
+    assert segment_paths(directory) == paths
+
+    with Log.open(directory, segment_bytes=MiB, fsync="os", on_corruption="truncate") as log:
+        info = log.recovery
+        qdir = directory / QUARANTINE
+        assert segment_paths(directory) == paths[:2]
+        for p in paths[2:]:
+            assert (qdir / p.name).is_file() and str(qdir / p.name) in info.quarantined
+        assert (qdir / f"{second.name}.from-{seal_off}").read_bytes() == damaged[seal_off:]
+        assert _lsns(list(log.read())) == list(range(1, seal_h.base_lsn))
+        new = log.append(Record.put(b"k", b"v"))
+        assert new > lsns[-1]
+        assert log.first_lsn == 1
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert _lsns(list(log.read())) == list(range(1, seal_h.base_lsn)) + [new]
+
+
+def test_truncate_mode_lsns_not_reused_after_restart_without_appends(tmp_path):
+    directory = tmp_path / "wal"
+    lsns = _multi_segment_log(directory)
+    second = segment_paths(directory)[1]
+    seal_off, _ = frame_offsets(second)[-1]
+    flip_bit(second, seal_off + F.FRAME_HEADER_SIZE + 2)
+    with Log.open(directory, segment_bytes=MiB, fsync="os", on_corruption="truncate") as log:
+        assert log.next_lsn > lsns[-1]
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.append(Record.put(b"k", b"v")) > lsns[-1]
+
+
+def test_bad_segment_header_is_corruption(tmp_path):
+    directory = tmp_path / "wal"
+    _multi_segment_log(directory)
+    first = segment_paths(directory)[0]
+    flip_bit(first, 20)
+    with pytest.raises(CorruptionError) as info:
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+    assert first.name in str(info.value) and "offset 0" in str(info.value)
