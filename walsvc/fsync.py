@@ -1,8 +1,9 @@
 """Making bytes durable: the fsync calls of each platform and the three policies.
 
-- `always`: an append returns only after an fsync covered it.  Appenders that arrive while an fsync runs
-  queue on one lock; the first to get it syncs everything written so far, so N concurrent appends share
-  one fsync (group commit, as PostgreSQL does it).
+- `always`: an append is acknowledged only after an fsync covered it.  A background thread fsyncs as soon
+  as anything is unsynced, while the writer keeps appending; the next fsync covers everything written
+  meanwhile.  Callers that wait (`sync_through`) queue on one lock, and the first to get it syncs for all:
+  N concurrent appends share one fsync (group commit, as PostgreSQL does it).
 - `batch`: a background thread fsyncs at most `window_ms` after the first unsynced write, whether or not
   another write follows (nori-wal waited for the next append, so a burst's last write could stay unsynced).
 - `os`: never fsync; written is committed.
@@ -79,7 +80,7 @@ class Syncer:
                  on_commit: Callable[[int], None], committed_end: int) -> None:
         self.latency = Histogram()
         self.policy = policy
-        self.window = window_ms / 1000.0
+        self.window = window_ms / 1000.0 if policy == "batch" else 0.0
         self.lock = threading.Lock()
         self.committed_end = committed_end
         self.durable_end = committed_end
@@ -90,8 +91,8 @@ class Syncer:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        if policy == "batch":
-            self._thread = threading.Thread(target=self._flusher, name="walsvc-batch-fsync", daemon=True)
+        if policy != "os":
+            self._thread = threading.Thread(target=self._flusher, name="walsvc-fsync", daemon=True)
             self._thread.start()
 
     def check(self) -> None:
@@ -99,10 +100,10 @@ class Syncer:
             raise self.failed
 
     def written(self, end_lsn: int) -> None:
-        """Called after each write (write lock held): commit now (os), or wake the flusher (batch)."""
+        """Called after each write (write lock held): commit now (os), or wake the flusher."""
         if self.policy == "os":
             self._commit(end_lsn)
-        elif self.policy == "batch" and self._dirty_since is None:
+        elif self._dirty_since is None:
             with self._wake:
                 self._dirty_since = time.monotonic()
                 self._wake.notify()

@@ -25,7 +25,7 @@ import zmq
 from . import protocol as P
 from .endpoints import Endpoints, load as load_endpoints
 from .errors import BackpressureError, LogClosedError, NackError, RecordTooLargeError
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode
+from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
 
 PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION, P.LOG_STOPPED)
 
@@ -76,13 +76,14 @@ class Producer:
     """Appends records to the log whose writer serves `directory` (its endpoints are read from there).
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
-    batch.size).  max_buffer_bytes caps unacknowledged data; `append` blocks up to `block_timeout_s` for
+    batch.size).  A batch opened while nothing is in flight goes out at once, so a lone record does not
+    wait for the linger; under load, records gather while earlier batches await their acks.  max_buffer_bytes caps unacknowledged data; `append` blocks up to `block_timeout_s` for
     space, then raises BackpressureError.
     """
 
     def __init__(self, directory: str | os.PathLike = "./wal-data", *, endpoints: Endpoints | None = None,
                  linger_ms: float = 5.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
-                 max_in_flight: int = 64, ack_timeout_s: float = 2.0, block_timeout_s: float = 30.0,
+                 max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
         self.directory = Path(directory)
         self.endpoints = endpoints or load_endpoints(self.directory)
@@ -126,31 +127,52 @@ class Producer:
 
     def append(self, record: Record) -> RecordFuture:
         """Queue a record; the returned future resolves to its LSN once the writer has committed it."""
-        data = encode(record, self.max_record_bytes)
-        with self._lock:
-            if self._closed:
-                raise LogClosedError("producer is closed")
-            if self._buffered + len(data) > self.max_buffer_bytes:
-                self._wait_for_space(len(data))
-            batch = self._open
-            if batch is None:
-                batch = self._open = _Batch()
-                self._poke()
-            batch.parts.append(data)
-            batch.size += len(data)
-            batch.count += 1
-            self._buffered += len(data)
-            future = RecordFuture(batch, batch.count - 1)
-            if batch.size >= self.batch_bytes:
-                self._close_open_batch()
-            return future
+        return self._add(encode(record, self.max_record_bytes))
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
             compression: str | None = None) -> RecordFuture:
+        if (ttl_ms is None and compression is None and type(key) is bytes and type(value) is bytes
+                and len(key) + len(value) <= self.max_record_bytes):
+            return self._add(encode_put(key, value))  # the common case, without a Record object
         return self.append(Record.put(key, value, ttl_ms=ttl_ms, compression=compression))
 
     def delete(self, key: bytes | str) -> RecordFuture:
         return self.append(Record.delete(key))
+
+    def append_many(self, records: list[Record]) -> list[RecordFuture]:
+        """Queue several records at once (one lock round trip); they go out in order, usually in one batch."""
+        return self._add_many([encode(r, self.max_record_bytes) for r in records])
+
+    def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
+        with self._lock:
+            return [self._add_locked(data) for data in encoded]
+
+    def _add(self, data: bytes) -> RecordFuture:
+        with self._lock:
+            return self._add_locked(data)
+
+    def _add_locked(self, data: bytes) -> RecordFuture:
+        """Add one encoded record to the open batch (lock held)."""
+        if self._closed:
+            raise LogClosedError("producer is closed")
+        if self._buffered + len(data) > self.max_buffer_bytes:
+            self._wait_for_space(len(data))
+        batch = self._open
+        fresh = batch is None
+        if fresh:
+            batch = self._open = _Batch()
+        batch.parts.append(data)
+        batch.size += len(data)
+        batch.count += 1
+        self._buffered += len(data)
+        future = RecordFuture(batch, batch.count - 1)
+        if batch.size >= self.batch_bytes or (fresh and not (self._in_flight or self._ready)):
+            # Full, or nothing in flight to wait for: send from this thread, no hop through the I/O thread.
+            self._close_open_batch()
+            self._send_now()
+        elif fresh:
+            self._poke()  # the I/O thread closes it when the linger expires
+        return future
 
     async def append_async(self, record: Record) -> int | None:
         """The asyncio form: `await producer.append_async(record)` gives the LSN once committed."""
@@ -161,6 +183,7 @@ class Producer:
         with self._lock:
             if self._open is not None:
                 self._close_open_batch()
+                self._send_now()
             pending = list(self._ready) + list(self._in_flight.values())
         deadline = None if timeout is None else time.monotonic() + timeout
         for batch in pending:
@@ -207,6 +230,7 @@ class Producer:
             raise RecordTooLargeError(f"record of {need} bytes exceeds max_buffer_bytes ({self.max_buffer_bytes})")
         if self._open is not None:
             self._close_open_batch()
+            self._send_now()
         deadline = time.monotonic() + self.block_timeout
         while self._buffered + need > self.max_buffer_bytes:
             remaining = deadline - time.monotonic()
@@ -215,6 +239,12 @@ class Producer:
                                         f"{self.max_buffer_bytes}) after {self.block_timeout} s: the writer for "
                                         f"{self.directory} is behind or not running")
             self._space.wait(remaining)
+
+    def _send_now(self) -> None:
+        """Send what may go out from the calling thread (lock held); leave the rest to the I/O thread."""
+        self._send_ready(time.monotonic())
+        if self._ready:
+            self._poke()
 
     def _close_open_batch(self) -> None:
         batch = self._open
@@ -225,7 +255,6 @@ class Producer:
         batch.parts = []
         batch.message = P.encode_append(self.producer_id, batch.seq, batch.count, payload)
         self._ready.append(batch)
-        self._poke()
 
     # -- I/O thread ------------------------------------------------------------------------------------
 
@@ -248,7 +277,8 @@ class Producer:
                 if self._closed:
                     return
                 now = time.monotonic()
-                if self._open is not None and now - self._open.opened_at >= self.linger:
+                if self._open is not None and (now - self._open.opened_at >= self.linger
+                                               or not (self._in_flight or self._ready)):
                     self._close_open_batch()
                 self._check_timeouts(now)
                 self._send_ready(now)

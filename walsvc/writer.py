@@ -1,8 +1,9 @@
 """The writer process: owns the log, ingests producer batches, publishes commits and acks.
 
-One thread does all socket work.  Each turn of its loop drains every waiting ingest message, appends each
-valid batch as one frame, then (under `always`) fsyncs once for the whole burst: that is group commit across
-producers.  Under `batch` the log's flusher thread fsyncs and pokes this loop through an inproc socket.
+One thread does all socket work.  Each turn of its loop drains every waiting ingest message and appends each
+valid batch as one frame.  The log's fsync thread makes them durable (at once under `always`, within the
+window under `batch`) while this loop goes on appending, so one fsync covers every batch that arrived
+during the previous one: group commit across producers.  It pokes this loop through an inproc socket.
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
 advance of the committed LSN.  Bad input is counted, logged (rate-limited), nacked when the sender can be
 identified, and never reaches the log.
@@ -186,8 +187,9 @@ class Writer:
             if a.seq != last.seq + 1:
                 self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
                 return
+        payload = bytes(a.payload)
         try:
-            n = count_records(a.payload, 0, len(a.payload), max_record_bytes=cfg.max_record_bytes)
+            n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes)
         except RecordError as exc:
             code = P.TOO_LARGE if "maximum" in exc.detail else P.MALFORMED
             self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
@@ -196,7 +198,7 @@ class Writer:
             self._reject(P.MALFORMED, f"header says {a.count} records, payload holds {n}", msg)
             return
         try:
-            base = self.log.append_encoded(bytes(a.payload), n, producer_id=a.producer_id, producer_seq=a.seq,
+            base = self.log.append_encoded(payload, n, producer_id=a.producer_id, producer_seq=a.seq,
                                            wait=False)
         except LogStoppedError as exc:
             self._reject(P.LOG_STOPPED, str(exc), msg)
@@ -263,7 +265,6 @@ class Writer:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.rep, zmq.POLLIN)
         poller.register(self.wake_rx, zmq.POLLIN)
-        always = self.log.fsync_policy == "always"
         self._publish_commits()
         try:
             while not self._stop.is_set():
@@ -277,11 +278,7 @@ class Writer:
                     self._flusher_poke.clear()
                 if self.pull in events:
                     while self._drain() == DRAIN_LIMIT:
-                        if always:
-                            self.log.sync()
                         self._publish_commits()
-                    if always and self._pending:
-                        self.log.sync()
                 if self.rep in events:
                     self._control()
                 self._publish_commits()
