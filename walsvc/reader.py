@@ -239,6 +239,7 @@ class Reader:
         self.recheck_s = recheck_s
         self.offline = True
         self.last_head: Head | None = None
+        self._bound()  # set `offline` now: it said True beside a live writer until the first poll
         if self.name is not None:
             stored = cursor.load(self.directory, self.name)
             if stored is not None:
