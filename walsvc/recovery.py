@@ -24,7 +24,7 @@ from crc32c import crc32c
 from . import frame as F
 from .errors import CorruptionError, RecordError
 from .fsync import sync_data, sync_dir
-from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, find_valid_header, is_zero_from,
+from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
                       list_segments, now_us, read_header, read_seal, truncate_and_reserve)
 from .config import LogConfig
 
@@ -225,7 +225,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if verdict == "torn":
                 info.torn_tail = True
                 info.truncated_at = (path.name, stop.offset)
-                info.bytes_truncated = _used_bytes(fd, stop.offset, size)
+                info.bytes_truncated = data_end(fd, stop.offset, size) - stop.offset
                 burned = expected
                 if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
                     info.skipped_lsns = (expected, stop.header.end_lsn)
@@ -305,20 +305,6 @@ def _save_tail(directory: Path, path: Path, fd: int, start: int, size: int, info
         os.fsync(out.fileno())
     info.quarantined.append(str(target))
     sync_dir(qdir)
-
-
-def _used_bytes(fd: int, offset: int, size: int) -> int:
-    """Bytes from `offset` up to the last non-zero byte: what a torn write left behind."""
-    end = size
-    step = SCAN_CHUNK
-    while end > offset:
-        start = max(offset, end - step)
-        chunk = os.pread(fd, end - start, start)
-        stripped = chunk.rstrip(b"\0")
-        if stripped:
-            return start + len(stripped) - offset
-        end = start
-    return 0
 
 
 def _quarantine(directory: Path, paths: list[Path], info: RecoveryInfo) -> None:

@@ -184,15 +184,34 @@ class FrameScanner:
             yield off, h, data
 
 
+_ZEROS = bytes(SCAN_CHUNK * 8)
+
+
 def is_zero_from(fd: int, offset: int, size: int) -> bool:
-    """True if the file holds only zero bytes from `offset` to `size` (chunked, C-speed comparison)."""
+    """True if the file holds only zero bytes from `offset` to `size` (chunked memcmp, no Python loop)."""
     while offset < size:
-        n = min(SCAN_CHUNK * 8, size - offset)
-        chunk = os.pread(fd, n, offset)
-        if not chunk or chunk.count(0) != len(chunk):
-            return not chunk
+        chunk = os.pread(fd, min(len(_ZEROS), size - offset), offset)
+        if not chunk:
+            return True
+        if chunk != (_ZEROS if len(chunk) == len(_ZEROS) else bytes(len(chunk))):
+            return False
         offset += len(chunk)
     return True
+
+
+def data_end(fd: int, offset: int, size: int) -> int:
+    """One past the last non-zero byte at or after `offset` (`offset` itself if there is none).
+
+    Scans backwards from `size`: a torn tail's garbage sits just before a long preallocated zero tail.
+    """
+    end = size
+    while end > offset:
+        start = max(offset, end - len(_ZEROS))
+        chunk = os.pread(fd, end - start, start)
+        if chunk != (_ZEROS if len(chunk) == len(_ZEROS) else bytes(len(chunk))):
+            return start + len(chunk.rstrip(b"\0"))
+        end = start
+    return offset
 
 
 def find_valid_header(fd: int, start: int, size: int, min_lsn: int) -> int | None:

@@ -1,0 +1,204 @@
+"""walsvc in the benchmark: a real writer process (`python -m walsvc serve`), producer and reader processes.
+
+Durability levels map to fsync policies one to one ("os", "batch" = group commit within 5 ms, "always").
+Producers use the per-record API (`Producer.put`) and let the client batch (linger 5 ms, 256 KiB), which is
+what application code does; `batch == 1` means one record in flight per producer (`put(...).result()`).
+Interface: see harness.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .harness import LATENCY_RECORD_SIZE, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+
+NAME = "walsvc"
+DURABILITIES = ("os", "batch", "always")
+READY = "walsvc writer ready"
+
+
+def available() -> str | None:
+    return None
+
+
+@contextmanager
+def _writer(directory: Path, policy: str) -> Iterator[int]:
+    """A writer process on `directory`; yields its pid; SIGTERM (drain, fsync) afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "walsvc", "serve", "--dir", str(directory), "--fsync", policy],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(READY):
+                break
+        else:
+            raise RuntimeError(f"walsvc writer exited with {proc.wait()} before it was ready")
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _produce(barrier: Any, directory: str, index: int, record_size: int, seconds: float,
+             batch: int) -> tuple[int, float, float]:
+    import walsvc
+    value = os.urandom(record_size - 16)
+    with walsvc.Producer(directory) as producer:
+        put = producer.put
+        barrier.wait()
+        cpu0 = time.process_time()
+        deadline = time.monotonic() + seconds
+        n = 0
+        if batch == 1:
+            while time.monotonic() < deadline:
+                put(b"p%02d-%012d" % (index, n), value).result(60)
+                n += 1
+        else:
+            while time.monotonic() < deadline:
+                for _ in range(1000):
+                    put(b"p%02d-%012d" % (index, n), value)
+                    n += 1
+            producer.flush(120)
+        end = time.monotonic()
+        cpu = time.process_time() - cpu0
+    return n, end, cpu
+
+
+def throughput(tmpdir: str, producers: int, record_size: int, durability: str, seconds: float,
+               batch: int) -> dict[str, float]:
+    directory = Path(tmpdir) / "log"
+    with _writer(directory, durability) as pid:
+        writer_cpu = proc_cpu_seconds(pid)
+        start, results = run_workers(_produce, [(str(directory), i, record_size, seconds, batch)
+                                                for i in range(producers)], timeout=seconds + 180)
+        writer_cpu = proc_cpu_seconds(pid) - writer_cpu
+    records = sum(r[0] for r in results)
+    stored = _count(directory)
+    if stored != records:
+        raise RuntimeError(f"producers counted {records} acknowledged records but the log holds {stored}")
+    wall = max(r[1] for r in results) - start
+    return throughput_result(records, wall, writer_cpu + sum(r[2] for r in results), record_size)
+
+
+def _count(directory: Path) -> int:
+    from walsvc.reader import end_of_valid_data
+    return end_of_valid_data(directory) - 1
+
+
+def _paced_producer(barrier: Any, directory: str, rate: int, count: int) -> int:
+    import walsvc
+    pad = bytes(LATENCY_RECORD_SIZE - 8)
+    with walsvc.Producer(directory) as producer:
+        barrier.wait()
+        t0 = time.monotonic_ns()
+        for i in range(count):
+            delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
+            if delay > 0:
+                time.sleep(delay / 1e9)
+            producer.put(b"", struct.pack("<q", time.monotonic_ns()) + pad)
+        producer.flush(60)
+    return count
+
+
+def _tail_reader(barrier: Any, directory: str, count: int, timeout: float) -> list[int]:
+    import walsvc
+    latencies: list[int] = []
+    with walsvc.Reader(directory, "latest") as reader:
+        barrier.wait()
+        deadline = time.monotonic() + timeout
+        while len(latencies) < count and time.monotonic() < deadline:
+            batch = reader.poll(0.1)
+            now = time.monotonic_ns()
+            latencies.extend(now - struct.unpack_from("<q", r.value)[0] for r in batch)
+    return latencies
+
+
+def _latency_role(barrier: Any, role: str, directory: str, rate: int, count: int, timeout: float) -> Any:
+    if role == "producer":
+        return _paced_producer(barrier, directory, rate, count)
+    return _tail_reader(barrier, directory, count, timeout)
+
+
+def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
+    count = int(rate * seconds)
+    directory = Path(tmpdir) / "log"
+    with _writer(directory, durability):
+        _start, (_sent, latencies) = run_workers(
+            _latency_role, [(role, str(directory), rate, count, seconds + 30) for role in ("producer", "reader")],
+            timeout=seconds + 60)
+    return percentiles_us(latencies)
+
+
+def _fill(directory: Path, records: int, record_size: int) -> int:
+    """Write `records` records with the embedded API (not timed); returns the bytes of record values."""
+    import walsvc
+    value = os.urandom(record_size)
+    per_batch = max(1, min(1000, (1 << 20) // record_size))
+    with walsvc.Log.open(directory, fsync="os") as log:
+        for done in range(0, records, per_batch):
+            log.append_batch([walsvc.Record(b"", value)] * min(per_batch, records - done))
+    return records * record_size
+
+
+def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float]:
+    import walsvc
+    count = nbytes = 0
+    with walsvc.Reader(directory, "earliest") as reader:
+        barrier.wait()
+        while batch := reader.poll(0):
+            count += len(batch)
+            nbytes += sum(len(r.value) for r in batch)
+    return count, nbytes, time.monotonic()
+
+
+def replay(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
+    directory = Path(tmpdir) / "log"
+    _fill(directory, records, record_size)
+    start, ((count, nbytes, end),) = run_workers(_replay_reader, [(str(directory),)], timeout=600)
+    if count != records:
+        raise RuntimeError(f"replay read {count} records, expected {records}")
+    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20}
+
+
+def _tear_tail(directory: Path) -> None:
+    """Leave the log as a crash mid-write would: half of a batch frame after the last complete one."""
+    import walsvc
+    from walsvc import frame as F
+    from walsvc.segment import list_segments
+    with walsvc.Log.open(directory, fsync="os") as log:
+        end = log._active.end
+        path = log._active.path
+        next_lsn = log.next_lsn
+    payload = walsvc.record.encode_many([walsvc.Record(b"torn", b"x" * 4000)])
+    frame = F.encode_frame(F.KIND_DATA, payload, 1, next_lsn, 0)
+    with open(path, "r+b") as f:
+        f.seek(end)
+        f.write(frame[:len(frame) // 2])
+    assert list_segments(directory)[-1][1] == path
+
+
+def recovery(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
+    """Open time of a log whose last batch is torn, until it accepts an append again."""
+    import walsvc
+    directory = Path(tmpdir) / "log"
+    _fill(directory, records, record_size)
+    _tear_tail(directory)
+    total = sum(p.stat().st_size for p in directory.glob("*.wal"))
+    started = time.perf_counter()
+    with walsvc.Log.open(directory, fsync="os") as log:
+        log.append(walsvc.Record(b"after", b"recovery"))
+        elapsed = time.perf_counter() - started
+        if not log.recovery.torn_tail:
+            raise RuntimeError(f"recovery did not report the torn tail: {log.recovery.summary()}")
+    return {"seconds": elapsed, "records_per_s": records / elapsed, "mib_per_s": total / elapsed / 2**20}
