@@ -65,6 +65,16 @@ class _OpenSegment:
         os.close(self.fd)
 
 
+def _header_pending(path: Path) -> bool:
+    """True while the newest segment has no header yet (empty or all zeros): the writer creates and
+    preallocates the file before writing its header, so a reader listing the directory may see it between."""
+    try:
+        with open(path, "rb") as f:
+            return F.is_zero(f.read(F.SEGMENT_HEADER_SIZE))
+    except FileNotFoundError:
+        return False
+
+
 class LogReader:
     """Records from `start` ("earliest", "latest" or an LSN) onwards, in order, up to `bound()`."""
 
@@ -100,19 +110,38 @@ class LogReader:
         i = bisect.bisect_right([b for b, _ in segments], lsn) - 1
         if i < 0:
             raise TruncatedError(lsn, segments[0][0])
-        self._seg = _OpenSegment(*segments[i])
+        if i == len(segments) - 1 and _header_pending(segments[i][1]):
+            return False
+        self._seg = self._open(lsn, *segments[i])
         self._seg.seek(lsn)
         return True
 
     def _next_segment(self, next_lsn: int) -> bool:
-        """Move past a sealed segment to the one starting at `next_lsn`; False if it is not there yet."""
-        for base, path in list_segments(self.directory):
+        """Move past a sealed segment to the one starting at `next_lsn`; False if it is not there yet.
+
+        A seal names the next segment's base LSN exactly, so finding a later one instead means retention
+        deleted it before we got there: TruncatedError, never a silent gap.
+        """
+        segments = list_segments(self.directory)
+        for i, (base, path) in enumerate(segments):
             if base >= next_lsn:
-                seg = _OpenSegment(base, path)  # before closing ours: a failure must not leave it closed
+                if base > next_lsn:
+                    raise TruncatedError(next_lsn, base)
+                if i == len(segments) - 1 and _header_pending(path):
+                    return False
+                seg = self._open(next_lsn, base, path)  # before closing ours: a failure must not leave it closed
                 self._seg.close()
                 self._seg = seg
                 return True
         return False
+
+    def _open(self, lsn: int, base: int, path: Path) -> _OpenSegment:
+        """Open a segment we just listed; if retention deleted it meanwhile, `lsn` is truncated."""
+        try:
+            return _OpenSegment(base, path)
+        except FileNotFoundError:
+            segments = list_segments(self.directory)
+            raise TruncatedError(lsn, segments[0][0] if segments else lsn) from None
 
     def read_batch(self) -> list[Record]:
         """The committed records available now, from `next_lsn` on (up to BATCH_RECORDS, whole frames);

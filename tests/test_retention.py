@@ -1,0 +1,172 @@
+"""Retention: by size, by age, protected by named cursors (unless they lag too far), never leaving a hole."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, check_records, fill, frame_offsets, segment_paths
+from walsvc import Log, LogReader, Record
+from walsvc import cursor
+from walsvc import frame as F
+from walsvc.errors import ConfigError, TruncatedError
+
+
+def _lsns(records) -> list[int]:
+    return [r.lsn for r in records]
+
+
+def _bases(directory: Path) -> list[int]:
+    return [int(p.name[:20]) for p in segment_paths(directory)]
+
+
+def _assert_no_hole(directory: Path) -> None:
+    """Every remaining sealed segment's seal names the next remaining file: only a prefix was deleted."""
+    paths = segment_paths(directory)
+    for path, nxt in zip(paths, paths[1:]):
+        off, h = frame_offsets(path)[-1]
+        assert h.kind == F.KIND_SEAL and h.base_lsn == int(nxt.name[:20]), path.name
+
+
+def _disk_bytes(log: Log) -> int:
+    paths = segment_paths(log.directory)
+    return sum(p.stat().st_size for p in paths[:-1]) + log._active.end
+
+
+def test_retention_by_size(open_log):
+    log = open_log(segment_bytes=MiB, max_bytes=3 * MiB)
+    lsns = fill(log, 8000, size=1000, per_batch=10)
+    assert log.stats()["segments_deleted"] > 0
+    assert log.first_lsn > 1 and log.first_lsn == _bases(log.directory)[0]
+    # Retention runs at each rotation and deletes whole sealed segments, oldest first, until the log fits
+    # max_bytes; the active segment then grows by at most segment_bytes until the next rotation.
+    sealed_bytes = sum(p.stat().st_size for p in segment_paths(log.directory)[:-1])
+    assert sealed_bytes <= 3 * MiB
+    assert _disk_bytes(log) == log.total_bytes() <= 3 * MiB + MiB
+    assert _disk_bytes(log) > 3 * MiB - MiB  # deletes only what it must
+    _assert_no_hole(log.directory)
+    got = list(log.read())
+    assert _lsns(got) == list(range(log.first_lsn, lsns[-1] + 1))
+    check_records(got, 1000)
+    first = log.first_lsn
+    log.close()
+    # After a restart the log still starts at the oldest kept LSN and refuses reads below it.
+    log = open_log(segment_bytes=MiB, max_bytes=3 * MiB)
+    assert log.first_lsn == first and log.recovery.first_lsn == first
+    with pytest.raises(TruncatedError) as info:
+        LogReader(log.directory, start=first - 1)
+    assert str(info.value) == f"LSN {first - 1} was truncated by retention; oldest is {first}"
+    assert _lsns(list(log.read(start=first)))[:2] == [first, first + 1]
+
+
+def test_no_retention_by_default(open_log):
+    log = open_log(segment_bytes=MiB)
+    fill(log, 5000, size=1000, per_batch=10)
+    assert _bases(log.directory)[0] == 1 and log.stats()["segments_deleted"] == 0
+    assert log.apply_retention() == []
+
+
+def test_retention_by_age(open_log):
+    log = open_log(segment_bytes=MiB, max_age_s=1)
+    fill(log, 3500, size=1000, per_batch=10)
+    sealed = segment_paths(log.directory)[:-1]
+    assert len(sealed) >= 3
+    assert log.apply_retention() == []  # sealed just now: younger than a second
+    time.sleep(1.2)
+    deleted = log.apply_retention()
+    assert deleted == sealed
+    assert segment_paths(log.directory) == [log._active.path]
+    assert log.first_lsn == _bases(log.directory)[0]
+    assert _lsns(list(log.read()))[0] == log.first_lsn
+
+
+def test_retention_by_age_after_restart_uses_seal_time(open_log, tmp_path):
+    log = open_log(segment_bytes=MiB)
+    fill(log, 2500, size=1000, per_batch=10)
+    sealed = segment_paths(log.directory)[:-1]
+    log.close()
+    time.sleep(1.2)
+    log = open_log(segment_bytes=MiB, max_age_s=1)
+    fill(log, 1)
+    assert log.apply_retention() == sealed
+
+
+def test_cursor_protects_segments(open_log):
+    log = open_log(segment_bytes=MiB, max_bytes=2 * MiB)
+    cursor.store(log.directory, "audit", 500)  # processed up to 500: the first segment is still needed
+    lsns = fill(log, 6000, size=1000, per_batch=10)
+    assert _bases(log.directory)[0] == 1 and log.stats()["segments_deleted"] == 0
+    assert _disk_bytes(log) > 2 * MiB
+    # The reader moves on past the second segment: those two go, the third (still needed) stays.
+    bases = _bases(log.directory)
+    cursor.store(log.directory, "audit", bases[2] - 1)
+    deleted = log.apply_retention()
+    assert [int(p.name[:20]) for p in deleted] == bases[:2]
+    assert log.first_lsn == bases[2]
+    _assert_no_hole(log.directory)
+    # A cursor exactly at a segment's last LSN lets that segment go, not the one after.
+    cursor.store(log.directory, "audit", bases[3] - 2)
+    assert log.apply_retention() == []
+    # Two cursors: the slowest one decides.
+    cursor.store(log.directory, "fast", lsns[-1])
+    assert log.apply_retention() == []
+    cursor.store(log.directory, "audit", lsns[-1])
+    assert log.apply_retention()
+    assert _disk_bytes(log) <= 2 * MiB
+
+
+def test_lagging_cursor_no_longer_protects(open_log):
+    log = open_log(segment_bytes=MiB, max_bytes=2 * MiB, max_cursor_lag_bytes=4 * MiB)
+    cursor.store(log.directory, "abandoned", 1)
+    fill(log, 3000, size=1000, per_batch=10)  # about 3 MiB: within the lag limit, still protected
+    assert _bases(log.directory)[0] == 1
+    fill(log, 4000, size=1000, per_batch=10)  # now it lags by more than 4 MiB: retention by size resumes
+    assert _bases(log.directory)[0] > 1
+    assert _disk_bytes(log) <= 4 * MiB
+    _assert_no_hole(log.directory)
+    with pytest.raises(TruncatedError):
+        list(log.read(start=2))
+
+
+def test_cursor_files(tmp_path):
+    d = tmp_path / "wal"
+    d.mkdir()
+    assert cursor.load(d, "r") is None
+    cursor.store(d, "r", 123)
+    assert cursor.load(d, "r") == 123
+    cursor.store(d, "r", 456)
+    assert cursor.load(d, "r") == 456 and cursor.load_all(d) == {"r": 456}
+    assert [p.name for p in (d / "cursors").iterdir()] == ["r.cursor"]  # no temp files left
+    data = bytearray((d / "cursors" / "r.cursor").read_bytes())
+    data[0] ^= 1
+    (d / "cursors" / "r.cursor").write_bytes(bytes(data))
+    assert cursor.load(d, "r") is None and cursor.load_all(d) == {}  # a damaged cursor protects nothing
+    for bad in ("", ".hidden", "a/b", "x" * 101, "sp ace"):
+        with pytest.raises(ConfigError):
+            cursor.store(d, bad, 1)
+
+
+def test_reader_keeps_reading_a_segment_deleted_under_it(open_log):
+    log = open_log(segment_bytes=MiB, max_bytes=1)
+    cursor.store(log.directory, "r", 0)  # protects everything for now
+    lsns = fill(log, 2500, size=1000, per_batch=10)
+    bases = _bases(log.directory)
+    assert len(bases) >= 3
+    reader = LogReader(log.directory, bound=lambda: log.committed_lsn)
+    reader.BATCH_RECORDS = 100
+    try:
+        assert _lsns(reader.read_batch()) == list(range(1, 101))
+        cursor.store(log.directory, "r", bases[1] - 1)
+        first_file = segment_paths(log.directory)[0]
+        assert log.apply_retention() == [first_file]  # exactly the reader's segment
+        assert _bases(log.directory) == bases[1:]
+        rest = []
+        while batch := reader.read_batch():
+            rest.extend(batch)
+        assert _lsns(rest) == list(range(101, lsns[-1] + 1))  # the deleted file's rest, then on: no gap
+        check_records(rest, 1000)
+    finally:
+        reader.close()
