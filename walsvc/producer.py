@@ -104,6 +104,10 @@ class Producer:
         self._next_seq = 1
         self._closed = False
         self._resend_from: tuple[int, float] = (0, 0.0)
+        # Until the writer has stored one of our batches it has no window for us and accepts any sequence
+        # (docs/PROTOCOL.md), so batch 2 could be stored before a lost batch 1, which would then be answered
+        # "stored, LSNs unknown" while never written.  So only one batch is in flight until the first ack.
+        self._stored_any = False
         self.acked_records = 0
         self.resends = 0
         self._ctx = zmq.Context()
@@ -133,7 +137,19 @@ class Producer:
             compression: str | None = None) -> RecordFuture:
         if (ttl_ms is None and compression is None and type(key) is bytes and type(value) is bytes
                 and len(key) + len(value) <= self.max_record_bytes):
-            return self._add(encode_put(key, value))  # the common case, without a Record object
+            # The common case, kept short: no Record object, and straight into an open batch with room.
+            data = encode_put(key, value)
+            with self._lock:
+                batch = self._open
+                size = len(data)
+                if (batch is not None and batch.size + size < self.batch_bytes
+                        and self._buffered + size <= self.max_buffer_bytes and not self._closed):
+                    batch.parts.append(data)
+                    batch.size += size
+                    batch.count += 1
+                    self._buffered += size
+                    return RecordFuture(batch, batch.count - 1)
+                return self._add_locked(data)
         return self.append(Record.put(key, value, ttl_ms=ttl_ms, compression=compression))
 
     def delete(self, key: bytes | str) -> RecordFuture:
@@ -291,14 +307,18 @@ class Producer:
                 deadlines.append(self._open.opened_at + self.linger)
             if self._in_flight:
                 deadlines.append(next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
-            if self._ready:
+            if self._ready and len(self._in_flight) < self._in_flight_limit():
                 deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
             return 1000
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
+    def _in_flight_limit(self) -> int:
+        return self.max_in_flight if self._stored_any else 1
+
     def _send_ready(self, now: float) -> None:
-        while self._ready and len(self._in_flight) < self.max_in_flight:
+        limit = self._in_flight_limit()
+        while self._ready and len(self._in_flight) < limit:
             batch = self._ready[0]
             try:
                 self._push.send(batch.message, zmq.NOBLOCK, copy=False)
@@ -339,6 +359,7 @@ class Producer:
     def _apply(self, reply: P.Reply) -> None:
         batch = self._in_flight.get(reply.seq)
         if reply.status in (P.ACK, P.DUPLICATE):
+            self._stored_any = True
             if batch is None:
                 batch = next((b for b in self._ready if b.seq == reply.seq), None)
                 if batch is None:

@@ -206,12 +206,18 @@ def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
     return body + _U32.pack(crc32c(body))
 
 
+_SHORT_HEADERS: list[bytes | None] = [None] * (128 * 128)  # (klen, vlen, flags=0) for lengths < 128, made on use
+
+
 def encode_put(key: bytes, value: bytes) -> bytes:
     """Fast path for the common record: a plain put, no TTL, no compression (same bytes as `encode`)."""
     kl = len(key)
     vl = len(value)
     if kl < 0x80 and vl < 0x80:
-        body = bytes((kl, vl, 0)) + key + value
+        head = _SHORT_HEADERS[kl * 128 + vl]
+        if head is None:
+            head = _SHORT_HEADERS[kl * 128 + vl] = bytes((kl, vl, 0))
+        body = head + key + value
     else:
         body = encode_varint(kl) + encode_varint(vl) + b"\0" + key + value
     return body + _U32.pack(crc32c(body))
