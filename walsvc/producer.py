@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .endpoints import Endpoints, load as load_endpoints
@@ -119,6 +120,8 @@ class Producer:
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, max(4, max_in_flight * 2))
         self._push.setsockopt(zmq.LINGER, 0)
+        self._monitor = self._push.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self._connects = 0
         self._push.connect(self.endpoints.ingest)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
@@ -278,6 +281,7 @@ class Producer:
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._poke_rx, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             timeout = self._poll_timeout()
             events = dict(poller.poll(timeout))
@@ -289,6 +293,8 @@ class Producer:
                         break
             if self._sub in events:
                 self._receive_replies()
+            if self._monitor in events:
+                self._on_connect()
             with self._lock:
                 if self._closed:
                     return
@@ -298,6 +304,20 @@ class Producer:
                     self._close_open_batch()
                 self._check_timeouts(now)
                 self._send_ready(now)
+
+    def _on_connect(self) -> None:
+        """A (re)connection to the writer: after a restart, resend what is unacked now, not at the timeout."""
+        while True:
+            try:
+                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._connects += 1
+            if self._connects > 1:
+                with self._lock:
+                    if self._in_flight:
+                        self._resend_from = (0, 0.0)
+                        self._resend(next(iter(self._in_flight)), time.monotonic())
 
     def _poll_timeout(self) -> int:
         with self._lock:

@@ -201,8 +201,10 @@ class Writer:
             base = self.log.append_encoded(payload, n, producer_id=a.producer_id, producer_seq=a.seq,
                                            wait=False)
         except LogStoppedError as exc:
+            # Fatal for the log, not for the process: keep answering status and nacking, so every
+            # producer and operator learns why (a restart runs recovery).
             self._reject(P.LOG_STOPPED, str(exc), msg)
-            raise
+            return
         self.metrics.counters["batches"] += 1
         self.metrics.counters["records"] += n
         self._pending.append((base + n - 1, time.perf_counter(), P.Reply(a.producer_id, P.ACK, a.seq, base, n)))
