@@ -17,7 +17,8 @@ A system module exposes (all arguments are plain ints/floats/strs; every result 
     replay(tmpdir: str, records: int, record_size: int) -> {"records_per_s", "mib_per_s"}
     recovery(tmpdir: str, records: int, record_size: int) -> {"seconds", "records_per_s", "mib_per_s"}
 
-Any of the four functions may be missing: its scenarios then show "n/a" for that system.  So does a scenario
+A function may return more figures than these (the peers' latency adds "sent_per_s", the rate the producer
+actually achieved); the report shows them beside the metric.  Any of the four functions may be missing: its scenarios then show "n/a" for that system.  So does a scenario
 whose durability is not in DURABILITIES.  Each call gets a fresh empty `tmpdir` on the filesystem under test
 (the harness deletes it afterwards); the function must stop every process it started before returning, even
 when it fails, and must raise rather than return made-up numbers.
@@ -52,6 +53,7 @@ for system modules, so all systems count time, CPU and percentiles the same way.
 from __future__ import annotations
 
 import importlib
+import math
 import multiprocessing
 import os
 import queue
@@ -159,7 +161,7 @@ def percentiles_us(latencies_ns: Sequence[int]) -> dict[str, float]:
         raise RuntimeError("the reader received no records")
 
     def rank(q: float) -> float:
-        return kept[min(len(kept) - 1, max(0, int(q * len(kept) + 0.999999) - 1))] / 1000.0
+        return kept[min(len(kept) - 1, max(0, math.ceil(q * len(kept)) - 1))] / 1000.0
 
     return {"p50_us": rank(0.50), "p99_us": rank(0.99), "p999_us": rank(0.999), "samples": float(len(kept))}
 
@@ -217,10 +219,10 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             params={"producers": producers, "record_size": size, "durability": durability,
                     "seconds": seconds, "batch": batch},
             metric="records_per_s", higher_is_better=True, unit="rec/s"))
-    for durability in ("os", "batch"):
-        out.append(Scenario(
-            name=f"latency 10k/s {durability}", kind="latency",
-            params={"rate": 10_000, "seconds": latency_seconds, "durability": durability},
+    for rate, durability in ((10_000, "os"), (10_000, "batch"), (1_000, "batch")):
+        out.append(Scenario(  # 1k/s: latency of a system that is not near saturation
+            name=f"latency {rate // 1000}k/s {durability}", kind="latency",
+            params={"rate": rate, "seconds": latency_seconds, "durability": durability},
             metric="p99_us", higher_is_better=False, unit="us p99"))
     for kind in ("replay", "recovery"):
         out.append(Scenario(
@@ -330,6 +332,17 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:,.0f}"
 
 
+FIGURE_UNITS = {"records_per_s": "rec/s", "mib_per_s": "MiB/s", "cpu_s_per_million": "CPU s/M rec",
+                "p50_us": "us p50", "p99_us": "us p99", "p999_us": "us p99.9", "samples": "samples",
+                "seconds": "s", "sent_per_s": "sent/s"}
+
+
+def other_figures(scenario: Scenario, figures: dict[str, float]) -> str:
+    """The figures besides the scenario's metric, e.g. "52.1 MiB/s, 18.4 CPU s/M rec"."""
+    return ", ".join(f"{format_value(value, FIGURE_UNITS.get(key, key))} {FIGURE_UNITS.get(key, key)}"
+                     for key, value in figures.items() if key != scenario.metric)
+
+
 def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quick: bool, scratch: str,
               log: Callable[[str], None] = print) -> SuiteResult:
     """Run every (scenario, system) `runs` times, interleaved run by run so drift hits all systems alike."""
@@ -355,9 +368,8 @@ def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quic
             try:
                 result = {k: float(v) for k, v in getattr(entry.module, scenario.kind)(tmpdir, **scenario.params).items()}
                 cell.runs.append(result)
-                line = f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
-                if "cpu_s_per_million" in result:
-                    line += f" ({result['mib_per_s']:,.1f} MiB/s, {result['cpu_s_per_million']:.2f} CPU s/M rec)"
+                line = (f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
+                        f" ({other_figures(scenario, result)})")
             except Exception as exc:  # noqa: BLE001 - one broken system must not stop the others' figures
                 cell.errors.append(f"run {run + 1}: {exc}")
                 line = f"FAILED: {exc}"

@@ -9,6 +9,7 @@ and is shut down before each function returns.  Interface: see harness.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -34,9 +35,7 @@ def available() -> str | None:
     """None if redis-server and redis-py are both there."""
     if shutil.which("redis-server") is None:
         return "redis-server not found: apt-get install redis-server"
-    try:
-        import redis  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("redis") is None:
         return "redis-py not installed: pip install redis"
     return None
 
@@ -127,8 +126,11 @@ def throughput(tmpdir: str, producers: int, record_size: int, durability: str, s
     return throughput_result(records, wall, server_cpu + sum(r[2] for r in results), record_size)
 
 
-def _paced_producer(barrier: Any, port: int, rate: int, count: int) -> int:
-    """XADD one record at a time on a fixed schedule; each carries its send time (monotonic ns)."""
+def _paced_producer(barrier: Any, port: int, rate: int, count: int) -> float:
+    """XADD one record at a time on a fixed schedule; each carries its send time (monotonic ns).
+
+    Returns the rate actually sent: below `rate` when XADD round trips cannot keep up.
+    """
     client = _client(port)
     pad = bytes(LATENCY_RECORD_SIZE - 8)
     barrier.wait()
@@ -138,7 +140,7 @@ def _paced_producer(barrier: Any, port: int, rate: int, count: int) -> int:
         if delay > 0:
             time.sleep(delay / 1e9)
         client.xadd(STREAM, {FIELD: struct.pack("<q", time.monotonic_ns()) + pad})
-    return count
+    return count * 1e9 / (time.monotonic_ns() - t0)
 
 
 def _tail_reader(barrier: Any, port: int, count: int, timeout: float) -> list[int]:
@@ -166,10 +168,10 @@ def _latency_role(barrier: Any, role: str, port: int, rate: int, count: int, tim
 def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
     count = int(rate * seconds)
     with _server(tmpdir, durability) as (port, _pid):
-        _start, (_sent, latencies) = run_workers(
+        _start, (sent_per_s, latencies) = run_workers(
             _latency_role, [(role, port, rate, count, seconds + 30) for role in ("producer", "reader")],
             timeout=seconds + 60)
-    return percentiles_us(latencies)
+    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
 
 
 def _fill(port: int, records: int, record_size: int) -> None:

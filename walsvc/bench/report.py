@@ -11,13 +11,10 @@ import json
 import os
 from typing import Any
 
-from .harness import SUBJECT, Scenario, SuiteResult, format_value
+from .harness import SUBJECT, Scenario, SuiteResult, format_value, other_figures
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-OTHER_UNITS = {"records_per_s": ("rec/s", ""), "mib_per_s": ("MiB/s", ""), "cpu_s_per_million": ("CPU s/M rec", ""),
-               "p50_us": ("us p50", ""), "p99_us": ("us p99", ""), "p999_us": ("us p99.9", ""),
-               "samples": ("samples", ""), "seconds": ("s", "")}
 
 
 def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
@@ -46,15 +43,6 @@ def _params(scenario: Scenario) -> str:
     return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in scenario.params.items())
 
 
-def _others(scenario: Scenario, medians: dict[str, float]) -> str:
-    parts = []
-    for key, value in medians.items():
-        if key != scenario.metric:
-            unit = OTHER_UNITS.get(key, (key, ""))[0]
-            parts.append(f"{format_value(value, unit)} {unit}")
-    return ", ".join(parts)
-
-
 def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
     ratio, best_peer = result.ratio(scenario)
     better = "higher" if scenario.higher_is_better else "lower"
@@ -72,11 +60,17 @@ def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
             continue
         fmt = [format_value(stats[k], scenario.unit) for k in ("median", "min", "max")]
         shown = f"{ratio:.2f}x vs {best_peer}" if entry.name == SUBJECT and ratio is not None else ""
-        notes = _others(scenario, stats["medians"])
+        notes = other_figures(scenario, stats["medians"])
         if cell.errors:
             notes += f"; {len(cell.errors)} failed run(s): {'; '.join(cell.errors)}"
         lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
     return lines + [""]
+
+
+def _median(result: SuiteResult, scenario: Scenario, system: str | None) -> float | None:
+    cell = result.cells.get((scenario.name, system)) if system else None
+    stats = cell.stats(scenario.metric) if cell else None
+    return stats["median"] if stats else None
 
 
 def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
@@ -93,15 +87,18 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
     lines.append("")
     summary = [(s, *result.ratio(s)) for s in result.scenarios]
     if any(r is not None for _s, r, _b in summary):
-        lines += ["## walsvc against the best peer", "", "| scenario | walsvc | best peer | ratio |",
-                  "|---|---:|---:|---:|"]
+        lines += ["## walsvc against the best peer", "",
+                  "Medians; ratio above 1 means walsvc did better (for latency: best peer / walsvc).", "",
+                  "| scenario | walsvc | best peer | ratio |", "|---|---:|---:|---:|"]
         for scenario, ratio, best in summary:
-            mine = result.cells[(scenario.name, SUBJECT)].stats(scenario.metric)
-            theirs = result.cells[(scenario.name, best)].stats(scenario.metric) if best else None
-            lines.append(f"| {scenario.name} | "
-                         f"{format_value(mine['median'], scenario.unit) if mine else 'n/a'} | "
-                         f"{f'{format_value(theirs['median'], scenario.unit)} ({best})' if theirs else 'n/a'} | "
-                         f"{f'{ratio:.2f}x' if ratio is not None else ''} |")
+            mine = _median(result, scenario, SUBJECT)
+            theirs = _median(result, scenario, best)
+            cell = result.cells.get((scenario.name, SUBJECT))
+            mine_text = (format_value(mine, scenario.unit) if mine is not None
+                         else "failed" if cell and cell.errors else "n/a")
+            theirs_text = f"{format_value(theirs, scenario.unit)} ({best})" if theirs is not None else "n/a"
+            ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
+            lines.append(f"| {scenario.name} | {mine_text} | {theirs_text} | {ratio_text} |")
         lines.append("")
     lines += ["## Scenarios", ""]
     for scenario in result.scenarios:

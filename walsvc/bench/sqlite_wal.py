@@ -95,8 +95,11 @@ def throughput(tmpdir: str, producers: int, record_size: int, durability: str, s
     return throughput_result(records, wall, sum(r[2] for r in results), record_size)
 
 
-def _paced_producer(barrier: Any, path: str, durability: str, rate: int, count: int) -> int:
-    """Insert one row per transaction on a fixed schedule; each carries its send time (monotonic ns)."""
+def _paced_producer(barrier: Any, path: str, durability: str, rate: int, count: int) -> float:
+    """Insert one row per transaction on a fixed schedule; each carries its send time (monotonic ns).
+
+    Returns the rate actually sent: below `rate` when commits cannot keep up.
+    """
     conn = _connect(path, durability)
     pad = bytes(LATENCY_RECORD_SIZE - 8)
     barrier.wait()
@@ -107,7 +110,7 @@ def _paced_producer(barrier: Any, path: str, durability: str, rate: int, count: 
             time.sleep(delay / 1e9)
         conn.execute(INSERT, (struct.pack("<q", time.monotonic_ns()) + pad,))
     conn.close()
-    return count
+    return count * 1e9 / (time.monotonic_ns() - t0)
 
 
 def _tail_reader(barrier: Any, path: str, count: int, timeout: float) -> list[int]:
@@ -139,10 +142,10 @@ def _latency_role(barrier: Any, role: str, path: str, durability: str, rate: int
 def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
     path = _create(tmpdir)
     count = int(rate * seconds)
-    _start, (_sent, latencies) = run_workers(
+    _start, (sent_per_s, latencies) = run_workers(
         _latency_role, [(role, path, durability, rate, count, seconds + 30) for role in ("producer", "reader")],
         timeout=seconds + 60)
-    return percentiles_us(latencies)
+    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
 
 
 def _fill(path: str, records: int, record_size: int) -> None:

@@ -1,0 +1,48 @@
+"""The benchmark suite runs end to end in --quick mode and reports a positive figure for every peer scenario.
+
+Runs as a subprocess (like a user would) so the figures come from the real entry point; redis is left out when
+redis-server is not installed.  The whole quick suite takes ~30 s on the 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
+    peers = ["sqlite"] + (["redis"] if shutil.which("redis-server") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "walsvc.bench.run", "--quick", "--out", str(tmp_path),
+                           "--only", ",".join(peers)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "report.md").read_text().startswith("# walsvc benchmark results")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("scratch-")], "scratch data left behind"
+    assert report["config"]["quick"] is True
+    assert report["machine"]["cores"] >= 1 and report["machine"]["filesystem"]
+    scenarios = {s["name"]: s for s in report["scenarios"]}
+    kinds = {s["kind"] for s in scenarios.values()}
+    assert kinds == {"throughput", "latency", "replay", "recovery"}
+    for name, scenario in scenarios.items():
+        for peer in peers:
+            cell = scenario["systems"][peer]
+            assert not cell["errors"], (name, peer, cell["errors"])
+            if scenario["kind"] == "recovery":  # only walsvc provides it
+                assert cell["na"], (name, peer)
+                continue
+            assert cell["median"] > 0, (name, peer)
+            run = cell["runs"][0]
+            assert all(value > 0 for value in run.values()), (name, peer, run)
+            if scenario["kind"] == "latency":
+                assert run["p50_us"] <= run["p99_us"] <= run["p999_us"]
+                sent = scenario["params"]["rate"] * scenario["params"]["seconds"]
+                assert run["samples"] >= 0.9 * sent, (name, peer, run)  # the reader saw (nearly) every record
