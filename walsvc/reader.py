@@ -182,8 +182,10 @@ class LogReader:
             if h.end_lsn <= self.next_lsn:
                 return []
             try:
-                records = decode_payload(bytes(data[F.FRAME_HEADER_SIZE:]), h.base_lsn, h.count, h.timestamp_us,
-                                         self.next_lsn, max_record_bytes=self.max_record_bytes)
+                payload_at = seg.scanner.view_pos + F.FRAME_HEADER_SIZE
+                records = decode_payload(seg.scanner.view_buf, h.base_lsn, h.count, h.timestamp_us, self.next_lsn,
+                                         start=payload_at, end=payload_at + h.payload_len,
+                                         max_record_bytes=self.max_record_bytes)
             except RecordError as exc:
                 seg.scanner.offset = off  # stay on the bad frame: a retry must raise again, not skip it
                 raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,

@@ -352,13 +352,14 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
 
 
 def decode_payload(buf: bytes, base_lsn: int, count: int, timestamp: int, first_wanted: int = 0, *,
+                   start: int = 0, end: int | None = None,
                    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
-    """The `count` records of a batch frame whose CRC was checked, numbered from `base_lsn`; those below
-    `first_wanted` are skipped.  Plain small records (the common case) take an inlined path."""
+    """The `count` records in buf[start:end], a batch frame payload whose CRC was checked, numbered from
+    `base_lsn`; those below `first_wanted` are skipped.  Plain small records take an inlined path."""
     out = []
     append = out.append
-    pos = 0
-    end = len(buf)
+    pos = start
+    end = len(buf) if end is None else end
     lsn = base_lsn
     while pos < end:
         kl = buf[pos]

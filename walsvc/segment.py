@@ -147,6 +147,7 @@ class FrameScanner:
         self.limit = limit
         self.chunk = chunk
         self.stop: ScanStop | None = None
+        self.view_buf, self.view_pos = b"", 0  # bytes and position of the last frame yielded (zero-copy decode)
         self._buf = b""
         self._buf_at = offset
 
@@ -158,6 +159,7 @@ class FrameScanner:
             self._buf = os.pread(self.fd, min(want, max(self.limit - offset, n)), offset)
             self._buf_at = offset
             rel = 0
+        self.view_buf, self.view_pos = self._buf, rel
         return memoryview(self._buf)[rel:rel + n]
 
     def __iter__(self) -> Iterator[tuple[int, F.FrameHeader, memoryview]]:
