@@ -243,3 +243,49 @@ def test_reader_in_another_process_tails_while_writer_rotates_and_deletes(tmp_pa
 def _spawn_reader(directory: Path, total: int, out: Path):
     return subprocess.Popen([sys.executable, "-c", CHILD_READER, str(directory), str(total), str(out)],
                             env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_damage_is_reported_on_every_retry_never_skipped(open_log, tmp_path):
+    log = open_log(segment_bytes=MiB)
+    fill(log, 2500, size=1000, per_batch=10)
+    log.close()
+    directory = tmp_path / "wal"
+    second = segment_paths(directory)[1]
+    with open(second, "r+b") as f:  # a damaged header on a segment that is not the newest
+        f.write(b"\xff" * 8)
+    with LogReader(directory) as reader:
+        got = _drain_until_error(reader)
+        assert _lsns(got) == list(range(1, _bases(directory)[1]))
+        for _ in range(3):
+            with pytest.raises(CorruptionError) as info:
+                reader.read_batch()
+            assert second.name in str(info.value)
+
+
+def test_undecodable_batch_is_reported_on_every_retry(open_log):
+    from walsvc.record import encode_many
+    log = open_log(segment_bytes=MiB)
+    fill(log, 5)
+    # append_encoded trusts its caller: a frame whose header claims 3 records but holds 2.
+    log.append_encoded(encode_many([Record.put(b"a", b"1"), Record.put(b"b", b"2")]), 3)
+    fill(log, 5)
+    reader = LogReader(log.directory, bound=lambda: log.committed_lsn)
+    try:
+        assert _lsns(reader.read_batch()) == [1, 2, 3, 4, 5]
+        for _ in range(3):
+            with pytest.raises(CorruptionError) as info:
+                reader.read_batch()
+            assert "undecodable batch" in str(info.value) and "LSN 6" in str(info.value)
+    finally:
+        reader.close()
+
+
+def _drain_until_error(reader: LogReader) -> list[Record]:
+    out = []
+    while True:
+        batch = reader.read_batch()
+        if not batch:
+            raise AssertionError("expected an error after the good records")
+        out.extend(batch)
+        if len(batch) < reader.BATCH_RECORDS:
+            return out

@@ -252,6 +252,7 @@ def test_flipped_bit_in_sealed_segment(tmp_path):
         assert _lsns(got) == list(range(1, bad_h.base_lsn))
         check_records(got, 1000)
         assert info.value.segment == first.name and info.value.offset == bad_off
+        assert info.value.lsn == bad_h.base_lsn and f"LSN {bad_h.base_lsn}" in str(info.value)
         assert first.name in str(info.value) and f"offset {bad_off}" in str(info.value)
         # The damage stays in its segment: reading from the next segment on works.
         second_base = int(segment_paths(directory)[1].name[:20])
@@ -280,6 +281,21 @@ def test_flipped_bit_mid_active_segment_fails_open(tmp_path, where):
     # Still refused on a second try: never silently truncated.
     with pytest.raises(CorruptionError):
         Log.open(directory, segment_bytes=MiB, fsync="os")
+
+
+def test_damaged_last_batch_is_a_torn_tail(tmp_path):
+    """A bad CRC in the last batch, with only zeros after it, is what a crash mid-write leaves: it is cut as
+    a torn tail (not reported as corruption), and its LSNs stay burned."""
+    directory = tmp_path / "wal"
+    lsns = _write_batches(directory, [[100] * 3 for _ in range(5)])
+    (path,) = segment_paths(directory)
+    off, h = frame_offsets(path)[-1]
+    flip_bit(path, off + F.FRAME_HEADER_SIZE + 5)
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.torn_tail and log.recovery.corruption is None
+        assert log.recovery.truncated_at == (path.name, off)
+        assert _lsns(list(log.read())) == [lsn for b in lsns[:-1] for lsn in b]
+        assert log.append(Record.put(b"k", b"v")) == lsns[-1][-1] + 1
 
 
 def test_truncate_mode_in_active_segment_saves_cut_bytes_and_burns_lsns(tmp_path):
