@@ -121,11 +121,15 @@ class Producer:
         self._push.setsockopt(zmq.SNDHWM, max(4, max_in_flight * 2))
         self._push.setsockopt(zmq.LINGER, 0)
         self._monitor = self._push.get_monitor_socket(zmq.EVENT_CONNECTED)
-        self._connects = 0
         self._push.connect(self.endpoints.ingest)
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
         self._sub.setsockopt(zmq.RCVHWM, 0)
+        # Replies published while the SUB was reconnecting are lost, and a restarted writer answers the
+        # resend triggered by the PUSH reconnect at once, often before this SUB has resubscribed: without a
+        # resend on the SUB's reconnect, such batches waited a whole ack_timeout.
+        self._sub_monitor = self._sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._connects = {self._monitor: 0, self._sub_monitor: 0}
         self._sub.connect(self.endpoints.publish)
         self._io = threading.Thread(target=self._run, name="walsvc-producer-io", daemon=True)
         self._io.start()
@@ -282,6 +286,7 @@ class Producer:
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._poke_rx, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._sub_monitor, zmq.POLLIN)
         while True:
             timeout = self._poll_timeout()
             events = dict(poller.poll(timeout))
@@ -293,8 +298,9 @@ class Producer:
                         break
             if self._sub in events:
                 self._receive_replies()
-            if self._monitor in events:
-                self._on_connect()
+            for monitor in (self._monitor, self._sub_monitor):
+                if monitor in events:
+                    self._on_connect(monitor)
             with self._lock:
                 if self._closed:
                     return
@@ -305,15 +311,15 @@ class Producer:
                 self._check_timeouts(now)
                 self._send_ready(now)
 
-    def _on_connect(self) -> None:
+    def _on_connect(self, monitor: zmq.Socket) -> None:
         """A (re)connection to the writer: after a restart, resend what is unacked now, not at the timeout."""
         while True:
             try:
-                recv_monitor_message(self._monitor, zmq.NOBLOCK)
+                recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._connects += 1
-            if self._connects > 1:
+            self._connects[monitor] += 1
+            if self._connects[monitor] > 1:
                 with self._lock:
                     if self._in_flight:
                         self._resend_from = (0, 0.0)
