@@ -14,6 +14,13 @@ from walsvc.errors import (ChecksumError, CompressionUnavailableError, Decompres
                            InvalidRecordError, RecordError, RecordTooLargeError, VarintOverflowError)
 from walsvc.record import Record
 
+try:
+    import lz4.block  # noqa: F401  (optional: the 'lz4' extra)
+    CODECS = [None, "zstd", "lz4"]
+except ImportError:
+    CODECS = [None, "zstd"]
+needs_lz4 = pytest.mark.skipif("lz4" not in CODECS, reason="the optional lz4 package is not installed")
+
 ERRORS = {"checksum": ChecksumError, "incomplete": IncompleteRecordError, "invalid": InvalidRecordError}
 U64 = (1 << 64) - 1
 
@@ -209,7 +216,7 @@ def test_zstd_garbage_is_decompression_error():
         R.decode(data)
 
 
-@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+@pytest.mark.parametrize("codec", ["zstd", pytest.param("lz4", marks=needs_lz4)])
 def test_compression_that_does_not_shrink_is_skipped(codec):
     incompressible = bytes(range(7, 40))  # short and without repeats: any codec output is longer
     data = R.encode(Record.put(b"k", incompressible, compression=codec))
@@ -237,12 +244,19 @@ def test_lz4_round_trip_when_installed():
     assert lz4.block.decompress(stored[p:], uncompressed_size=size) == value
 
 
-def test_lz4_unavailable_raises_compression_unavailable(monkeypatch):
+def _handmade_lz4_record() -> bytes:
+    """An LZ4 record built by hand (no lz4 package needed): varint(size) + a literal-only LZ4 block."""
+    stored = R.encode_varint(5) + b"\x50hello"  # token: 5 literals, no match
+    return _with_crc(b"\x01" + R.encode_varint(len(stored)) + bytes((1 << 2,)) + b"k" + stored)
+
+
+def test_lz4_handmade_block_decodes_when_installed():
     pytest.importorskip("lz4.block")
-    data = R.encode(Record.put(b"key", b"x" * 500, compression="lz4"))
-    prefix = R.encode(Record.put(b"a", b"b"))
-    monkeypatch.setitem(sys.modules, "lz4", None)
-    monkeypatch.setitem(sys.modules, "lz4.block", None)
+    rec = R.decode(_handmade_lz4_record())[0]
+    assert (rec.key, rec.value, rec.compression) == (b"k", b"hello", "lz4")
+
+
+def _assert_lz4_unavailable(data: bytes, prefix: bytes) -> None:
     with pytest.raises(CompressionUnavailableError) as info:
         list(R.iter_decode(prefix + data))
     assert "pip install" in str(info.value) and "lz4" in str(info.value)
@@ -252,6 +266,18 @@ def test_lz4_unavailable_raises_compression_unavailable(monkeypatch):
     # Uncompressed and zstd records still decode without lz4.
     assert R.decode(prefix)[0].value == b"b"
     assert R.decode(R.encode(Record.put(b"k", b"z" * 300, compression="zstd")))[0].value == b"z" * 300
+
+
+@pytest.mark.skipif("lz4" in CODECS, reason="lz4 is installed (the test below simulates its absence)")
+def test_lz4_really_unavailable_raises_compression_unavailable():
+    _assert_lz4_unavailable(_handmade_lz4_record(), R.encode(Record.put(b"a", b"b")))
+
+
+def test_lz4_unavailable_raises_compression_unavailable(monkeypatch):
+    prefix = R.encode(Record.put(b"a", b"b"))
+    monkeypatch.setitem(sys.modules, "lz4", None)  # import lz4 now fails, installed or not
+    monkeypatch.setitem(sys.modules, "lz4.block", None)
+    _assert_lz4_unavailable(_handmade_lz4_record(), prefix)
 
 
 def test_put_rejects_bad_arguments():
@@ -272,7 +298,7 @@ records = st.builds(
     value=st.one_of(st.binary(max_size=300), st.binary(max_size=8).map(lambda b: b * 200)),
     tombstone=st.booleans(),
     ttl_ms=st.none() | st.integers(0, U64),
-    compression=st.sampled_from([None, "zstd", "lz4"]),
+    compression=st.sampled_from(CODECS),
     version=st.none() | st.tuples(st.integers(0, U64), st.integers(0, U64)),
 )
 
