@@ -85,8 +85,13 @@ def _libzmq_version() -> str:
     return zmq.zmq_version()
 
 
+def load_average() -> str:
+    """1/5/15-minute load: on a shared machine, the first thing to check when figures look off."""
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def describe(out_dir: str) -> dict[str, object]:
-    """Machine, software and filesystem facts for the report header and JSON."""
+    """Machine, software and filesystem facts for the report header and JSON (taken when the suite starts)."""
     fs = filesystem(out_dir)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -94,6 +99,7 @@ def describe(out_dir: str) -> dict[str, object]:
         "cores_usable": len(os.sched_getaffinity(0)),
         "cpu_model": _cpu_model(),
         "memory_gib": _memory_gib(),
+        "load_average": load_average(),
         "kernel": platform.release(),
         "filesystem": fs["type"],
         "filesystem_device": fs["device"],

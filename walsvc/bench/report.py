@@ -39,6 +39,14 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
             "scenarios": scenarios}
 
 
+def _cell_text(text: str) -> str:
+    """A failure fit for one table cell: a worker traceback's last line (the exception), no pipes."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first, last = lines[0], lines[-1]
+    short = first if first == last else f"{first.split(':', 1)[0]}: {last}"  # "run 2: ...Error: why"
+    return short[:300].replace("|", "\\|")
+
+
 def _params(scenario: Scenario) -> str:
     return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in scenario.params.items())
 
@@ -55,14 +63,14 @@ def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
             continue
         stats = cell.stats(scenario.metric)
         if stats is None:
-            why = cell.na or "; ".join(cell.errors) or "no result"
+            why = cell.na or "; ".join(_cell_text(e) for e in cell.errors) or "no result"
             lines.append(f"| {entry.name} | n/a | | | | {why} |")
             continue
         fmt = [format_value(stats[k], scenario.unit) for k in ("median", "min", "max")]
         shown = f"{ratio:.2f}x vs {best_peer}" if entry.name == SUBJECT and ratio is not None else ""
         notes = other_figures(scenario, stats["medians"])
         if cell.errors:
-            notes += f"; {len(cell.errors)} failed run(s): {'; '.join(cell.errors)}"
+            notes += f"; {len(cell.errors)} failed run(s): {'; '.join(_cell_text(e) for e in cell.errors)}"
         lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
     return lines + [""]
 

@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
+    facts = machine.describe(args.out)
     scratch = tempfile.mkdtemp(prefix="scratch-", dir=args.out)
     try:
         result = harness.run_suite(systems, suite, runs, args.quick, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    json_path, md_path = report.write(result, machine.describe(args.out), args.out)
+    facts["load_average_after"] = machine.load_average()
+    json_path, md_path = report.write(result, facts, args.out)
     print(f"wrote {md_path} and {json_path} ({result.elapsed_s:,.0f} s)")
     return 1 if result.failed else 0
 
