@@ -55,6 +55,8 @@ def _positive(value: str) -> int:
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     """The config file (or defaults), with --dir and any non-None flag overrides applied."""
     cfg = C.load(args.config, directory=args.dir)
+    if cfg.directory.exists() and not cfg.directory.is_dir():  # else a traceback from deep inside
+        raise ConfigError("--dir" if args.dir is not None else "log.dir", f"{cfg.directory} is not a directory")
     flags = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **flags)) if flags else cfg
 
@@ -99,12 +101,14 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from .record import Record
     cfg = _load(args)
     pending: collections.deque = collections.deque()
-    with Producer(cfg.directory, linger_ms=args.linger_ms) as producer:
+    producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+    try:
         for line in sys.stdin.buffer:
             line = line.rstrip(b"\n")
             if args.kv:
                 key, sep, value = line.partition(b"\t")
                 if not sep:
+                    producer.flush(args.timeout)  # the lines before it are appended: wait for them as usual
                     return _fail(f"--kv: line without a TAB: {line[:60]!r}", 2)
             else:
                 key, value = b"", line
@@ -114,6 +118,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
         producer.flush(args.timeout)
         while pending:
             print(pending.popleft().result())
+    finally:
+        try:
+            producer.close(0)  # flushed above, or failing: not another 30 s wait (close's default) on top
+        except TimeoutError:
+            pass
     sys.stdout.flush()
     return 0
 
@@ -306,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # includes TimeoutError (produce --timeout): one line, never a traceback
+        return _fail(str(exc), 1)
 
 
 if __name__ == "__main__":
