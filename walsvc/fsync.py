@@ -4,8 +4,10 @@
   as anything is unsynced, while the writer keeps appending; the next fsync covers everything written
   meanwhile.  Callers that wait (`sync_through`) queue on one lock, and the first to get it syncs for all:
   N concurrent appends share one fsync (group commit, as PostgreSQL does it).
-- `batch`: a background thread fsyncs at most `window_ms` after the first unsynced write, whether or not
-  another write follows (nori-wal waited for the next append, so a burst's last write could stay unsynced).
+- `batch`: at most one fsync per `window_ms`, and never later than `window_ms` after the first unsynced
+  write, whether or not another write follows (nori-wal waited for the next append, so a burst's last write
+  could stay unsynced).  After a quiet spell the first write is synced at once; under load, each fsync
+  covers a whole window of writes.
 - `os`: never fsync; written is committed.
 
 Any fsync error stops the log for good: on Linux a failed fsync may drop the dirty pages, so a retry could
@@ -88,6 +90,7 @@ class Syncer:
         self._snapshot = snapshot
         self._on_commit = on_commit
         self._dirty_since: float | None = None
+        self._last_sync = 0.0  # monotonic time the last fsync ended
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -135,6 +138,7 @@ class Syncer:
                                           "writes and must be restarted so recovery can check what reached disk")
             raise self.failed from exc
         self.latency.record(time.perf_counter() - start)
+        self._last_sync = time.monotonic()
         self.durable_end = end
         self._commit(end)
         return self.committed_end
@@ -156,7 +160,7 @@ class Syncer:
                     self._wake.wait()
                 if self._stop:
                     return
-                delay = self._dirty_since + self.window - time.monotonic()
+                delay = max(self._dirty_since, self._last_sync + self.window) - time.monotonic()
                 if delay > 0:
                     self._wake.wait(delay)
                 if self._stop:
