@@ -369,3 +369,20 @@ def test_bad_segment_header_is_corruption(tmp_path):
     with pytest.raises(CorruptionError) as info:
         Log.open(directory, segment_bytes=MiB, fsync="os")
     assert first.name in str(info.value) and "offset 0" in str(info.value)
+
+
+def test_missing_middle_segment_is_corruption(tmp_path):
+    """Retention only ever deletes the oldest segments; a hole in the middle is damage, not a clean log."""
+    directory = tmp_path / "wal"
+    _multi_segment_log(directory)
+    paths = segment_paths(directory)
+    paths[1].unlink()
+    with pytest.raises(CorruptionError) as info:
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+    assert paths[2].name in str(info.value) and paths[1].name[:20].lstrip("0") in str(info.value)
+    assert info.value.lsn == int(paths[1].name[:20])
+    # Without the hole (the oldest ones gone, as retention leaves it) the log opens at its new first LSN.
+    paths[0].unlink()
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.first_lsn == int(paths[2].name[:20])
+        assert _lsns(list(log.read()))[0] == log.first_lsn

@@ -25,7 +25,7 @@ from . import frame as F
 from .errors import CorruptionError, RecordError
 from .fsync import sync_data, sync_dir
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
-                      list_segments, now_us, read_header, read_seal, truncate_and_reserve)
+                      list_segments, now_us, read_header, read_seal, segment_name, truncate_and_reserve)
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -156,6 +156,12 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if header.base_lsn != base or base < expected:
                 raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
                                       f"(>= {expected})", segment=path.name, offset=0)
+            if i and base != expected:
+                # Each seal names the next segment's base exactly and retention deletes only the oldest:
+                # a later base means a segment in the middle is missing.
+                raise CorruptionError(f"LSNs {expected}..{base - 1} are missing: the previous segment ends "
+                                      f"before LSN {expected} (segment {segment_name(expected)} is gone)",
+                                      segment=path.name, offset=0, lsn=expected)
             state.next_segment_id = header.segment_id + 1
             sealed = read_seal(fd, size)
             if sealed is not None:
