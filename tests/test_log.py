@@ -390,3 +390,34 @@ def test_read_below_first_lsn_after_retention_raises_truncated(open_log):
     assert f"truncated by retention; oldest is {first}" in str(info.value)
     assert info.value.oldest == first and info.value.requested == 1
     assert _lsns(list(log.read()))[0] == first
+
+
+def test_batch_flusher_never_strands_a_write_racing_its_fsync(tmp_path):
+    """A write that lands while the flusher is between reading the written position and fsyncing must still
+    be committed within the window, though no further write follows.  The interleaving is forced through
+    the Syncer's own snapshot hook (a real file; nothing mocked)."""
+    from walsvc.fsync import Syncer
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    commits: list[int] = []
+    state = {"end": 2, "race": True}
+    syncer: Syncer
+
+    def snapshot() -> tuple[int, int]:
+        taken = (fd, state["end"])
+        if state["race"]:  # the writer appends right after the flusher took its snapshot
+            state["race"] = False
+            state["end"] = 3
+            syncer.written(3)
+        return taken
+
+    syncer = Syncer("batch", 20, snapshot, commits.append, 1)
+    try:
+        syncer.written(2)
+        deadline = time.monotonic() + 1.0
+        while syncer.committed_end < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert commits[:1] == [2]
+        assert syncer.committed_end == 3, "the racing write was never fsynced"
+    finally:
+        syncer.close()
+        os.close(fd)

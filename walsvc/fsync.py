@@ -126,10 +126,12 @@ class Syncer:
 
     def _sync_locked(self) -> int:
         self.check()
+        # Clear before the snapshot: a write landing after it sets the flag again and gets its own fsync
+        # (cleared after, such a write was stranded until the next one).
+        self._dirty_since = None
         fd, end = self._snapshot()
         if end <= self.durable_end:
             return self.committed_end
-        self._dirty_since = None
         start = time.perf_counter()
         try:
             sync_data(fd)
