@@ -169,7 +169,7 @@ def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | 
         return None
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.REQ)
+        sock = eps.secure(ctx.socket(zmq.REQ))
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(eps.control)
         sock.send(b'{"op": "status", "version": 1}')

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import zmq
+
 from .config import ServiceConfig
 from .errors import ServiceUnavailableError
 from .fsync import sync_dir
@@ -31,6 +33,16 @@ class Endpoints:
     publish: str
     control: str
     pid: int = 0
+    curve_server_key: str = ""  # Z85 public key when the writer requires CURVE (non-loopback binds)
+
+    def secure(self, sock: "zmq.Socket") -> "zmq.Socket":
+        """Make a client socket speak CURVE to this writer (with a fresh key pair) when it requires it."""
+        if self.curve_server_key:
+            public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = self.curve_server_key.encode()
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        return sock
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{FILENAME}.tmp"
@@ -44,7 +56,8 @@ def load(directory: str | os.PathLike) -> Endpoints:
     path = Path(directory) / FILENAME
     try:
         data = json.loads(path.read_text())
-        return Endpoints(data["ingest"], data["publish"], data["control"], int(data.get("pid", 0)))
+        return Endpoints(data["ingest"], data["publish"], data["control"], int(data.get("pid", 0)),
+                         str(data.get("curve_server_key", "")))
     except FileNotFoundError:
         raise ServiceUnavailableError(f"no writer has run for {directory} ({path} is missing); start one with "
                                       f"`walsvc serve --dir {directory}`") from None

@@ -288,14 +288,14 @@ class Reader:
     def _connect(self) -> None:
         """Subscribe to the writer's commits if it recorded its endpoints (again when they change)."""
         try:
-            endpoint = load_endpoints(self.directory).publish
+            endpoints = load_endpoints(self.directory)
         except ServiceUnavailableError:
             return
-        if endpoint != self._endpoint:
+        if endpoints.publish != self._endpoint:
             if self._endpoint is not None:
                 self._sub.disconnect(self._endpoint)
-            self._sub.connect(endpoint)
-            self._endpoint = endpoint
+            endpoints.secure(self._sub).connect(endpoints.publish)
+            self._endpoint = endpoints.publish
 
     def _bound(self) -> int | None:
         h = self._head.read()

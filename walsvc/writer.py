@@ -87,7 +87,7 @@ class Writer:
             self._bind(eps)
         else:
             eps = self._bind_ipc()
-        self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid())
+        self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key)
         self.endpoints.save(self.directory)
 
     def _bind(self, eps: Endpoints) -> None:
