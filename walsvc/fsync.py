@@ -158,11 +158,12 @@ class Syncer:
     def _flusher(self) -> None:
         while True:
             with self._wake:
-                while self._dirty_since is None and not self._stop:
+                # Read the flag once: a sync() on another thread may clear it at any moment.
+                while (since := self._dirty_since) is None and not self._stop:
                     self._wake.wait()
                 if self._stop:
                     return
-                delay = max(self._dirty_since, self._last_sync + self.window) - time.monotonic()
+                delay = max(since, self._last_sync + self.window) - time.monotonic()
                 if delay > 0:
                     self._wake.wait(delay)
                 if self._stop:
