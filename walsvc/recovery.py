@@ -164,13 +164,16 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                                       segment=path.name, offset=0, lsn=expected)
             state.next_segment_id = header.segment_id + 1
             sealed = read_seal(fd, size)
+            if sealed is not None and verify:
+                try:
+                    verify_sealed(fd, sealed[0], sealed[1])
+                except RecordError as exc:
+                    if cfg.on_corruption != "truncate":
+                        raise CorruptionError(f"{exc.detail}; set on_corruption = \"truncate\" to cut at the "
+                                              "damage and quarantine later segments", segment=path.name) from None
+                    sealed = None  # scan it frame by frame below: the damaged frame decides where to cut
             if sealed is not None:
                 seal, seal_offset = sealed
-                if verify:
-                    try:
-                        verify_sealed(fd, seal, seal_offset)
-                    except RecordError as exc:
-                        raise CorruptionError(exc.detail, segment=path.name) from None
                 info.sealed_segments += 1
                 info.records_valid += seal.record_count
                 for pid, entries in seal.producers.items():
