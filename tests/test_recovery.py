@@ -386,3 +386,22 @@ def test_missing_middle_segment_is_corruption(tmp_path):
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         assert log.first_lsn == int(paths[2].name[:20])
         assert _lsns(list(log.read()))[0] == log.first_lsn
+
+
+def test_verify_with_truncate_mode_cuts_a_damaged_sealed_segment(tmp_path):
+    """verify=True finds a flipped bit inside a sealed segment; truncate mode cuts at that frame, keeps the
+    cut bytes and every later segment in quarantine/, and hands out no LSN twice."""
+    directory = tmp_path / "wal"
+    lsns = _multi_segment_log(directory)
+    paths = segment_paths(directory)
+    first = paths[0]
+    bad_off, bad_h = frame_offsets(first)[2]
+    flip_bit(first, bad_off + F.FRAME_HEADER_SIZE + 10)
+    with Log.open(directory, segment_bytes=MiB, fsync="os", verify=True, on_corruption="truncate") as log:
+        info = log.recovery
+        assert info.truncated_at == (first.name, bad_off) and first.name in info.corruption
+        qdir = directory / QUARANTINE
+        assert (qdir / f"{first.name}.from-{bad_off}").is_file()
+        assert all((qdir / p.name).is_file() for p in paths[1:])
+        assert _lsns(list(log.read())) == list(range(1, bad_h.base_lsn))
+        assert log.append(Record.put(b"k", b"v")) > lsns[-1]
