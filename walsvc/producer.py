@@ -394,6 +394,7 @@ class Producer:
             else:
                 del self._in_flight[reply.seq]
             self._finish(batch, result=reply.base_lsn if reply.count else None)
+            self._resend_lost_reply(batch)
             return
         code = reply.code
         if code == P.OUT_OF_SEQUENCE:
@@ -403,6 +404,17 @@ class Producer:
             del self._in_flight[reply.seq]
             self._finish(batch, error=NackError(code, reply.detail))
             self._renumber_after(reply.seq)
+
+    def _resend_lost_reply(self, answered: _Batch) -> None:
+        """The writer answers a producer's batches in the order it got them, so a reply for `answered` while a
+        batch sent before it still waits means that reply was lost (PUB drops while a SUB reconnects).  Resend
+        it now: after ack_timeout the writer's dedup window may have moved past it, and the answer would be
+        "stored, LSNs unknown" (a None result) instead of its LSNs."""
+        oldest = next(iter(self._in_flight.values()), None)
+        if oldest is not None and oldest.seq < answered.seq and oldest.sent_at <= answered.sent_at:
+            del self._in_flight[oldest.seq]
+            self._ready.appendleft(oldest)
+            self.resends += 1
 
     def _renumber_after(self, failed_seq: int) -> None:
         """The writer never stored `failed_seq`, so every later batch moves down one sequence number."""
