@@ -72,9 +72,9 @@ def load_all(directory: Path) -> dict[str, int]:
     except FileNotFoundError:
         return out
     for fname in names:
-        if fname.endswith(SUFFIX) and not fname.startswith("."):
-            name = fname[:-len(SUFFIX)]
-            lsn = load(directory, name)
+        name = fname[:-len(SUFFIX)]
+        if fname.endswith(SUFFIX) and _NAME_RE.match(name) and not name.startswith("."):
+            lsn = load(directory, name)  # a file no reader could have written is ignored, not fatal
             if lsn is not None:
                 out[name] = lsn
     return out

@@ -25,7 +25,7 @@ from .config import GiB
 from .errors import ConfigError, CorruptionError, RecordError, TruncatedError
 from .reader import LogReader, _OpenSegment, end_of_valid_data
 from .record import count_records, decode, decode_payload
-from .recovery import QUARANTINE, classify, verify_sealed
+from .recovery import QUARANTINE, examine_stop, verify_sealed
 from .segment import (SUFFIX, FrameScanner, ScanStop, find_valid_header, is_zero_from, list_segments, read_header,
                       read_seal, segment_name)
 
@@ -438,16 +438,7 @@ class _Verifier:
     def _classify_tail(self, res: _SegmentResult, fd: int, name: str, stop: ScanStop | None, size: int,
                        expected: int, is_last: bool) -> None:
         """The end of an unsealed segment, decided exactly as recovery.recover decides it."""
-        extent = stop.offset + stop.header.size if stop is not None and stop.header is not None else None
-        if stop is None:
-            zeros = True
-        else:
-            zeros = is_zero_from(fd, min(extent, size) if extent is not None else stop.offset, size)
-        valid_after = False
-        if stop is not None and not zeros:
-            search_from = extent if extent is not None and extent <= size else stop.offset + 1
-            valid_after = find_valid_header(fd, search_from, size, expected) is not None
-        verdict = classify(stop, zeros, valid_after, is_last)
+        verdict = examine_stop(fd, stop, size, expected, is_last)
         where = stop.offset if stop is not None else size
         res.next_lsn = expected
         res.data_end = where

@@ -9,6 +9,7 @@ publishes in the head file after each commit.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 from pathlib import Path
@@ -21,13 +22,15 @@ from . import retention
 from .config import LogConfig
 from .cursor import load_all as load_cursors
 from .errors import InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
-from .fsync import Syncer
+from .fsync import Syncer, sync_data
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
 from .recovery import RecoveryInfo, recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, remove_segment, seal_segment
+
+logger = logging.getLogger("walsvc.log")
 
 
 class Log:
@@ -53,6 +56,9 @@ class Log:
         self._next_segment_id = state.next_segment_id
         self._head = HeadWriter(directory)
         self._active: ActiveSegment = state.active or self._new_segment()
+        # Recovery may have kept frames that were written but never fsynced (a kill -9 under `batch`):
+        # make them durable before HEAD calls them committed.
+        sync_data(self._active.fd)
         # After the active segment exists: when recovery ended on a sealed segment, that one is sealed too
         # (listing first would take it for the active one and hide it from retention, leaving a hole later).
         self._sealed = self._load_sealed()
@@ -65,6 +71,7 @@ class Log:
         self.records_appended = 0
         self.bytes_appended = 0
         self.segments_deleted = 0
+        self.retention_errors = 0
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
@@ -107,7 +114,8 @@ class Log:
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
-            "segments_deleted": self.segments_deleted, "producers": len(self._producers),
+            "segments_deleted": self.segments_deleted, "retention_errors": self.retention_errors,
+            "producers": len(self._producers),
             "stopped": str(s.failed) if s.failed else None,
         }
 
@@ -213,14 +221,26 @@ class Log:
         """Seal the active segment and start the next one (write lock held)."""
         old = self._active
         with self._syncer.lock:
-            seal_segment(old, self._next_lsn, self._producer_table())
-            self._sealed.append(retention.SealedSegment(old.header.base_lsn, old.last_lsn, os.fstat(old.fd).st_size,
-                                                        now_us(), old.path))
-            self._syncer.mark_durable(self._next_lsn)
-            self._active = self._new_segment()
+            try:
+                seal_segment(old, self._next_lsn, self._producer_table())
+                self._sealed.append(retention.SealedSegment(old.header.base_lsn, old.last_lsn,
+                                                            os.fstat(old.fd).st_size, now_us(), old.path))
+                self._syncer.mark_durable(self._next_lsn)
+                self._active = self._new_segment()
+            except OSError as exc:
+                # A seal that did not reach the disk, or no room for the next segment (ENOSPC shows up
+                # here, at creation, thanks to preallocation): stop, never retry an fsync.
+                self._syncer.failed = LogStoppedError(
+                    f"rotation after {old.path.name} failed ({exc.strerror or exc}); the log accepts no more "
+                    "writes: free space if the disk is full, then restart the writer (recovery finishes the seal)")
+                raise self._syncer.failed from exc
             self._written = (self._active.fd, self._next_lsn)
             os.close(old.fd)
-        self.apply_retention()
+        try:
+            self.apply_retention()
+        except OSError as exc:
+            self.retention_errors += 1
+            logger.warning("retention could not delete a segment (%s); it will try again at the next rotation", exc)
         return self._active
 
     def _producer_table(self) -> dict[int, list[F.Appended]]:

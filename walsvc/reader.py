@@ -20,7 +20,8 @@ import zmq
 from . import cursor
 from . import frame as F
 from .endpoints import load as load_endpoints
-from .errors import CorruptionError, LogClosedError, RecordError, ServiceUnavailableError, TruncatedError
+from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, RecordError,
+                     ServiceUnavailableError, TruncatedError)
 from .head import Head, HeadReader
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .segment import FrameScanner, list_segments, read_header, read_seal
@@ -186,6 +187,9 @@ class LogReader:
                 records = decode_payload(seg.scanner.view_buf, h.base_lsn, h.count, h.timestamp_us, self.next_lsn,
                                          start=payload_at, end=payload_at + h.payload_len,
                                          max_record_bytes=self.max_record_bytes)
+            except CompressionUnavailableError:
+                seg.scanner.offset = off
+                raise  # not damage: this reader lacks a codec package (the message says which)
             except RecordError as exc:
                 seg.scanner.offset = off  # stay on the bad frame: a retry must raise again, not skip it
                 raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,

@@ -317,6 +317,7 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
     """
     n = 0
     start = pos
+    code = 0
     while pos < end:
         record_start = pos
         if pos + 3 <= end and buf[pos] < 0x80 and buf[pos + 1] < 0x80 and buf[pos + 2] == 0:
@@ -342,11 +343,19 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
             except RecordError as exc:
                 raise type(exc)(exc.detail, offset=record_start - start) from None
             vend = pos + kl + vl
+            code = (flags & FLAG_COMPRESSION_MASK) >> 2
         if vend + 4 > end:
             raise IncompleteRecordError("record runs past the end of the batch", offset=record_start - start)
         pos = vend + 4
         if crc32c(buf[record_start:pos]) != CRC_RESIDUE:
             raise ChecksumError("record CRC32C mismatch", offset=record_start - start)
+        if code:
+            # A compressed value must decompress, or every reader would fail at this record later.
+            try:
+                _decompress(code, bytes(buf[vend - vl:vend]), max_record_bytes)
+            except RecordError as exc:
+                raise type(exc)(exc.detail, offset=record_start - start) from None
+            code = 0
         n += 1
     return n
 

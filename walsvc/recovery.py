@@ -85,6 +85,19 @@ def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, 
     return "torn"
 
 
+def examine_stop(fd: int, stop: ScanStop | None, size: int, expected: int, is_last: bool) -> str:
+    """Gather what `classify` needs about the bytes after a scan stop (I/O), and return its verdict."""
+    if stop is None:
+        return classify(None, True, False, is_last)
+    extent = stop.offset + stop.header.size if stop.header is not None else None
+    zeros = is_zero_from(fd, min(extent, size) if extent is not None else stop.offset, size)
+    valid_after = False
+    if not zeros:
+        search_from = extent if extent is not None and extent <= size else stop.offset + 1
+        valid_after = find_valid_header(fd, search_from, size, expected) is not None
+    return classify(stop, zeros, valid_after, is_last)
+
+
 def _merge_window(producers: dict[int, collections.deque], pid: int, entries: list[F.Appended],
                   window: int) -> None:
     q = producers.get(pid)
@@ -216,16 +229,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 expected = h.base_lsn
                 continue
             stop = scanner.stop
-            extent = stop.offset + stop.header.size if stop is not None and stop.header is not None else None
-            if stop is None:
-                zeros = True
-            else:
-                zeros = is_zero_from(fd, min(extent, size) if extent is not None else stop.offset, size)
-            valid_after = False
-            if stop is not None and not zeros:
-                search_from = extent if extent is not None and extent <= size else stop.offset + 1
-                valid_after = find_valid_header(fd, search_from, size, expected) is not None
-            verdict = classify(stop, zeros, valid_after, is_last)
+            verdict = examine_stop(fd, stop, size, expected, is_last)
             if verdict == "end":
                 seg.end = stop.offset if stop is not None else size
                 state.active = seg

@@ -111,7 +111,10 @@ def read_seal(fd: int, size: int) -> tuple[F.Seal, int] | None:
     """The seal and its offset if this file ends with a valid SEAL frame, else None (not sealed)."""
     if size < F.SEGMENT_HEADER_SIZE + F.FRAME_HEADER_SIZE + 8:
         return None
-    offset = F.seal_offset_from_trailer(os.pread(fd, 8, size - 8))
+    trailer = os.pread(fd, 8, size - 8)
+    if len(trailer) != 8:
+        return None  # the file shrank since `size` was taken (the writer sealed it): not sealed as seen
+    offset = F.seal_offset_from_trailer(trailer)
     if not F.SEGMENT_HEADER_SIZE <= offset <= size - F.FRAME_HEADER_SIZE - 8:
         return None
     data = os.pread(fd, size - offset, offset)

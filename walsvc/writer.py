@@ -27,7 +27,7 @@ from . import protocol as P
 from .config import Config
 from .cursor import load_all as load_cursors
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
-from .errors import LogStoppedError, ProtocolError, RecordError, ServiceUnavailableError
+from .errors import LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
 from .log import Log
 from .metrics import Metrics
 from .record import count_records
@@ -191,7 +191,7 @@ class Writer:
         try:
             n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes)
         except RecordError as exc:
-            code = P.TOO_LARGE if "maximum" in exc.detail else P.MALFORMED
+            code = P.TOO_LARGE if isinstance(exc, RecordTooLargeError) else P.MALFORMED
             self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
             return
         if n != a.count:
