@@ -1,0 +1,298 @@
+"""The service end to end: a real `walsvc serve` process, producer and reader processes, real sockets and files.
+
+Covers ordering and exactly-once delivery across processes, reader start-up cases (before the writer, late
+joiners, offline), idempotent producing on the wire, socket placement for long paths, and group commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from helpers import (RawClient, WriterProcess, control, finish, parse_key, producer_key, read_acks, read_log,
+                     read_seen, spawn_producer, spawn_reader, status, verify_log, wait_ready)
+
+import walsvc
+from walsvc import protocol as P
+from walsvc.record import Record, encode_many, encode_put
+
+
+@pytest.fixture
+def writers(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
+    """Make WriterProcess objects for the test; none outlives it."""
+    made: list[WriterProcess] = []
+
+    def make(directory: Path | None = None, **kwargs) -> WriterProcess:
+        w = WriterProcess(directory or tmp_path / "wal", logs=tmp_path / f"logs{len(made)}", **kwargs)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.cleanup()
+
+
+def poll_until(reader: walsvc.Reader, count: int, timeout: float = 20.0) -> list[Record]:
+    """Poll a Reader until it has returned `count` records (fails on timeout; returns all it got)."""
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"reader got {len(got)} of {count} records within {timeout} s"
+        got.extend(reader.poll(min(remaining, 0.5)))
+    return got
+
+
+# -- many processes ------------------------------------------------------------------------------------------
+
+def test_four_producer_processes_three_reader_processes(tmp_path: Path, writers) -> None:
+    """Every record reaches every reader exactly once, in one total order, with each producer's order kept."""
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    n_producers, per_producer = 4, 1500
+    total = n_producers * per_producer
+    readers = [spawn_reader(d, tmp_path / f"reader{i}.txt", expect=total) for i in range(3)]
+    for r in readers:
+        wait_ready(r)
+    producers = [spawn_producer(d, i, tmp_path / f"producer{i}.txt", count=per_producer, batch=25, pause_s=0.002)
+                 for i in range(n_producers)]
+    for i, p in enumerate(producers):
+        finish(p, 120, f"producer {i}")
+    for i, r in enumerate(readers):
+        finish(r, 60, f"reader {i}")
+
+    views = [read_seen(tmp_path / f"reader{i}.txt") for i in range(3)]
+    for i, view in enumerate(views):
+        assert [lsn for lsn, _, _ in view] == list(range(1, total + 1)), f"reader {i}: gaps or repeats in LSNs"
+        keys = [key for _, key, _ in view]
+        assert len(set(keys)) == total, f"reader {i} saw some record twice"
+        assert all(vlen == 32 for _, _, vlen in view)
+    assert views[0] == views[1] == views[2], "readers disagree on the order"
+
+    expected_keys = {producer_key(i, c) for i in range(n_producers) for c in range(per_producer)}
+    assert {key for _, key, _ in views[0]} == expected_keys
+    # Each producer's records appear in the order it appended them.
+    counters: dict[int, list[int]] = {i: [] for i in range(n_producers)}
+    for _, key, _ in views[0]:
+        who, counter = parse_key(key)
+        counters[who].append(counter)
+    for who, seq in counters.items():
+        assert seq == list(range(per_producer)), f"producer {who}'s order not kept"
+
+    # What each producer was acked matches what the readers saw at that LSN.
+    at = {lsn: key for lsn, key, _ in views[0]}
+    for i in range(n_producers):
+        acks = read_acks(tmp_path / f"producer{i}.txt")
+        assert [k for k, _ in acks] == [producer_key(i, c) for c in range(per_producer)]
+        for key, lsn in acks:
+            assert at[lsn] == key
+        lsns = [lsn for _, lsn in acks]
+        assert lsns == sorted(lsns)
+
+    assert writer.stop() == 0
+    assert [(r.lsn, r.key.decode()) for r in verify_log(d)] == [(lsn, key) for lsn, key, _ in views[0]]
+
+
+# -- idempotent producing on the wire --------------------------------------------------------------------------
+
+def test_resent_batch_is_duplicate_and_gap_is_out_of_sequence(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    pid, probe = 0xA11CE0000001, 0x5EED
+    client = RawClient(d, [pid])
+    try:
+        first = client.sync(probe, encode_put(b"probe", b"1"))
+        assert first.status == P.ACK and first.base_lsn == 1
+        dup_before = status(d)["counters"].get("duplicates", 0)
+
+        batch1 = P.encode_append(pid, 1, 2, encode_many([Record.put("a", "1"), Record.put("b", "2")]))
+        client.send(batch1)
+        ack = client.wait_reply(pid, 1)
+        assert (ack.status, ack.base_lsn, ack.count) == (P.ACK, 2, 2)
+
+        client.send(batch1)  # the same (producer id, sequence) again
+        dup = client.wait_reply(pid, 1)
+        assert (dup.status, dup.base_lsn, dup.count) == (P.DUPLICATE, 2, 2)
+
+        client.send(P.encode_append(pid, 3, 1, encode_put(b"c", b"3")))  # sequence 2 is missing
+        gap = client.wait_reply(pid, 3)
+        assert gap.status == P.NACK and gap.code == P.OUT_OF_SEQUENCE
+        assert "expected sequence 2" in gap.detail
+
+        client.send(P.encode_append(pid, 2, 1, encode_put(b"c", b"3")))
+        ack2 = client.wait_reply(pid, 2)
+        assert (ack2.status, ack2.base_lsn, ack2.count) == (P.ACK, 4, 1)
+
+        st = status(d)
+        assert st["counters"]["duplicates"] == dup_before + 1
+        assert st["rejected"].get(P.OUT_OF_SEQUENCE) == 1
+        assert st["committed_lsn"] == 4
+    finally:
+        client.close()
+
+    # The dedup window is rebuilt from the log: after kill -9 and a restart the resend is still a duplicate.
+    writer.kill9()
+    writer.start()
+    client = RawClient(d, [pid])
+    try:
+        client.sync(probe, encode_put(b"probe", b"1"))
+        client.send(batch1)
+        again = client.wait_reply(pid, 1)
+        assert (again.status, again.base_lsn, again.count) == (P.DUPLICATE, 2, 2)
+    finally:
+        client.close()
+    assert writer.stop() == 0
+    assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"probe"), (2, b"a"), (3, b"b"), (4, b"c")]
+
+
+# -- readers ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("directory", ["empty", "missing"])
+def test_reader_started_before_the_writer(tmp_path: Path, writers, directory: str) -> None:
+    d = tmp_path / "wal"
+    if directory == "empty":
+        d.mkdir()
+    with walsvc.Reader(d, "earliest") as reader:
+        assert reader.offline
+        assert reader.poll(0.2) == []
+        writer = writers(d).start()
+        with walsvc.Producer(d) as producer:
+            futures = [producer.put(f"k{i}", f"v{i}") for i in range(5)]
+            producer.flush(30)
+        assert [f.result(0) for f in futures] == [1, 2, 3, 4, 5]
+        got = poll_until(reader, 5)
+        assert [(r.lsn, r.key, r.value) for r in got] == [(i + 1, f"k{i}".encode(), f"v{i}".encode())
+                                                          for i in range(5)]
+        assert not reader.offline
+        # It is woken for later records too.
+        with walsvc.Producer(d) as producer:
+            producer.put("later", "x").result(30)
+        assert [r.key for r in poll_until(reader, 1)] == [b"later"]
+    assert writer.stop() == 0
+
+
+def test_late_readers_earliest_and_latest(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        for i in range(50):
+            producer.put(f"old{i}", "x")
+        producer.flush(30)
+        with walsvc.Reader(d, "earliest") as early, walsvc.Reader(d, "latest") as late:
+            assert not early.offline and not late.offline, "a Reader opened beside a live writer says offline"
+            old = poll_until(early, 50)
+            assert [r.lsn for r in old] == list(range(1, 51))
+            assert [r.key for r in old] == [f"old{i}".encode() for i in range(50)]
+            assert late.poll(0.3) == []
+            for i in range(10):
+                producer.put(f"new{i}", "y")
+            producer.flush(30)
+            new_early = poll_until(early, 10)
+            new_late = poll_until(late, 10)
+            for got in (new_early, new_late):
+                assert [(r.lsn, r.key) for r in got] == [(51 + i, f"new{i}".encode()) for i in range(10)]
+            assert late.poll(0.2) == [] and early.poll(0.2) == []
+    assert writer.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["kill9", "sigterm"])
+def test_reader_without_a_writer_reads_everything_valid(tmp_path: Path, writers, how: str) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        lsns = [f.result(30) for f in [producer.put(f"k{i}", f"v{i}") for i in range(30)]]
+    assert lsns == list(range(1, 31))
+    if how == "kill9":
+        writer.kill9()
+    else:
+        assert writer.stop() == 0
+    with walsvc.Reader(d, "earliest") as reader:
+        got = poll_until(reader, 30, timeout=10)
+        assert reader.offline
+        assert [(r.lsn, r.key) for r in got] == [(i + 1, f"k{i}".encode()) for i in range(30)]
+        assert reader.poll(0.2) == []
+        assert reader.offline
+
+
+# -- socket placement --------------------------------------------------------------------------------------
+
+def test_default_sockets_live_in_the_log_directory(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    eps = json.loads((d / "ENDPOINTS").read_text())
+    assert eps["pid"] == writer.pid
+    for name in ("ingest", "publish", "control"):
+        assert eps[name] == f"ipc://{d.resolve()}/sockets/{name}.sock"
+        assert stat.S_ISSOCK(os.stat(eps[name][len("ipc://"):]).st_mode)
+    assert stat.S_IMODE(os.stat(d / "sockets").st_mode) == 0o700
+    assert writer.stop() == 0
+
+
+def test_long_directory_path_uses_a_private_runtime_dir(tmp_path: Path, writers) -> None:
+    d = tmp_path / ("d" * 60) / ("e" * 60) / "wal"
+    assert len(str(d)) > 110
+    writer = writers(d).start()
+    eps = json.loads((d / "ENDPOINTS").read_text())
+    socket_dirs = set()
+    for name in ("ingest", "publish", "control"):
+        path = eps[name][len("ipc://"):]
+        assert eps[name].startswith("ipc://") and len(path) < 108, eps[name]
+        assert not path.startswith(str(d)), "sockets should not be under a too-long log path"
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        socket_dirs.add(os.path.dirname(path))
+    assert len(socket_dirs) == 1
+    socket_dir = socket_dirs.pop()
+    assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o700
+    assert os.stat(socket_dir).st_uid == os.getuid()
+    try:
+        # Producer, Reader and the control socket find everything from the directory alone.
+        with walsvc.Reader(d) as reader, walsvc.Producer(d) as producer:
+            lsns = [f.result(30) for f in [producer.put(f"k{i}", "v") for i in range(10)]]
+            assert lsns == list(range(1, 11))
+            assert [r.key for r in poll_until(reader, 10)] == [f"k{i}".encode() for i in range(10)]
+        assert control(d, "ping")["pid"] == writer.pid
+        assert writer.stop() == 0
+        # A restart binds the same place again.
+        writer.start()
+        assert json.loads((d / "ENDPOINTS").read_text())["ingest"] == eps["ingest"]
+        with walsvc.Producer(d) as producer:
+            assert producer.put("again", "v").result(30) == 11
+        assert writer.stop() == 0
+    finally:
+        for name in ("ingest", "publish", "control"):
+            Path(eps[name][len("ipc://"):]).unlink(missing_ok=True)
+        try:
+            os.rmdir(socket_dir)
+        except OSError:
+            pass
+
+
+# -- fsync policies over the service ------------------------------------------------------------------------
+
+def test_fsync_always_group_commits_across_producers(tmp_path: Path, writers) -> None:
+    """Four producer processes, each with one record in flight: acks arrive and fsyncs < acked batches."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="always").start()
+    assert "fsync=always" in writer.ready_line
+    per_producer = 40
+    producers = [spawn_producer(d, i, tmp_path / f"producer{i}.txt", count=per_producer, batch=1, pause_s=0,
+                                in_flight_one=True) for i in range(4)]
+    for i, p in enumerate(producers):
+        finish(p, 120, f"producer {i}")
+    acked = [lsn for i in range(4) for _, lsn in read_acks(tmp_path / f"producer{i}.txt")]
+    assert len(acked) == 4 * per_producer
+    assert sorted(acked) == list(range(1, 4 * per_producer + 1))
+    st = status(d)
+    assert st["fsync"] == "always"
+    batches = st["counters"]["batches"]
+    assert batches == 4 * per_producer  # one record per batch: each waited for its ack
+    assert 0 < st["fsyncs"] < batches, f"{st['fsyncs']} fsyncs for {batches} batches: no group commit"
+    assert st["committed_lsn"] == 4 * per_producer
+    assert writer.stop() == 0
+    assert len(read_log(d)) == 4 * per_producer
