@@ -29,6 +29,7 @@ from .errors import BackpressureError, LogClosedError, NackError, RecordTooLarge
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
 
 PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION, P.LOG_STOPPED)
+EAGER_IN_FLIGHT = 2
 
 
 class _Batch:
@@ -77,9 +78,11 @@ class Producer:
     """Appends records to the log whose writer serves `directory` (its endpoints are read from there).
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
-    batch.size).  A batch opened while nothing is in flight goes out at once, so a lone record does not
-    wait for the linger; under load, records gather while earlier batches await their acks.  max_buffer_bytes caps unacknowledged data; `append` blocks up to `block_timeout_s` for
-    space, then raises BackpressureError.
+    batch.size).  While fewer than EAGER_IN_FLIGHT batches await acks, a batch goes out at once, so a lone
+    record never waits for the linger; under load, records gather while earlier batches await their acks
+    (self-clocking, like Nagle's algorithm), and linger_ms bounds how long they gather.  max_buffer_bytes
+    caps unacknowledged data; `append` blocks up to `block_timeout_s` for space, then raises
+    BackpressureError.
     """
 
     def __init__(self, directory: str | os.PathLike = "./wal-data", *, endpoints: Endpoints | None = None,
@@ -117,12 +120,12 @@ class Producer:
         addr = f"inproc://walsvc-producer-{id(self)}"
         self._poke_rx.bind(addr)
         self._poke_tx.connect(addr)
-        self._push = self._ctx.socket(zmq.PUSH)
+        self._push = self.endpoints.secure(self._ctx.socket(zmq.PUSH))
         self._push.setsockopt(zmq.SNDHWM, max(4, max_in_flight * 2))
         self._push.setsockopt(zmq.LINGER, 0)
         self._monitor = self._push.get_monitor_socket(zmq.EVENT_CONNECTED)
         self._push.connect(self.endpoints.ingest)
-        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub = self.endpoints.secure(self._ctx.socket(zmq.SUB))
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
         self._sub.setsockopt(zmq.RCVHWM, 0)
         # Replies published while the SUB was reconnecting are lost, and a restarted writer answers the
@@ -189,8 +192,8 @@ class Producer:
         batch.count += 1
         self._buffered += len(data)
         future = RecordFuture(batch, batch.count - 1)
-        if batch.size >= self.batch_bytes or (fresh and not (self._in_flight or self._ready)):
-            # Full, or nothing in flight to wait for: send from this thread, no hop through the I/O thread.
+        if batch.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
+            # Full, or the pipeline has room: send from this thread, no hop through the I/O thread.
             self._close_open_batch()
             self._send_now()
         elif fresh:
@@ -263,6 +266,9 @@ class Producer:
                                         f"{self.directory} is behind or not running")
             self._space.wait(remaining)
 
+    def _pipeline_idle(self) -> bool:
+        return len(self._in_flight) + len(self._ready) < EAGER_IN_FLIGHT
+
     def _send_now(self) -> None:
         """Send what may go out from the calling thread (lock held); leave the rest to the I/O thread."""
         self._send_ready(time.monotonic())
@@ -305,8 +311,11 @@ class Producer:
                 if self._closed:
                     return
                 now = time.monotonic()
-                if self._open is not None and (now - self._open.opened_at >= self.linger
-                                               or not (self._in_flight or self._ready)):
+                # Close the open batch when the pipeline has room, or its linger is over and it could go out
+                # now (while every slot is taken it keeps growing instead of queueing as many small batches).
+                if self._open is not None and (self._pipeline_idle() or (
+                        now - self._open.opened_at >= self.linger and len(self._in_flight) < self.max_in_flight
+                        and not self._ready)):
                     self._close_open_batch()
                 self._check_timeouts(now)
                 self._send_ready(now)
