@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsync", choices=["always", "batch", "os"], default="batch")
     parser.add_argument("--min-gap", type=float, default=0.2, help="shortest writer life between kills (s)")
     parser.add_argument("--max-gap", type=float, default=0.6, help="longest writer life between kills (s)")
+    parser.add_argument("--segment-bytes", type=int, default=1 << 20,
+                        help="segment size (default 1 MiB, the minimum, so rotations happen under the kills)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dir", help="work directory (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     d = work / "wal"
     print(f"soak: dir {work}, seed {seed}, {args.producers} producers, fsync={args.fsync}, "
           + (f"{args.cycles} cycles" if args.cycles else f"{args.minutes} minutes"), flush=True)
-    writer = WriterProcess(d, fsync=args.fsync, logs=work / "logs")
+    config = work / "walsvc.toml"
+    config.write_text(f"[log]\nsegment_bytes = {args.segment_bytes}\n")
+    writer = WriterProcess(d, fsync=args.fsync, config=config, logs=work / "logs")
     stop, until = work / "stop", work / "until"
     outs = [work / f"producer{i}.txt" for i in range(args.producers)]
     producers = []
@@ -100,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         seen = [(lsn, key) for lsn, key, _ in read_seen(work / "reader.txt")]
         assert seen == [(r.lsn, r.key.decode()) for r in records], "the reader's view differs from the log"
         gaps = sum(b.lsn - a.lsn - 1 for a, b in zip(records, records[1:]))
+        segments = len(list(d.glob("*.wal")))
         ok = True
         elapsed = time.monotonic() - started
         print(f"soak: PASS  {cycle} kill -9 cycles in {elapsed:.1f} s; {len(records):,} records in the log, "
               f"all {len(acked):,} acked records present exactly once ({unknown} acked without LSN); "
               f"LSNs strictly increasing, last {records[-1].lsn:,}, {gaps} LSNs skipped for torn batches; "
-              f"reader saw the whole log in order", flush=True)
+              f"reader saw the whole log in order; {segments} segments", flush=True)
         return 0
     except AssertionError as exc:
         print(f"soak: FAIL  {exc}", flush=True)

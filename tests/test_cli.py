@@ -200,6 +200,15 @@ def test_tail_json_from_earliest(tmp_path: Path, writers) -> None:
     text = run_cli("tail", "--dir", str(d), "--from", "latest")
     assert text.returncode == 0 and text.stdout == ""
 
+    # A named tail keeps a durable cursor: the second run prints only what is new.
+    named = run_cli("tail", "--dir", str(d), "--name", "audit", "--json")
+    assert [json.loads(line)["lsn"] for line in named.stdout.splitlines()] == [1, 2, 3, 4, 5]
+    with walsvc.Producer(d) as producer:
+        assert producer.put("sixth", "6").result(30) == 6
+    again = run_cli("tail", "--dir", str(d), "--name", "audit", "--json")
+    assert [(r["lsn"], r["key"]) for r in map(json.loads, again.stdout.splitlines())] == [(6, "sixth")]
+    rows.append(json.loads(again.stdout))
+
     assert writer.stop() == 0
     offline = run_cli("tail", "--dir", str(d), "--json")
     assert offline.returncode == 0

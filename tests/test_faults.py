@@ -38,9 +38,12 @@ def writers(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
 # -- kill -9 under load ----------------------------------------------------------------------------------
 
 def test_kill9_writer_20_times_under_load(tmp_path: Path, writers) -> None:
-    """20 kill -9 / restart cycles with 3 producer processes and a reader process running throughout."""
+    """20 kill -9 / restart cycles with 3 producer processes and a reader process running throughout; 1 MiB
+    segments, so segments are sealed and started between (and during) the kills."""
     d = tmp_path / "wal"
-    writer = writers(d).start()
+    config = tmp_path / "walsvc.toml"
+    config.write_text("[log]\nsegment_bytes = 1048576\n")
+    writer = writers(d, config=config).start()
     stop, until = tmp_path / "stop", tmp_path / "until"
     reader = spawn_reader(d, tmp_path / "reader.txt", until_file=until)
     wait_ready(reader)
@@ -74,6 +77,7 @@ def test_kill9_writer_20_times_under_load(tmp_path: Path, writers) -> None:
     assert sum(b > a for a, b in zip(recovered, recovered[1:])) >= 15, f"too few writes between kills: {recovered}"
     assert sum(b > a for a, b in zip(acked_per_cycle, acked_per_cycle[1:])) >= 15, acked_per_cycle
 
+    assert len(list(d.glob("*.wal"))) >= 2, "no segment rotation happened under the kills"
     records = verify_log(d)
     acked = collect_acks(outs)
     assert None not in acked.values(), "some batch was acked without its LSNs"

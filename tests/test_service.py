@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -220,6 +221,23 @@ def test_reader_without_a_writer_reads_everything_valid(tmp_path: Path, writers,
         assert reader.offline
 
 
+def test_second_writer_is_refused_and_the_first_keeps_serving(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    first = writers(d).start()
+    endpoints = (d / "ENDPOINTS").read_text()
+    second = writers(d)
+    with pytest.raises(AssertionError, match="exited with 1"):
+        second.start(timeout=30)
+    err = second.stderr()
+    assert "already open for writing by process" in err and str(first.pid) in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert (d / "ENDPOINTS").read_text() == endpoints, "the refused writer touched ENDPOINTS"
+    with walsvc.Producer(d) as producer:
+        assert producer.put("still", "serving").result(30) == 1
+    assert control(d, "ping")["pid"] == first.pid
+    assert first.stop() == 0
+
+
 # -- socket placement --------------------------------------------------------------------------------------
 
 def test_default_sockets_live_in_the_log_directory(tmp_path: Path, writers) -> None:
@@ -276,23 +294,41 @@ def test_long_directory_path_uses_a_private_runtime_dir(tmp_path: Path, writers)
 # -- fsync policies over the service ------------------------------------------------------------------------
 
 def test_fsync_always_group_commits_across_producers(tmp_path: Path, writers) -> None:
-    """Four producer processes, each with one record in flight: acks arrive and fsyncs < acked batches."""
+    """Four producers (threads, each its own Producer and sockets), each with one record in flight, appending
+    in lockstep: every record is acked, and fewer fsyncs than acked batches show one fsync covering several
+    producers' batches (group commit)."""
     d = tmp_path / "wal"
     writer = writers(d, fsync="always").start()
     assert "fsync=always" in writer.ready_line
-    per_producer = 40
-    producers = [spawn_producer(d, i, tmp_path / f"producer{i}.txt", count=per_producer, batch=1, pause_s=0,
-                                in_flight_one=True) for i in range(4)]
-    for i, p in enumerate(producers):
-        finish(p, 120, f"producer {i}")
-    acked = [lsn for i in range(4) for _, lsn in read_acks(tmp_path / f"producer{i}.txt")]
-    assert len(acked) == 4 * per_producer
-    assert sorted(acked) == list(range(1, 4 * per_producer + 1))
+    n_producers, rounds = 4, 40
+    barrier = threading.Barrier(n_producers)
+    acked: list[list[tuple[str, int | None]]] = [[] for _ in range(n_producers)]
+    errors: list[BaseException] = []
+
+    def produce(i: int) -> None:
+        try:
+            with walsvc.Producer(d) as producer:
+                for n in range(rounds):
+                    barrier.wait(30)  # all four append at once, then each waits for its own ack
+                    key = f"t{i}-{n:03d}"
+                    acked[i].append((key, producer.put(key, "v").result(30)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=produce, args=(i,)) for i in range(n_producers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    lsns = [lsn for per in acked for _, lsn in per]
+    assert sorted(lsns) == list(range(1, n_producers * rounds + 1))
     st = status(d)
     assert st["fsync"] == "always"
     batches = st["counters"]["batches"]
-    assert batches == 4 * per_producer  # one record per batch: each waited for its ack
+    assert batches == n_producers * rounds  # one record per batch: each waited for its ack
     assert 0 < st["fsyncs"] < batches, f"{st['fsyncs']} fsyncs for {batches} batches: no group commit"
-    assert st["committed_lsn"] == 4 * per_producer
+    assert st["committed_lsn"] == n_producers * rounds
     assert writer.stop() == 0
-    assert len(read_log(d)) == 4 * per_producer
+    assert {r.key.decode(): r.lsn for r in read_log(d)} == {key: lsn for per in acked for key, lsn in per}
