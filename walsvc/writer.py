@@ -241,7 +241,12 @@ class Writer:
 
     def _control(self) -> None:
         try:
-            req = P.decode_json(self.rep.recv())
+            # Read every part: answering while parts of a multipart request are unread raises EFSM and
+            # killed the writer.  A request is one frame; more is malformed.
+            parts = self.rep.recv_multipart()
+            if len(parts) != 1:
+                raise ProtocolError(P.MALFORMED, f"control request of {len(parts)} frames; send one JSON frame")
+            req = P.decode_json(parts[0])
             op = req.get("op")
             if op == "status":
                 reply = {"ok": True, **self.status()}
