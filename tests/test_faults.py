@@ -3,6 +3,7 @@ garbage on the ingest socket.  Producers and readers are real processes or real 
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -264,3 +265,34 @@ def test_garbage_on_the_ingest_socket(tmp_path: Path, writers) -> None:
         [(i + 1, f"before-{i}".encode(), f"v{i}".encode()) for i in range(10)]
         + [(11, b"probe", b"1"), (12, b"probe", b"2")]
         + [(13 + i, f"after-{i}".encode(), f"v{i}".encode()) for i in range(10)])
+
+
+def test_garbage_on_the_control_socket(tmp_path: Path, writers) -> None:
+    """Bad control requests get an error reply; none of them (a multipart one included) stops the writer."""
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    eps = load_endpoints(d)
+    ctx = zmq.Context()
+    replies = []
+    try:
+        for request in ([b"not json"], [b"[1, 2]"], [b'{"op": "status"}', b"a second frame"], [b'{"op": "drop"}'],
+                        [b'{"op": 5}']):
+            sock = ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(eps.control)
+            sock.send_multipart(request)
+            assert sock.poll(10_000), f"no reply to {request}; writer alive: {writer.running()}"
+            replies.append(json.loads(sock.recv()))
+            sock.close()
+    finally:
+        ctx.destroy(linger=0)
+    assert [r["ok"] for r in replies] == [False] * 5, replies
+    assert "not JSON" in replies[0]["error"] and "JSON object" in replies[1]["error"]
+    assert "2 frames" in replies[2]["error"] and "unknown op" in replies[3]["error"]
+    assert writer.running()
+    st = status(d)
+    assert st["rejected"] == {"control_malformed": 3}
+    with walsvc.Producer(d) as producer:
+        assert producer.put("after", "x").result(30) == 1
+    assert writer.stop() == 0
+    assert "Traceback" not in writer.stderr()
