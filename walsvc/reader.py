@@ -27,12 +27,14 @@ from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .segment import FrameScanner, list_segments, read_header, read_seal
 
 Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read all valid data
+WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)
 
 
 class _OpenSegment:
-    def __init__(self, base_lsn: int, path: Path) -> None:
+    def __init__(self, base_lsn: int, path: Path, written_end: WrittenEnd | None = None) -> None:
         self.base_lsn = base_lsn
         self.path = path
+        self._written_end = written_end
         self.fd = os.open(path, os.O_RDONLY)
         try:
             self.size = os.fstat(self.fd).st_size
@@ -44,7 +46,7 @@ class _OpenSegment:
         except BaseException:
             os.close(self.fd)
             raise
-        self.scanner = FrameScanner(self.fd, F.SEGMENT_HEADER_SIZE, self.size)
+        self.scanner = FrameScanner(self.fd, F.SEGMENT_HEADER_SIZE, self._limit())
 
     def seek(self, lsn: int) -> None:
         """Start scanning at the indexed frame nearest below `lsn` (sealed segments carry an index)."""
@@ -55,10 +57,18 @@ class _OpenSegment:
         if i >= 0:
             self.scanner.offset = index[i][1]
 
+    def _limit(self) -> int:
+        """Where scanning stops: the file's end, or in the active segment the end of what the writer has
+        written, so a tailing reader reads new frames, not megabytes of preallocated zeros."""
+        hint = self._written_end() if self._written_end is not None and self.seal is None else None
+        if hint is not None and hint[0] == self.base_lsn:
+            return min(self.size, max(hint[1], F.SEGMENT_HEADER_SIZE))
+        return self.size
+
     def refresh(self) -> None:
         """Forget buffered bytes and re-read the size: the writer may have written more since."""
         self.size = os.fstat(self.fd).st_size
-        self.scanner.limit = self.size
+        self.scanner.limit = self._limit()
         self.scanner.stop = None
         self.scanner._buf = b""
 
@@ -82,9 +92,10 @@ class LogReader:
     BATCH_RECORDS = 4096
 
     def __init__(self, directory: str | os.PathLike, start: int | str = "earliest", *, bound: Bound | None = None,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+                 written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.directory = Path(directory)
         self._bound = bound or (lambda: None)
+        self._written_end = written_end
         self.max_record_bytes = max_record_bytes
         self._seg: _OpenSegment | None = None
         self._retried = False
@@ -139,7 +150,7 @@ class LogReader:
     def _open(self, lsn: int, base: int, path: Path) -> _OpenSegment:
         """Open a segment we just listed; if retention deleted it meanwhile, `lsn` is truncated."""
         try:
-            return _OpenSegment(base, path)
+            return _OpenSegment(base, path, self._written_end)
         except FileNotFoundError:
             segments = list_segments(self.directory)
             raise TruncatedError(lsn, segments[0][0] if segments else lsn) from None
@@ -279,7 +290,8 @@ class Reader:
             stored = cursor.load(self.directory, self.name)
             if stored is not None:
                 start = stored + 1
-        self._log = LogReader(self.directory, start, bound=self._bound, max_record_bytes=max_record_bytes)
+        self._log = LogReader(self.directory, start, bound=self._bound, written_end=self._written_end,
+                              max_record_bytes=max_record_bytes)
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"C")
@@ -306,6 +318,10 @@ class Reader:
         self.last_head = h
         self.offline = h is None or not h.writer_alive()
         return None if self.offline else h.committed_lsn
+
+    def _written_end(self) -> tuple[int, int] | None:
+        h = self.last_head
+        return None if h is None or self.offline else (h.active_base_lsn, h.active_end)
 
     @property
     def next_lsn(self) -> int:
