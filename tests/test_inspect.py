@@ -390,7 +390,6 @@ def _doc_hex(section: str) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.skipif(not DOC.exists(), reason="docs/FORMAT.md not present")
 def test_format_doc_example_is_what_the_code_writes(tmp_path):
     header, data, seal = _doc_example_bytes()
     assert _doc_hex("segment-header") == header
