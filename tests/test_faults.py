@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from helpers import (RawClient, WriterProcess, check_acked_exactly_once, collect_acks, control, finish, read_acks,
-                     read_seen, spawn_producer, spawn_reader, status, verify_log, wait_for, wait_ready)
+                     read_seen, run_cli, spawn_producer, spawn_reader, status, verify_log, wait_for, wait_ready)
 
 import walsvc
 from walsvc import protocol as P
@@ -164,6 +164,8 @@ def test_backpressure_while_writer_is_stopped(tmp_path: Path, writers) -> None:
             assert 0.9 <= elapsed < 15, elapsed
             assert 20 <= len(futures) <= 40, len(futures)
             assert not any(f.done() for f in futures)
+            stopped = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
+            assert stopped["writer"].startswith("unresponsive") and str(writer.pid) in stopped["writer"]
         finally:
             writer.resume()
         producer.flush(30)

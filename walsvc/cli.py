@@ -196,12 +196,17 @@ def offline_status(directory: Path) -> dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .head import HeadReader
     cfg = _load(args)
     if not cfg.directory.is_dir():
         return _fail(f"--dir: {cfg.directory} is not a log directory (it does not exist)", 2)
     status = _writer_status(cfg.directory)
     if status is None:
         status = offline_status(cfg.directory)
+        head = HeadReader(cfg.directory).read()
+        if head is not None and head.writer_alive():
+            # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
+            status["writer"] = f"unresponsive (pid {head.writer_pid} did not answer within 1 s)"
     else:
         status["writer"] = "running"
     if args.json:

@@ -86,7 +86,7 @@ class Producer:
     """
 
     def __init__(self, directory: str | os.PathLike = "./wal-data", *, endpoints: Endpoints | None = None,
-                 linger_ms: float = 5.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
+                 linger_ms: float = 1.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
                  max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
         self.directory = Path(directory)
