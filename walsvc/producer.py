@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
+from typing import Iterable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -165,12 +166,28 @@ class Producer:
     def delete(self, key: bytes | str) -> RecordFuture:
         return self.append(Record.delete(key))
 
-    def append_many(self, records: list[Record]) -> list[RecordFuture]:
+    def append_many(self, records: Iterable[Record]) -> list[RecordFuture]:
         """Queue several records at once (one lock round trip); they go out in order, usually in one batch."""
         return self._add_many([encode(r, self.max_record_bytes) for r in records])
 
+    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> list[RecordFuture]:
+        """Queue plain puts of (key, value) bytes pairs at once: the cheapest way to append many records."""
+        limit = self.max_record_bytes
+        return self._add_many([encode_put(k, v) if len(k) + len(v) <= limit else encode(Record.put(k, v), limit)
+                               for k, v in items])
+
     def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
+        total = sum(map(len, encoded))
         with self._lock:
+            batch = self._open
+            if (batch is not None and batch.size + total < self.batch_bytes
+                    and self._buffered + total <= self.max_buffer_bytes and not self._closed):
+                first = batch.count
+                batch.parts.extend(encoded)
+                batch.size += total
+                batch.count += len(encoded)
+                self._buffered += total
+                return [RecordFuture(batch, i) for i in range(first, batch.count)]
             return [self._add_locked(data) for data in encoded]
 
     def _add(self, data: bytes) -> RecordFuture:

@@ -1,8 +1,9 @@
 """walsvc in the benchmark: a real writer process (`python -m walsvc serve`), producer and reader processes.
 
 Durability levels map to fsync policies one to one ("os", "batch" = group commit within 5 ms, "always").
-Producers use the per-record API (`Producer.put`) and let the client batch (linger 5 ms, 256 KiB), which is
-what application code does; `batch == 1` means one record in flight per producer (`put(...).result()`).
+Producers hand over `batch` records per call (`Producer.put_many`), as the peers pipeline `batch` XADDs or
+insert `batch` rows per transaction, and the client batches further (linger, 256 KiB); `batch == 1` means
+one record in flight per producer (`put(...).result()`).
 Interface: see harness.py.
 """
 
@@ -65,10 +66,11 @@ def _produce(barrier: Any, directory: str, index: int, record_size: int, seconds
                 put(b"p%02d-%012d" % (index, n), value).result(60)
                 n += 1
         else:
+            put_many = producer.put_many
             while time.monotonic() < deadline:
-                for _ in range(1000):
-                    put(b"p%02d-%012d" % (index, n), value)
-                    n += 1
+                for _ in range(16):
+                    put_many([(b"p%02d-%012d" % (index, n + i), value) for i in range(batch)])
+                    n += batch
             producer.flush(120)
         end = time.monotonic()
         cpu = time.process_time() - cpu0
