@@ -332,3 +332,27 @@ def test_fsync_always_group_commits_across_producers(tmp_path: Path, writers) ->
     assert st["committed_lsn"] == n_producers * rounds
     assert writer.stop() == 0
     assert {r.key.decode(): r.lsn for r in read_log(d)} == {key: lsn for per in acked for key, lsn in per}
+
+
+def test_bulk_appends_and_the_asyncio_form(tmp_path: Path, writers) -> None:
+    """put_many / append_many hand over many records at once; append_async and awaiting a future give the
+    LSN in asyncio code.  All of them keep order and land exactly once."""
+    import asyncio
+
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        many = producer.put_many([(b"m%03d" % i, b"v") for i in range(200)])
+        mixed = producer.append_many([walsvc.Record.put(b"ttl", b"x", ttl_ms=5), walsvc.Record.delete(b"m000")])
+
+        async def use_asyncio() -> list[int | None]:
+            first = await producer.append_async(walsvc.Record.put(b"async-1", b"a"))
+            second = await producer.put(b"async-2", b"b")
+            return [first, second]
+
+        lsns = [f.result(30) for f in many + mixed] + asyncio.run(use_asyncio())
+    assert lsns == list(range(1, 205))
+    records = verify_log(d)
+    assert [r.key for r in records[:200]] == [b"m%03d" % i for i in range(200)]
+    assert records[200].ttl_ms == 5 and records[201].tombstone
+    assert [r.key for r in records[202:]] == [b"async-1", b"async-2"]
