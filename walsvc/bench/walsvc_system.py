@@ -85,12 +85,24 @@ def throughput(tmpdir: str, producers: int, record_size: int, durability: str, s
         start, results = run_workers(_produce, [(str(directory), i, record_size, seconds, batch)
                                                 for i in range(producers)], timeout=seconds + 180)
         writer_cpu = proc_cpu_seconds(pid) - writer_cpu
+        writer_peak_rss = _peak_rss_mib(pid)
     records = sum(r[0] for r in results)
     stored = _count(directory)
     if stored != records:
         raise RuntimeError(f"producers counted {records} acknowledged records but the log holds {stored}")
     wall = max(r[1] for r in results) - start
-    return throughput_result(records, wall, writer_cpu + sum(r[2] for r in results), record_size)
+    result = throughput_result(records, wall, writer_cpu + sum(r[2] for r in results), record_size)
+    result["writer_peak_rss_mib"] = writer_peak_rss
+    return result
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) so far, in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def _count(directory: Path) -> int:
@@ -153,7 +165,9 @@ def _fill(directory: Path, records: int, record_size: int) -> int:
     return records * record_size
 
 
-def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float]:
+def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float, float]:
+    import resource
+
     import walsvc
     count = nbytes = 0
     with walsvc.Reader(directory, "earliest") as reader:
@@ -161,16 +175,18 @@ def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float]:
         while batch := reader.poll(0):
             count += len(batch)
             nbytes += sum(len(r.value) for r in batch)
-    return count, nbytes, time.monotonic()
+    return count, nbytes, time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def replay(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
     directory = Path(tmpdir) / "log"
     _fill(directory, records, record_size)
-    start, ((count, nbytes, end),) = run_workers(_replay_reader, [(str(directory),)], timeout=600)
+    start, ((count, nbytes, end, peak_mib),) = run_workers(_replay_reader, [(str(directory),)], timeout=600,
+                                                          context="spawn")
     if count != records:
         raise RuntimeError(f"replay read {count} records, expected {records}")
-    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20}
+    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20,
+            "reader_peak_rss_mib": peak_mib}
 
 
 def _tear_tail(directory: Path) -> None:
