@@ -119,6 +119,12 @@ class Log:
             "stopped": str(s.failed) if s.failed else None,
         }
 
+    def cursors(self) -> dict[str, dict[str, int]]:
+        """Each named reader's cursor and how far it lags (records, and bytes to segment granularity)."""
+        return {name: {"lsn": lsn, "lag_records": max(0, self.committed_lsn - lsn),
+                       "lag_bytes": retention.cursor_lag_bytes(lsn, self._sealed, self._active.end)}
+                for name, lsn in load_cursors(self.directory).items()}
+
     def total_bytes(self) -> int:
         return sum(s.size for s in self._sealed) + self._active.end
 

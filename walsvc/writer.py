@@ -25,13 +25,11 @@ import zmq
 
 from . import protocol as P
 from .config import Config
-from .cursor import load_all as load_cursors
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
 from .errors import LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
 from .log import Log
 from .metrics import Metrics
 from .record import count_records
-from .retention import cursor_lag_bytes
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
@@ -225,15 +223,11 @@ class Writer:
 
     def status(self) -> dict[str, Any]:
         st = self.log.stats()
-        cursors = load_cursors(self.directory)
-        sealed = self.log._sealed
-        active = self.log._active.end
         st.update({
             "directory": str(self.directory), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
             "endpoints": {"ingest": self.endpoints.ingest, "publish": self.endpoints.publish,
                           "control": self.endpoints.control},
-            "cursors": {name: {"lsn": lsn, "lag_records": max(0, self.log.committed_lsn - lsn),
-                               "lag_bytes": cursor_lag_bytes(lsn, sealed, active)} for name, lsn in cursors.items()},
+            "cursors": self.log.cursors(),
             "recovery": self.log.recovery.summary(),
             **self.metrics.as_dict(),
         })
