@@ -90,6 +90,7 @@ class LogReader:
     """Records from `start` ("earliest", "latest" or an LSN) onwards, in order, up to `bound()`."""
 
     BATCH_RECORDS = 4096
+    BATCH_BYTES = 4 << 20  # with large records, a batch ends after this much payload (one frame at least)
 
     def __init__(self, directory: str | os.PathLike, start: int | str = "earliest", *, bound: Bound | None = None,
                  written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
@@ -99,6 +100,7 @@ class LogReader:
         self.max_record_bytes = max_record_bytes
         self._seg: _OpenSegment | None = None
         self._retried = False
+        self._batch_bytes = 0
         self._closed = False
         segments = list_segments(self.directory)
         first = segments[0][0] if segments else 1
@@ -156,8 +158,9 @@ class LogReader:
             raise TruncatedError(lsn, segments[0][0] if segments else lsn) from None
 
     def read_batch(self) -> list[Record]:
-        """The committed records available now, from `next_lsn` on (up to BATCH_RECORDS, whole frames);
-        [] when caught up."""
+        """The committed records available now, from `next_lsn` on (whole frames, up to BATCH_RECORDS
+        records or BATCH_BYTES of payload, so memory stays bounded whatever the record size); [] when
+        caught up."""
         if self._closed:
             raise LogClosedError("reader is closed")
         bound = self._bound()
@@ -166,7 +169,8 @@ class LogReader:
         if self._seg is None and not self._open_segment_for(self.next_lsn):
             return []
         out: list[Record] = []
-        while len(out) < self.BATCH_RECORDS:
+        self._batch_bytes = 0
+        while len(out) < self.BATCH_RECORDS and self._batch_bytes < self.BATCH_BYTES:
             try:
                 records = self._step(bound)
             except (CorruptionError, TruncatedError):
@@ -206,6 +210,7 @@ class LogReader:
                 raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,
                                       lsn=h.base_lsn) from None
             self.next_lsn = h.end_lsn
+            self._batch_bytes += h.payload_len
             self._retried = False
             return records
         stop = seg.scanner.stop

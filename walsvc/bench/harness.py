@@ -213,6 +213,7 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     out = []
     shapes = [(p, size, dur, 64) for dur in ("batch", "always") for p in (1, 4) for size in (100, 1024)]
     shapes.append((1, 1024, "always", 1))  # one record per round trip: what fsync costs without grouping
+    shapes.append((4, 1024, "always", 1))  # four such producers: what group commit across processes buys
     for producers, size, durability, batch in shapes:
         out.append(Scenario(
             name=f"throughput {producers}p {_size_label(size)} {durability} x{batch}", kind="throughput",
