@@ -145,3 +145,19 @@ def wait_line(proc: subprocess.Popen, expected: str, timeout: float = 20.0) -> s
 def kill9(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+
+
+@pytest.fixture
+def writers(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Make writer processes (tests/helpers.py WriterProcess) for the test; none outlives it."""
+    from helpers import WriterProcess
+    made: list[WriterProcess] = []
+
+    def make(directory: Path | None = None, **kwargs) -> WriterProcess:
+        w = WriterProcess(directory or tmp_path / "wal", logs=tmp_path / f"logs{len(made)}", **kwargs)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.cleanup()

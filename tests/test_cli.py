@@ -8,28 +8,12 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
-import pytest
 
-from helpers import REPO_ROOT, WriterProcess, python_env, read_log, run_cli, status, walsvc_cmd
+from helpers import REPO_ROOT, python_env, read_log, run_cli, status, walsvc_cmd
 
 import walsvc
 from walsvc.record import Record
-
-
-@pytest.fixture
-def writers(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
-    made: list[WriterProcess] = []
-
-    def make(directory: Path | None = None, **kwargs) -> WriterProcess:
-        w = WriterProcess(directory or tmp_path / "wal", logs=tmp_path / f"logs{len(made)}", **kwargs)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.cleanup()
 
 
 def run_many(commands: list[list[str]], timeout: float = 30.0) -> list[tuple[int, str, str]]:

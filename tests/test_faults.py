@@ -7,12 +7,11 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import zmq
 
-from helpers import (RawClient, WriterProcess, check_acked_exactly_once, collect_acks, control, finish, read_acks,
+from helpers import (RawClient, check_acked_exactly_once, collect_acks, control, finish, read_acks,
                      read_seen, run_cli, spawn_producer, spawn_reader, status, verify_log, wait_for, wait_ready)
 
 import walsvc
@@ -20,20 +19,6 @@ from walsvc import protocol as P
 from walsvc.endpoints import load as load_endpoints
 from walsvc.errors import BackpressureError
 from walsvc.record import Record, encode, encode_many, encode_put
-
-
-@pytest.fixture
-def writers(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
-    made: list[WriterProcess] = []
-
-    def make(directory: Path | None = None, **kwargs) -> WriterProcess:
-        w = WriterProcess(directory or tmp_path / "wal", logs=tmp_path / f"logs{len(made)}", **kwargs)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.cleanup()
 
 
 # -- kill -9 under load ----------------------------------------------------------------------------------

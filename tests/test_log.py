@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (MiB, check_records, fill, frame_offsets, key_for, kill9, segment_paths, spawn, value_for,
-                      wait_line)
+from conftest import (MiB, check_records, fill, frame_offsets, kill9, segment_paths, spawn, wait_line)
 from walsvc import Log, LogReader, Record
 from walsvc import frame as F
 from walsvc.config import LogConfig

@@ -10,7 +10,6 @@ What "LSNs are never reused" means here (asserted below):
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

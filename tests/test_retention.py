@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import MiB, check_records, fill, frame_offsets, segment_paths
-from walsvc import Log, LogReader, Record
+from walsvc import Log, LogReader
 from walsvc import cursor
 from walsvc import frame as F
 from walsvc.errors import ConfigError, TruncatedError

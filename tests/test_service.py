@@ -12,31 +12,15 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
-from helpers import (RawClient, WriterProcess, control, finish, parse_key, producer_key, read_acks, read_log,
+from helpers import (RawClient, control, finish, parse_key, producer_key, read_acks, read_log,
                      read_seen, spawn_producer, spawn_reader, status, verify_log, wait_ready)
 
 import walsvc
 from walsvc import protocol as P
 from walsvc.record import Record, encode_many, encode_put
-
-
-@pytest.fixture
-def writers(tmp_path: Path) -> Iterator[Callable[..., WriterProcess]]:
-    """Make WriterProcess objects for the test; none outlives it."""
-    made: list[WriterProcess] = []
-
-    def make(directory: Path | None = None, **kwargs) -> WriterProcess:
-        w = WriterProcess(directory or tmp_path / "wal", logs=tmp_path / f"logs{len(made)}", **kwargs)
-        made.append(w)
-        return w
-
-    yield make
-    for w in made:
-        w.cleanup()
 
 
 def poll_until(reader: walsvc.Reader, count: int, timeout: float = 20.0) -> list[Record]:

@@ -7,7 +7,6 @@ one line naming the flag or key and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
 import logging
@@ -59,21 +58,6 @@ def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
         raise ConfigError("--dir" if args.dir is not None else "log.dir", f"{cfg.directory} is not a directory")
     flags = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **flags)) if flags else cfg
-
-
-def _text(data: bytes, field: str, out: dict[str, Any]) -> None:
-    """UTF-8 text under `field`, other bytes base64 under `field_b64`."""
-    try:
-        out[field] = data.decode("utf-8")
-    except UnicodeDecodeError:
-        out[field + "_b64"] = base64.b64encode(data).decode()
-
-
-def record_json(r: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"lsn": r.lsn, "timestamp": r.timestamp, "tombstone": r.tombstone, "ttl_ms": r.ttl_ms}
-    _text(r.key, "key", out)
-    _text(r.value, "value", out)
-    return out
 
 
 # -- subcommands ---------------------------------------------------------------------------------------
@@ -128,6 +112,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from .inspect import record_dict
     from .reader import Reader
     cfg = _load(args)
     with Reader(cfg.directory, args.start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
@@ -143,7 +128,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             lines = []
             for r in batch:
                 if args.json:
-                    lines.append(json.dumps(record_json(r)))
+                    lines.append(json.dumps(record_dict(r)))
                 else:
                     kind = "DEL" if r.tombstone else "PUT"
                     lines.append(f"{r.lsn}\t{kind}\t{r.key.decode(errors='replace')}\t"

@@ -550,6 +550,7 @@ def _text(data: bytes, name: str, out: dict[str, Any]) -> None:
 
 
 def record_dict(r: Any) -> dict[str, Any]:
+    """A record as `walsvc tail --json` and `walsvc dump` print it."""
     out: dict[str, Any] = {"lsn": r.lsn, "timestamp": r.timestamp, "tombstone": r.tombstone, "ttl_ms": r.ttl_ms,
                            "compression": r.compression, "version": list(r.version) if r.version else None}
     _text(r.key, "key", out)

@@ -27,7 +27,7 @@ from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
-from .recovery import RecoveryInfo, recover
+from .recovery import recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, remove_segment, seal_segment
 
 logger = logging.getLogger("walsvc.log")
