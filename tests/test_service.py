@@ -340,3 +340,16 @@ def test_bulk_appends_and_the_asyncio_form(tmp_path: Path, writers) -> None:
     assert [r.key for r in records[:200]] == [b"m%03d" % i for i in range(200)]
     assert records[200].ttl_ms == 5 and records[201].tombstone
     assert [r.key for r in records[202:]] == [b"async-1", b"async-2"]
+
+
+def test_clients_accept_a_config_file(tmp_path: Path, writers) -> None:
+    """Producer and Reader take the log directory, a Config, or the TOML file that names it."""
+    from walsvc import config as C
+
+    config = tmp_path / "walsvc.toml"
+    config.write_text('[log]\ndir = "data"\n')
+    writers(tmp_path / "data").start()
+    with walsvc.Producer(config) as producer:
+        assert producer.put(b"k", b"v").result(20) == 1
+    with walsvc.Reader(C.load(config), "earliest") as reader:
+        assert [r.key for r in reader.poll(10)] == [b"k"]

@@ -7,6 +7,7 @@ every key), or keyword arguments to `Log.open`.  Unknown keys, wrong types and o
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -179,3 +180,11 @@ def load(path: str | Path | None = None, *, directory: str | Path | None = None)
     base = Path(path).parent if path is not None else Path(".")
     directory = Path(directory) if directory is not None else base / dir_value
     return Config(directory, LogConfig(**log_table, **retention), ServiceConfig(**service))
+
+
+def log_directory(target: "str | os.PathLike | Config") -> Path:
+    """The log directory a client means: a Config, a TOML config file (its `[log] dir`), or the directory."""
+    if isinstance(target, Config):
+        return target.directory
+    path = Path(target)
+    return load(path).directory if path.is_file() else path

@@ -25,6 +25,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
+from .config import Config, log_directory
 from .endpoints import Endpoints, load as load_endpoints
 from .errors import BackpressureError, LogClosedError, NackError, RecordTooLargeError
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
@@ -76,7 +77,8 @@ class RecordFuture:
 
 
 class Producer:
-    """Appends records to the log whose writer serves `directory` (its endpoints are read from there).
+    """Appends records to the log whose writer serves `directory` (its endpoints are read from there); a
+    Config or a TOML config file path names the directory too.
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
     batch.size).  While fewer than EAGER_IN_FLIGHT batches await acks, a batch goes out at once, so a lone
@@ -86,11 +88,11 @@ class Producer:
     BackpressureError.
     """
 
-    def __init__(self, directory: str | os.PathLike = "./wal-data", *, endpoints: Endpoints | None = None,
+    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
                  linger_ms: float = 1.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
                  max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
-        self.directory = Path(directory)
+        self.directory = log_directory(directory)
         self.endpoints = endpoints or load_endpoints(self.directory)
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
         self.linger = linger_ms / 1000.0

@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable, Iterator
 import zmq
 
 from . import cursor
+from .config import Config, log_directory
 from . import frame as F
 from .endpoints import load as load_endpoints
 from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, RecordError,
@@ -281,10 +282,10 @@ class Reader:
     reader reads everything valid on disk and `offline` is True.
     """
 
-    def __init__(self, directory: str | os.PathLike = "./wal-data", start: int | str = "earliest", *,
+    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
                  name: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
                  recheck_s: float = 0.05) -> None:
-        self.directory = Path(directory)
+        self.directory = log_directory(directory)
         self.name = cursor.check_name(name) if name is not None else None
         self._head = HeadReader(self.directory)
         self.recheck_s = recheck_s
