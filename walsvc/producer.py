@@ -19,7 +19,6 @@ import os
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Iterable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
