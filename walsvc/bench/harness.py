@@ -59,6 +59,7 @@ import os
 import queue
 import shutil
 import statistics
+import struct
 import threading
 import time
 import traceback
@@ -152,6 +153,21 @@ def proc_cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(b")") + 2:].split()  # the command name may contain spaces
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
+
+
+def paced_send(barrier: Any, rate: int, count: int, send: Callable[[bytes], Any]) -> float:
+    """Wait at `barrier`, then call `send` with `count` 100-byte payloads on a fixed schedule of `rate` per
+    second, each starting with its send time (monotonic ns, little-endian i64).  Returns the rate really
+    sent: below `rate` when `send` cannot keep up."""
+    pad = bytes(LATENCY_RECORD_SIZE - 8)
+    barrier.wait()
+    t0 = time.monotonic_ns()
+    for i in range(count):
+        delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
+        if delay > 0:
+            time.sleep(delay / 1e9)
+        send(struct.pack("<q", time.monotonic_ns()) + pad)
+    return count * 1e9 / (time.monotonic_ns() - t0)
 
 
 def percentiles_us(latencies_ns: Sequence[int]) -> dict[str, float]:

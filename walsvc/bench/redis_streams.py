@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .harness import LATENCY_RECORD_SIZE, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+from .harness import paced_send, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
 
 NAME = "redis"
 DURABILITIES = ("os", "batch", "always")
@@ -127,20 +127,9 @@ def throughput(tmpdir: str, producers: int, record_size: int, durability: str, s
 
 
 def _paced_producer(barrier: Any, port: int, rate: int, count: int) -> float:
-    """XADD one record at a time on a fixed schedule; each carries its send time (monotonic ns).
-
-    Returns the rate actually sent: below `rate` when XADD round trips cannot keep up.
-    """
+    """XADD one record at a time on a fixed schedule; returns the rate actually sent."""
     client = _client(port)
-    pad = bytes(LATENCY_RECORD_SIZE - 8)
-    barrier.wait()
-    t0 = time.monotonic_ns()
-    for i in range(count):
-        delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
-        if delay > 0:
-            time.sleep(delay / 1e9)
-        client.xadd(STREAM, {FIELD: struct.pack("<q", time.monotonic_ns()) + pad})
-    return count * 1e9 / (time.monotonic_ns() - t0)
+    return paced_send(barrier, rate, count, lambda payload: client.xadd(STREAM, {FIELD: payload}))
 
 
 def _tail_reader(barrier: Any, port: int, count: int, timeout: float) -> list[int]:

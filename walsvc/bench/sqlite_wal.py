@@ -16,7 +16,7 @@ import struct
 import time
 from typing import Any
 
-from .harness import LATENCY_RECORD_SIZE, percentiles_us, run_workers, throughput_result
+from .harness import paced_send, percentiles_us, run_workers, throughput_result
 
 NAME = "sqlite"
 DURABILITIES = ("os", "batch", "always")
@@ -96,21 +96,12 @@ def throughput(tmpdir: str, producers: int, record_size: int, durability: str, s
 
 
 def _paced_producer(barrier: Any, path: str, durability: str, rate: int, count: int) -> float:
-    """Insert one row per transaction on a fixed schedule; each carries its send time (monotonic ns).
-
-    Returns the rate actually sent: below `rate` when commits cannot keep up.
-    """
+    """Insert one row per transaction on a fixed schedule; returns the rate actually sent."""
     conn = _connect(path, durability)
-    pad = bytes(LATENCY_RECORD_SIZE - 8)
-    barrier.wait()
-    t0 = time.monotonic_ns()
-    for i in range(count):
-        delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
-        if delay > 0:
-            time.sleep(delay / 1e9)
-        conn.execute(INSERT, (struct.pack("<q", time.monotonic_ns()) + pad,))
-    conn.close()
-    return count * 1e9 / (time.monotonic_ns() - t0)
+    try:
+        return paced_send(barrier, rate, count, lambda payload: conn.execute(INSERT, (payload,)))
+    finally:
+        conn.close()
 
 
 def _tail_reader(barrier: Any, path: str, count: int, timeout: float) -> list[int]:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .harness import LATENCY_RECORD_SIZE, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+from .harness import paced_send, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
 
 NAME = "walsvc"
 DURABILITIES = ("os", "batch", "always")
@@ -110,19 +110,13 @@ def _count(directory: Path) -> int:
     return end_of_valid_data(directory) - 1
 
 
-def _paced_producer(barrier: Any, directory: str, rate: int, count: int) -> int:
+def _paced_producer(barrier: Any, directory: str, rate: int, count: int) -> float:
+    """One `put` at a time on a fixed schedule; returns the rate actually sent."""
     import walsvc
-    pad = bytes(LATENCY_RECORD_SIZE - 8)
     with walsvc.Producer(directory) as producer:
-        barrier.wait()
-        t0 = time.monotonic_ns()
-        for i in range(count):
-            delay = t0 + i * 1_000_000_000 // rate - time.monotonic_ns()
-            if delay > 0:
-                time.sleep(delay / 1e9)
-            producer.put(b"", struct.pack("<q", time.monotonic_ns()) + pad)
+        sent = paced_send(barrier, rate, count, lambda payload: producer.put(b"", payload))
         producer.flush(60)
-    return count
+    return sent
 
 
 def _tail_reader(barrier: Any, directory: str, count: int, timeout: float) -> list[int]:
@@ -148,10 +142,10 @@ def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str
     count = int(rate * seconds)
     directory = Path(tmpdir) / "log"
     with _writer(directory, durability):
-        _start, (_sent, latencies) = run_workers(
+        _start, (sent_per_s, latencies) = run_workers(
             _latency_role, [(role, str(directory), rate, count, seconds + 30) for role in ("producer", "reader")],
             timeout=seconds + 60)
-    return percentiles_us(latencies)
+    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
 
 
 def _fill(directory: Path, records: int, record_size: int) -> int:
