@@ -30,7 +30,7 @@ from .errors import BackpressureError, LogClosedError, NackError, RecordTooLarge
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
 
 PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION, P.LOG_STOPPED)
-EAGER_IN_FLIGHT = 2
+EAGER_IN_FLIGHT = 8
 
 
 class _Batch:
