@@ -73,9 +73,10 @@ def preallocate(fd: int, size: int) -> None:
 
 
 class Syncer:
-    """Applies an fsync policy.  The log supplies `snapshot()` -> (fd, end LSN written so far) and is told
-    each new committed LSN through `on_commit`.  The caller must hold `lock` while it swaps or closes the fd
-    that `snapshot` returns, so an fsync never runs on a closed descriptor.
+    """Applies an fsync policy.  Positions here are *ends*: one past the last LSN covered.  The log supplies
+    `snapshot()` -> (fd, end written so far) and is told each new committed end through `on_commit`.  The
+    caller must hold `lock` while it swaps or closes the fd that `snapshot` returns, so an fsync never runs
+    on a closed descriptor.
     """
 
     def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int]],
@@ -112,12 +113,12 @@ class Syncer:
                 self._wake.notify()
 
     def sync(self) -> int:
-        """Fsync everything written so far (any policy); returns the committed LSN."""
+        """Fsync everything written so far (any policy); returns the committed end."""
         with self.lock:
             return self._sync_locked()
 
     def sync_through(self, end_lsn: int) -> None:
-        """Block until `end_lsn` is durable, sharing an fsync with whoever else is waiting."""
+        """Block until everything below `end_lsn` is durable, sharing an fsync with whoever else waits."""
         if self.durable_end >= end_lsn:
             return
         with self.lock:
