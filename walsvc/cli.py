@@ -145,6 +145,7 @@ def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | 
     from .endpoints import load as load_endpoints
     from .errors import ServiceUnavailableError
     from .head import HeadReader
+    from .protocol import encode_request
     head = HeadReader(directory).read()
     if head is None or not head.writer_alive():
         return None
@@ -157,7 +158,7 @@ def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | 
         sock = eps.secure(ctx.socket(zmq.REQ))
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(eps.control)
-        sock.send(b'{"op": "status", "version": 1}')
+        sock.send(encode_request("status"))
         if not sock.poll(timeout_ms):
             return None
         return json.loads(sock.recv())

@@ -196,7 +196,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                     info.last_lsn = seal.last_lsn
                 continue
             # Unsealed: scan frame by frame.
-            seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE, allocated=size)
+            seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
             scanner = FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size)
             sealed_at = None
             for off, h, data in scanner:

@@ -58,7 +58,6 @@ class ActiveSegment:
     data_crc: int = 0
     index: list[tuple[int, int]] = field(default_factory=list)
     next_index_at: int = 0
-    allocated: int = 0
 
     def note_frame(self, offset: int, parts: tuple[bytes | memoryview, ...], base_lsn: int, count: int,
                    index_interval: int) -> None:
@@ -91,7 +90,7 @@ def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, p
         os.close(fd)
         os.unlink(path)
         raise
-    return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE, allocated=size if prealloc else 0)
+    return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
 
 
 def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.Appended]]) -> None:

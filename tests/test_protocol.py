@@ -1,0 +1,83 @@
+"""The wire codecs alone (walsvc/protocol.py), no sockets: the byte layouts of docs/PROTOCOL.md and every
+rejection, each with its nack code."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from walsvc import protocol as P
+from walsvc.errors import ProtocolError
+
+U64 = st.integers(1, 2**64 - 1)
+
+
+@given(U64, U64, st.integers(1, 2**32 - 1), st.binary(max_size=200))
+def test_append_round_trip_and_layout(pid, seq, count, payload):
+    msg = P.encode_append(pid, seq, count, payload)
+    assert msg[:4] == b"WS\x01\x01" and struct.unpack_from("<QQII", msg, 4) == (pid, seq, count, 0)
+    a = P.decode_append(msg)
+    assert (a.producer_id, a.seq, a.count, bytes(a.payload)) == (pid, seq, count, payload)
+    assert P.peek_producer(msg) == (pid, seq)
+
+
+@pytest.mark.parametrize("msg, code", [
+    (b"WS\x01", P.MALFORMED),                                                      # shorter than the header
+    (b"XX" + P.encode_append(1, 1, 1, b"")[2:], P.MALFORMED),                       # bad magic
+    (b"WS\x02" + P.encode_append(1, 1, 1, b"")[3:], P.UNKNOWN_VERSION),
+    (b"WS\x01\x07" + P.encode_append(1, 1, 1, b"")[4:], P.MALFORMED),               # unknown type
+    (P.APPEND.pack(b"WS", 1, 1, 1, 1, 1, 9), P.MALFORMED),                          # flags set
+    (P.encode_append(0, 1, 1, b""), P.MALFORMED),                                   # producer id 0
+    (P.encode_append(1, 0, 1, b""), P.MALFORMED),                                   # sequence 0
+    (P.encode_append(1, 1, 0, b""), P.MALFORMED),                                   # no records
+])
+def test_bad_append_messages_get_their_nack_code(msg, code):
+    with pytest.raises(ProtocolError) as info:
+        P.decode_append(msg)
+    assert info.value.code == code and str(info.value).startswith(code + ":")
+
+
+def test_peek_finds_a_sender_only_in_a_header_with_the_magic():
+    assert P.peek_producer(P.encode_append(7, 3, 0, b"")) == (7, 3)  # undecodable, still answerable
+    assert P.peek_producer(b"garbage" * 10) is None
+    assert P.peek_producer(P.encode_append(0, 3, 1, b"")) is None
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
+def test_commit_round_trip(committed, first):
+    msg = P.encode_commit(committed, first)
+    assert msg[:1] == P.TOPIC_COMMIT and len(msg) == 18
+    assert P.decode_commit(msg) == (committed, first)
+
+
+def test_bad_commit_and_reply_messages():
+    with pytest.raises(ProtocolError):
+        P.decode_commit(b"C\x01" + bytes(15))
+    with pytest.raises(ProtocolError) as info:
+        P.decode_commit(b"C\x02" + bytes(16))
+    assert info.value.code == P.UNKNOWN_VERSION
+    with pytest.raises(ProtocolError):
+        P.decode_reply(b"R" + bytes(10))
+
+
+@given(U64, st.sampled_from([P.ACK, P.DUPLICATE, P.NACK]), U64, st.integers(0, 2**64 - 1),
+       st.integers(0, 2**32 - 1), st.text(max_size=50))
+def test_reply_round_trip_and_topic(pid, status, seq, base, count, detail):
+    reply = P.Reply(pid, status, seq, base, count, detail)
+    msg = P.encode_reply(reply)
+    assert msg.startswith(P.reply_topic(pid)) and msg[9] == P.VERSION
+    assert P.decode_reply(msg) == reply
+
+
+def test_nack_code_is_the_text_before_the_colon():
+    assert P.Reply(1, P.NACK, 5, 0, 0, "out_of_sequence: expected sequence 4, got 5").code == P.OUT_OF_SEQUENCE
+
+
+def test_control_messages_are_json_objects():
+    assert P.decode_json(P.encode_request("status")) == {"op": "status", "version": 1}
+    for bad in (b"not json", b"[1, 2]", b"\xff\xfe"):
+        with pytest.raises(ProtocolError) as info:
+            P.decode_json(bad)
+        assert info.value.code == P.MALFORMED
