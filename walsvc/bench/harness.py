@@ -197,6 +197,33 @@ def throughput_result(records: int, wall_s: float, cpu_s: float, record_size: in
 
 
 @dataclass(frozen=True)
+class Target:
+    """A goal an issue set for walsvc in one scenario: beat a peer by a ratio, or stay within a fixed bound.
+
+    `peer` set: walsvc's median of `metric` against that peer's, as a ratio above 1 when walsvc is better
+    (inverted for lower-is-better metrics), must reach `value`.  `peer` None: walsvc's median of `metric`
+    must be at most (`at_most`) or at least `value`.
+    """
+
+    metric: str
+    value: float
+    peer: str | None = None
+    at_most: bool = False
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric.endswith("_us") or self.metric.startswith("cpu_")
+
+    def describe(self) -> str:
+        label = FIGURE_UNITS.get(self.metric, self.metric)
+        if self.peer is None:
+            return f"{label} {'<=' if self.at_most else '>='} {format_value(self.value, label)}"
+        if self.lower_is_better:
+            return f"{label} <= {self.peer}" + (f" / {self.value:g}" if self.value != 1 else "")
+        return f"{label} >= {self.value:g}x {self.peer}"
+
+
+@dataclass(frozen=True)
 class Scenario:
     """One row group of the report: a system function, its arguments, and the figure that decides."""
 
@@ -206,6 +233,7 @@ class Scenario:
     metric: str
     higher_is_better: bool
     unit: str
+    targets: tuple[Target, ...] = ()
 
     def applies_to(self, system: ModuleType) -> str | None:
         """None if `system` can run this scenario, else why not (shown as n/a)."""
@@ -215,6 +243,21 @@ class Scenario:
         if durability is not None and durability not in getattr(system, "DURABILITIES", DEFAULT_DURABILITIES):
             return f"{system.NAME} has no durability level {durability!r}"
         return None
+
+
+# The goals the open issues set (issue 9: the round trip; issue 12: per-record cost), shown beside the figures.
+TARGETS: dict[str, tuple[Target, ...]] = {
+    "throughput 1p 1KiB always x1": (Target("records_per_s", 1.0, "redis"),),
+    "throughput 4p 1KiB always x1": (Target("records_per_s", 1.5, "redis"), Target("records_per_s", 2.0, "sqlite"),
+                                     Target("cpu_s_per_million", 1.0, "redis")),
+    "throughput 16p 1KiB always x1": (Target("records_per_s", 3.0, "redis"),),
+    "throughput 4p 100B batch x64": (Target("records_per_s", 10.0, "redis"),),
+    "throughput 4p 1KiB batch x64": (Target("records_per_s", 3.0, "redis"), Target("mib_per_s", 400.0)),
+    "latency 10k/s os": (Target("p50_us", 1.0, "redis"), Target("p99_us", 1.0, "redis"),
+                         Target("p999_us", 5000.0, at_most=True)),
+    "replay 100B": (Target("records_per_s", 2.0, "sqlite"),),
+}
+OUTLIER_FACTOR = 10.0  # a latency run whose p99 is this many times the median run's is flagged
 
 
 def _size_label(size: int) -> str:
@@ -230,22 +273,26 @@ def scenarios(quick: bool = False) -> list[Scenario]:
     shapes = [(p, size, dur, 64) for dur in ("batch", "always") for p in (1, 4) for size in (100, 1024)]
     shapes.append((1, 1024, "always", 1))  # one record per round trip: what fsync costs without grouping
     shapes.append((4, 1024, "always", 1))  # four such producers: what group commit across processes buys
+    shapes.append((16, 1024, "always", 1))  # many workers each waiting for its own record
     for producers, size, durability, batch in shapes:
+        name = f"throughput {producers}p {_size_label(size)} {durability} x{batch}"
         out.append(Scenario(
-            name=f"throughput {producers}p {_size_label(size)} {durability} x{batch}", kind="throughput",
+            name=name, kind="throughput",
             params={"producers": producers, "record_size": size, "durability": durability,
                     "seconds": seconds, "batch": batch},
-            metric="records_per_s", higher_is_better=True, unit="rec/s"))
+            metric="records_per_s", higher_is_better=True, unit="rec/s", targets=TARGETS.get(name, ())))
     for rate, durability in ((10_000, "os"), (10_000, "batch"), (1_000, "batch")):
+        name = f"latency {rate // 1000}k/s {durability}"
         out.append(Scenario(  # 1k/s: latency of a system that is not near saturation
-            name=f"latency {rate // 1000}k/s {durability}", kind="latency",
+            name=name, kind="latency",
             params={"rate": rate, "seconds": latency_seconds, "durability": durability},
-            metric="p99_us", higher_is_better=False, unit="us p99"))
+            metric="p99_us", higher_is_better=False, unit="us p99", targets=TARGETS.get(name, ())))
     for kind in ("replay", "recovery"):
+        name = f"{kind} {_size_label(LATENCY_RECORD_SIZE)}"
         out.append(Scenario(
-            name=f"{kind} {_size_label(LATENCY_RECORD_SIZE)}", kind=kind,
+            name=name, kind=kind,
             params={"records": log_records, "record_size": LATENCY_RECORD_SIZE},
-            metric="mib_per_s", higher_is_better=True, unit="MiB/s"))
+            metric="mib_per_s", higher_is_better=True, unit="MiB/s", targets=TARGETS.get(name, ())))
     return out
 
 
@@ -311,6 +358,13 @@ class Cell:
         out["medians"] = {k: statistics.median(r[k] for r in self.runs) for k in self.runs[0]}
         return out
 
+    def outliers(self, metric: str) -> list[int]:
+        """Indexes of runs whose `metric` is over OUTLIER_FACTOR times the median run's: a stall, not noise."""
+        if len(self.runs) < 2:
+            return []
+        median = statistics.median(r[metric] for r in self.runs)
+        return [i for i, r in enumerate(self.runs) if median > 0 and r[metric] > OUTLIER_FACTOR * median]
+
 
 @dataclass
 class SuiteResult:
@@ -336,6 +390,44 @@ class SuiteResult:
         if best <= 0 or mine <= 0:
             return None, best_name
         return (mine / best if scenario.higher_is_better else best / mine), best_name
+
+    def target_results(self, scenario: Scenario) -> list[tuple[Target, float | None, bool | None]]:
+        """Each target with the figure it is judged on (a ratio, or walsvc's median) and whether it is met."""
+        out = []
+        mine = self.cells.get((scenario.name, SUBJECT))
+        mine_stats = mine.stats(scenario.metric) if mine else None
+        for target in scenario.targets:
+            figure = None
+            if mine_stats:
+                ours = mine_stats["medians"].get(target.metric)
+                if target.peer is None:
+                    figure = ours
+                else:
+                    peer = self.cells.get((scenario.name, target.peer))
+                    peer_stats = peer.stats(scenario.metric) if peer else None
+                    theirs = peer_stats["medians"].get(target.metric) if peer_stats else None
+                    if ours and theirs:
+                        figure = theirs / ours if target.lower_is_better else ours / theirs
+            if figure is None:
+                met = None
+            elif target.peer is None and target.at_most:
+                met = figure <= target.value
+            else:
+                met = figure >= target.value
+            out.append((target, figure, met))
+        return out
+
+    def flagged(self) -> list[tuple[str, str, int, float]]:
+        """(scenario, system, run number, p99) for every latency run the outlier guard flags."""
+        out = []
+        for scenario in self.scenarios:
+            if scenario.kind != "latency":
+                continue
+            for entry in self.systems:
+                cell = self.cells.get((scenario.name, entry.name))
+                for i in cell.outliers("p99_us") if cell else ():
+                    out.append((scenario.name, entry.name, i + 1, cell.runs[i]["p99_us"]))
+        return out
 
     @property
     def failed(self) -> bool:

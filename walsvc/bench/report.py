@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from .harness import SUBJECT, Scenario, SuiteResult, format_value, other_figures
+from .harness import OUTLIER_FACTOR, SUBJECT, Scenario, SuiteResult, Target, format_value, other_figures
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -29,13 +29,17 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
                 continue
             systems[entry.name] = {**(cell.stats(scenario.metric) or {}), "runs": cell.runs, "na": cell.na,
                                    "errors": cell.errors}
+        targets = [{"target": t.describe(), "figure": figure, "met": met}
+                   for t, figure, met in result.target_results(scenario)]
         scenarios.append({"name": scenario.name, "kind": scenario.kind, "params": scenario.params,
                           "metric": scenario.metric, "unit": scenario.unit,
                           "higher_is_better": scenario.higher_is_better, "ratio": ratio, "best_peer": best_peer,
-                          "systems": systems})
+                          "targets": targets, "systems": systems})
     return {"machine": machine,
             "config": {"quick": result.quick, "runs": result.runs, "elapsed_s": round(result.elapsed_s, 1)},
             "systems": {e.name: e.unavailable for e in result.systems},
+            "flagged": [{"scenario": sc, "system": sy, "run": run, "p99_us": p99}
+                        for sc, sy, run, p99 in result.flagged()],
             "scenarios": scenarios}
 
 
@@ -72,7 +76,17 @@ def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
         if cell.errors:
             notes += f"; {len(cell.errors)} failed run(s): {'; '.join(_cell_text(e) for e in cell.errors)}"
         lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
-    return lines + [""]
+    lines.append("")
+    for target, figure, met in result.target_results(scenario):
+        lines.append(f"- target {target.describe()}: {_target_text(target, figure, met)}")
+    return lines + ([""] if scenario.targets else [])
+
+
+def _target_text(target: Target, figure: float | None, met: bool | None) -> str:
+    if figure is None:
+        return "not measured"
+    shown = f"{figure:.2f}x" if target.peer else format_value(figure, target.metric)
+    return f"{shown}, {'met' if met else 'MISSED'}"
 
 
 def _median(result: SuiteResult, scenario: Scenario, system: str | None) -> float | None:
@@ -107,6 +121,17 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
             theirs_text = f"{format_value(theirs, scenario.unit)} ({best})" if theirs is not None else "n/a"
             ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
             lines.append(f"| {scenario.name} | {mine_text} | {theirs_text} | {ratio_text} |")
+        lines.append("")
+    flagged = result.flagged()
+    if flagged:
+        lines += ["## Flagged runs", "",
+                  f"Latency runs whose p99 is over {OUTLIER_FACTOR:g}x the median run's: a stall, not noise.", ""]
+        lines += [f"- {system} {scenario} run {run}: p99 {p99:,.0f} us" for scenario, system, run, p99 in flagged]
+        lines.append("")
+    targets = [(s, *t) for s in result.scenarios for t in result.target_results(s)]
+    if targets:
+        lines += ["## Targets", "", "| scenario | target | figure |", "|---|---|---|"]
+        lines += [f"| {s.name} | {t.describe()} | {_target_text(t, figure, met)} |" for s, t, figure, met in targets]
         lines.append("")
     lines += ["## Scenarios", ""]
     for scenario in result.scenarios:

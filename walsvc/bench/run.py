@@ -3,7 +3,8 @@
 Runs every scenario on every available system (interleaved run by run), printing one line per step, then
 writes report.md and report.json into --out.  Scratch data (Redis AOFs, SQLite files, walsvc segments) goes into
 a temporary folder inside --out, so the figures are for the filesystem the report names; it is deleted at the
-end.  Exits 1 if any step failed (the report still shows the rest), 2 on a bad command line.
+end.  Exits 1 if any step failed or a walsvc latency run was flagged as a stall (p99 over 10x the median run's; the
+report still shows the rest), 2 on a bad command line.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     facts["load_average_after"] = machine.load_average()
     json_path, md_path = report.write(result, facts, args.out)
     print(f"wrote {md_path} and {json_path} ({result.elapsed_s:,.0f} s)")
-    return 1 if result.failed else 0
+    flagged = result.flagged()
+    for scenario, system, run, p99 in flagged:
+        print(f"FLAGGED: {system} {scenario} run {run}: p99 {p99:,.0f} us is over "
+              f"{harness.OUTLIER_FACTOR:g}x the median run's", file=sys.stderr)
+    return 1 if result.failed or any(system == harness.SUBJECT for _s, system, _r, _p in flagged) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""The benchmark suite's judgement: targets met or missed against the right peer, stalled runs flagged.
+
+Pure: results are built by hand, nothing is run.  Plus one run of benchmarks/limits.py in its quick form.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from walsvc.bench import harness
+from walsvc.bench.harness import Cell, Scenario, SuiteResult, SystemEntry, Target
+from walsvc.bench.report import to_json, to_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _result(scenario: Scenario, figures: dict[str, list[dict[str, float]]]) -> SuiteResult:
+    systems = [SystemEntry(name, None, None) for name in figures]
+    cells = {(scenario.name, name): Cell(runs=runs) for name, runs in figures.items()}
+    return SuiteResult([scenario], systems, cells, runs=3, quick=False, elapsed_s=1.0)
+
+
+def test_ratio_targets_judge_higher_and_lower_is_better_figures() -> None:
+    scenario = Scenario("s", "throughput", {}, "records_per_s", True, "rec/s",
+                        targets=(Target("records_per_s", 1.5, "redis"), Target("cpu_s_per_million", 1.0, "redis"),
+                                 Target("records_per_s", 2.0, "sqlite")))
+    result = _result(scenario, {
+        "walsvc": [{"records_per_s": 3000.0, "cpu_s_per_million": 100.0}],
+        "redis": [{"records_per_s": 1800.0, "cpu_s_per_million": 150.0}],
+        "sqlite": [{"records_per_s": 2000.0, "cpu_s_per_million": 50.0}]})
+    judged = [(t.describe(), round(figure, 3), met) for t, figure, met in result.target_results(scenario)]
+    assert judged == [("rec/s >= 1.5x redis", 1.667, True), ("CPU s/M rec <= redis", 1.5, True),
+                      ("rec/s >= 2x sqlite", 1.5, False)]
+
+
+def test_bound_targets_and_a_missing_peer() -> None:
+    scenario = Scenario("latency", "latency", {}, "p99_us", False, "us p99",
+                        targets=(Target("p999_us", 5000.0, at_most=True), Target("p50_us", 1.0, "redis")))
+    result = _result(scenario, {"walsvc": [{"p50_us": 300.0, "p99_us": 900.0, "p999_us": 6000.0}]})
+    judged = [(figure, met) for _t, figure, met in result.target_results(scenario)]
+    assert judged == [(6000.0, False), (None, None)]
+    markdown = to_markdown(result, {"date": "today"})
+    assert "| latency | us p99.9 <= 5,000 | 6,000, MISSED |" in markdown
+    assert "| latency | us p50 <= redis | not measured |" in markdown
+
+
+def test_a_stalled_latency_run_is_flagged_and_noise_is_not() -> None:
+    scenario = Scenario("latency 10k/s os", "latency", {}, "p99_us", False, "us p99")
+    runs = [{"p99_us": v, "p50_us": 1.0, "p999_us": v} for v in (1300.0, 1400.0, 4_550_000.0, 2500.0)]
+    result = _result(scenario, {"walsvc": runs, "redis": runs[:2]})
+    assert result.flagged() == [("latency 10k/s os", "walsvc", 3, 4_550_000.0)]
+    assert to_json(result, {})["flagged"] == [{"scenario": "latency 10k/s os", "system": "walsvc", "run": 3,
+                                               "p99_us": 4_550_000.0}]
+    assert "walsvc latency 10k/s os run 3: p99 4,550,000 us" in to_markdown(result, {"date": "today"})
+
+
+def test_every_issue_target_names_a_scenario_of_the_suite() -> None:
+    names = {s.name for s in harness.scenarios()}
+    assert set(harness.TARGETS) <= names
+
+
+def test_limits_script_prints_the_bound(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/limits.py", "--quick", "--dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("fdatasync after a 1024 B append: p50 ")
+    assert lines[1].startswith("one-way ZeroMQ ipc hop")
+    rate = int(lines[2].split(" us, ")[1].split(" rec/s")[0].replace(",", ""))
+    assert rate > 0
