@@ -38,6 +38,7 @@ from crc32c import crc32c
 from .config import LogConfig
 from .errors import (CompressionUnavailableError, NoriDamageError, NoriFormatError, NoriImportRefusedError,
                      RecordError)
+from .frame import SEGMENT_MAGIC
 from .fsync import sync_dir
 from .log import Log
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode
@@ -245,6 +246,9 @@ class NoriScanner:
             size = os.fstat(fd).st_size
             win = _Window(fd, size)
             pos = 0
+            if size and win.at(0)[0].startswith(SEGMENT_MAGIC):  # never a nori-wal record (compression 3)
+                raise NoriFormatError(f"{seg.path} is a walsvc segment: {self.directory} is a walsvc log, not a "
+                                      "nori-wal directory")
             while pos < size:
                 self.bytes_done = done_before + pos
                 buf, i = win.at(pos)
@@ -385,6 +389,21 @@ def _match(entries: list[dict[str, Any]], source: str, fingerprint: str | None) 
     return None
 
 
+def _entry_for(entries: list[dict[str, Any]], src: Path, dst: Path, fingerprint: str | None
+               ) -> dict[str, Any] | None:
+    """The interrupted import of `src` to resume, or None for a new one; refuses a finished source, and any
+    other source while an import is interrupted (its resume check needs the log's end to be its own)."""
+    entry = _match(entries, str(src), fingerprint)
+    if entry is not None and entry["state"] == "done":
+        raise _refuse_done(entry, src, dst)
+    for other in entries:
+        if other["state"] == "running" and other is not entry:
+            raise NoriImportRefusedError(
+                f"an import of {other['source']} into {dst} was interrupted; run walsvc import-nori "
+                f"{other['source']} --dir {dst} again to finish it before importing {src}")
+    return entry
+
+
 def _refuse_done(entry: dict[str, Any], src: Path, dst: Path) -> NoriImportRefusedError:
     same = "it" if entry["source"] == str(src) else f"the same log (from {entry['source']})"
     lsns = (f"as LSN {entry['first_lsn']}..{entry['last_lsn']}" if entry.get("last_lsn") is not None
@@ -472,20 +491,12 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
     if src == dst:
         raise NoriImportRefusedError(f"{src} is both the nori-wal source and the walsvc destination")
     list_nori_segments(src)  # a missing source fails here, before anything else
-    entry = _match(load_imports(dst), str(src), None) if dst.is_dir() else None
-    if entry is not None and entry["state"] == "done":
-        raise _refuse_done(entry, src, dst)
+    if dst.is_dir():  # refuse at once what will be refused anyway (checked again under the lock)
+        _entry_for(load_imports(dst), src, dst, None)
     checked, fingerprint = _check(src, config.max_record_bytes, skip_damaged, progress)
     with Log.open(dst, config=config) as log:
         entries = load_imports(dst)
-        entry = _match(entries, str(src), fingerprint)
-        if entry is not None and entry["state"] == "done":
-            raise _refuse_done(entry, src, dst)
-        for other in entries:
-            if other["state"] == "running" and other is not entry:
-                raise NoriImportRefusedError(
-                    f"an import of {other['source']} into {dst} was interrupted; run walsvc import-nori "
-                    f"{other['source']} --dir {dst} again to finish it before importing {src}")
+        entry = _entry_for(entries, src, dst, fingerprint)
         if entry is None:
             entry = {"source": str(src), "fingerprint": fingerprint, "state": "running",
                      "first_lsn": log.next_lsn, "started": _now()}
