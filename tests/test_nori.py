@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MiB
-from helpers import REPO_ROOT, python_env, run_cli
+from helpers import REPO_ROOT, python_env, run_cli, walsvc_cmd
 
 import walsvc
 from walsvc import frame as F
@@ -199,6 +199,32 @@ def test_import_keeps_every_field_and_byte(tmp_path: Path, vectors: dict) -> Non
     with pytest.raises(NoriImportRefusedError, match="the same log"):
         import_nori(tmp_path / "copy", dst, **OPTIONS)
     assert len(dst_records(dst)) == len(expected)
+
+
+def test_progress_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+    src, dst = tmp_path / "nori", tmp_path / "wal"
+    src.mkdir()
+    for i in range(3):
+        write_segment(src / f"{i:06d}.wal", [nori(b"k%d" % j, b"v" * 1000) for j in range(1500)])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(walsvc_cmd("import-nori", src, "--dir", dst, "--config", config_file(tmp_path)),
+                            stdout=subprocess.PIPE, stderr=slave, cwd=REPO_ROOT, env=python_env())
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert b"checking" in shown and b"importing" in shown and b"100%, 4500 records" in shown, shown
+    assert b"imported 3 segments, 4500 records" in stdout
 
 
 def test_dump_nori_shows_records_by_segment_and_offset(tmp_path: Path, vectors: dict) -> None:
@@ -416,7 +442,8 @@ def test_import_appends_after_existing_records(tmp_path: Path) -> None:
 def test_segment_names(tmp_path: Path) -> None:
     d = tmp_path / "nori"
     d.mkdir()
-    for name in ("000000.wal", "12.wal", "000003.wal", "000003.wal.tmp", "x.wal", ".wal", "wal", "18446744073709551616.wal"):
+    for name in ("000000.wal", "12.wal", "000003.wal", "000003.wal.tmp", "x.wal", ".wal", "wal",
+                 "18446744073709551616.wal"):
         (d / name).write_bytes(b"")
     segs, ignored = list_nori_segments(d)
     assert [(s.id, s.path.name) for s in segs] == [(0, "000000.wal"), (3, "000003.wal"), (12, "12.wal")]

@@ -190,6 +190,7 @@ class _Window:
         self.size = size
         self.base = 0
         self.buf = b""
+        self.data_end: int | None = None
 
     def at(self, pos: int, need: int = 0) -> tuple[bytes, int]:
         """(buf, i): buf[i:] starts at file offset `pos` and holds max(need, AHEAD) bytes, or up to the end."""
@@ -279,7 +280,9 @@ class NoriScanner:
     def _damage(self, win: _Window, name: str, pos: int, declared: int | None, newest: bool, reason: str) -> int:
         """Classify the bad bytes at `pos`; returns where scanning goes on (the file size: nowhere)."""
         size = win.size
-        zeros_from = data_end(win.fd, pos, size)
+        if win.data_end is None:  # where the file's trailing zeros begin, found once per segment
+            win.data_end = data_end(win.fd, 0, size)
+        zeros_from = max(pos, win.data_end)
         if newest:
             if zeros_from == pos:  # the preallocated tail: the end of the data
                 self.zero_tail_bytes += size - pos
@@ -457,14 +460,15 @@ def _check(src: Path, max_record_bytes: int, skip_damaged: bool, progress: Progr
     scanner (counts and issues) and the source's fingerprint (None if it holds no record)."""
     scanner = NoriScanner(src, max_record_bytes=max_record_bytes, skip_damaged=skip_damaged)
     digest = hashlib.sha256()
-    hashed = 0
+    hashed = shown = 0
     try:
         for item in scanner:
             if hashed < FINGERPRINT_BYTES:
                 digest.update(item.data)
                 hashed += len(item.data)
-            if progress is not None and scanner.records % 4096 == 0:
-                progress("checking", scanner.bytes_done, scanner.bytes_total, scanner.records)
+            if progress is not None and scanner.bytes_done - shown >= CHUNK:
+                shown = scanner.bytes_done
+                progress("checking", shown, scanner.bytes_total, scanner.records)
     except NoriDamageError as exc:
         raise NoriDamageError(f"{exc.detail}; nothing was imported", segment=exc.segment, offset=exc.offset,
                               length=exc.length) from None
