@@ -319,6 +319,22 @@ def test_damaged_length_skips_to_the_next_record_found(tmp_path: Path) -> None:
     assert (issue.kind, issue.offset, issue.length) == ("damaged", offsets[3], offsets[4] - offsets[3])
 
 
+def test_record_after_damage_may_end_in_zero_bytes(tmp_path: Path) -> None:
+    """A CRC whose high byte is 0 ends its record with a zero byte, which looks like the start of the zero tail:
+    the record after a damaged one is still found, so the damage is not taken for a torn tail."""
+    src = tmp_path / "nori"
+    src.mkdir()
+    last = next(r for r in (nori(b"z%d" % i, b"v") for i in range(10_000)) if r.raw[-1] == 0)
+    damaged = bytearray(nori(b"bad", b"value").raw)
+    damaged[4] ^= 0x40
+    offsets = write_segment(src / "000000.wal", [nori(b"a"), Rec(b"bad", raw=bytes(damaged)), last], zero_tail=64)
+    with pytest.raises(NoriDamageError):
+        list(NoriScanner(src))
+    scanner = NoriScanner(src, skip_damaged=True)
+    assert [r.record.key for r in scanner] == [b"a", last.key]
+    assert [(i.kind, i.offset, i.length) for i in scanner.issues] == [("damaged", offsets[1], len(damaged))]
+
+
 def test_older_segment_with_zero_tail_is_damage(tmp_path: Path) -> None:
     src = tmp_path / "nori"
     src.mkdir()

@@ -220,7 +220,6 @@ class NoriScanner:
         self.segments, self.ignored = list_nori_segments(self.directory)
         self.issues: list[NoriIssue] = []
         self.records = 0
-        self.record_bytes = 0
         self.zero_tail_bytes = 0
         self.bytes_total = sum(s.path.stat().st_size for s in self.segments)
         self.bytes_done = 0
@@ -271,7 +270,6 @@ class NoriScanner:
                     continue
                 yield NoriRecord(name, pos, buf[i:end], record)
                 self.records += 1
-                self.record_bytes += end - i
                 pos += end - i
             self.bytes_done = done_before + size
         finally:
@@ -287,7 +285,7 @@ class NoriScanner:
             if zeros_from == pos:  # the preallocated tail: the end of the data
                 self.zero_tail_bytes += size - pos
                 return size
-            nxt = self._resync(win, pos, zeros_from, declared)
+            nxt = self._resync(win, pos, zeros_from, declared)  # a CRC may end in zero bytes: ends may pass it
             if nxt is None:
                 if declared is not None and declared > zeros_from:
                     reason = f"the record needs {declared - pos} bytes, only {zeros_from - pos} precede the zeros"
@@ -306,25 +304,25 @@ class NoriScanner:
         return end
 
     def _resync(self, win: _Window, pos: int, limit: int, declared: int | None) -> int | None:
-        """The first offset in (pos, limit) where nori-wal would read a whole record ending by `limit`.
+        """The first offset in (pos, limit) where nori-wal would read a whole record (ending in the file).
 
         The damaged record's own declared end is tried first (a flipped value byte keeps the length), then
         every byte offset.  A record nested inside a damaged value could be found first: that is the price
         of a format without sync markers, and why skipping is opt-in and reported.
         """
-        if declared is not None and pos < declared < limit and self._whole_record_at(win, declared, limit):
+        if declared is not None and pos < declared < limit and self._whole_record_at(win, declared):
             return declared
         for p in range(pos + 1, limit):
-            if self._whole_record_at(win, p, limit):
+            if self._whole_record_at(win, p):
                 return p
         return None
 
-    def _whole_record_at(self, win: _Window, p: int, limit: int) -> bool:
+    def _whole_record_at(self, win: _Window, p: int) -> bool:
         buf, i = win.at(p)
-        status, rend, _ = probe(buf, i, min(len(buf), i + limit - p))
-        if status == INCOMPLETE and 0 < rend - i <= min(limit - p, self._limit) and not win.to_eof():
+        status, rend, _ = probe(buf, i, len(buf))
+        if status == INCOMPLETE and 0 < rend - i <= self._limit and not win.to_eof():
             buf, i = win.at(p, need=rend - i)
-            status, rend, _ = probe(buf, i, min(len(buf), i + limit - p))
+            status, rend, _ = probe(buf, i, len(buf))
         return status == OK
 
 
