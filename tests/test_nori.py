@@ -291,6 +291,12 @@ def test_damage_stops_the_import_with_segment_offset_and_reason(tmp_path: Path) 
     assert "nothing was imported" in run.stderr and "--skip-damaged" in run.stderr
     assert "Traceback" not in run.stderr
     assert not dst.exists()  # the source is checked before the log is touched
+    dump = run_cli("dump", "--nori", str(src))
+    assert dump.returncode == 1 and f"offset {offsets[4]}" in dump.stderr
+    assert [json.loads(line)["key"] for line in dump.stdout.splitlines()] == ["a0", "a1", "a2", "a3"]
+    dump = run_cli("dump", "--nori", str(src), "--skip-damaged")
+    assert dump.returncode == 0 and len(dump.stdout.splitlines()) == 19
+    assert f"walsvc: note: 000001.wal offset {offsets[4]}: {len(older[4].raw)} damaged bytes" in dump.stderr
 
     report = import_nori(src, dst, skip_damaged=True, **OPTIONS)
     assert_same(dst_records(dst), older[:4] + older[5:] + newest)
@@ -317,6 +323,28 @@ def test_damaged_length_skips_to_the_next_record_found(tmp_path: Path) -> None:
     assert [r.record.key for r in got] == [r.key for r in recs[:3] + recs[4:]]
     issue, = scanner.issues
     assert (issue.kind, issue.offset, issue.length) == ("damaged", offsets[3], offsets[4] - offsets[3])
+
+
+def test_a_bad_length_swallows_no_record_and_a_nested_record_is_not_invented(tmp_path: Path) -> None:
+    src = tmp_path / "nori"
+    src.mkdir()
+    recs = [nori(b"k%d" % i, b"v" * 20) for i in range(8)]
+    size = len(recs[0].raw)
+    offsets = write_segment(src / "000000.wal", recs)
+    data = bytearray((src / "000000.wal").read_bytes())
+    data[offsets[3]] += size  # klen: record 3 now ends exactly where record 5 starts
+    (src / "000000.wal").write_bytes(data)
+    scanner = NoriScanner(src, skip_damaged=True)
+    assert [r.record.key for r in scanner] == [r.key for r in recs[:3] + recs[4:]]
+    assert [(i.offset, i.length) for i in scanner.issues] == [(offsets[3], size)]
+
+    inner = nori(b"inner", b"i")
+    outer = bytearray(nori(b"outer", b"<" + inner.raw + b">").raw)
+    outer[-6] ^= 0x01  # the '>' after the nested record: the outer CRC fails, its length is intact
+    offsets = write_segment(src / "000000.wal", [recs[0], Rec(b"outer", raw=bytes(outer)), recs[1]])
+    scanner = NoriScanner(src, skip_damaged=True)
+    assert [r.record.key for r in scanner] == [recs[0].key, recs[1].key]
+    assert [(i.offset, i.length) for i in scanner.issues] == [(offsets[1], len(outer))]
 
 
 def test_record_after_damage_may_end_in_zero_bytes(tmp_path: Path) -> None:

@@ -207,7 +207,8 @@ class _Window:
 class NoriScanner:
     """The records of a nori-wal directory in segment order; iterate once.
 
-    Problems land in `issues` (and `on_issue`).  Damage raises NoriDamageError unless `skip_damaged`.
+    Damage raises NoriDamageError unless `skip_damaged`; what is skipped or torn lands in `issues` (and is
+    passed to `on_issue` as it is found).
     `bytes_done`/`bytes_total` (file bytes) and `records` measure progress.
     """
 
@@ -230,13 +231,13 @@ class NoriScanner:
             yield from self._segment(seg, newest=i == len(self.segments) - 1)
 
     def _issue(self, kind: str, name: str, offset: int, length: int, reason: str) -> None:
+        if kind != "torn" and not self.skip_damaged:
+            raise NoriDamageError(f"{length} {kind} bytes in a nori-wal segment: {reason}; --skip-damaged skips "
+                                  "them and reports it", segment=name, offset=offset, length=length)
         issue = NoriIssue(kind, name, offset, length, reason)
         self.issues.append(issue)
         if self.on_issue is not None:
             self.on_issue(issue)
-        if kind != "torn" and not self.skip_damaged:
-            raise NoriDamageError(f"{length} {kind} bytes in a nori-wal segment: {reason}; --skip-damaged skips "
-                                  "them and reports it", segment=name, offset=offset, length=length)
 
     def _segment(self, seg: NoriSegment, newest: bool) -> Iterator[NoriRecord]:
         name = seg.path.name
@@ -304,26 +305,39 @@ class NoriScanner:
         return end
 
     def _resync(self, win: _Window, pos: int, limit: int, declared: int | None) -> int | None:
-        """The first offset in (pos, limit) where nori-wal would read a whole record (ending in the file).
+        """Where the next record starts after damage at `pos`: an offset in (pos, limit) where nori-wal would
+        read a whole record (ending in the file), or None.
 
-        The damaged record's own declared end is tried first (a flipped value byte keeps the length), then
-        every byte offset.  A record nested inside a damaged value could be found first: that is the price
-        of a format without sync markers, and why skipping is opt-in and reported.
+        When a record starts at the damaged record's declared end, its length survived, unless a chain of
+        whole records runs from an earlier offset exactly to that end: then the length was damaged and
+        those records are real (a record nested in the damaged value would not end its chain there).  So
+        intact records are not swallowed by a bad length, and a record inside a value is not invented.
         """
         if declared is not None and pos < declared < limit and self._whole_record_at(win, declared):
+            for p in range(pos + 1, declared):
+                if self._whole_record_at(win, p):
+                    return p if self._chain_end(win, p, declared) == declared else declared
             return declared
         for p in range(pos + 1, limit):
             if self._whole_record_at(win, p):
                 return p
         return None
 
-    def _whole_record_at(self, win: _Window, p: int) -> bool:
-        buf, i = win.at(p)
-        status, rend, _ = probe(buf, i, len(buf))
-        if status == INCOMPLETE and 0 < rend - i <= self._limit and not win.to_eof():
-            buf, i = win.at(p, need=rend - i)
+    def _chain_end(self, win: _Window, p: int, stop: int) -> int:
+        """Follow whole records from `p` while they start before `stop`; where the last one ends."""
+        while p < stop:
+            buf, i = win.at(p)
             status, rend, _ = probe(buf, i, len(buf))
-        return status == OK
+            if status == INCOMPLETE and 0 < rend - i <= self._limit and not win.to_eof():
+                buf, i = win.at(p, need=rend - i)
+                status, rend, _ = probe(buf, i, len(buf))
+            if status != OK:
+                return p
+            p += rend - i
+        return p
+
+    def _whole_record_at(self, win: _Window, p: int) -> bool:
+        return self._chain_end(win, p, p + 1) > p
 
 
 def dump_nori(directory: str | os.PathLike, *, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
