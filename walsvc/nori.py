@@ -466,10 +466,9 @@ class NoriImportReport:
         return out
 
 
-def _check(src: Path, max_record_bytes: int, skip_damaged: bool, progress: Progress | None
-           ) -> tuple[NoriScanner, str | None]:
-    """Read the whole source once, writing nothing: damage is found before the log is touched.  Returns the
-    scanner (counts and issues) and the source's fingerprint (None if it holds no record)."""
+def _check(src: Path, max_record_bytes: int, skip_damaged: bool, progress: Progress | None) -> str | None:
+    """Read the whole source once, writing nothing, so that damage is found before the log is touched.
+    Returns the source's fingerprint (None if it holds no record)."""
     scanner = NoriScanner(src, max_record_bytes=max_record_bytes, skip_damaged=skip_damaged)
     digest = hashlib.sha256()
     hashed = shown = 0
@@ -486,7 +485,7 @@ def _check(src: Path, max_record_bytes: int, skip_damaged: bool, progress: Progr
                               length=exc.length) from None
     if progress is not None:
         progress("checking", scanner.bytes_total, scanner.bytes_total, scanner.records)
-    return scanner, ("sha256:" + digest.hexdigest()) if hashed else None
+    return "sha256:" + digest.hexdigest() if hashed else None
 
 
 def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogConfig | None = None,
@@ -509,7 +508,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
     list_nori_segments(src)  # a missing source fails here, before anything else
     if dst.is_dir():  # refuse at once what will be refused anyway (checked again under the lock)
         _entry_for(load_imports(dst), src, dst, None)
-    checked, fingerprint = _check(src, config.max_record_bytes, skip_damaged, progress)
+    fingerprint = _check(src, config.max_record_bytes, skip_damaged, progress)
     with Log.open(dst, config=config) as log:
         entries = load_imports(dst)
         entry = _entry_for(entries, src, dst, fingerprint)
@@ -522,7 +521,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
             raise NoriImportRefusedError(
                 f"cannot resume the interrupted import of {src}: retention deleted LSNs below {log.first_lsn} of "
                 f"{dst}, and the import began at LSN {entry['first_lsn']}")
-        report = _append_all(log, src, dst, entry, config, skip_damaged, progress, checked.bytes_total)
+        report = _append_all(log, src, dst, entry, config, skip_damaged, progress)
         log.sync()
         entry.update(state="done", fingerprint=entry.get("fingerprint") or fingerprint,
                      last_lsn=report.last_lsn, records=report.records, segments=report.segments,
@@ -532,7 +531,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
 
 
 def _append_all(log: Log, src: Path, dst: Path, entry: dict[str, Any], config: LogConfig, skip_damaged: bool,
-                progress: Progress | None, total: int) -> NoriImportReport:
+                progress: Progress | None) -> NoriImportReport:
     """Append the source's records, after checking those an interrupted run already appended."""
     report = NoriImportReport(str(src), str(dst))
     scanner = NoriScanner(src, max_record_bytes=config.max_record_bytes, skip_damaged=skip_damaged)
@@ -552,7 +551,7 @@ def _append_all(log: Log, src: Path, dst: Path, entry: dict[str, Any], config: L
             batch.clear()
             size = 0
             if progress is not None:
-                progress("importing", scanner.bytes_done, total, report.records)
+                progress("importing", scanner.bytes_done, scanner.bytes_total, report.records)
 
     try:
         for item in scanner:
