@@ -7,9 +7,11 @@ Service: one writer process (`walsvc serve`), any number of `Producer`s and `Rea
 from .config import LogConfig
 from .errors import *  # noqa: F401,F403  (every exception is part of the public API)
 from .log import Log
+from .nori import import_nori
 from .producer import Producer, RecordFuture
 from .reader import LogReader, Reader
 from .record import Record
 from .recovery import RecoveryInfo
 
-__all__ = ["Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture", "RecoveryInfo"]
+__all__ = ["Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture", "RecoveryInfo",
+           "import_nori"]

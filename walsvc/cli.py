@@ -1,4 +1,4 @@
-"""The `walsvc` command: serve | produce | tail | status | verify | dump | up | bench.
+"""The `walsvc` command: serve | produce | tail | status | verify | dump | import-nori | up | bench.
 
 Every subcommand takes `--dir` (default ./wal-data) or `--config FILE`.  Bad flags and bad config print
 one line naming the flag or key and exit with status 2, never a traceback.
@@ -219,8 +219,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from .inspect import dump
     cfg = _load(args)
+    if args.nori is not None:
+        return _dump_nori(args, cfg)
     for item in dump(cfg.directory, args.start, frames=args.frames):
         print(json.dumps(item))
+    return 0
+
+
+def _dump_nori(args: argparse.Namespace, cfg: C.Config) -> int:
+    from .nori import dump_nori
+    if args.frames or args.start != "earliest":
+        return _fail("dump --nori: nori-wal records have no frames or LSNs; --frames and --from do not apply", 2)
+    for item in dump_nori(args.nori, max_record_bytes=cfg.log.max_record_bytes, skip_damaged=args.skip_damaged,
+                          on_issue=lambda issue: print(f"walsvc: note: {issue}", file=sys.stderr)):
+        print(json.dumps(item))
+    return 0
+
+
+def cmd_import_nori(args: argparse.Namespace) -> int:
+    import time
+
+    from .nori import import_nori
+    cfg = _load(args)
+    shown = [0.0]
+
+    def progress(phase: str, done: int, total: int, records: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 0.2 or done >= total:
+            shown[0] = now
+            sys.stderr.write(f"\r{phase} {args.source}: {100 * done // max(total, 1):3d}%, {records} records")
+            sys.stderr.flush()
+
+    tty = sys.stderr.isatty()
+    try:
+        report = import_nori(args.source, cfg.directory, config=cfg.log, skip_damaged=args.skip_damaged,
+                             progress=progress if tty else None)
+    finally:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+    print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
     return 0
 
 
@@ -275,7 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dump", "print records (or frames) as JSON lines (read-only)")
     p.add_argument("--from", dest="start", type=_start, default="earliest")
     p.add_argument("--frames", action="store_true", help="one line per frame instead of per record")
+    p.add_argument("--nori", metavar="SRC", help="show the records of the nori-wal directory SRC instead")
+    p.add_argument("--skip-damaged", action="store_true", help="with --nori: report damaged bytes and go on")
     p.set_defaults(func=cmd_dump)
+
+    p = command("import-nori", "append every record of a nori-wal directory to the log at --dir (no writer running)")
+    p.add_argument("source", metavar="SRC", help="the nori-wal directory (its <id>.wal segment files)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="skip damaged bytes and records walsvc cannot store, reporting each, instead of stopping")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_import_nori)
 
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
     p.add_argument("--producers", type=_positive, default=2)

@@ -148,3 +148,23 @@ class BackpressureError(WalError):
 
 class ServiceUnavailableError(WalError):
     """No writer answers for this log directory."""
+
+
+class NoriFormatError(WalError):
+    """A directory cannot be read as a nori-wal log: it is missing, or two segment files claim one id."""
+
+
+class NoriDamageError(CorruptionError):
+    """A nori-wal segment holds damaged bytes, or a record walsvc cannot store, before its end.
+
+    `length` is how many bytes the damage spans (to the next record that can be found, or to the end of the
+    segment); `walsvc import-nori --skip-damaged` skips them and reports each skip.
+    """
+
+    def __init__(self, detail: str, *, segment: str, offset: int, length: int) -> None:
+        self.length = length
+        super().__init__(detail, segment=segment, offset=offset)
+
+
+class NoriImportRefusedError(WalError):
+    """`import-nori` will not run: the source was already imported, or an interrupted import cannot resume."""
