@@ -17,6 +17,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+
+def _build_record_codec() -> str | None:
+    """Compile walsvc/_record_c.c beside its source, so the tests (which import the source tree, not the
+    installed package) run the C codec too; None on success, else the compiler's output."""
+    source = REPO_ROOT / "walsvc" / "_record_c.c"
+    built = sorted((REPO_ROOT / "walsvc").glob("_record_c.*.so"))
+    if built and built[0].stat().st_mtime >= source.stat().st_mtime:
+        return None
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else proc.stdout + proc.stderr
+
+
+CODEC_BUILD_ERROR = _build_record_codec()
+
 from walsvc import Log, Record  # noqa: E402
 from walsvc import frame as F  # noqa: E402
 from walsvc.segment import list_segments  # noqa: E402
@@ -33,6 +48,26 @@ def vectors_path() -> Path:
         if candidate.is_file():
             return candidate
     raise AssertionError(f"{VECTORS_NAME} not found (tests/vectors/ should always hold a copy)")
+
+
+@pytest.fixture(scope="module", params=["python", "c"])
+def codec(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a module's tests once on the pure-Python record codec and once on its compiled twin.
+
+    CI must have the twin (a C compiler is there): a missing one fails there, and is skipped elsewhere.
+    """
+    from walsvc import record
+    saved = record._c
+    if request.param == "python":
+        record._c = None
+    elif saved is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"the compiled record codec is missing in CI: {CODEC_BUILD_ERROR}")
+        pytest.skip(f"the compiled record codec is not built here: {CODEC_BUILD_ERROR}")
+    try:
+        yield request.param
+    finally:
+        record._c = saved
 
 
 @pytest.fixture(scope="session")

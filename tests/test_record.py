@@ -21,6 +21,8 @@ except ImportError:
     CODECS = [None, "zstd"]
 needs_lz4 = pytest.mark.skipif("lz4" not in CODECS, reason="the optional lz4 package is not installed")
 
+pytestmark = pytest.mark.usefixtures("codec")  # every test on both codecs: pure Python and compiled
+
 ERRORS = {"checksum": ChecksumError, "incomplete": IncompleteRecordError, "invalid": InvalidRecordError}
 U64 = (1 << 64) - 1
 

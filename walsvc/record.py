@@ -5,10 +5,16 @@
 The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present, bits 2-3 compression
 (0 none, 1 LZ4, 2 zstd), bit 4 version present; bits 5-7 must be zero.  This module is pure: bytes in,
 bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
+
+The hot loops (count_records, decode_payload, encode_put, encode_puts) have a compiled twin in
+walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
+hands back None for anything but the common, valid case, and the Python code then decides, so there is one
+implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns the twin off.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Iterator
 
@@ -34,6 +40,13 @@ _U32 = struct.Struct("<I")
 # one C call checks a record without unpacking the stored value.
 CRC_RESIDUE = 0x48674BC7
 _MAX_U64 = (1 << 64) - 1
+
+try:
+    if os.environ.get("WALSVC_PURE_PYTHON"):
+        raise ImportError("WALSVC_PURE_PYTHON is set")
+    from . import _record_c as _c
+except ImportError:
+    _c = None
 
 
 class Record:
@@ -87,6 +100,15 @@ class Record:
                                                                         "version", "lsn", "timestamp")
                         if getattr(self, name))
         return f"Record(key={self.key!r}, value={self.value!r}{extra})"
+
+
+if _c is not None:
+    _c.bind_record(Record)
+
+
+def implementation() -> str:
+    """Which record codec runs: "C (sse4.2 CRC32C)" or "pure Python" (status and --version show it)."""
+    return f"C ({_c.CRC32C} CRC32C)" if _c is not None else "pure Python"
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -211,6 +233,13 @@ _SHORT_HEADERS: list[bytes | None] = [None] * (128 * 128)  # (klen, vlen, flags=
 
 def encode_put(key: bytes, value: bytes) -> bytes:
     """Fast path for the common record: a plain put, no TTL, no compression (same bytes as `encode`)."""
+    if _c is not None:
+        return _c.encode_put(key, value)
+    return encode_put_py(key, value)
+
+
+def encode_put_py(key: bytes, value: bytes) -> bytes:
+    """encode_put in Python: the reference for the compiled twin."""
     kl = len(key)
     vl = len(value)
     if kl < 0x80 and vl < 0x80:
@@ -297,6 +326,16 @@ def iter_decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *
         yield record
 
 
+def encode_puts(items: list[tuple[bytes, bytes]], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
+    """Plain puts of (key, value) pairs laid end to end: the payload of `Producer.put_many` in one call."""
+    if _c is not None:
+        payload = _c.encode_puts(items, max_record_bytes)
+        if payload is not None:
+            return payload
+    return b"".join(encode_put_py(k, v) if type(k) is bytes and type(v) is bytes and len(k) + len(v) <= max_record_bytes
+                    else encode(Record.put(k, v), max_record_bytes) for k, v in items)
+
+
 def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
     """The v1 bytes of several records laid end to end (a batch payload)."""
     parts = []
@@ -313,9 +352,30 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> int:
     """Walk the records in buf[pos:end] without building them, checking structure and each CRC.
 
-    The writer runs this on every batch a producer sends, so garbage never reaches the log.  Plain
-    records with one-byte lengths (the common case) take an inlined path.
+    The writer runs this on every batch a producer sends, so garbage never reaches the log.
     """
+    if _c is not None:
+        walked = _c.count_records(buf, pos, end, max_record_bytes)
+        if walked is not None:
+            n, compressed = walked
+            for record_at, value_at, value_end, code in compressed or ():
+                _check_compressed(code, bytes(buf[value_at:value_end]), max_record_bytes, record_at)
+            return n
+    return count_records_py(buf, pos, end, max_record_bytes=max_record_bytes)
+
+
+def _check_compressed(code: int, stored: bytes, max_record_bytes: int, offset: int) -> None:
+    """A compressed value must decompress, or every reader would fail at this record later."""
+    try:
+        _decompress(code, stored, max_record_bytes)
+    except RecordError as exc:
+        raise type(exc)(exc.detail, offset=offset) from None
+
+
+def count_records_py(buf: bytes | memoryview, pos: int, end: int, *,
+                     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> int:
+    """count_records in Python: the reference for the compiled twin.  Plain records with one-byte lengths
+    (the common case) take an inlined path."""
     n = 0
     start = pos
     code = 0
@@ -353,11 +413,7 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
         if crc32c(buf[record_start:pos] if pos - record_start <= 512 else view[record_start:pos]) != CRC_RESIDUE:
             raise ChecksumError("record CRC32C mismatch", offset=record_start - start)
         if code:
-            # A compressed value must decompress, or every reader would fail at this record later.
-            try:
-                _decompress(code, bytes(buf[vend - vl:vend]), max_record_bytes)
-            except RecordError as exc:
-                raise type(exc)(exc.detail, offset=record_start - start) from None
+            _check_compressed(code, bytes(buf[vend - vl:vend]), max_record_bytes, record_start - start)
             code = 0
         n += 1
     return n
@@ -367,7 +423,21 @@ def decode_payload(buf: bytes, base_lsn: int, count: int, timestamp: int, first_
                    start: int = 0, end: int | None = None,
                    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
     """The `count` records in buf[start:end], a batch frame payload whose CRC was checked, numbered from
-    `base_lsn`; those below `first_wanted` are skipped.  Plain small records take an inlined path."""
+    `base_lsn`; those below `first_wanted` are skipped."""
+    if _c is not None:
+        records = _c.decode_payload(buf, base_lsn, count, timestamp, first_wanted, start,
+                                    len(buf) if end is None else end, max_record_bytes)
+        if records is not None:
+            return records
+    return decode_payload_py(buf, base_lsn, count, timestamp, first_wanted, start=start, end=end,
+                             max_record_bytes=max_record_bytes)
+
+
+def decode_payload_py(buf: bytes, base_lsn: int, count: int, timestamp: int, first_wanted: int = 0, *,
+                      start: int = 0, end: int | None = None,
+                      max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
+    """decode_payload in Python: the reference for the compiled twin.  Plain small records take an inlined
+    path."""
     out = []
     append = out.append
     pos = start

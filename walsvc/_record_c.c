@@ -1,0 +1,439 @@
+/* The record codec's hot loops in C: the compiled twin of the pure-Python functions in walsvc/record.py.
+ *
+ * record.py is the reference.  Each function here accepts exactly the inputs its Python twin accepts and
+ * produces the same result; on anything it does not take in stride (an error of any kind, a compressed
+ * value, a non-bytes argument) it returns None and the caller runs the Python twin, which raises the
+ * documented error or handles the rare case.  So errors have one implementation, and a differential test
+ * (tests/test_record_fast.py) holds the two to one behaviour.
+ *
+ * Record layout (nori-wal v1, docs/FORMAT.md):
+ *   varint klen | varint vlen | u8 flags | [varint ttl_ms] | [varint term, varint index] | key | value | u32le crc32c
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FLAG_TOMBSTONE 0x01
+#define FLAG_TTL 0x02
+#define FLAG_COMPRESSION_MASK 0x0C
+#define FLAG_VERSION 0x10
+#define KNOWN_FLAGS 0x1F
+
+/* ---- CRC32C (Castagnoli): SSE4.2 instruction where the CPU has it, slicing-by-8 tables elsewhere ---- */
+
+static uint32_t crc_table[8][256];
+
+static void crc_init_tables(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+static uint32_t crc_soft(uint32_t crc, const unsigned char *p, size_t n) {
+    crc = ~crc;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        uint32_t lo = (uint32_t)w ^ crc, hi = (uint32_t)(w >> 32);
+        crc = crc_table[7][lo & 0xFF] ^ crc_table[6][(lo >> 8) & 0xFF] ^ crc_table[5][(lo >> 16) & 0xFF] ^
+              crc_table[4][lo >> 24] ^ crc_table[3][hi & 0xFF] ^ crc_table[2][(hi >> 8) & 0xFF] ^
+              crc_table[1][(hi >> 16) & 0xFF] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = (crc >> 8) ^ crc_table[0][(crc ^ *p++) & 0xFF];
+    return ~crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
+    uint64_t c = ~crc;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        c = __builtin_ia32_crc32di(c, w);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return ~c32;
+}
+#define HAVE_CRC_HW 1
+#endif
+
+static uint32_t (*crc32c_fn)(uint32_t, const unsigned char *, size_t) = crc_soft;
+
+/* ---- varints: the same acceptance rule as record.decode_varint ---- */
+
+/* Reads the varint at *pos; 0 on success, -1 on anything decode_varint would reject. */
+static inline int read_varint(const unsigned char *buf, Py_ssize_t *pos, Py_ssize_t end, uint64_t *out) {
+    Py_ssize_t p = *pos, start = p;
+    uint64_t result = 0;
+    for (int shift = 0; shift < 70; shift += 7) {
+        if (p >= end) return -1;
+        unsigned char b = buf[p++];
+        if (shift == 63 && (b & 0x7F) > 1) return -1; /* would exceed 64 bits */
+        result |= (uint64_t)(b & 0x7F) << shift;
+        if (b < 0x80) {
+            if (b == 0 && p - start > 1) return -1; /* over-long */
+            *pos = p;
+            *out = result;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+typedef struct {
+    Py_ssize_t start, key, value, vend; /* offsets: record, key, value, end of value (CRC follows) */
+    uint64_t ttl, term, index;
+    unsigned char flags;
+} header_t;
+
+/* Parses one record's header at `pos` and, if `check_crc`, its CRC; 0 if valid, -1 otherwise.  Readers pass
+ * check_crc=0 inside a frame whose CRC already covered the bytes, as record.decode_payload does. */
+static inline int read_record(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, uint64_t max_bytes,
+                              header_t *h, int check_crc) {
+    uint64_t kl, vl;
+    h->start = pos;
+    if (pos + 3 <= end && buf[pos] < 0x80 && buf[pos + 1] < 0x80) {
+        kl = buf[pos];
+        vl = buf[pos + 1];
+        pos += 2;
+    } else if (read_varint(buf, &pos, end, &kl) || read_varint(buf, &pos, end, &vl)) {
+        return -1;
+    }
+    if (pos >= end) return -1;
+    if (kl > max_bytes || vl > max_bytes || kl + vl > max_bytes) return -1;
+    h->flags = buf[pos++];
+    if ((h->flags & ~KNOWN_FLAGS) || (h->flags & FLAG_COMPRESSION_MASK) == FLAG_COMPRESSION_MASK) return -1;
+    if ((h->flags & FLAG_TTL) && read_varint(buf, &pos, end, &h->ttl)) return -1;
+    if ((h->flags & FLAG_VERSION) && (read_varint(buf, &pos, end, &h->term) || read_varint(buf, &pos, end, &h->index)))
+        return -1;
+    if ((uint64_t)(end - pos) < kl + vl + 4) return -1;
+    h->key = pos;
+    h->value = pos + (Py_ssize_t)kl;
+    h->vend = h->value + (Py_ssize_t)vl;
+    if (!check_crc) return 0;
+    uint32_t stored;
+    memcpy(&stored, buf + h->vend, 4); /* little-endian hosts only: checked at import */
+    return crc32c_fn(0, buf + h->start, (size_t)(h->vend - h->start)) == stored ? 0 : -1;
+}
+
+static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t pos, Py_ssize_t *end) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) return -1;
+    if (*end < 0 || *end > view->len) *end = view->len;
+    if (pos < 0 || pos > *end) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "position outside the buffer");
+        return -1;
+    }
+    return 0;
+}
+
+/* count_records(buf, pos, end, max_record_bytes) -> (n, compressed) | None
+ * compressed: None, or a list of (record offset, value start, value end, code) for the caller to check. */
+static PyObject *count_records(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t pos, end;
+    unsigned long long max_bytes;
+    if (!PyArg_ParseTuple(args, "OnnK", &obj, &pos, &end, &max_bytes)) return NULL;
+    Py_buffer view;
+    if (get_buffer(obj, &view, pos, &end) < 0) return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t n = 0, base = pos;
+    PyObject *compressed = NULL;
+    header_t h;
+    while (pos < end) {
+        if (read_record(buf, pos, end, max_bytes, &h, 1)) goto invalid;
+        if (h.flags & FLAG_COMPRESSION_MASK) {
+            if (!compressed && !(compressed = PyList_New(0))) goto fail;
+            PyObject *span = Py_BuildValue("(nnni)", h.start - base, h.value, h.vend, (h.flags & FLAG_COMPRESSION_MASK) >> 2);
+            if (!span || PyList_Append(compressed, span) < 0) {
+                Py_XDECREF(span);
+                goto fail;
+            }
+            Py_DECREF(span);
+        }
+        pos = h.vend + 4;
+        n++;
+    }
+    PyBuffer_Release(&view);
+    if (!compressed) {
+        compressed = Py_None;
+        Py_INCREF(Py_None);
+    }
+    return Py_BuildValue("(nN)", n, compressed);
+invalid:
+    PyBuffer_Release(&view);
+    Py_XDECREF(compressed);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(compressed);
+    return NULL;
+}
+
+/* ---- building Record objects: the Python class's slots, written directly ---- */
+
+enum { F_KEY, F_VALUE, F_TOMBSTONE, F_TTL, F_COMPRESSION, F_VERSION, F_LSN, F_TIMESTAMP, N_FIELDS };
+static const char *field_names[N_FIELDS] = {"key", "value", "tombstone", "ttl_ms", "compression", "version", "lsn",
+                                            "timestamp"};
+static PyTypeObject *record_type = NULL;
+static Py_ssize_t field_offset[N_FIELDS];
+
+/* bind_record(Record): learn where the class keeps each slot.  Refuses a class that is not laid out as plain
+ * object slots, so the fast path is used only where writing the slots directly is what setattr would do. */
+static PyObject *bind_record(PyObject *Py_UNUSED(self), PyObject *cls) {
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "bind_record takes the Record class");
+        return NULL;
+    }
+    for (int i = 0; i < N_FIELDS; i++) {
+        PyObject *descr = PyObject_GetAttrString(cls, field_names[i]);
+        if (!descr) return NULL;
+        if (Py_TYPE(descr) != &PyMemberDescr_Type || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(descr);
+            PyErr_Format(PyExc_TypeError, "Record.%s is not a plain slot", field_names[i]);
+            return NULL;
+        }
+        field_offset[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        Py_DECREF(descr);
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(record_type, (PyTypeObject *)cls);
+    Py_RETURN_NONE;
+}
+
+static inline void set_field(PyObject *obj, int field, PyObject *value) {
+    /* `value` is a new reference the slot takes over; the slot is empty in a fresh object. */
+    *(PyObject **)((char *)obj + field_offset[field]) = value;
+}
+
+static PyObject *new_record(const unsigned char *buf, const header_t *h, PyObject *lsn, PyObject *timestamp) {
+    PyObject *rec = record_type->tp_alloc(record_type, 0);
+    if (!rec) return NULL;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)buf + h->key, h->value - h->key);
+    PyObject *value = key ? PyBytes_FromStringAndSize((const char *)buf + h->value, h->vend - h->value) : NULL;
+    PyObject *ttl = Py_None, *version = Py_None;
+    if (!value) goto fail;
+    if (h->flags & FLAG_TTL) {
+        if (!(ttl = PyLong_FromUnsignedLongLong(h->ttl))) goto fail;
+    } else {
+        Py_INCREF(ttl);
+    }
+    if (h->flags & FLAG_VERSION) {
+        if (!(version = Py_BuildValue("(KK)", (unsigned long long)h->term, (unsigned long long)h->index))) {
+            Py_DECREF(ttl);
+            goto fail;
+        }
+    } else {
+        Py_INCREF(version);
+    }
+    PyObject *tomb = (h->flags & FLAG_TOMBSTONE) ? Py_True : Py_False;
+    Py_INCREF(tomb);
+    Py_INCREF(Py_None);
+    Py_INCREF(timestamp);
+    set_field(rec, F_KEY, key);
+    set_field(rec, F_VALUE, value);
+    set_field(rec, F_TOMBSTONE, tomb);
+    set_field(rec, F_TTL, ttl);
+    set_field(rec, F_COMPRESSION, Py_None);
+    set_field(rec, F_VERSION, version);
+    set_field(rec, F_LSN, lsn);
+    set_field(rec, F_TIMESTAMP, timestamp);
+    return rec;
+fail:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_DECREF(rec);
+    return NULL;
+}
+
+/* decode_payload(buf, base_lsn, count, timestamp, first_wanted, start, end, max_record_bytes) -> list | None
+ * None for a payload with a compressed value or any fault: the Python twin then decodes (or raises). */
+static PyObject *decode_payload(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *obj, *timestamp;
+    long long base_lsn, count, first_wanted;
+    Py_ssize_t pos, end;
+    unsigned long long max_bytes;
+    if (!PyArg_ParseTuple(args, "OLLOLnnK", &obj, &base_lsn, &count, &timestamp, &first_wanted, &pos, &end,
+                          &max_bytes))
+        return NULL;
+    if (!record_type) {
+        PyErr_SetString(PyExc_RuntimeError, "bind_record was not called");
+        return NULL;
+    }
+    Py_buffer view;
+    if (get_buffer(obj, &view, pos, &end) < 0) return NULL;
+    const unsigned char *buf = view.buf;
+    PyObject *out = PyList_New(0);
+    if (!out) goto fail;
+    long long lsn = base_lsn;
+    header_t h;
+    while (pos < end) {
+        if (read_record(buf, pos, end, max_bytes, &h, 0) || (h.flags & FLAG_COMPRESSION_MASK)) goto invalid;
+        if (lsn >= first_wanted) {
+            PyObject *lsn_obj = PyLong_FromLongLong(lsn);
+            PyObject *rec = lsn_obj ? new_record(buf, &h, lsn_obj, timestamp) : NULL;
+            if (!rec) {
+                Py_XDECREF(lsn_obj);
+                goto fail;
+            }
+            if (PyList_Append(out, rec) < 0) {
+                Py_DECREF(rec);
+                goto fail;
+            }
+            Py_DECREF(rec);
+        }
+        pos = h.vend + 4;
+        lsn++;
+    }
+    if (lsn - base_lsn != count) goto invalid;
+    PyBuffer_Release(&view);
+    return out;
+invalid:
+    PyBuffer_Release(&view);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&view);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* ---- encoding plain puts ---- */
+
+static inline Py_ssize_t varint_len(uint64_t n) {
+    Py_ssize_t len = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        len++;
+    }
+    return len;
+}
+
+static inline unsigned char *write_varint(unsigned char *p, uint64_t n) {
+    while (n >= 0x80) {
+        *p++ = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    *p++ = (unsigned char)n;
+    return p;
+}
+
+static unsigned char *write_put(unsigned char *p, const char *key, Py_ssize_t kl, const char *value, Py_ssize_t vl) {
+    unsigned char *start = p;
+    p = write_varint(p, (uint64_t)kl);
+    p = write_varint(p, (uint64_t)vl);
+    *p++ = 0;
+    memcpy(p, key, (size_t)kl);
+    p += kl;
+    memcpy(p, value, (size_t)vl);
+    p += vl;
+    uint32_t crc = crc32c_fn(0, start, (size_t)(p - start));
+    memcpy(p, &crc, 4);
+    return p + 4;
+}
+
+/* encode_puts(items, max_record_bytes) -> bytes | None: plain puts laid end to end, for a list or tuple of
+ * (key, value) pairs of bytes.  None for anything else (str, other types, a record over the limit). */
+static PyObject *encode_puts(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *items;
+    unsigned long long max_bytes;
+    if (!PyArg_ParseTuple(args, "OK", &items, &max_bytes)) return NULL;
+    PyObject *seq = PySequence_Fast(items, "items must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), total = 0;
+    PyObject **pairs = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = pairs[i];
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 1)))
+            goto decline;
+        Py_ssize_t kl = PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)), vl = PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1));
+        if ((unsigned long long)kl + (unsigned long long)vl > max_bytes) goto decline;
+        total += varint_len((uint64_t)kl) + varint_len((uint64_t)vl) + 1 + kl + vl + 4;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (!out) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *k = PyTuple_GET_ITEM(pairs[i], 0), *v = PyTuple_GET_ITEM(pairs[i], 1);
+        p = write_put(p, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+    }
+    Py_DECREF(seq);
+    return out;
+decline:
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+/* encode_put(key, value) -> bytes: one plain put; the caller has checked both are bytes. */
+static PyObject *encode_put(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "encode_put takes two bytes objects");
+        return NULL;
+    }
+    Py_ssize_t kl = PyBytes_GET_SIZE(args[0]), vl = PyBytes_GET_SIZE(args[1]);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, varint_len((uint64_t)kl) + varint_len((uint64_t)vl) + 1 + kl + vl + 4);
+    if (!out) return NULL;
+    write_put((unsigned char *)PyBytes_AS_STRING(out), PyBytes_AS_STRING(args[0]), kl, PyBytes_AS_STRING(args[1]), vl);
+    return out;
+}
+
+/* crc32c(data, value=0) -> int: the same function as the crc32c package's, for the differential tests. */
+static PyObject *crc32c_py(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer view;
+    unsigned int value = 0;
+    if (!PyArg_ParseTuple(args, "y*|I", &view, &value)) return NULL;
+    uint32_t crc = crc32c_fn(value, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
+static PyMethodDef methods[] = {
+    {"count_records", count_records, METH_VARARGS, "Walk a batch's records: (count, compressed spans), or None."},
+    {"decode_payload", decode_payload, METH_VARARGS, "A payload's records as Record objects, or None."},
+    {"encode_puts", encode_puts, METH_VARARGS, "Plain puts laid end to end, or None."},
+    {"encode_put", (PyCFunction)(void (*)(void))encode_put, METH_FASTCALL, "One plain put."},
+    {"bind_record", bind_record, METH_O, "Tell the module the Record class to build."},
+    {"crc32c", crc32c_py, METH_VARARGS, "CRC32C of data, continuing from value."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "walsvc._record_c", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__record_c(void) {
+    const uint16_t probe = 1;
+    if (*(const unsigned char *)&probe != 1) {
+        PyErr_SetString(PyExc_ImportError, "walsvc._record_c supports little-endian hosts only");
+        return NULL;
+    }
+    crc_init_tables();
+    const char *cpu = "soft";
+#ifdef HAVE_CRC_HW
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("sse4.2")) {
+        crc32c_fn = crc_hw;
+        cpu = "sse4.2";
+    }
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "CRC32C", cpu) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
