@@ -148,3 +148,12 @@ class BackpressureError(WalError):
 
 class ServiceUnavailableError(WalError):
     """No writer answers for this log directory."""
+
+
+class GroupError(WalError):
+    """A consumer group refused a request: a bad argument, or a lease that is no longer the consumer's."""
+
+    def __init__(self, group: str, detail: str) -> None:
+        self.group = group
+        self.detail = detail
+        super().__init__(f"consumer group {group!r}: {detail}")
