@@ -168,3 +168,12 @@ class NoriDamageError(CorruptionError):
 
 class NoriImportRefusedError(WalError):
     """`import-nori` will not run: the source was already imported, or an interrupted import cannot resume."""
+
+
+class GroupError(WalError):
+    """A consumer group refused a request: a bad argument, or a lease that is no longer the consumer's."""
+
+    def __init__(self, group: str, detail: str) -> None:
+        self.group = group
+        self.detail = detail
+        super().__init__(f"consumer group {group!r}: {detail}")

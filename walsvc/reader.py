@@ -282,6 +282,14 @@ class Reader:
     reader reads everything valid on disk and `offline` is True.
     """
 
+    def __new__(cls, *args: object, group: str | None = None, **kwargs: object) -> "Reader":
+        """`Reader(dir, group="billing", consumer="w1")` is a consumer of a group (walsvc/group_reader.py):
+        it shares the records with the group's other consumers instead of reading them all."""
+        if group is not None and cls is Reader:
+            from .group_reader import GroupReader
+            return super().__new__(GroupReader)
+        return super().__new__(cls)
+
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
                  name: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
                  recheck_s: float = 0.05) -> None:

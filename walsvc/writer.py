@@ -23,16 +23,19 @@ from typing import Any
 
 import zmq
 
+from . import cursor
 from . import protocol as P
 from .config import Config
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
-from .errors import LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
+from .errors import GroupError, LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
+from .group import GROUP_OPS, GroupTable
 from .log import Log
 from .metrics import Metrics
 from .record import count_records
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
+GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
 
 
 class RateLimitedLog:
@@ -64,6 +67,8 @@ class Writer:
         self._main_thread = threading.get_ident()
         self._stop = threading.Event()
         self.started = time.time()
+        self.groups = GroupTable(cursor.check_name)
+        self._groups_stored_at = 0.0
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
         try:
             self._open_sockets()
@@ -228,6 +233,7 @@ class Writer:
             "endpoints": {"ingest": self.endpoints.ingest, "publish": self.endpoints.publish,
                           "control": self.endpoints.control},
             "cursors": self.log.cursors(),
+            "groups": self.groups.describe(self.log.committed_lsn),
             "recovery": self.log.recovery.summary(),
             **self.metrics.as_dict(),
         })
@@ -248,12 +254,34 @@ class Writer:
                 reply = {"ok": True, "committed_lsn": self.log.committed_lsn, "first_lsn": self.log.first_lsn}
             elif op == "ping":
                 reply = {"ok": True, "pid": os.getpid()}
+            elif op in GROUP_OPS:
+                reply = self._group_request(req)
             else:
-                reply = {"ok": False, "error": f"unknown op {op!r}; known: status, committed, ping"}
+                reply = {"ok": False, "error": f"unknown op {op!r}; known: status, committed, ping, "
+                                               + ", ".join(GROUP_OPS)}
         except ProtocolError as exc:
             self.metrics.rejected["control_" + exc.code] += 1
             reply = {"ok": False, "error": str(exc)}
         self.rep.send(json.dumps(reply).encode())
+
+    def _group_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.groups.request(req, committed_lsn=self.log.committed_lsn, first_lsn=self.log.first_lsn,
+                                       now_ms=time.monotonic() * 1000,
+                                       stored=lambda name: cursor.load(self.directory, name))
+        except GroupError as exc:
+            self.metrics.rejected["control_group"] += 1
+            return {"ok": False, "error": str(exc)}
+
+    def _store_group_positions(self, force: bool = False) -> None:
+        """Store each moved group position as the group's cursor, at most every GROUP_STORE_S: an fsync per
+        ack would cap a group at a few hundred acks/s; a crash redelivers at most that window's records."""
+        now = time.monotonic()
+        if not force and now - self._groups_stored_at < GROUP_STORE_S:
+            return
+        self._groups_stored_at = now
+        for name, position in self.groups.take_moved().items():
+            cursor.store(self.directory, name, position - 1)
 
     # -- loop ------------------------------------------------------------------------------------------
 
@@ -283,10 +311,12 @@ class Writer:
                 if self.rep in events:
                     self._control()
                 self._publish_commits()
+                self._store_group_positions()
             while self._drain():
                 pass
             self.log.sync()
             self._publish_commits()
+            self._store_group_positions(force=True)
         finally:
             self.close()
 
