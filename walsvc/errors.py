@@ -148,3 +148,13 @@ class BackpressureError(WalError):
 
 class ServiceUnavailableError(WalError):
     """No writer answers for this log directory."""
+
+
+class UnsafePermissionsError(WalError):
+    """The log directory (or a file in it) is open to other accounts; the writer will not use it as it is."""
+
+    def __init__(self, directory: str, problems: list[str], fix: str) -> None:
+        self.directory = directory
+        self.problems = problems
+        named = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        super().__init__(f"log directory {directory} is open to other users: {named}; {fix}")
