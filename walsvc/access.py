@@ -119,7 +119,8 @@ def prepare(directory: Path, group: str) -> None:
             logger.warning("log.group is %s but %s is not open to it (an existing log is never re-permissioned): "
                            "`chgrp -R %s %s && chmod -R g+rX %s && chmod g+s %s`", group, directory, group,
                            directory, directory, directory)
-    make_dir(directory / CURSOR_DIRNAME)
+    if gid is not None:
+        make_dir(directory / CURSOR_DIRNAME)  # readers of other accounts could not create it in a 2750 directory
 
 
 def unsafe_paths(directory: Path, gid: int | None) -> list[str]:
