@@ -171,5 +171,7 @@ def _fix(directory: Path, problems: list[str], group: str) -> str:
         if len(problems) == 1 and problems[0].startswith(f"{directory} ("):
             return f"fix with `chmod 700 {directory}`, or set [log] group to share it with one group"
         return f"fix with `chmod -R go-rwx {directory}`, or set [log] group to share it with one group"
-    return f"fix with `chgrp -R {group} {directory} && chmod -R o-rwx,g-w {directory} && chmod 3770 " \
-           f"{directory / CURSOR_DIRNAME}`"
+    fix = f"chgrp -R {group} {directory} && chmod -R o-rwx,g-w {directory}"
+    if (directory / CURSOR_DIRNAME).is_dir():
+        fix += f" && chmod 3770 {directory / CURSOR_DIRNAME}"  # group readers keep their cursors there
+    return f"fix with `{fix}`"
