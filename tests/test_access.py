@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import flip_bit, frame_offsets, segment_paths
 from helpers import REPO_ROOT, WriterProcess, python_env, run_cli, status
-from walsvc import Log, Producer, Reader, Record
+from walsvc import Log, Producer, Reader, Record, cursor
+from walsvc import frame as F
 from walsvc.config import LogConfig, load
 from walsvc.errors import ConfigError, UnsafePermissionsError
 
@@ -245,6 +247,36 @@ def test_new_and_empty_directories_are_private_whatever_the_umask(tmp_path):
             assert {m for m, _ in modes(directory).values()} == {0o700, 0o600}
     finally:
         os.umask(old)
+
+
+def test_quarantine_and_cursors_are_private_whatever_the_umask(tmp_path):
+    directory = tmp_path / "log"
+    old = os.umask(0)
+    try:
+        with Log.open(directory, segment_bytes=1 << 20, fsync="os") as log:
+            for i in range(20):
+                log.append_batch([Record.put(b"k", b"v" * 100)] * 3)
+        (path,) = segment_paths(directory)
+        off, _ = frame_offsets(path)[7]
+        flip_bit(path, off + F.FRAME_HEADER_SIZE + 40)
+        with Log.open(directory, segment_bytes=1 << 20, fsync="os", on_corruption="truncate") as log:
+            assert log.recovery.quarantined
+        cursor.store(directory, "r", 1)
+    finally:
+        os.umask(old)
+    seen = modes(directory)
+    assert {"quarantine", f"quarantine/{path.name}.from-{off}", "cursors", "cursors/r.cursor"} <= set(seen)
+    assert {m for m, _ in seen.values()} == {0o700, 0o600}
+
+
+@needs_root
+def test_a_log_owned_by_another_account_is_refused(tmp_path, nobody):
+    directory = tmp_path / "log"
+    _existing_log(directory)
+    os.chown(directory, nobody.pw_uid, -1)
+    with pytest.raises(UnsafePermissionsError,
+                       match=rf"{directory} is owned by uid {nobody.pw_uid}.*run it as the owner"):
+        Log.open(directory)
 
 
 def test_a_nonempty_directory_is_refused_in_process_too(tmp_path):
