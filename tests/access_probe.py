@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zmq  # noqa: E402,F401
 
-from walsvc import Producer, Reader  # noqa: E402
+from walsvc import Log, Producer, Reader  # noqa: E402
 
 
 def _act(action: list) -> str:
@@ -51,6 +51,9 @@ def _act(action: list) -> str:
     if op == "produce":  # ["produce", dir, value]
         with Producer(path) as producer:
             return f"ok:{producer.put(b'probe', action[2].encode()).result(20)}"
+    if op == "open-log":  # ["open-log", dir, group]: become a writer of a group-shared log
+        Log.open(path, group=action[2]).close()
+        return "ok"
     raise ValueError(f"unknown action {op!r}")
 
 

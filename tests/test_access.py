@@ -172,7 +172,11 @@ def test_produce_group_lets_members_produce(nobody, group, base):
     try:
         assert modes(directory)["sockets/ingest.sock"] == (0o660, gid)
         assert probe(nobody, gid, [["produce", str(directory), "from-member"]]) == ["ok:1"]
-        assert probe(nobody, nobody.pw_gid, [["connect", str(directory / "sockets/ingest.sock")]]) == ["EACCES"]
+        outsider = probe(nobody, nobody.pw_gid, [["connect", str(directory / "sockets/ingest.sock")],
+                                                  ["open-log", str(base / "other"), name]])
+        assert outsider[0] == "EACCES"
+        assert outsider[1].startswith(f"ConfigError: log.group: the writer's account (uid {nobody.pw_uid}) is not a "
+                                      f"member of group '{name}'"), outsider[1]
         with Reader(directory, "earliest") as reader:
             assert [r.value for r in reader.poll(10)] == [b"from-member"]
     finally:

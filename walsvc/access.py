@@ -99,8 +99,11 @@ def make_dir(path: Path) -> None:
 
 def prepare(directory: Path, group: str) -> None:
     """Create the log directory (or set up an empty one), or refuse an existing one that is open to others."""
-    directory.mkdir(parents=True, exist_ok=True)
     gid = group_id(group) if group else None
+    if gid is not None and os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ConfigError("log.group", f"the writer's account (uid {os.geteuid()}) is not a member of group "
+                          f"{group!r}, so it cannot give the log to that group: add it (`usermod -aG {group} USER`)")
+    directory.mkdir(parents=True, exist_ok=True)
     st = os.stat(directory)
     if st.st_uid != os.geteuid():
         raise UnsafePermissionsError(str(directory), [f"{directory} is owned by uid {st.st_uid}"],
