@@ -69,7 +69,11 @@ def _own(fd_or_path: int | Path, mode: int, gid: int) -> None:
 
 
 def open_file(path: Path, flags: int) -> int:
-    """Open `path`, creating it if it does not exist with the mode and group its directory calls for."""
+    """Open `path`, creating it if it does not exist with the mode and group its directory calls for.
+
+    Never through a symlink: in a group-writable cursors/ another member could plant one at a temp name.
+    """
+    flags |= os.O_NOFOLLOW
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     except FileExistsError:
