@@ -39,6 +39,11 @@ def _act(action: list) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(path)
         return "ok"
+    if op == "replace":  # write a file beside `path` and rename it over `path`, as a cursor commit does
+        tmp = Path(path).parent / f".probe.{os.getpid()}.tmp"
+        tmp.write_bytes(b"x" * 12)
+        os.rename(tmp, path)
+        return "ok"
     if op == "tail":  # ["tail", dir, expected count, reader name]: read everything, then commit a cursor
         got = []
         deadline = time.monotonic() + 20

@@ -8,6 +8,7 @@ is one walsvc chose, not one the umask narrowed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -24,6 +25,7 @@ import pytest
 from conftest import flip_bit, frame_offsets, segment_paths
 from helpers import REPO_ROOT, WriterProcess, python_env, run_cli, status
 from walsvc import Log, Producer, Reader, Record, cursor
+from walsvc import access
 from walsvc import frame as F
 from walsvc.config import LogConfig, load
 from walsvc.errors import ConfigError, UnsafePermissionsError
@@ -141,6 +143,7 @@ def test_group_member_reads_and_keeps_a_cursor_but_cannot_produce(nobody, group,
     writer = start_writer(directory, group_config(base, name))
     try:
         assert produce(directory, ["a", "b", "c"]) == [1, 2, 3]
+        cursor.store(directory, "ops", 2)  # the owner's own reader
         seen = modes(directory)
         assert seen["."] == (0o2750, gid) and seen["cursors"] == (0o3770, gid) and seen["sockets"] == (0o2750, gid)
         assert seen["sockets/ingest.sock"][0] == 0o600
@@ -150,14 +153,16 @@ def test_group_member_reads_and_keeps_a_cursor_but_cannot_produce(nobody, group,
         segment = str(next(directory.glob("*.wal")))
         member = probe(nobody, gid, [
             ["tail", str(directory), 3, "member"], ["write", segment],
+            ["replace", str(directory / "cursors/ops.cursor")], ["write", str(directory / "cursors/ops.cursor")],
             ["connect", str(directory / "sockets/ingest.sock")], ["connect", str(directory / "sockets/control.sock")]])
-        assert member == ["ok:1=a,2=b,3=c", "EACCES", "EACCES", "ok"]
-        cursor = directory / "cursors/member.cursor"
-        st = cursor.stat()
+        assert member == ["ok:1=a,2=b,3=c", "EACCES", "EPERM", "EACCES", "EACCES", "ok"]
+        assert cursor.load(directory, "ops") == 2  # the sticky cursors/ kept the owner's cursor
+        member_cursor = directory / "cursors/member.cursor"
+        st = member_cursor.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, gid, 0o640)
         assert status(directory)["cursors"]["member"]["lsn"] == 3  # the writer reads the member's cursor
         outsider = probe(nobody, nobody.pw_gid, [
-            ["read", segment], ["read", str(cursor)], ["list", str(directory)],
+            ["read", segment], ["read", str(member_cursor)], ["list", str(directory)],
             ["connect", str(directory / "sockets/ingest.sock")], ["connect", str(directory / "sockets/control.sock")]])
         assert outsider == ["EACCES"] * 5
     finally:
@@ -281,6 +286,16 @@ def test_a_log_owned_by_another_account_is_refused(tmp_path, nobody):
     with pytest.raises(UnsafePermissionsError,
                        match=rf"{directory} is owned by uid {nobody.pw_uid}.*run it as the owner"):
         Log.open(directory)
+
+
+def test_new_files_are_never_created_through_a_symlink(tmp_path):
+    target = tmp_path / "segment"
+    target.write_bytes(b"data")
+    link = tmp_path / ".r.1.tmp"
+    link.symlink_to(target)
+    with pytest.raises(OSError) as exc:
+        access.open_file(link, os.O_WRONLY | os.O_TRUNC)
+    assert exc.value.errno == errno.ELOOP and target.read_bytes() == b"data"
 
 
 def test_a_nonempty_directory_is_refused_in_process_too(tmp_path):
