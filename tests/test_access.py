@@ -188,6 +188,28 @@ def test_produce_group_lets_members_produce(nobody, group, base):
         writer.stop()
 
 
+@needs_root
+def test_group_reaches_sockets_in_the_runtime_directory(nobody, group, base):
+    name, gid = group
+    directory = base / ("d" * 60) / ("e" * 60) / "log"  # too long for AF_UNIX inside the log directory
+    directory.parent.mkdir(parents=True)
+    for p in (directory.parent, directory.parent.parent):
+        p.chmod(0o711)
+    config = base / "long.toml"
+    config.write_text(f'[log]\ndir = "{directory}"\ngroup = "{name}"\n')
+    writer = start_writer(directory, config)
+    try:
+        eps = json.loads((directory / "ENDPOINTS").read_text())
+        control_path = Path(eps["control"][len("ipc://"):])
+        assert not str(control_path).startswith(str(directory))
+        assert modes(control_path.parent)["."] == (0o2750, gid)
+        assert probe(nobody, gid, [["connect", str(control_path)], ["connect", eps["ingest"][len("ipc://"):]]]) \
+            == ["ok", "EACCES"]
+        assert probe(nobody, nobody.pw_gid, [["connect", str(control_path)]]) == ["EACCES"]
+    finally:
+        writer.stop()
+
+
 def _existing_log(directory: Path) -> None:
     with Log.open(directory, segment_bytes=1 << 20) as log:
         log.append(Record.put(b"k", b"v"))

@@ -79,7 +79,11 @@ def runtime_dir(directory: Path, shared: bool = False) -> Path:
     XDG_RUNTIME_DIR is private to its user)."""
     base = (not shared and os.environ.get("XDG_RUNTIME_DIR")) or tempfile.gettempdir()
     digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return Path(base) / f"walsvc-{os.getuid()}" / digest
+    return Path(base) / _runtime_parent() / digest
+
+
+def _runtime_parent() -> str:
+    return f"walsvc-{os.getuid()}"
 
 
 def private_dir(path: Path) -> Path:
@@ -115,6 +119,8 @@ def share_sockets(eps: Endpoints, group: str, produce_group: bool) -> None:
         socket_dir = Path(eps.control[len("ipc://"):]).parent
         os.chown(socket_dir, -1, gid)
         os.chmod(socket_dir, 0o2750)
+        if socket_dir.parent.name == _runtime_parent():  # ours; an older or private run may have left it 0700
+            os.chmod(socket_dir.parent, 0o711)
 
 
 def ipc_candidates(directory: Path, cfg: ServiceConfig, shared: bool = False) -> list[Path]:
