@@ -208,6 +208,8 @@ def test_group_reaches_sockets_in_the_runtime_directory(nobody, group, base):
         assert probe(nobody, nobody.pw_gid, [["connect", str(control_path)]]) == ["EACCES"]
     finally:
         writer.stop()
+        shutil.rmtree(json.loads((directory / "ENDPOINTS").read_text())["control"][len("ipc://"):].rsplit("/", 1)[0],
+                      ignore_errors=True)
 
 
 def _existing_log(directory: Path) -> None:
