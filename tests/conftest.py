@@ -36,6 +36,11 @@ from walsvc import Log, Record  # noqa: E402
 from walsvc import frame as F  # noqa: E402
 from walsvc.segment import list_segments  # noqa: E402
 
+# The suite runs under umask 077, as a careful operator's shell would: a file a test puts into a log directory
+# (a stray or damaged file) must not open the log to others, or the writer rightly refuses it (access.py).
+# test_access.py runs walsvc under umask 0 to show that walsvc's own modes never depend on the umask.
+os.umask(0o077)
+
 MiB = 1024 * 1024
 VECTORS_NAME = "nori-v1-records.json"
 

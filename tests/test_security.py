@@ -43,6 +43,7 @@ control = "tcp://127.0.0.1:{ports[2]}"
 curve_public_key = "{public.decode()}"
 curve_secret_key = "{secret.decode()}"
 """)
+    config.chmod(0o600)  # a config holding a secret key must not be readable by others (as ssh demands)
     directory = tmp_path / "log"
     writer = WriterProcess(directory, config=config).start()
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from . import access
 from .errors import ConfigError
 
 KiB = 1024
@@ -32,6 +33,12 @@ def _any(_v: Any) -> str | None:
     return None
 
 
+def _existing_group(name: str) -> str | None:
+    if name:
+        access.group_id(name)  # ConfigError naming log.group if there is no such group
+    return None
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
@@ -45,6 +52,7 @@ class LogConfig:
     index_interval_bytes: int = 64 * KiB
     producer_window: int = 128
     max_producers: int = 4096
+    group: str = ""  # "": private to the owner; else readable by this group (see access.py)
     # retention
     max_bytes: int = 0
     max_age_s: int = 0
@@ -78,12 +86,13 @@ _SCHEMA: dict[str, tuple[type, Callable[[Any], str | None]]] = {
     "index_interval_bytes": (int, _int_range(4 * KiB, 1 * GiB)),
     "producer_window": (int, _int_range(1, 65536)),
     "max_producers": (int, _int_range(1, 1_000_000)),
+    "group": (str, _existing_group),
     "max_bytes": (int, _int_range(0, 1 << 62)),
     "max_age_s": (int, _int_range(0, 1 << 40)),
     "max_cursor_lag_bytes": (int, _int_range(0, 1 << 62)),
 }
 _LOG_KEYS = {"segment_bytes", "max_record_bytes", "max_batch_bytes", "fsync", "fsync_window_ms", "preallocate",
-             "on_corruption", "index_interval_bytes", "producer_window", "max_producers"}
+             "on_corruption", "index_interval_bytes", "producer_window", "max_producers", "group"}
 _RETENTION_KEYS = {"max_bytes", "max_age_s", "max_cursor_lag_bytes"}
 
 
@@ -109,6 +118,7 @@ class ServiceConfig:
     curve_public_key: str = ""
     max_message_bytes: int = 64 * MiB
     ingest_hwm: int = 1000
+    produce_group: bool = False  # members of log.group may also connect to the ingest socket
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -146,6 +156,10 @@ class Config:
     log: LogConfig
     service: ServiceConfig
 
+    def __post_init__(self) -> None:
+        if self.service.produce_group and not self.log.group:
+            raise ConfigError("service.produce_group", "needs [log] group: the group whose members may produce")
+
 
 def load(path: str | Path | None = None, *, directory: str | Path | None = None) -> Config:
     """Read a TOML config (or only defaults); `directory` overrides `[log] dir`."""
@@ -154,10 +168,15 @@ def load(path: str | Path | None = None, *, directory: str | Path | None = None)
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
+                mode = os.fstat(f.fileno()).st_mode
         except OSError as exc:
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+        secret = data.get("service", {}).get("curve_secret_key") if isinstance(data.get("service"), dict) else ""
+        if secret and mode & 0o077:
+            raise ConfigError("service.curve_secret_key", f"{path} holds a CURVE secret key but its mode is "
+                              f"{mode & 0o777:04o} (group or others may read it): `chmod 600 {path}`")
     unknown = sorted(set(data) - {"log", "retention", "service"})
     if unknown:
         raise ConfigError(unknown[0], "unknown section; known: log, retention, service")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
+from .access import make_dir, open_file
 from .errors import ConfigError
 from .fsync import sync_dir
 
@@ -48,12 +49,12 @@ def load(directory: Path, name: str) -> int | None:
 def store(directory: Path, name: str, lsn: int) -> None:
     cdir = directory / DIRNAME
     if not cdir.is_dir():
-        cdir.mkdir(exist_ok=True)
+        make_dir(cdir)
         sync_dir(directory)
     final = cdir / (check_name(name) + SUFFIX)
     tmp = cdir / f".{name}.{os.getpid()}.tmp"
     body = struct.pack("<Q", lsn)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_file(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         os.write(fd, body + struct.pack("<I", crc32c(body)))
         os.fsync(fd)

@@ -5,6 +5,11 @@ AF_UNIX path is limited to about 107 bytes, and FUSE or network file systems can
 ("Function not implemented"); then the sockets go to a private runtime directory (mode 0700) named after
 the log's real path.  Either way the writer records the endpoints in `DIR/ENDPOINTS` (JSON, replaced
 atomically), which every producer and reader reads first.
+
+Connecting to an ipc socket needs write permission on its file and search permission on its directory.  The
+directory stays 0700 while the writer binds; then `share_sockets` makes the socket files 0600, or with
+`[log] group` opens publish and control (and ingest only with `[service] produce_group`) to that group, 0660,
+and only then the directory, 2750.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zmq
 
+from .access import group_id, open_file
 from .config import ServiceConfig
 from .errors import ServiceUnavailableError
 from .fsync import sync_dir
@@ -46,7 +53,9 @@ class Endpoints:
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{FILENAME}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(open_file(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
+            f.write(json.dumps(asdict(self), indent=1) + "\n")
         os.replace(tmp, directory / FILENAME)
         sync_dir(directory)
 
@@ -65,25 +74,61 @@ def load(directory: str | os.PathLike) -> Endpoints:
         raise ServiceUnavailableError(f"{path} is unreadable: {exc}") from None
 
 
-def runtime_dir(directory: Path) -> Path:
-    """A private directory for this log's sockets outside the log directory."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+def runtime_dir(directory: Path, shared: bool = False) -> Path:
+    """A directory for this log's sockets outside the log directory (under /tmp when a group shares them:
+    XDG_RUNTIME_DIR is private to its user)."""
+    base = (not shared and os.environ.get("XDG_RUNTIME_DIR")) or tempfile.gettempdir()
     digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return Path(base) / f"walsvc-{os.getuid()}" / digest
+    return Path(base) / _runtime_parent() / digest
+
+
+def _runtime_parent() -> str:
+    return f"walsvc-{os.getuid()}"
 
 
 def private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create (or reuse) a socket directory and close it (0700) for binding.
+
+    Refuses one that another account owns, or whose parent another account could replace it in.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o711)  # traversable (a group may reach a shared socket directory), not listable
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st, parent = os.lstat(path), os.stat(path.parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(f"{path} is not a directory owned by uid {os.geteuid()}")
+    if parent.st_uid not in (0, os.geteuid()) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise OSError(f"{path.parent} is writable by other accounts (mode {parent.st_mode & 0o7777:04o}, "
+                      f"uid {parent.st_uid})")
     os.chmod(path, 0o700)
     return path
 
 
-def ipc_candidates(directory: Path, cfg: ServiceConfig) -> list[Path]:
-    """Socket directories to try, best first."""
+def share_sockets(eps: Endpoints, group: str, produce_group: bool) -> None:
+    """After binding ipc sockets in a `private_dir`: open them (and then their directory) as the config says."""
+    gid = group_id(group) if group else -1
+    for endpoint, shared in ((eps.ingest, produce_group), (eps.publish, True), (eps.control, True)):
+        path = endpoint[len("ipc://"):]
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660 if gid >= 0 and shared else 0o600)
+    if gid >= 0:
+        socket_dir = Path(eps.control[len("ipc://"):]).parent
+        os.chown(socket_dir, -1, gid)
+        os.chmod(socket_dir, 0o2750)
+        if socket_dir.parent.name == _runtime_parent():  # ours; an older or private run may have left it 0700
+            os.chmod(socket_dir.parent, 0o711)
+
+
+def ipc_candidates(directory: Path, cfg: ServiceConfig, shared: bool = False) -> list[Path]:
+    """Socket directories to try, best first (`shared`: a group will use them)."""
     if cfg.socket_dir:
         return [Path(cfg.socket_dir)]
     inside = directory.resolve() / SOCKET_SUBDIR
-    fallback = runtime_dir(directory)
+    fallback = runtime_dir(directory, shared)
     if len(str(inside / "control.sock")) + len("ipc://") > MAX_IPC_PATH + len("ipc://"):
         return [fallback]
     return [inside, fallback]

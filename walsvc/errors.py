@@ -177,3 +177,13 @@ class GroupError(WalError):
         self.group = group
         self.detail = detail
         super().__init__(f"consumer group {group!r}: {detail}")
+
+
+class UnsafePermissionsError(WalError):
+    """The log directory (or a file in it) is open to other accounts; the writer will not use it as it is."""
+
+    def __init__(self, directory: str, problems: list[str], fix: str) -> None:
+        self.directory = directory
+        self.problems = problems
+        named = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
+        super().__init__(f"log directory {directory} is open to other users: {named}; {fix}")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from crc32c import crc32c
 
+from .access import open_file
+
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
 _LAYOUT = struct.Struct("<8sQQQQ")
@@ -67,7 +69,7 @@ class HeadWriter:
     """The writer's side: one pwrite per commit."""
 
     def __init__(self, directory: Path) -> None:
-        self.fd = os.open(directory / NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_file(directory / NAME, os.O_RDWR)
 
     def publish(self, head: Head) -> None:
         os.pwrite(self.fd, encode(head), 0)

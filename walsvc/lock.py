@@ -10,6 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from .access import open_file
 from .errors import LogLockedError
 
 NAME = "LOCK"
@@ -18,7 +19,7 @@ NAME = "LOCK"
 class DirectoryLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_file(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from crc32c import crc32c
 
 from . import frame as F
-from . import retention
+from . import access, retention
 from .config import LogConfig
 from .cursor import load_all as load_cursors
 from .errors import InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
@@ -41,7 +41,7 @@ class Log:
         self.directory = directory
         self.config = config
         self._on_commit_cb = on_commit
-        directory.mkdir(parents=True, exist_ok=True)
+        access.prepare(directory, config.group)
         self._lock_file = DirectoryLock(directory)
         try:
             self.recovery, state = recover(directory, config, verify=verify)

@@ -22,6 +22,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from . import frame as F
+from .access import make_dir, open_file
 from .errors import CorruptionError, RecordError
 from .fsync import sync_data, sync_dir
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
@@ -306,9 +307,9 @@ def _max_end_lsn_after(fd: int, start: int, size: int) -> int:
 def _save_tail(directory: Path, path: Path, fd: int, start: int, size: int, info: RecoveryInfo) -> None:
     """Copy the bytes about to be cut into quarantine/, so a repair never destroys evidence or data."""
     qdir = directory / QUARANTINE
-    qdir.mkdir(exist_ok=True)
+    make_dir(qdir)
     target = qdir / f"{path.name}.from-{start}"
-    with open(target, "wb") as out:
+    with os.fdopen(open_file(target, os.O_WRONLY | os.O_TRUNC), "wb") as out:
         pos = start
         while pos < size:
             chunk = os.pread(fd, min(SCAN_CHUNK * 8, size - pos), pos)
@@ -324,7 +325,7 @@ def _quarantine(directory: Path, paths: list[Path], info: RecoveryInfo) -> None:
     if not paths:
         return
     qdir = directory / QUARANTINE
-    qdir.mkdir(exist_ok=True)
+    make_dir(qdir)
     for p in paths:
         target = qdir / p.name
         os.rename(p, target)

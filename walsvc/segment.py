@@ -17,6 +17,7 @@ from typing import Iterator
 from crc32c import crc32c
 
 from . import frame as F
+from .access import open_file
 from .errors import ChecksumError, IncompleteRecordError, RecordError
 from .fsync import preallocate, sync_data, sync_dir
 
@@ -78,7 +79,7 @@ class ActiveSegment:
 def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, prealloc: bool) -> ActiveSegment:
     """Create, preallocate and fsync a new segment, then fsync the directory so its name survives a crash."""
     path = directory / segment_name(base_lsn)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = open_file(path, os.O_RDWR | os.O_EXCL)
     try:
         header = F.SegmentHeader(segment_id, base_lsn, now_us())
         if prealloc:

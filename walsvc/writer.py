@@ -26,7 +26,7 @@ import zmq
 from . import cursor
 from . import protocol as P
 from .config import Config
-from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
+from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
 from .errors import GroupError, LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
 from .group import GROUP_OPS, GroupTable
 from .log import Log
@@ -118,12 +118,14 @@ class Writer:
 
     def _bind_ipc(self) -> Endpoints:
         errors = []
-        for candidate in ipc_candidates(self.directory, self.config.service):
+        group, svc = self.config.log.group, self.config.service
+        for candidate in ipc_candidates(self.directory, svc, shared=bool(group)):
             try:
                 eps = ipc_endpoints(private_dir(candidate))
                 for endpoint in (eps.ingest, eps.publish, eps.control):
                     Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
                 self._bind(eps)
+                share_sockets(eps, group, svc.produce_group)
                 return eps
             except (zmq.ZMQError, OSError) as exc:
                 errors.append(f"{candidate}: {exc}")
