@@ -60,6 +60,18 @@ def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **flags)) if flags else cfg
 
 
+def _require_log(directory: Path, key: str) -> None:
+    """A typo in --dir must be an error, not an empty result with exit status 0."""
+    from .head import NAME as HEAD
+    from .segment import list_segments
+    if not directory.exists():
+        raise ConfigError(key, f"{directory} does not exist (no log there)")
+    if not directory.is_dir():
+        raise ConfigError(key, f"{directory} is not a directory")
+    if not list_segments(directory) and not (directory / HEAD).exists():
+        raise ConfigError(key, f"{directory} is not a walsvc log (no segment files, no HEAD)")
+
+
 # -- subcommands ---------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -139,73 +151,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 reader.commit(batch[-1].lsn)
 
 
-def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | None:
-    import zmq
-
-    from .endpoints import load as load_endpoints
-    from .errors import ServiceUnavailableError
-    from .head import HeadReader
-    from .protocol import encode_request
-    head = HeadReader(directory).read()
-    if head is None or not head.writer_alive():
-        return None
-    try:
-        eps = load_endpoints(directory)
-    except ServiceUnavailableError:
-        return None
-    ctx = zmq.Context()
-    try:
-        sock = eps.secure(ctx.socket(zmq.REQ))
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(eps.control)
-        sock.send(encode_request("status"))
-        if not sock.poll(timeout_ms):
-            return None
-        return json.loads(sock.recv())
-    finally:
-        ctx.destroy(linger=0)
-
-
-def offline_status(directory: Path) -> dict[str, Any]:
-    from .cursor import load_all
-    from .head import HeadReader
-    from .reader import end_of_valid_data
-    from .segment import list_segments
-    segments = list_segments(directory)
-    head = HeadReader(directory).read()
-    last = end_of_valid_data(directory) - 1 if segments else 0
-    return {"writer": "offline", "directory": str(directory),
-            "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
-            "head_committed_lsn": head.committed_lsn if head else None,
-            "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
-            "cursors": {n: {"lsn": lsn, "lag_records": max(0, last - lsn)} for n, lsn in load_all(directory).items()}}
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    from .head import HeadReader
+    import time
+
+    from .status import collect, format_text
     cfg = _load(args)
-    if not cfg.directory.is_dir():
-        return _fail(f"--dir: {cfg.directory} is not a log directory (it does not exist)", 2)
-    status = _writer_status(cfg.directory)
-    if status is None:
-        status = offline_status(cfg.directory)
-        head = HeadReader(cfg.directory).read()
-        if head is not None and head.writer_alive():
-            # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
-            status["writer"] = f"unresponsive (pid {head.writer_pid} did not answer within 1 s)"
-    else:
-        status["writer"] = "running"
-    if args.json:
-        print(json.dumps(status, indent=1))
-        return 0
-    for key, value in status.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
-    return 0
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    before: dict[str, Any] | None = None
+    while True:
+        st = collect(cfg.directory)
+        print(json.dumps(st, indent=1) if args.json else format_text(st, before, args.watch or 0.0), flush=True)
+        if not args.watch:
+            return 0
+        before = st
+        time.sleep(args.watch)
+        if not args.json:
+            print(flush=True)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
