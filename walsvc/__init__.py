@@ -4,7 +4,10 @@ Embedded: `Log.open(directory)` with `Record.put/delete`, `log.append_batch`, `l
 Service: one writer process (`walsvc serve`), any number of `Producer`s and `Reader`s in other processes.
 """
 
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (tool.setuptools.dynamic)
+
 from .config import LogConfig
+from .cursor import delete_cursor, list_cursors, reset_cursor
 from .errors import *  # noqa: F401,F403  (every exception is part of the public API)
 from .log import Log
 from .producer import Producer, RecordFuture
@@ -12,4 +15,4 @@ from .reader import LogReader, Reader
 from .record import Record
 from .recovery import RecoveryInfo
 
-__all__ = ["Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture", "RecoveryInfo"]
+__all__ = ["__version__", "delete_cursor", "list_cursors", "reset_cursor", "Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture", "RecoveryInfo"]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import config as C
 from .errors import ConfigError, WalError
@@ -21,7 +23,25 @@ from .errors import ConfigError, WalError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:  # a misspelled subcommand: suggest the nearest ones
+            choices = re.findall(r"'([^']*)'", bad.group(2))
+            near = difflib.get_close_matches(bad.group(1), choices, n=2, cutoff=0.5)
+            message += f"; did you mean {' or '.join(near)}?" if near else ""
         raise SystemExit(_fail(f"{self.prog}: {message}", 2))
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> int:
+    """`walsvc CMD: unrecognized arguments: --x`, naming the subcommand and the nearest real flags."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for word in extra:
+        near = difflib.get_close_matches(word.partition("=")[0], flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        if near:
+            hints.append(f"{word}: did you mean {near[0]}?")
+    return _fail(f"walsvc {command}: unrecognized arguments: {' '.join(extra)}"
+                 + (f" ({'; '.join(hints)})" if hints else f"; see walsvc {command} --help"), 2)
 
 
 def _fail(message: str, code: int) -> int:
@@ -38,6 +58,13 @@ def _start(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"must be an LSN, 'earliest' or 'latest', not {value!r}") from None
     if lsn < 1:
         raise argparse.ArgumentTypeError(f"LSNs start at 1, got {lsn}")
+    return lsn
+
+
+def _lsn(value: str) -> int:
+    lsn = _start(value)
+    if not isinstance(lsn, int):
+        raise argparse.ArgumentTypeError(f"must be an LSN, not {value!r}")
     return lsn
 
 
@@ -91,6 +118,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    """One record per line.  Each LSN is printed as soon as it is durable; on a bad line or Ctrl-C, what was
+    already stored is printed before the error, so the user knows exactly which lines made it."""
     import collections
 
     from .producer import Producer
@@ -98,22 +127,43 @@ def cmd_produce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     pending: collections.deque = collections.deque()
     producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+
+    def print_done() -> None:
+        while pending and pending[0].done():
+            print(pending.popleft().result(), flush=True)
+
+    def settle(timeout: float) -> None:
+        """Print every LSN acknowledged within `timeout`; what remains unknown is reported by the caller."""
+        try:
+            producer.flush(timeout)
+        finally:
+            print_done()
+
     try:
-        for line in sys.stdin.buffer:
+        for n, line in enumerate(sys.stdin.buffer, 1):
             line = line.rstrip(b"\n")
-            if args.kv:
+            if args.kv and not args.delete:
                 key, sep, value = line.partition(b"\t")
                 if not sep:
-                    producer.flush(args.timeout)  # the lines before it are appended: wait for them as usual
-                    return _fail(f"--kv: line without a TAB: {line[:60]!r}", 2)
+                    settle(args.timeout)  # the lines before it are appended: report them as usual
+                    return _fail(f"--kv: line {n} has no TAB: {line[:60]!r}; lines before it were stored "
+                                 "(their LSNs are printed above), this one and later ones were not", 2)
+            elif args.delete:
+                key, value = line, b""
             else:
                 key, value = b"", line
-            pending.append(producer.append(Record.put(key, value)))
-            while pending and pending[0].done():
-                print(pending.popleft().result(), flush=False)
-        producer.flush(args.timeout)
-        while pending:
-            print(pending.popleft().result())
+            record = Record.delete(key) if args.delete else Record.put(key, value, ttl_ms=args.ttl_ms)
+            pending.append(producer.append(record))
+            print_done()
+        settle(args.timeout)
+    except KeyboardInterrupt:
+        try:
+            settle(min(args.timeout, 5.0))
+        except (TimeoutError, WalError):
+            pass
+        print(f"walsvc: interrupted: {len(pending)} appended record(s) not confirmed; every LSN printed "
+              "above is stored", file=sys.stderr)
+        return 130
     finally:
         try:
             producer.close(0)  # flushed above, or failing: not another 30 s wait (close's default) on top
@@ -123,11 +173,43 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _position(args: argparse.Namespace, directory: Path) -> int | str:
+    """Where tail/dump start: --from, --from-time or the default, checked against the log (never a silent skip)."""
+    from .seek import committed_end, lsn_at_time
+    if args.from_time is not None:
+        return lsn_at_time(directory, args.from_time)
+    start = args.start if args.start is not None else "earliest"
+    if isinstance(start, int):
+        end = committed_end(directory)
+        if start > end + 1:
+            raise ConfigError("--from", f"LSN {start} is past the end of the log (committed up to LSN {end}); "
+                              "--from latest waits for new records")
+    return start
+
+
+def _stop_at(args: argparse.Namespace) -> Callable[[int, int], bool]:
+    """True once `lsn` is past --to or `count` records have been printed (--limit)."""
+    to, limit = args.to, args.limit
+    return lambda lsn, count: (to is not None and lsn > to) or (limit is not None and count >= limit)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
+    from . import cursor
     from .inspect import record_dict
     from .reader import Reader
     cfg = _load(args)
-    with Reader(cfg.directory, args.start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
+    if args.name is not None:
+        cursor.check_name(args.name)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    start = _position(args, cfg.directory)
+    if args.name and (args.start is not None or args.from_time is not None):
+        stored = cursor.load(cfg.directory, cursor.check_name(args.name))
+        if stored is not None:
+            raise ConfigError("--from", f"the cursor {args.name!r} exists (at LSN {stored}): --name resumes there; "
+                              f"drop --from/--from-time, or move it with `walsvc cursors reset {args.name} --to LSN`")
+    done = _stop_at(args)
+    printed = 0
+    with Reader(cfg.directory, start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)
@@ -138,17 +220,25 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     return 0
                 continue
             lines = []
+            last = None
             for r in batch:
+                if done(r.lsn, printed):
+                    break
                 if args.json:
                     lines.append(json.dumps(record_dict(r)))
                 else:
                     kind = "DEL" if r.tombstone else "PUT"
                     lines.append(f"{r.lsn}\t{kind}\t{r.key.decode(errors='replace')}\t"
                                  f"{r.value.decode(errors='replace')}")
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
-            if args.name:
-                reader.commit(batch[-1].lsn)
+                printed += 1
+                last = r.lsn
+            if lines:
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+            if args.name and last is not None:
+                reader.commit(last)
+            if len(lines) < len(batch) or done(batch[-1].lsn + 1, printed):
+                return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -180,8 +270,42 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from .inspect import dump
     cfg = _load(args)
-    for item in dump(cfg.directory, args.start, frames=args.frames):
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    done = _stop_at(args)
+    for n, item in enumerate(dump(cfg.directory, _position(args, cfg.directory), frames=args.frames)):
+        if done(item["lsn"] if "lsn" in item else item["base_lsn"], n):
+            break
         print(json.dumps(item))
+    return 0
+
+
+def cmd_cursors(args: argparse.Namespace) -> int:
+    from .cursor import delete_cursor, list_cursors, reset_cursor
+    from .seek import committed_end
+    cfg = _load(args)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    if args.action == "list":
+        cursors = list_cursors(cfg.directory)
+        end = committed_end(cfg.directory)
+        rows = {n: {"lsn": lsn, "lag_records": max(0, end - lsn)} for n, lsn in sorted(cursors.items())}
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        elif not rows:
+            print(f"no named cursors in {cfg.directory}")
+        for name, row in rows.items() if not args.json else ():
+            print(f"{name}\tat LSN {row['lsn']}\t{row['lag_records']} records behind")
+        return 0
+    if not args.name:
+        raise ConfigError("cursors", f"{args.action} needs a cursor name: walsvc cursors {args.action} NAME")
+    if args.action == "reset":
+        if args.to is None:
+            raise ConfigError("--to", "reset needs --to LSN, earliest or latest (where the reader resumes)")
+        lsn = reset_cursor(cfg.directory, args.name, args.to)
+        print(f"cursor {args.name}: the reader resumes at LSN {lsn + 1}")
+        return 0
+    if not delete_cursor(cfg.directory, args.name):
+        return _fail(f"cursors delete: no cursor named {args.name!r} in {cfg.directory}", 1)
+    print(f"cursor {args.name} deleted")
     return 0
 
 
@@ -198,9 +322,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(argv) or 0
 
 
+def _time(value: str) -> int:
+    """ISO 8601 (a time without a zone is local time) -> µs since the epoch."""
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO 8601 time such as 2026-01-31T12:00:00Z, "
+                                         f"not {value!r}") from None
+    return int(when.timestamp() * 1_000_000)
+
+
+def _range_flags(p: argparse.ArgumentParser) -> None:
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", type=_start,
+                       help="LSN, earliest (default) or latest; an LSN past the committed end is an error")
+    start.add_argument("--from-time", type=_time, metavar="ISO8601",
+                       help="start at the first record written at or after this time")
+    p.add_argument("--to", type=_lsn, metavar="LSN", help="stop after this LSN")
+    p.add_argument("--limit", type=_positive, help="stop after this many records (frames with --frames)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from . import __version__
+    parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.",
+                     epilog="`walsvc COMMAND --help` describes a command's flags.")
+    parser.add_argument("--version", action="version", version=f"walsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -216,17 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
     p.add_argument("--linger-ms", type=float, default=5.0, help="batching delay (default 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
+    p.add_argument("--delete", action="store_true", help="each line is a key to delete (a tombstone)")
+    p.add_argument("--ttl", dest="ttl_ms", type=_positive, metavar="MS",
+                   help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
 
     p = command("tail", "print records as JSON lines or text")
-    p.add_argument("--from", dest="start", type=_start, default="earliest", help="LSN, earliest or latest")
+    _range_flags(p)
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
-    p.add_argument("--name", help="named reader: resume from and commit a durable cursor")
+    p.add_argument("--name", help="named reader: resume after its durable cursor and commit as it prints "
+                                  "(--from applies only when the cursor does not exist yet)")
     p.add_argument("--json", action="store_true", help="JSON lines (lsn, timestamp, tombstone, ttl_ms, key, value)")
     p.set_defaults(func=cmd_tail)
 
-    p = command("status", "LSNs, segments, policy, producers, cursors and counters")
-    p.add_argument("--json", action="store_true")
+    p = command("status", "the writer's state, LSNs, segments, rates, latency, producers, cursors, counters")
+    p.add_argument("--json", action="store_true", help="JSON (fields in docs/PROTOCOL.md)")
+    p.add_argument("--watch", type=float, metavar="SECONDS",
+                   help="repeat every SECONDS, with rates over the last interval")
     p.set_defaults(func=cmd_status)
 
     p = command("verify", "check every segment, frame and record (read-only, safe on a live log)")
@@ -234,9 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = command("dump", "print records (or frames) as JSON lines (read-only)")
-    p.add_argument("--from", dest="start", type=_start, default="earliest")
+    _range_flags(p)
     p.add_argument("--frames", action="store_true", help="one line per frame instead of per record")
     p.set_defaults(func=cmd_dump)
+
+    p = command("cursors", "list named readers' cursors, move one (reset) or forget one (delete)")
+    p.add_argument("action", choices=["list", "reset", "delete"])
+    p.add_argument("name", nargs="?", help="the cursor (reader name) for reset and delete")
+    p.add_argument("--to", type=_start, help="reset: the LSN the reader resumes at, earliest or latest")
+    p.add_argument("--json", action="store_true", help="list: JSON")
+    p.set_defaults(func=cmd_cursors)
 
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
     p.add_argument("--producers", type=_positive, default=2)
@@ -256,7 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # `walsvc` alone: what it can do, not "the following arguments are required"
+        parser.print_help()
+        return 2
+    if extra:
+        return _unknown_flags(parser, args.command, extra)
     try:
         return args.func(args)
     except ConfigError as exc:
