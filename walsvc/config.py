@@ -35,7 +35,7 @@ def _any(_v: Any) -> str | None:
 @dataclass(frozen=True)
 class LogConfig:
     """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
-    segment_bytes: int = 128 * MiB
+    segment_bytes: int = 16 * MiB  # small enough for a demo log, large enough that rotation is rare
     max_record_bytes: int = 16 * MiB
     max_batch_bytes: int = 32 * MiB
     fsync: str = "batch"
