@@ -109,6 +109,7 @@ class ServiceConfig:
     curve_public_key: str = ""
     max_message_bytes: int = 64 * MiB
     ingest_hwm: int = 1000
+    metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0: off
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -131,6 +132,7 @@ class ServiceConfig:
 _SERVICE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_message_bytes": _int_range(4 * KiB, 2 * GiB),
     "ingest_hwm": _int_range(1, 1_000_000),
+    "metrics_port": _int_range(0, 65535),
 }
 
 

@@ -301,7 +301,7 @@ def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path, producers: in
         f"ran {elapsed:.1f} s")
     say(f"  rates: produced {acked / elapsed:,.0f} rec/s, consumed "
         f"[{' '.join(f'{c / elapsed:,.0f}' for c in c_final)}] rec/s")
-    if latency:
+    if latency and latency.get("count"):
         say(f"  append-to-ack latency (writer): p50 {latency['p50_us']:,.0f} us, p99 {latency['p99_us']:,.0f} us, "
             f"max {latency['max_us']:,.0f} us over {latency['count']:,} batches")
     say(f"  final lag: [{' '.join(str(max(0, acked - c)) for c in c_final)}] records")
