@@ -212,7 +212,7 @@ def test_status_json_with_and_without_a_writer(tmp_path: Path, writers) -> None:
     assert st["writer"] == "running"
     assert st["pid"] == writer.pid
     assert (st["committed_lsn"], st["first_lsn"], st["fsync"]) == (7, 1, "os")
-    assert st["counters"]["records"] == 7 and st["rejected"] == {}
+    assert st["counters"]["records"] == 7 and {k: v for k, v in st["rejected"].items() if v} == {}
     human = run_cli("status", "--dir", str(d))
     assert human.returncode == 0, human.stderr
     assert human.stdout.startswith(f"writer: running, pid {writer.pid}"), human.stdout

@@ -132,6 +132,18 @@ def test_produce_reports_what_was_stored_before_a_bad_line(tmp_path: Path, write
     result = run_cli("produce", "--dir", str(d), "--kv", input="a\t1\nb\t2\nno tab here\nc\t3\n")
     one_line_error(result, "line 3", "no TAB")
     assert result.stdout.split() == ["1", "2"]
+    # Each LSN appears once durable, while stdin is still open (a person typing, a slow pipe).
+    typing = subprocess.Popen(walsvc_cmd("produce", "--dir", str(d)), cwd=REPO_ROOT, env=python_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        typing.stdin.write("first\n")
+        typing.stdin.flush()
+        assert typing.stdout.readline() == "3\n"
+        typing.stdin.write("second\n")
+        typing.stdin.close()
+        assert typing.stdout.read() == "4\n" and typing.wait(30) == 0
+    finally:
+        typing.kill()
 
 
 def test_from_past_the_end_is_an_error_never_a_silent_skip(tmp_path: Path) -> None:

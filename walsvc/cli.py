@@ -117,27 +117,70 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LsnPrinter:
+    """Prints each record's LSN, in input order, as soon as it is durable, from its own thread: stdin may
+    block (a person typing) while acks arrive.  Stops at the first failed record and keeps its error."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+        self.queue: "queue.Queue[Any]" = queue.Queue()
+        self.error: BaseException | None = None
+        self.printed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="walsvc-produce-acks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (future := self.queue.get()) is not None:
+            while self.error is None and not self._stop.is_set():
+                try:
+                    lsn = future.result(0.2)
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # a nack or a closed producer: reported by the main thread
+                    self.error = exc
+                    break
+                try:
+                    print(lsn, flush=True)
+                except BrokenPipeError:
+                    self.error = BrokenPipeError("stdout closed")
+                    break
+                self.printed += 1
+                break
+
+    def finish(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every queued LSN to print; False if some are still unknown."""
+        self.queue.put(None)
+        self._thread.join(timeout)
+        self._stop.set()
+        return not self._thread.is_alive()
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
-    """One record per line.  Each LSN is printed as soon as it is durable; on a bad line or Ctrl-C, what was
-    already stored is printed before the error, so the user knows exactly which lines made it."""
-    import collections
+    """One record per line.  Each LSN is printed as soon as it is durable; on a bad line, an error or Ctrl-C,
+    what was already stored is printed before the message, so the user knows exactly which lines made it."""
+    import time
 
     from .producer import Producer
     from .record import Record
     cfg = _load(args)
-    pending: collections.deque = collections.deque()
     producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+    printer = _LsnPrinter()
+    appended = 0
 
-    def print_done() -> None:
-        while pending and pending[0].done():
-            print(pending.popleft().result(), flush=True)
-
-    def settle(timeout: float) -> None:
-        """Print every LSN acknowledged within `timeout`; what remains unknown is reported by the caller."""
+    def settle(timeout: float) -> str:
+        """Wait for the acks of what was appended; a sentence about any that did not come."""
+        deadline = time.monotonic() + timeout
         try:
             producer.flush(timeout)
-        finally:
-            print_done()
+        except (TimeoutError, WalError) as exc:
+            printer.finish(max(0.0, deadline - time.monotonic()))
+            return f"{exc}; {printer.printed} of {appended} appended line(s) confirmed stored (their LSNs are above)"
+        if not printer.finish(max(1.0, deadline - time.monotonic())) or printer.error is not None:
+            return (f"{printer.error or 'acks did not arrive in time'}; {printer.printed} of {appended} appended "
+                    "line(s) confirmed stored (their LSNs are above)")
+        return ""
 
     try:
         for n, line in enumerate(sys.stdin.buffer, 1):
@@ -145,32 +188,30 @@ def cmd_produce(args: argparse.Namespace) -> int:
             if args.kv and not args.delete:
                 key, sep, value = line.partition(b"\t")
                 if not sep:
-                    settle(args.timeout)  # the lines before it are appended: report them as usual
-                    return _fail(f"--kv: line {n} has no TAB: {line[:60]!r}; lines before it were stored "
-                                 "(their LSNs are printed above), this one and later ones were not", 2)
+                    problem = settle(args.timeout)
+                    return _fail(f"--kv: line {n} has no TAB: {line[:60]!r}; " + (problem or
+                                 f"the {appended} line(s) before it were stored (their LSNs are above), "
+                                 "this one and later ones were not"), 2)
             elif args.delete:
                 key, value = line, b""
             else:
                 key, value = b"", line
             record = Record.delete(key) if args.delete else Record.put(key, value, ttl_ms=args.ttl_ms)
-            pending.append(producer.append(record))
-            print_done()
-        settle(args.timeout)
+            printer.queue.put(producer.append(record))
+            appended += 1
+            if printer.error is not None:
+                break
+        problem = settle(args.timeout)
+        return _fail(problem, 1) if problem else 0
     except KeyboardInterrupt:
-        try:
-            settle(min(args.timeout, 5.0))
-        except (TimeoutError, WalError):
-            pass
-        print(f"walsvc: interrupted: {len(pending)} appended record(s) not confirmed; every LSN printed "
-              "above is stored", file=sys.stderr)
+        problem = settle(min(args.timeout, 5.0))
+        print(f"walsvc: interrupted: {problem or f'all {appended} appended line(s) were stored'}", file=sys.stderr)
         return 130
     finally:
         try:
             producer.close(0)  # flushed above, or failing: not another 30 s wait (close's default) on top
         except TimeoutError:
             pass
-    sys.stdout.flush()
-    return 0
 
 
 def _position(args: argparse.Namespace, directory: Path) -> int | str:
