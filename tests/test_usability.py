@@ -162,6 +162,7 @@ def test_from_time_starts_at_the_first_record_written_then(tmp_path: Path) -> No
     with walsvc.Log.open(d) as log:
         stamps = [r.timestamp for r in log.read(1)]
     between = datetime.datetime.fromtimestamp((stamps[0] + stamps[1]) / 2e6, tz=datetime.timezone.utc)
+    assert walsvc.lsn_at_time(d, between) == 2 and walsvc.lsn_at_time(d, stamps[0]) == 1
     tail = ["tail", "--dir", str(d), "--from-time"]
     mid, early, late, bad, both = run_all(tail + [between.isoformat()], ["dump", "--dir", str(d), "--from-time",
                                           "2000-01-01T00:00:00Z"], tail + ["2999-01-01T00:00:00+00:00"],

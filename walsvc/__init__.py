@@ -12,7 +12,9 @@ from .errors import *  # noqa: F401,F403  (every exception is part of the public
 from .log import Log
 from .producer import Producer, RecordFuture
 from .reader import LogReader, Reader
+from .seek import lsn_at_time
 from .record import Record
 from .recovery import RecoveryInfo
 
-__all__ = ["__version__", "delete_cursor", "list_cursors", "reset_cursor", "Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture", "RecoveryInfo"]
+__all__ = ["__version__", "Log", "LogConfig", "LogReader", "Producer", "Reader", "Record", "RecordFuture",
+           "RecoveryInfo", "delete_cursor", "list_cursors", "lsn_at_time", "reset_cursor"]

@@ -3,7 +3,8 @@
 Written with write-to-temp, fsync, rename, fsync-directory, so a cursor is either the old or the new value
 after any crash.  A named cursor has one reader at a time: `CursorLock` holds an flock on
 `DIR/cursors/NAME.lock` (holding the owner's PID) for as long as the reader is open, and dies with it.
-Cursors only move forward through `advance` (a reader's commit); `reset_cursor` moves one anywhere on purpose.  Retention reads them so that it never deletes what a named reader still needs (within
+Cursors only move forward through `advance` (a reader's commit); `reset_cursor` moves one anywhere on
+purpose.  Retention reads them so that it never deletes what a named reader still needs (within
 `max_cursor_lag_bytes`).
 
     0 8  last processed LSN

@@ -75,7 +75,8 @@ class Histogram:
         samples = self.window()
         p50, p99 = _rank(samples, 0.5), _rank(samples, 0.99)
         return {"count": self.count, "mean_us": round(self.total_us / self.count, 1) if self.count else None,
-                "p50_us": None if p50 is None else round(p50, 1), "p99_us": None if p99 is None else round(p99, 1), "max_us": round(self.max_us, 1) if self.count else None,
+                "p50_us": None if p50 is None else round(p50, 1), "p99_us": None if p99 is None else round(p99, 1),
+                "max_us": round(self.max_us, 1) if self.count else None,
                 "window": len(samples), "slow": self.slow_count(), "sum_us": round(self.total_us, 1),
                 "buckets": [[round(b * 1e6), n] for b, n in self.cumulative()]}
 

@@ -7,6 +7,7 @@ back).  `lsn_at_time` finds the segment by its first record, then scans that seg
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -33,8 +34,10 @@ def _first_timestamp(directory: Path, base: int, bound: int) -> int | None:
         reader.close()
 
 
-def lsn_at_time(directory: str | os.PathLike, when_us: int) -> int:
-    """The first LSN written at or after `when_us` (µs since the epoch); one past the committed end if none."""
+def lsn_at_time(directory: str | os.PathLike, when: datetime.datetime | int) -> int:
+    """The first LSN written at or after `when` (a datetime, naive = local time, or µs since the epoch); one
+    past the committed end if none.  `Reader(directory, start=lsn_at_time(directory, when))` seeks by time."""
+    when_us = when if isinstance(when, int) else int(when.timestamp() * 1_000_000)
     directory = Path(directory)
     bound = committed_end(directory)
     segments = [base for base, _ in list_segments(directory) if base <= bound]
