@@ -68,6 +68,16 @@ def _lsn(value: str) -> int:
     return lsn
 
 
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not 0 <= s < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return s
+
+
 def _positive(value: str) -> int:
     try:
         n = int(value)
@@ -443,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
     p.add_argument("--producers", type=_positive, default=2)
     p.add_argument("--consumers", type=_positive, default=1)
-    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--seconds", type=_seconds, default=0.0,
+                   help="stop after this long, a hard bound (default: until Ctrl-C)")
     p.add_argument("--record-bytes", type=_positive, default=100)
     p.add_argument("--fsync", choices=["always", "batch", "os"])
     p.add_argument("--workers", help="directory of worker programs (default: ./workers or the installed copy)")

@@ -128,6 +128,7 @@ class Supervisor:
 
     def join(self, procs: list[Any], seconds: float) -> None:
         """Wait up to `seconds` for `procs` to exit; SIGKILL the rest (and every child once forced)."""
+        procs = [p for p in procs if p.pid is not None]  # a stop during start-up leaves some never started
         deadline = time.monotonic() + seconds
         for p in procs:
             while p.is_alive() and time.monotonic() < deadline and not self.forced:
