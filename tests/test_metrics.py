@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from hypothesis import given, strategies
+
 from helpers import REPO_ROOT, python_env, run_cli, wait_for, walsvc_cmd
 
 import walsvc
@@ -37,6 +39,21 @@ def test_histogram_quantiles_are_real_values_not_bucket_bounds() -> None:
     s = h.summary()
     assert (s["p50_us"], s["p99_us"], s["max_us"], s["count"]) == (50000.0, 99000.0, 100000.0, 100)
     assert s["buckets"][-1] == [131072, 100]  # cumulative, for Prometheus
+
+
+@given(strategies.lists(strategies.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=300),
+       strategies.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]))
+def test_histogram_quantile_is_a_recorded_sample_at_its_rank(seconds: list[float], q: float) -> None:
+    h = Histogram()
+    for s in seconds:
+        h.record(s)
+    got = h.quantile(q)
+    samples = sorted(s * 1e6 for s in seconds)
+    assert got in samples
+    below = sum(1 for s in samples if s < got)
+    at_or_below = sum(1 for s in samples if s <= got)
+    assert below < q * len(samples) <= at_or_below or (q * len(samples) <= 1 and below == 0)
+    assert h.cumulative()[-1][1] == len(seconds)
 
 
 def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Path, writers) -> None:

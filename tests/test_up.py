@@ -154,7 +154,7 @@ def test_second_ctrl_c_kills_everything_at_once_even_when_the_writer_hangs(up) -
     os.kill(u.proc.pid, signal.SIGINT)
     code, out, err, took = u.finish(40)
     assert code == 130, out + err
-    assert took < 8, f"the second Ctrl-C took {took:.1f} s to end walsvc up"
+    assert took < 10, f"the second Ctrl-C took {took:.1f} s to end walsvc up"
     assert "forced" in out + err and "Traceback" not in err, out + err
     u.assert_nothing_left()
 
