@@ -75,6 +75,8 @@ class Flag:
 def _die_with_parent(parent_pid: int, sig: int) -> None:
     """First thing in every child: leave the terminal's process group and die (by `sig`) with the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers, inherited through fork
+        signal.signal(sig, signal.SIG_DFL)
     os.setpgid(0, 0)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
