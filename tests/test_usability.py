@@ -110,6 +110,7 @@ def test_produce_delete_and_ttl_then_tail_and_dump_ranges(tmp_path: Path, writer
     writers(d, fsync="os").start()
     assert lines(run_cli("produce", "--dir", str(d), "--kv", "--ttl", "60000", input="a\t1\nb\t2\nc\t3\n")) == ["1", "2", "3"]
     assert lines(run_cli("produce", "--dir", str(d), "--delete", input="a\nb\n")) == ["4", "5"]
+    one_line_error(run_cli("produce", "--dir", str(d), "--delete", "--ttl", "5", input="a\n"), "--ttl")
     tail, to, limit, dump_to, dump_limit, follow = run_all(
         ["tail", "--dir", str(d), "--json"], ["tail", "--dir", str(d), "--from", "2", "--to", "4"],
         ["tail", "--dir", str(d), "--from", "2", "--limit", "2"], ["dump", "--dir", str(d), "--to", "2"],

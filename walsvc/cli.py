@@ -175,6 +175,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from .producer import Producer
     from .record import Record
     cfg = _load(args)
+    if args.delete and args.ttl_ms is not None:
+        raise ConfigError("--ttl", "a tombstone (--delete) has no time to live; use one or the other")
     producer = Producer(cfg.directory, linger_ms=args.linger_ms)
     printer = _LsnPrinter()
     appended = 0
@@ -202,8 +204,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
                     return _fail(f"--kv: line {n} has no TAB: {line[:60]!r}; " + (problem or
                                  f"the {appended} line(s) before it were stored (their LSNs are above), "
                                  "this one and later ones were not"), 2)
-            elif args.delete:
-                key, value = line, b""
+            elif args.delete:  # the whole line is the key (with --kv: the part before a TAB)
+                key, value = (line.partition(b"\t")[0] if args.kv else line), b""
             else:
                 key, value = b"", line
             record = Record.delete(key) if args.delete else Record.put(key, value, ttl_ms=args.ttl_ms)
@@ -415,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
     p.add_argument("--linger-ms", type=float, default=5.0, help="batching delay (default 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
-    p.add_argument("--delete", action="store_true", help="each line is a key to delete (a tombstone)")
+    p.add_argument("--delete", action="store_true",
+                   help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
     p.add_argument("--ttl", dest="ttl_ms", type=_positive, metavar="MS",
                    help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
