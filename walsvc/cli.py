@@ -1,4 +1,4 @@
-"""The `walsvc` command: serve | produce | tail | status | verify | dump | up | bench.
+"""The `walsvc` command: serve | produce | tail | status | verify | dump | cursors | up | bench.
 
 Every subcommand takes `--dir` (default ./wal-data) or `--config FILE`.  Bad flags and bad config print
 one line naming the flag or key and exit with status 2, never a traceback.
@@ -345,8 +345,9 @@ def cmd_cursors(args: argparse.Namespace) -> int:
             print(json.dumps(rows, indent=1))
         elif not rows:
             print(f"no named cursors in {cfg.directory}")
-        for name, row in rows.items() if not args.json else ():
-            print(f"{name}\tat LSN {row['lsn']}\t{row['lag_records']} records behind")
+        else:
+            for name, row in rows.items():
+                print(f"{name}\tat LSN {row['lsn']}\t{row['lag_records']} records behind")
         return 0
     if not args.name:
         raise ConfigError("cursors", f"{args.action} needs a cursor name: walsvc cursors {args.action} NAME")
