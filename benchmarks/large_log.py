@@ -27,6 +27,7 @@ from walsvc.bench.walsvc_system import _tear_tail  # noqa: E402
 
 RECORD = 64 * 1024
 PER_BATCH = 16
+SEGMENT = 128 * 1024 * 1024  # the published figure's segment size (the default is smaller)
 
 REPLAY = """
 import resource, sys, time, walsvc
@@ -41,7 +42,7 @@ print(n, b, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF
 def build(directory: Path, gib: float) -> int:
     value = os.urandom(RECORD)
     batches = int(gib * 2**30 / (RECORD * PER_BATCH))
-    with walsvc.Log.open(directory, fsync="os") as log:
+    with walsvc.Log.open(directory, fsync="os", segment_bytes=SEGMENT) as log:
         for _ in range(batches):
             log.append_batch([walsvc.Record(b"k", value)] * PER_BATCH)
     return batches * PER_BATCH
@@ -73,7 +74,7 @@ def main() -> int:
             if args.cold:
                 drop_caches()
             t = time.perf_counter()
-            with walsvc.Log.open(directory, fsync="os") as log:
+            with walsvc.Log.open(directory, fsync="os", segment_bytes=SEGMENT) as log:
                 log.append(walsvc.Record(b"after", b"recovery"))
                 opened = time.perf_counter() - t
                 assert log.recovery.torn_tail, log.recovery.summary()

@@ -150,7 +150,7 @@ def test_backpressure_while_writer_is_stopped(tmp_path: Path, writers) -> None:
             assert 20 <= len(futures) <= 40, len(futures)
             assert not any(f.done() for f in futures)
             stopped = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
-            assert stopped["writer"].startswith("unresponsive") and str(writer.pid) in stopped["writer"]
+            assert stopped["writer"] == "unresponsive" and stopped["writer_pid"] == writer.pid
         finally:
             writer.resume()
         producer.flush(30)
@@ -190,7 +190,7 @@ def test_garbage_on_the_ingest_socket(tmp_path: Path, writers) -> None:
     try:
         assert client.sync(probe, encode_put(b"probe", b"1")).base_lsn == 11
         st = status(d)
-        assert st["rejected"] == {}
+        assert {k: v for k, v in st["rejected"].items() if v} == {}
         batches_before = st["counters"]["batches"]
 
         randoms = [b"", b"W", bytes(27), bytes(28), b"SW" + bytes(40), bytes(rng.randrange(256) for _ in range(300))]
@@ -223,7 +223,7 @@ def test_garbage_on_the_ingest_socket(tmp_path: Path, writers) -> None:
         assert "max_batch_bytes" in nacks[batch_big].detail
         assert "CRC" in nacks[bad_crc].detail
         st = status(d)
-        assert st["rejected"] == {P.MALFORMED: len(randoms) + 4, P.UNKNOWN_VERSION: 1, P.TOO_LARGE: 2}
+        assert {k: v for k, v in st["rejected"].items() if v} == {P.MALFORMED: len(randoms) + 4, P.UNKNOWN_VERSION: 1, P.TOO_LARGE: 2}
         assert st["committed_lsn"] == 12
         assert st["counters"]["batches"] == batches_before + 1  # the barrier: no garbage was accepted
     finally:
@@ -278,7 +278,7 @@ def test_garbage_on_the_control_socket(tmp_path: Path, writers) -> None:
     assert "2 frames" in replies[2]["error"] and "unknown op" in replies[3]["error"]
     assert writer.running()
     st = status(d)
-    assert st["rejected"] == {"control_malformed": 3}
+    assert {k: v for k, v in st["rejected"].items() if v} == {"control_malformed": 3}
     with walsvc.Producer(d) as producer:
         assert producer.put("after", "x").result(30) == 1
     assert writer.stop() == 0

@@ -1,4 +1,4 @@
-"""The `walsvc` command: serve | produce | tail | status | verify | dump | import-nori | up | bench.
+"""The `walsvc` command: serve | produce | tail | status | verify | dump | cursors | import-nori | up | bench.
 
 Every subcommand takes `--dir` (default ./wal-data) or `--config FILE`.  Bad flags and bad config print
 one line naming the flag or key and exit with status 2, never a traceback.
@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import config as C
 from .errors import ConfigError, WalError
@@ -21,7 +23,25 @@ from .errors import ConfigError, WalError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:  # a misspelled subcommand: suggest the nearest ones
+            choices = re.findall(r"'([^']*)'", bad.group(2))
+            near = difflib.get_close_matches(bad.group(1), choices, n=2, cutoff=0.5)
+            message += f"; did you mean {' or '.join(near)}?" if near else ""
         raise SystemExit(_fail(f"{self.prog}: {message}", 2))
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> int:
+    """`walsvc CMD: unrecognized arguments: --x`, naming the subcommand and the nearest real flags."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = [o for a in sub._actions for o in a.option_strings]
+    hints = []
+    for word in extra:
+        near = difflib.get_close_matches(word.partition("=")[0], flags, n=1, cutoff=0.6) if word.startswith("-") else []
+        if near:
+            hints.append(f"{word}: did you mean {near[0]}?")
+    return _fail(f"walsvc {command}: unrecognized arguments: {' '.join(extra)}"
+                 + (f" ({'; '.join(hints)})" if hints else f"; see walsvc {command} --help"), 2)
 
 
 def _fail(message: str, code: int) -> int:
@@ -39,6 +59,23 @@ def _start(value: str) -> int | str:
     if lsn < 1:
         raise argparse.ArgumentTypeError(f"LSNs start at 1, got {lsn}")
     return lsn
+
+
+def _lsn(value: str) -> int:
+    lsn = _start(value)
+    if not isinstance(lsn, int):
+        raise argparse.ArgumentTypeError(f"must be an LSN, not {value!r}")
+    return lsn
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not 0 <= s < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return s
 
 
 def _positive(value: str) -> int:
@@ -60,6 +97,18 @@ def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **flags)) if flags else cfg
 
 
+def _require_log(directory: Path, key: str) -> None:
+    """A typo in --dir must be an error, not an empty result with exit status 0."""
+    from .head import NAME as HEAD
+    from .segment import list_segments
+    if not directory.exists():
+        raise ConfigError(key, f"{directory} does not exist (no log there)")
+    if not directory.is_dir():
+        raise ConfigError(key, f"{directory} is not a directory")
+    if not list_segments(directory) and not (directory / HEAD).exists():
+        raise ConfigError(key, f"{directory} is not a walsvc log (no segment files, no HEAD)")
+
+
 # -- subcommands ---------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -78,44 +127,142 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LsnPrinter:
+    """Prints each record's LSN, in input order, as soon as it is durable, from its own thread: stdin may
+    block (a person typing) while acks arrive.  Stops at the first failed record and keeps its error."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+        self.queue: "queue.Queue[Any]" = queue.Queue()
+        self.error: BaseException | None = None
+        self.printed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="walsvc-produce-acks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (future := self.queue.get()) is not None:
+            while self.error is None and not self._stop.is_set():
+                try:
+                    lsn = future.result(0.2)
+                except TimeoutError:
+                    continue
+                except Exception as exc:  # a nack or a closed producer: reported by the main thread
+                    self.error = exc
+                    break
+                try:
+                    print(lsn, flush=True)
+                except BrokenPipeError:
+                    self.error = BrokenPipeError("stdout closed")
+                    break
+                self.printed += 1
+                break
+
+    def finish(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every queued LSN to print; False if some are still unknown."""
+        self.queue.put(None)
+        self._thread.join(timeout)
+        self._stop.set()
+        return not self._thread.is_alive()
+
+
 def cmd_produce(args: argparse.Namespace) -> int:
-    import collections
+    """One record per line.  Each LSN is printed as soon as it is durable; on a bad line, an error or Ctrl-C,
+    what was already stored is printed before the message, so the user knows exactly which lines made it."""
+    import time
 
     from .producer import Producer
     from .record import Record
     cfg = _load(args)
-    pending: collections.deque = collections.deque()
+    if args.delete and args.ttl_ms is not None:
+        raise ConfigError("--ttl", "a tombstone (--delete) has no time to live; use one or the other")
     producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+    printer = _LsnPrinter()
+    appended = 0
+
+    def settle(timeout: float) -> str:
+        """Wait for the acks of what was appended; a sentence about any that did not come."""
+        deadline = time.monotonic() + timeout
+        try:
+            producer.flush(timeout)
+        except (TimeoutError, WalError) as exc:
+            printer.finish(max(0.0, deadline - time.monotonic()))
+            return f"{exc}; {printer.printed} of {appended} appended line(s) confirmed stored (their LSNs are above)"
+        if not printer.finish(max(1.0, deadline - time.monotonic())) or printer.error is not None:
+            return (f"{printer.error or 'acks did not arrive in time'}; {printer.printed} of {appended} appended "
+                    "line(s) confirmed stored (their LSNs are above)")
+        return ""
+
     try:
-        for line in sys.stdin.buffer:
+        for n, line in enumerate(sys.stdin.buffer, 1):
             line = line.rstrip(b"\n")
-            if args.kv:
+            if args.kv and not args.delete:
                 key, sep, value = line.partition(b"\t")
                 if not sep:
-                    producer.flush(args.timeout)  # the lines before it are appended: wait for them as usual
-                    return _fail(f"--kv: line without a TAB: {line[:60]!r}", 2)
+                    problem = settle(args.timeout)
+                    return _fail(f"--kv: line {n} has no TAB: {line[:60]!r}; " + (problem or
+                                 f"the {appended} line(s) before it were stored (their LSNs are above), "
+                                 "this one and later ones were not"), 2)
+            elif args.delete:  # the whole line is the key (with --kv: the part before a TAB)
+                key, value = (line.partition(b"\t")[0] if args.kv else line), b""
             else:
                 key, value = b"", line
-            pending.append(producer.append(Record.put(key, value)))
-            while pending and pending[0].done():
-                print(pending.popleft().result(), flush=False)
-        producer.flush(args.timeout)
-        while pending:
-            print(pending.popleft().result())
+            record = Record.delete(key) if args.delete else Record.put(key, value, ttl_ms=args.ttl_ms)
+            printer.queue.put(producer.append(record))
+            appended += 1
+            if printer.error is not None:
+                break
+        problem = settle(args.timeout)
+        return _fail(problem, 1) if problem else 0
+    except KeyboardInterrupt:
+        problem = settle(min(args.timeout, 5.0))
+        print(f"walsvc: interrupted: {problem or f'all {appended} appended line(s) were stored'}", file=sys.stderr)
+        return 130
     finally:
         try:
             producer.close(0)  # flushed above, or failing: not another 30 s wait (close's default) on top
         except TimeoutError:
             pass
-    sys.stdout.flush()
-    return 0
+
+
+def _position(args: argparse.Namespace, directory: Path) -> int | str:
+    """Where tail/dump start: --from, --from-time or the default, checked against the log (never a silent skip)."""
+    from .seek import committed_end, lsn_at_time
+    if args.from_time is not None:
+        return lsn_at_time(directory, args.from_time)
+    start = args.start if args.start is not None else "earliest"
+    if isinstance(start, int):
+        end = committed_end(directory)
+        if start > end + 1:
+            raise ConfigError("--from", f"LSN {start} is past the end of the log (committed up to LSN {end}); "
+                              "--from latest waits for new records")
+    return start
+
+
+def _stop_at(args: argparse.Namespace) -> Callable[[int, int], bool]:
+    """True once `lsn` is past --to or `count` records have been printed (--limit)."""
+    to, limit = args.to, args.limit
+    return lambda lsn, count: (to is not None and lsn > to) or (limit is not None and count >= limit)
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    from . import cursor
     from .inspect import record_dict
     from .reader import Reader
     cfg = _load(args)
-    with Reader(cfg.directory, args.start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
+    if args.name is not None:
+        cursor.check_name(args.name)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    start = _position(args, cfg.directory)
+    if args.name and (args.start is not None or args.from_time is not None):
+        stored = cursor.load(cfg.directory, cursor.check_name(args.name))
+        if stored is not None:
+            raise ConfigError("--from", f"the cursor {args.name!r} exists (at LSN {stored}): --name resumes there; "
+                              f"drop --from/--from-time, or move it with `walsvc cursors reset {args.name} --to LSN`")
+    done = _stop_at(args)
+    printed = 0
+    with Reader(cfg.directory, start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)
@@ -126,86 +273,43 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     return 0
                 continue
             lines = []
+            last = None
             for r in batch:
+                if done(r.lsn, printed):
+                    break
                 if args.json:
                     lines.append(json.dumps(record_dict(r)))
                 else:
                     kind = "DEL" if r.tombstone else "PUT"
                     lines.append(f"{r.lsn}\t{kind}\t{r.key.decode(errors='replace')}\t"
                                  f"{r.value.decode(errors='replace')}")
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
-            if args.name:
-                reader.commit(batch[-1].lsn)
-
-
-def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | None:
-    import zmq
-
-    from .endpoints import load as load_endpoints
-    from .errors import ServiceUnavailableError
-    from .head import HeadReader
-    from .protocol import encode_request
-    head = HeadReader(directory).read()
-    if head is None or not head.writer_alive():
-        return None
-    try:
-        eps = load_endpoints(directory)
-    except ServiceUnavailableError:
-        return None
-    ctx = zmq.Context()
-    try:
-        sock = eps.secure(ctx.socket(zmq.REQ))
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(eps.control)
-        sock.send(encode_request("status"))
-        if not sock.poll(timeout_ms):
-            return None
-        return json.loads(sock.recv())
-    finally:
-        ctx.destroy(linger=0)
-
-
-def offline_status(directory: Path) -> dict[str, Any]:
-    from .cursor import load_all
-    from .head import HeadReader
-    from .reader import end_of_valid_data
-    from .segment import list_segments
-    segments = list_segments(directory)
-    head = HeadReader(directory).read()
-    last = end_of_valid_data(directory) - 1 if segments else 0
-    return {"writer": "offline", "directory": str(directory),
-            "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
-            "head_committed_lsn": head.committed_lsn if head else None,
-            "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
-            "cursors": {n: {"lsn": lsn, "lag_records": max(0, last - lsn)} for n, lsn in load_all(directory).items()}}
+                printed += 1
+                last = r.lsn
+            if lines:
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
+            if args.name and last is not None:
+                reader.commit(last)
+            if len(lines) < len(batch) or done(batch[-1].lsn + 1, printed):
+                return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .head import HeadReader
+    import time
+
+    from .status import collect, format_text
     cfg = _load(args)
-    if not cfg.directory.is_dir():
-        return _fail(f"--dir: {cfg.directory} is not a log directory (it does not exist)", 2)
-    status = _writer_status(cfg.directory)
-    if status is None:
-        status = offline_status(cfg.directory)
-        head = HeadReader(cfg.directory).read()
-        if head is not None and head.writer_alive():
-            # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
-            status["writer"] = f"unresponsive (pid {head.writer_pid} did not answer within 1 s)"
-    else:
-        status["writer"] = "running"
-    if args.json:
-        print(json.dumps(status, indent=1))
-        return 0
-    for key, value in status.items():
-        if isinstance(value, dict):
-            print(f"{key}:")
-            for k, v in value.items():
-                print(f"  {k}: {v}")
-        else:
-            print(f"{key}: {value}")
-    return 0
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    before: dict[str, Any] | None = None
+    while True:
+        st = collect(cfg.directory)
+        print(json.dumps(st, indent=1) if args.json else format_text(st, before, args.watch or 0.0), flush=True)
+        if not args.watch:
+            return 0
+        before = st
+        time.sleep(args.watch)
+        if not args.json:
+            print(flush=True)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -221,15 +325,19 @@ def cmd_dump(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.nori is not None:
         return _dump_nori(args, cfg)
-    for item in dump(cfg.directory, args.start, frames=args.frames):
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    done = _stop_at(args)
+    for n, item in enumerate(dump(cfg.directory, _position(args, cfg.directory), frames=args.frames)):
+        if done(item["lsn"] if "lsn" in item else item["base_lsn"], n):
+            break
         print(json.dumps(item))
     return 0
 
 
 def _dump_nori(args: argparse.Namespace, cfg: C.Config) -> int:
     from .nori import dump_nori
-    if args.frames or args.start != "earliest":
-        return _fail("dump --nori: nori-wal records have no frames or LSNs; --frames and --from do not apply", 2)
+    if args.frames or args.start is not None or args.from_time is not None:
+        return _fail("dump --nori: nori-wal records have no frames or LSNs; --frames, --from and --from-time do not apply", 2)
     for item in dump_nori(args.nori, max_record_bytes=cfg.log.max_record_bytes, skip_damaged=args.skip_damaged,
                           on_issue=lambda issue: print(f"walsvc: note: {issue}", file=sys.stderr)):
         print(json.dumps(item))
@@ -258,6 +366,36 @@ def cmd_import_nori(args: argparse.Namespace) -> int:
         if tty:
             sys.stderr.write("\r\x1b[K")
     print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
+
+
+def cmd_cursors(args: argparse.Namespace) -> int:
+    from .cursor import delete_cursor, list_cursors, reset_cursor
+    from .seek import committed_end
+    cfg = _load(args)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
+    if args.action == "list":
+        cursors = list_cursors(cfg.directory)
+        end = committed_end(cfg.directory)
+        rows = {n: {"lsn": lsn, "lag_records": max(0, end - lsn)} for n, lsn in sorted(cursors.items())}
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        elif not rows:
+            print(f"no named cursors in {cfg.directory}")
+        else:
+            for name, row in rows.items():
+                print(f"{name}\tat LSN {row['lsn']}\t{row['lag_records']} records behind")
+        return 0
+    if not args.name:
+        raise ConfigError("cursors", f"{args.action} needs a cursor name: walsvc cursors {args.action} NAME")
+    if args.action == "reset":
+        if args.to is None:
+            raise ConfigError("--to", "reset needs --to LSN, earliest or latest (where the reader resumes)")
+        lsn = reset_cursor(cfg.directory, args.name, args.to)
+        print(f"cursor {args.name}: the reader resumes at LSN {lsn + 1}")
+        return 0
+    if not delete_cursor(cfg.directory, args.name):
+        return _fail(f"cursors delete: no cursor named {args.name!r} in {cfg.directory}", 1)
+    print(f"cursor {args.name} deleted")
     return 0
 
 
@@ -274,9 +412,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(argv) or 0
 
 
+def _time(value: str) -> int:
+    """ISO 8601 (a time without a zone is local time) -> µs since the epoch."""
+    import datetime
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an ISO 8601 time such as 2026-01-31T12:00:00Z, "
+                                         f"not {value!r}") from None
+    return int(when.timestamp() * 1_000_000)
+
+
+def _range_flags(p: argparse.ArgumentParser) -> None:
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="start", type=_start,
+                       help="LSN, earliest (default) or latest; an LSN past the committed end is an error")
+    start.add_argument("--from-time", type=_time, metavar="ISO8601",
+                       help="start at the first record written at or after this time")
+    p.add_argument("--to", type=_lsn, metavar="LSN", help="stop after this LSN")
+    p.add_argument("--limit", type=_positive, help="stop after this many records (frames with --frames)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from . import __version__
+    parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.",
+                     epilog="`walsvc COMMAND --help` describes a command's flags.")
+    parser.add_argument("--version", action="version", version=f"walsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -292,17 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
     p.add_argument("--linger-ms", type=float, default=5.0, help="batching delay (default 5)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
+    p.add_argument("--delete", action="store_true",
+                   help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
+    p.add_argument("--ttl", dest="ttl_ms", type=_positive, metavar="MS",
+                   help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
 
     p = command("tail", "print records as JSON lines or text")
-    p.add_argument("--from", dest="start", type=_start, default="earliest", help="LSN, earliest or latest")
+    _range_flags(p)
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
-    p.add_argument("--name", help="named reader: resume from and commit a durable cursor")
+    p.add_argument("--name", help="named reader: resume after its durable cursor and commit as it prints "
+                                  "(--from applies only when the cursor does not exist yet)")
     p.add_argument("--json", action="store_true", help="JSON lines (lsn, timestamp, tombstone, ttl_ms, key, value)")
     p.set_defaults(func=cmd_tail)
 
-    p = command("status", "LSNs, segments, policy, producers, cursors and counters")
-    p.add_argument("--json", action="store_true")
+    p = command("status", "the writer's state, LSNs, segments, rates, latency, producers, cursors, counters")
+    p.add_argument("--json", action="store_true", help="JSON (fields in docs/PROTOCOL.md)")
+    p.add_argument("--watch", type=float, metavar="SECONDS",
+                   help="repeat every SECONDS, with rates over the last interval")
     p.set_defaults(func=cmd_status)
 
     p = command("verify", "check every segment, frame and record (read-only, safe on a live log)")
@@ -310,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = command("dump", "print records (or frames) as JSON lines (read-only)")
-    p.add_argument("--from", dest="start", type=_start, default="earliest")
+    _range_flags(p)
     p.add_argument("--frames", action="store_true", help="one line per frame instead of per record")
     p.add_argument("--nori", metavar="SRC", help="show the records of the nori-wal directory SRC instead")
     p.add_argument("--skip-damaged", action="store_true", help="with --nori: report damaged bytes and go on")
@@ -323,10 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_import_nori)
 
+    p = command("cursors", "list named readers' cursors, move one (reset) or forget one (delete)")
+    p.add_argument("action", choices=["list", "reset", "delete"])
+    p.add_argument("name", nargs="?", help="the cursor (reader name) for reset and delete")
+    p.add_argument("--to", type=_start, help="reset: the LSN the reader resumes at, earliest or latest")
+    p.add_argument("--json", action="store_true", help="list: JSON")
+    p.set_defaults(func=cmd_cursors)
+
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
     p.add_argument("--producers", type=_positive, default=2)
     p.add_argument("--consumers", type=_positive, default=1)
-    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (default: until Ctrl-C)")
+    p.add_argument("--seconds", type=_seconds, default=0.0,
+                   help="stop after this long, a hard bound (default: until Ctrl-C)")
     p.add_argument("--record-bytes", type=_positive, default=100)
     p.add_argument("--fsync", choices=["always", "batch", "os"])
     p.add_argument("--workers", help="directory of worker programs (default: ./workers or the installed copy)")
@@ -341,7 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:  # `walsvc` alone: what it can do, not "the following arguments are required"
+        parser.print_help()
+        return 2
+    if extra:
+        return _unknown_flags(parser, args.command, extra)
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -42,7 +42,7 @@ def _existing_group(name: str) -> str | None:
 @dataclass(frozen=True)
 class LogConfig:
     """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
-    segment_bytes: int = 128 * MiB
+    segment_bytes: int = 16 * MiB  # small enough for a demo log, large enough that rotation is rare
     max_record_bytes: int = 16 * MiB
     max_batch_bytes: int = 32 * MiB
     fsync: str = "batch"
@@ -120,6 +120,9 @@ class ServiceConfig:
     ingest_hwm: int = 1000
     produce_group: bool = False  # members of log.group may also connect to the ingest socket
 
+
+    metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0: off
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -141,6 +144,7 @@ class ServiceConfig:
 _SERVICE_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "max_message_bytes": _int_range(4 * KiB, 2 * GiB),
     "ingest_hwm": _int_range(1, 1_000_000),
+    "metrics_port": _int_range(0, 65535),
 }
 
 

@@ -1,7 +1,10 @@
 """Named reader cursors: `DIR/cursors/NAME.cursor`, the last LSN a named reader has processed.
 
 Written with write-to-temp, fsync, rename, fsync-directory, so a cursor is either the old or the new value
-after any crash.  Retention reads them so that it never deletes what a named reader still needs (within
+after any crash.  A named cursor has one reader at a time: `CursorLock` holds an flock on
+`DIR/cursors/NAME.lock` (holding the owner's PID) for as long as the reader is open, and dies with it.
+Cursors only move forward through `advance` (a reader's commit); `reset_cursor` moves one anywhere on
+purpose.  Retention reads them so that it never deletes what a named reader still needs (within
 `max_cursor_lag_bytes`).
 
     0 8  last processed LSN
@@ -10,6 +13,7 @@ after any crash.  Retention reads them so that it never deletes what a named rea
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import struct
@@ -18,11 +22,12 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .access import make_dir, open_file
-from .errors import ConfigError
+from .errors import ConfigError, CursorBusyError, CursorError
 from .fsync import sync_dir
 
 DIRNAME = "cursors"
 SUFFIX = ".cursor"
+LOCK_SUFFIX = ".lock"
 _LAYOUT = struct.Struct("<QI")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
@@ -79,3 +84,89 @@ def load_all(directory: Path) -> dict[str, int]:
             if lsn is not None:
                 out[name] = lsn
     return out
+
+
+class CursorLock:
+    """Exclusive use of one named cursor, released by `release()` or by the process's death."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        cdir = Path(directory) / DIRNAME
+        cdir.mkdir(exist_ok=True)
+        path = cdir / (check_name(name) + LOCK_SUFFIX)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except ValueError:
+                pid = None
+            os.close(fd)
+            raise CursorBusyError(str(directory), name, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def advance(directory: Path, name: str, lsn: int) -> None:
+    """A reader's commit: forward only.  The same LSN again is a no-op; an earlier one is an error, because
+    storing it would make the reader process those records twice after a restart."""
+    stored = load(directory, name)
+    if stored is not None and lsn <= stored:
+        if lsn == stored:
+            return
+        raise CursorError(f"cursor {name!r} is at LSN {stored}; commit({lsn}) would move it backwards "
+                          "(walsvc.reset_cursor or `walsvc cursors reset` moves it on purpose)")
+    store(directory, name, lsn)
+
+
+def list_cursors(directory: str | os.PathLike) -> dict[str, int]:
+    """Every named cursor of the log in `directory`: name -> last processed LSN."""
+    return load_all(Path(directory))
+
+
+def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> int:
+    """Make the reader `name` resume at `start` (an LSN, "earliest" or "latest") on its next open.
+
+    Refused while a reader holds the cursor.  Returns the stored value (the LSN before `start`)."""
+    from .seek import committed_end
+    from .segment import list_segments
+    directory = Path(directory)
+    end = committed_end(directory)
+    if start == "earliest":
+        segments = list_segments(directory)
+        lsn = (segments[0][0] if segments else 1) - 1
+    elif start == "latest":
+        lsn = end
+    elif isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= end + 1:
+        lsn = start - 1
+    else:
+        raise CursorError(f"cannot reset cursor {name!r} to {start!r}: give 'earliest', 'latest' or an LSN "
+                          f"from 1 to {end + 1} (one past the committed end)")
+    lock = CursorLock(directory, name)
+    try:
+        store(directory, name, lsn)
+    finally:
+        lock.release()
+    return lsn
+
+
+def delete_cursor(directory: str | os.PathLike, name: str) -> bool:
+    """Forget the reader `name` (retention stops protecting its records).  Refused while a reader holds it;
+    False if there was no such cursor."""
+    directory = Path(directory)
+    path = directory / DIRNAME / (check_name(name) + SUFFIX)
+    if not path.exists():
+        return False
+    lock = CursorLock(directory, name)  # the .lock file stays: removing it could let two readers in
+    try:
+        path.unlink()
+        sync_dir(directory / DIRNAME)
+    finally:
+        lock.release()
+    return True

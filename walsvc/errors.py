@@ -187,3 +187,18 @@ class UnsafePermissionsError(WalError):
         self.problems = problems
         named = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
         super().__init__(f"log directory {directory} is open to other users: {named}; {fix}")
+
+
+class CursorBusyError(WalError):
+    """Another live reader holds this named cursor (a named cursor has one reader at a time)."""
+
+    def __init__(self, directory: str, name: str, pid: int | None) -> None:
+        self.name = name
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"cursor {name!r} in {directory} is in use by {holder}; a named cursor has one reader "
+                         "at a time (use another name, or stop that reader)")
+
+
+class CursorError(WalError):
+    """A cursor operation that would lose or invent progress: moving backwards, or past the committed end."""

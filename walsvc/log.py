@@ -21,7 +21,7 @@ from . import frame as F
 from . import access, retention
 from .config import LogConfig
 from .cursor import load_all as load_cursors
-from .errors import InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
+from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
@@ -85,7 +85,10 @@ class Log:
             config = LogConfig.from_options(options)
         elif options:
             raise TypeError("pass either config= or keyword options, not both")
-        return cls(Path(directory), config, on_commit, verify)
+        path = Path(directory)
+        if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
+            raise ConfigError("directory", f"{path} is a file, not a log directory")
+        return cls(path, config, on_commit, verify)
 
     # -- state -----------------------------------------------------------------------------------------
 

@@ -300,12 +300,18 @@ class Reader:
         self.offline = True
         self.last_head: Head | None = None
         self._bound()  # set `offline` now: it said True beside a live writer until the first poll
-        if self.name is not None:
-            stored = cursor.load(self.directory, self.name)
-            if stored is not None:
-                start = stored + 1
-        self._log = LogReader(self.directory, start, bound=self._bound, written_end=self._written_end,
-                              max_record_bytes=max_record_bytes)
+        self._cursor_lock = cursor.CursorLock(self.directory, self.name) if self.name is not None else None
+        try:
+            if self.name is not None:
+                stored = cursor.load(self.directory, self.name)
+                if stored is not None:
+                    start = stored + 1
+            self._log = LogReader(self.directory, start, bound=self._bound, written_end=self._written_end,
+                                  max_record_bytes=max_record_bytes)
+        except BaseException:
+            if self._cursor_lock is not None:
+                self._cursor_lock.release()
+            raise
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"C")
@@ -380,7 +386,7 @@ class Reader:
         """Durably record that this named reader has processed everything up to `lsn`."""
         if self.name is None:
             raise ValueError("only a named reader (Reader(..., name=...)) keeps a cursor")
-        cursor.store(self.directory, self.name, lsn)
+        cursor.advance(self.directory, self.name, lsn)
 
     def lag(self) -> dict[str, int]:
         """How far behind the committed LSN this reader is, in records and (to segment granularity) bytes."""
@@ -405,6 +411,8 @@ class Reader:
             self._closed = True
             self._log.close()
             self._head.close()
+            if self._cursor_lock is not None:
+                self._cursor_lock.release()
             self._ctx.destroy(linger=0)
 
     def __enter__(self) -> "Reader":

@@ -70,9 +70,13 @@ class Writer:
         self.groups = GroupTable(cursor.check_name)
         self._groups_stored_at = 0.0
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
+        self.metrics_server = None
         try:
             self._open_sockets()
+            self._start_observing()
         except BaseException:
+            if hasattr(self, "ctx"):
+                self.ctx.destroy(linger=0)
             self.log.close()
             raise
 
@@ -131,6 +135,47 @@ class Writer:
                 errors.append(f"{candidate}: {exc}")
         raise ServiceUnavailableError("cannot bind ipc sockets: " + "; ".join(errors))
 
+    # -- events and metrics --------------------------------------------------------------------------------
+
+    def _start_observing(self) -> None:
+        """Events from recovery, the baseline the loop compares against, and the opt-in /metrics server."""
+        rec = self.log.recovery
+        if rec.corruption:
+            self.metrics.event("corruption_found", detail=rec.corruption, quarantined=",".join(rec.quarantined))
+        self._seen = self.log.stats()
+        self._next_watch = 0.0
+        self._snapshot = self.status()
+        port = self.config.service.metrics_port
+        if port:
+            from .prometheus import MetricsServer
+            self.metrics_server = MetricsServer(port, lambda: self._snapshot,
+                                                lambda detail: self.metrics.event("metrics_error", detail=detail))
+
+    def _watch(self) -> None:
+        """Turn changes in the log's state into events, and refresh the snapshot /metrics serves."""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + 0.25
+        st, seen = self.log.stats(), self._seen
+        rolled = (st["segments"] + st["segments_deleted"]) - (seen["segments"] + seen["segments_deleted"])
+        if rolled > 0:
+            self.metrics.event("segment_rolled", segments=st["segments"], next_lsn=st["next_lsn"])
+        if st["segments_deleted"] > seen["segments_deleted"]:
+            self.metrics.event("retention_deleted", segments=st["segments_deleted"] - seen["segments_deleted"],
+                               first_lsn=st["first_lsn"])
+        slow = st["fsync_latency"]["slow"] - seen["fsync_latency"]["slow"]
+        if slow > 0:
+            self.metrics.event("slow_fsync", count=slow, max_s=round(st["fsync_latency"]["max_us"] / 1e6, 3))
+        if st["stopped"] and not seen["stopped"]:
+            self.metrics.event("log_stopped", reason=st["stopped"])
+        if self.metrics_server is not None and not self.metrics_server.thread.is_alive():
+            self.metrics.event("metrics_error", detail="the metrics thread ended")
+            self.metrics_server = None
+        self._seen = st
+        if self.metrics_server is not None:
+            self._snapshot = self.status()
+
     # -- commits ---------------------------------------------------------------------------------------
 
     def _on_commit(self, committed_lsn: int) -> None:
@@ -178,6 +223,8 @@ class Writer:
                                       f"({cfg.max_batch_bytes})", msg)
             return
         window = self.log.producer_batches(a.producer_id)
+        if not window:
+            self.metrics.event("producer_connected", producer=f"{a.producer_id:016x}")
         if window:
             last = window[-1]
             if a.seq <= last.seq:
@@ -237,6 +284,7 @@ class Writer:
             "cursors": self.log.cursors(),
             "groups": self.groups.describe(self.log.committed_lsn),
             "recovery": self.log.recovery.summary(),
+            "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
             **self.metrics.as_dict(),
         })
         return st
@@ -314,6 +362,8 @@ class Writer:
                     self._control()
                 self._publish_commits()
                 self._store_group_positions()
+
+                self._watch()
             while self._drain():
                 pass
             self.log.sync()
@@ -323,6 +373,9 @@ class Writer:
             self.close()
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.metrics.event("writer_stopped", committed_lsn=self.log.committed_lsn)
         try:
             self.log.close()
         finally:

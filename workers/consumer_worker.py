@@ -21,7 +21,7 @@ def handle(record: walsvc.Record) -> None:
 
 
 def run(directory: str, *, name: str, stop: Any = None, counter: Any = None, lag: Any = None) -> int:
-    """Consume until `stop` is set (or forever); count records in `counter`, report lag in `lag`."""
+    """Consume until `stop` is set (or forever); keep `counter.value` at the records seen, `lag.value` current."""
     seen = 0
     next_lag_check = 0.0
     with walsvc.Reader(directory, name=name) as reader:
@@ -33,8 +33,7 @@ def run(directory: str, *, name: str, stop: Any = None, counter: Any = None, lag
                 reader.commit(batch[-1].lsn)
                 seen += len(batch)
                 if counter is not None:
-                    with counter.get_lock():
-                        counter.value += len(batch)
+                    counter.value = seen
             if lag is not None and time.monotonic() >= next_lag_check:
                 lag.value = reader.lag()["records"]
                 next_lag_check = time.monotonic() + 0.5

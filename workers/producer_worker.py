@@ -18,24 +18,19 @@ import walsvc
 
 def run(directory: str, *, record_bytes: int = 100, records: int = 0, stop: Any = None, counter: Any = None,
         worker: int = 0) -> int:
-    """Append `records` records (0: until `stop` is set); add each acked batch to `counter`; returns count."""
+    """Append `records` records (0: until `stop` is set); keep `counter.value` at the number acked so far."""
     value = b"x" * max(0, record_bytes - 16)  # the key is 16 bytes
     sent = 0
     with walsvc.Producer(directory) as producer:
-        acked_seen = 0
         while (records == 0 or sent < records) and not (stop is not None and stop.is_set()):
             for _ in range(1000 if records == 0 else min(1000, records - sent)):
                 producer.put(b"w%02d-%012d" % (worker, sent), value)
                 sent += 1
             if counter is not None:
-                acked = producer.acked_records
-                with counter.get_lock():
-                    counter.value += acked - acked_seen
-                acked_seen = acked
+                counter.value = producer.acked_records
         producer.flush(60)
         if counter is not None:
-            with counter.get_lock():
-                counter.value += producer.acked_records - acked_seen
+            counter.value = producer.acked_records
     return sent
 
 

@@ -1,0 +1,113 @@
+"""Status, metrics and events as an operator sees them: `walsvc status`, a Prometheus scrape over HTTP, the
+writer's event log lines.  A real writer process, real producers, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from hypothesis import given, strategies
+
+from helpers import REPO_ROOT, python_env, run_cli, wait_for, walsvc_cmd
+
+import walsvc
+from walsvc.metrics import EVENTS, Histogram
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_histogram_quantiles_are_real_values_not_bucket_bounds() -> None:
+    h = Histogram()
+    assert h.quantile(0.5) is None and h.summary()["p50_us"] is None  # none rather than a made-up 0
+    for ms in range(1, 101):
+        h.record(ms / 1000)
+    s = h.summary()
+    assert (s["p50_us"], s["p99_us"], s["max_us"], s["count"]) == (50000.0, 99000.0, 100000.0, 100)
+    assert s["buckets"][-1] == [131072, 100]  # cumulative, for Prometheus
+
+
+@given(strategies.lists(strategies.floats(min_value=0, max_value=100, allow_nan=False), min_size=1, max_size=300),
+       strategies.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]))
+def test_histogram_quantile_is_a_recorded_sample_at_its_rank(seconds: list[float], q: float) -> None:
+    h = Histogram()
+    for s in seconds:
+        h.record(s)
+    got = h.quantile(q)
+    samples = sorted(s * 1e6 for s in seconds)
+    assert got in samples
+    below = sum(1 for s in samples if s < got)
+    at_or_below = sum(1 for s in samples if s <= got)
+    assert below < q * len(samples) <= at_or_below or (q * len(samples) <= 1 and below == 0)
+    assert h.cumulative()[-1][1] == len(seconds)
+
+
+def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Path, writers) -> None:
+    port = free_port()
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f"[log]\nsegment_bytes = 1048576\n[service]\nmetrics_port = {port}\n")
+    d = tmp_path / "wal"
+    writer = writers(d, config=config).start()
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    # From the start, every counter is there at 0: in status --json and in the scrape.
+    st = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
+    assert st["metrics_url"] == url
+    assert st["counters"] == {"batches": 0, "records": 0, "duplicates": 0}
+    assert set(st["rejected"]) >= {"malformed", "too_large", "out_of_sequence"} and not any(st["rejected"].values())
+    assert st["events"] == {name: 0 for name in EVENTS}
+    before = scrape(url)
+    assert before["walsvc_records_appended_total"] == 0
+    assert all(before[f'walsvc_events_total{{event="{name}"}}'] == 0 for name in EVENTS)
+    assert before['walsvc_rejected_messages_total{reason="malformed"}'] == 0
+
+    with walsvc.Producer(d) as producer:  # 1.5 MiB: at least one segment roll at 1 MiB segments
+        for i in range(300):
+            producer.put(f"k{i}", b"v" * 5000)
+        producer.flush(60)
+
+    after = wait_for(lambda: (m := scrape(url))["walsvc_records_appended_total"] == 300 and
+                     m['walsvc_events_total{event="segment_rolled"}'] >= 1 and m, 20, "the scrape to show 300 records")
+    assert after['walsvc_events_total{event="producer_connected"}'] == 1
+    assert after["walsvc_batches_total"] >= 1 and after["walsvc_committed_lsn"] == 300
+    assert after["walsvc_fsync_seconds_count"] >= 1 and after['walsvc_fsync_seconds_bucket{le="+Inf"}'] >= 1
+    assert after["walsvc_append_to_ack_seconds_count"] == after["walsvc_batches_total"]
+    assert after["walsvc_segments"] >= 2 and after["walsvc_log_stopped"] == 0
+
+    text = run_cli("status", "--dir", str(d)).stdout
+    assert text.startswith("writer: running"), text
+    assert re.search(r"fsyncs: [\d,]+; latency p50 [\d,]+ us, p99 [\d,]+ us", text), text
+    assert not re.search(r"\b(True|False|None)\b|[{}]", text), text
+
+    # --watch repeats with rates over the last interval.
+    watch = subprocess.Popen(walsvc_cmd("status", "--dir", str(d), "--watch", "0.3"), cwd=REPO_ROOT,
+                             env=python_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "/s over the last" in watch.stdout.readline(), 30, "a rate line from status --watch")
+    finally:
+        watch.kill()
+        watch.wait()
+
+    # The same port for a second writer is one clear line, at start-up.
+    clash = run_cli("serve", "--dir", str(tmp_path / "other"), "--config", str(config))
+    assert clash.returncode == 2 and "service.metrics_port" in clash.stderr and "Traceback" not in clash.stderr
+
+    assert writer.stop() == 0
+    events = [line for line in writer.stderr().splitlines() if "event=" in line]
+    assert any(re.search(r"event=producer_connected producer=[0-9a-f]{16}$", e) for e in events), events
+    assert any("event=segment_rolled segments=" in e for e in events), events
+    assert any("event=writer_stopped committed_lsn=300" in e for e in events), events

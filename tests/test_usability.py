@@ -1,0 +1,226 @@
+"""What a user of Kafka, Redis Streams or NATS expects from the command line and the Python API.
+
+The command, its flags and help; positions that are honest (no silent skip, no cursor moving backwards);
+named cursors with one reader at a time; produce/tail/dump options.  Real processes, real files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO_ROOT, python_env, run_cli, wait_for, walsvc_cmd
+
+import walsvc
+from walsvc.errors import ConfigError, CursorBusyError, CursorError
+
+
+def make_log(directory: Path, batches: list[list[walsvc.Record]], pause: float = 0.0) -> list[int]:
+    """An offline log written with the embedded API; returns each batch's first LSN."""
+    firsts = []
+    with walsvc.Log.open(directory, fsync="os") as log:
+        for batch in batches:
+            firsts.append(log.append_batch(batch)[0])
+            time.sleep(pause)
+    return firsts
+
+
+def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent `walsvc` commands at once: each spends most of its time starting Python."""
+    procs = [subprocess.Popen(walsvc_cmd(*c), cwd=REPO_ROOT, env=python_env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    out = []
+    for c, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=60)
+        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    return out
+
+
+def lines(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in result.stderr, result.stderr
+    for w in words:
+        assert w in err[0], (w, err[0])
+    return err[0]
+
+
+# -- the command itself ---------------------------------------------------------------------------------
+
+def test_bare_command_lists_commands_and_version_is_the_package_version() -> None:
+    bare = run_cli()
+    assert bare.returncode == 2 and "required" not in bare.stdout + bare.stderr
+    for command in ("serve", "produce", "tail", "status", "verify", "dump", "up", "cursors"):
+        assert f"\n    {command} " in bare.stdout, bare.stdout
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"walsvc {walsvc.__version__}"
+    assert walsvc.__version__.count(".") == 2
+
+
+def test_errors_name_the_subcommand_and_suggest(tmp_path: Path) -> None:
+    typo, flag, unknown = run_all(["stauts"], ["status", "--dir", str(tmp_path), "--jsn"], ["tail", "--bogus"])
+    one_line_error(typo, "'stauts'", "did you mean status")
+    one_line_error(flag, "walsvc status:", "--jsn", "did you mean --json")
+    one_line_error(unknown, "walsvc tail:", "--bogus")
+
+
+def test_a_typo_in_dir_is_an_error_not_empty_output(tmp_path: Path) -> None:
+    make_log(tmp_path / "wal", [[walsvc.Record.put(b"k", b"v")]])
+    (tmp_path / "empty").mkdir()
+    commands = [["tail"], ["dump"], ["status"], ["cursors", "list"]]
+    results = run_all(*[c + ["--dir", str(tmp_path / "wall")] for c in commands],
+                      *[c + ["--dir", str(tmp_path / "empty")] for c in commands],
+                      ["tail", "--dir", str(tmp_path / "wal")])
+    for result in results[:4]:
+        one_line_error(result, "--dir", "does not exist")
+    for result in results[4:8]:
+        one_line_error(result, "--dir", "not a walsvc log")
+    assert len(lines(results[8])) == 1
+
+
+def test_log_open_on_a_file_is_a_walsvc_error(tmp_path: Path) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a log directory"):
+        walsvc.Log.open(f)
+
+
+def test_a_new_log_takes_16_mib_not_128(tmp_path: Path) -> None:
+    make_log(tmp_path / "wal", [[walsvc.Record.put(b"k", b"v")]] * 2)
+    size = sum(p.stat().st_blocks * 512 for p in (tmp_path / "wal").iterdir() if p.is_file())
+    assert size <= 17 * 2**20, size
+    assert walsvc.LogConfig().segment_bytes == 16 * 2**20
+
+
+# -- produce, tail, dump options -------------------------------------------------------------------------
+
+def test_produce_delete_and_ttl_then_tail_and_dump_ranges(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writers(d, fsync="os").start()
+    assert lines(run_cli("produce", "--dir", str(d), "--kv", "--ttl", "60000", input="a\t1\nb\t2\nc\t3\n")) == ["1", "2", "3"]
+    assert lines(run_cli("produce", "--dir", str(d), "--delete", input="a\nb\n")) == ["4", "5"]
+    one_line_error(run_cli("produce", "--dir", str(d), "--delete", "--ttl", "5", input="a\n"), "--ttl")
+    tail, to, limit, dump_to, dump_limit, follow = run_all(
+        ["tail", "--dir", str(d), "--json"], ["tail", "--dir", str(d), "--from", "2", "--to", "4"],
+        ["tail", "--dir", str(d), "--from", "2", "--limit", "2"], ["dump", "--dir", str(d), "--to", "2"],
+        ["dump", "--dir", str(d), "--from", "3", "--limit", "1"],
+        ["tail", "--dir", str(d), "--follow", "--to", "5"])  # ends after LSN 5 instead of waiting forever
+    rows = [json.loads(x) for x in lines(tail)]
+    assert [(r["lsn"], r["key"], r["tombstone"], r["ttl_ms"]) for r in rows] == [
+        (1, "a", False, 60000), (2, "b", False, 60000), (3, "c", False, 60000), (4, "a", True, None),
+        (5, "b", True, None)]
+    assert [x.split("\t")[0] for x in lines(to)] == ["2", "3", "4"]
+    assert [x.split("\t")[0] for x in lines(limit)] == ["2", "3"]
+    assert [json.loads(x)["lsn"] for x in lines(dump_to)] == [1, 2]
+    assert [json.loads(x)["lsn"] for x in lines(dump_limit)] == [3]
+    assert len(lines(follow)) == 5
+
+
+def test_produce_reports_what_was_stored_before_a_bad_line(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writers(d, fsync="os").start()
+    result = run_cli("produce", "--dir", str(d), "--kv", input="a\t1\nb\t2\nno tab here\nc\t3\n")
+    one_line_error(result, "line 3", "no TAB")
+    assert result.stdout.split() == ["1", "2"]
+    # Each LSN appears once durable, while stdin is still open (a person typing, a slow pipe).
+    typing = subprocess.Popen(walsvc_cmd("produce", "--dir", str(d)), cwd=REPO_ROOT, env=python_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        typing.stdin.write("first\n")
+        typing.stdin.flush()
+        assert typing.stdout.readline() == "3\n"
+        typing.stdin.write("second\n")
+        typing.stdin.close()
+        assert typing.stdout.read() == "4\n" and typing.wait(30) == 0
+    finally:
+        typing.kill()
+
+
+def test_from_past_the_end_is_an_error_never_a_silent_skip(tmp_path: Path) -> None:
+    d = tmp_path / "wal"
+    make_log(d, [[walsvc.Record.put(b"k", b"v")] * 3])
+    tail, dump, next_one = run_all(["tail", "--dir", str(d), "--from", "10"], ["dump", "--dir", str(d), "--from", "5"],
+                                   ["tail", "--dir", str(d), "--from", "4"])
+    one_line_error(tail, "--from", "LSN 10", "committed up to LSN 3")
+    one_line_error(dump, "--from", "LSN 5")
+    assert lines(next_one) == []  # one past the end: the next record
+
+
+def test_from_time_starts_at_the_first_record_written_then(tmp_path: Path) -> None:
+    d = tmp_path / "wal"
+    make_log(d, [[walsvc.Record.put(b"old", b"1")], [walsvc.Record.put(b"new", b"2")] * 2], pause=0.05)
+    with walsvc.Log.open(d) as log:
+        stamps = [r.timestamp for r in log.read(1)]
+    between = datetime.datetime.fromtimestamp((stamps[0] + stamps[1]) / 2e6, tz=datetime.timezone.utc)
+    assert walsvc.lsn_at_time(d, between) == 2 and walsvc.lsn_at_time(d, stamps[0]) == 1
+    tail = ["tail", "--dir", str(d), "--from-time"]
+    mid, early, late, bad, both = run_all(tail + [between.isoformat()], ["dump", "--dir", str(d), "--from-time",
+                                          "2000-01-01T00:00:00Z"], tail + ["2999-01-01T00:00:00+00:00"],
+                                          tail + ["yesterday"], tail + [between.isoformat(), "--from", "1"])
+    assert [x.split("\t")[:3] for x in lines(mid)] == [["2", "PUT", "new"], ["3", "PUT", "new"]]
+    assert [json.loads(x)["lsn"] for x in lines(early)] == [1, 2, 3]
+    assert lines(late) == []
+    one_line_error(bad, "--from-time")
+    one_line_error(both, "--from")
+
+
+# -- named cursors ---------------------------------------------------------------------------------------
+
+def test_a_named_cursor_has_one_reader_and_the_error_names_the_holder(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writers(d, fsync="os").start()
+    holder = subprocess.Popen(walsvc_cmd("tail", "--dir", str(d), "--name", "billing", "--follow"), cwd=REPO_ROOT,
+                              env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lock = d / "cursors" / "billing.lock"
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(holder.pid), 30, "the tail to hold billing")
+        with pytest.raises(CursorBusyError, match=f"process {holder.pid}"):
+            walsvc.Reader(d, name="billing")
+        one_line_error(run_cli("tail", "--dir", str(d), "--name", "billing"), f"process {holder.pid}", code=1)
+        with pytest.raises(CursorBusyError):
+            walsvc.reset_cursor(d, "billing", "earliest")
+        with walsvc.Reader(d, name="other"):  # other names are free
+            pass
+    finally:
+        holder.terminate()
+        holder.wait(30)
+    with walsvc.Reader(d, name="billing"):  # free again once its holder is gone
+        pass
+
+
+def test_cursors_move_forward_only_unless_reset_on_purpose(tmp_path: Path) -> None:
+    d = tmp_path / "wal"
+    make_log(d, [[walsvc.Record.put(b"k", b"v")] * 5])
+    with walsvc.Reader(d, name="c") as reader:
+        assert len(reader.poll(1)) == 5
+        reader.commit(4)
+        reader.commit(4)  # the same LSN again: a no-op
+        with pytest.raises(CursorError, match="backwards"):
+            reader.commit(2)
+    assert walsvc.list_cursors(d) == {"c": 4}
+    # --from beside an existing named cursor is refused, not silently ignored
+    one_line_error(run_cli("tail", "--dir", str(d), "--name", "c", "--from", "1"), "--from", "'c'", "LSN 4")
+    assert [x.split("\t")[0] for x in lines(run_cli("tail", "--dir", str(d), "--name", "c"))] == ["5"]
+    assert "c\tat LSN 5\t0 records behind" in lines(run_cli("cursors", "list", "--dir", str(d)))
+    assert lines(run_cli("cursors", "reset", "c", "--to", "2", "--dir", str(d))) == ["cursor c: the reader resumes at LSN 2"]
+    assert json.loads(run_cli("cursors", "list", "--json", "--dir", str(d)).stdout) == {"c": {"lsn": 1, "lag_records": 4}}
+    assert [x.split("\t")[0] for x in lines(run_cli("tail", "--dir", str(d), "--name", "c", "--limit", "1"))] == ["2"]
+    one_line_error(run_cli("cursors", "reset", "c", "--to", "9", "--dir", str(d)), "LSN from 1 to 6", code=1)
+    assert walsvc.reset_cursor(d, "c", "latest") == 5
+    assert lines(run_cli("cursors", "delete", "c", "--dir", str(d))) == ["cursor c deleted"]
+    assert walsvc.list_cursors(d) == {}
+    one_line_error(run_cli("cursors", "delete", "c", "--dir", str(d)), "no cursor named 'c'", code=1)
+    assert walsvc.delete_cursor(d, "c") is False
+    walsvc.reset_cursor(d, "fresh", "earliest")
+    assert walsvc.list_cursors(d) == {"fresh": 0}

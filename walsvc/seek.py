@@ -1,0 +1,62 @@
+"""Positions by what a user knows: the end of the committed log, and the first record at or after a time.
+
+Timestamps live in each batch frame (µs since the epoch, taken by the writer when it appends), so every
+record of a batch has its frame's time and they do not decrease along the log (barring a wall clock stepped
+back).  `lsn_at_time` finds the segment by its first record, then scans that segment only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from .head import HeadReader
+from .reader import LogReader, end_of_valid_data
+from .segment import list_segments
+
+
+def committed_end(directory: str | os.PathLike) -> int:
+    """The last LSN a reader may see now: the writer's committed LSN, or the last valid one with no writer."""
+    directory = Path(directory)
+    head = HeadReader(directory).read()
+    if head is not None and head.writer_alive():
+        return head.committed_lsn
+    return end_of_valid_data(directory) - 1
+
+
+def _first_timestamp(directory: Path, base: int, bound: int) -> int | None:
+    reader = LogReader(directory, base, bound=lambda: bound)
+    try:
+        batch = reader.read_batch()
+        return batch[0].timestamp if batch else None
+    finally:
+        reader.close()
+
+
+def lsn_at_time(directory: str | os.PathLike, when: datetime.datetime | int) -> int:
+    """The first LSN written at or after `when` (a datetime, naive = local time, or µs since the epoch); one
+    past the committed end if none.  `Reader(directory, start=lsn_at_time(directory, when))` seeks by time."""
+    when_us = when if isinstance(when, int) else int(when.timestamp() * 1_000_000)
+    directory = Path(directory)
+    bound = committed_end(directory)
+    segments = [base for base, _ in list_segments(directory) if base <= bound]
+    if not segments:
+        return bound + 1
+    lo, hi = 0, len(segments) - 1  # the last segment whose first record is before `when_us`
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        ts = _first_timestamp(directory, segments[mid], bound)
+        if ts is not None and ts < when_us:
+            lo = mid
+        else:
+            hi = mid - 1
+    reader = LogReader(directory, segments[lo], bound=lambda: bound)
+    try:
+        while batch := reader.read_batch():
+            for r in batch:
+                if r.timestamp >= when_us:
+                    return r.lsn
+    finally:
+        reader.close()
+    return bound + 1

@@ -1,0 +1,137 @@
+"""`walsvc status`: ask the running writer, or read the directory when none runs; say it in plain words.
+
+The JSON form (`status --json`) is documented field by field in docs/PROTOCOL.md; the text form puts the
+writer's state first and never shows a Python repr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | None:
+    """The writer's status reply, or None when no writer runs or it does not answer within the timeout."""
+    import zmq
+
+    from .endpoints import load as load_endpoints
+    from .errors import ServiceUnavailableError
+    from .head import HeadReader
+    from .protocol import encode_request
+    head = HeadReader(directory).read()
+    if head is None or not head.writer_alive():
+        return None
+    try:
+        eps = load_endpoints(directory)
+    except ServiceUnavailableError:
+        return None
+    ctx = zmq.Context()
+    try:
+        sock = eps.secure(ctx.socket(zmq.REQ))
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(eps.control)
+        sock.send(encode_request("status"))
+        if not sock.poll(timeout_ms):
+            return None
+        return json.loads(sock.recv())
+    finally:
+        ctx.destroy(linger=0)
+
+
+def offline_status(directory: Path) -> dict[str, Any]:
+    """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer)."""
+    from .cursor import load_all
+    from .head import HeadReader
+    from .reader import end_of_valid_data
+    from .segment import list_segments
+    segments = list_segments(directory)
+    head = HeadReader(directory).read()
+    last = end_of_valid_data(directory) - 1 if segments else 0
+    return {"writer": "offline", "directory": str(directory),
+            "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
+            "head_committed_lsn": head.committed_lsn if head else None,
+            "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
+            "cursors": {n: {"lsn": lsn, "lag_records": max(0, last - lsn)} for n, lsn in load_all(directory).items()}}
+
+
+def collect(directory: Path) -> dict[str, Any]:
+    """The writer's status if one answers, else the offline view with `writer` saying why."""
+    from .head import HeadReader
+    status = query_writer(directory)
+    if status is not None:
+        status.pop("ok", None)
+        status["writer"] = "stopped" if status.get("stopped") else "running"
+        return status
+    status = offline_status(directory)
+    head = HeadReader(directory).read()
+    if head is not None and head.writer_alive():
+        # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
+        status["writer"] = "unresponsive"
+        status["writer_pid"] = head.writer_pid
+    return status
+
+
+def _n(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"
+
+
+def _latency(h: dict[str, Any]) -> str:
+    if not h or not h.get("count"):
+        return "no samples yet"
+    return (f"p50 {h['p50_us']:,.0f} us, p99 {h['p99_us']:,.0f} us, max {h['max_us']:,.0f} us "
+            f"({h['count']:,} samples)")
+
+
+def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, seconds: float) -> str:
+    if before is None or seconds <= 0:
+        return ""
+    return f", {(now.get(key, 0) - before.get(key, 0)) / seconds:,.0f}/s over the last {seconds:.0f} s"
+
+
+def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interval: float = 0.0) -> str:
+    """Plain words, the writer's state first.  `before` (an earlier status) adds rates over `interval`."""
+    lines = []
+    w = st["writer"]
+    if w == "running":
+        lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}")
+    elif w == "stopped":
+        lines.append(f"writer: STOPPED (refuses writes until restarted): {st['stopped']}; pid {st['pid']}")
+    elif w == "unresponsive":
+        lines.append(f"writer: unresponsive (pid {st['writer_pid']} did not answer within 1 s: stopped or "
+                     "overloaded); the rest is read from disk")
+    else:
+        lines.append("writer: not running; the rest is read from disk")
+    lines.append(f"directory: {st['directory']}")
+    first, last = st["first_lsn"], st["committed_lsn"]
+    held = f"LSNs {first:,} to {last:,}" if last >= first else "no records"
+    lines.append(f"records: {held}, committed up to LSN {last:,}")
+    lines.append(f"segments: {st['segments']:,}, {_bytes(st['bytes'])}")
+    if w in ("running", "stopped"):
+        c = st.get("counters", {})
+        lines.append(f"appended: {c.get('records', 0):,} records in {c.get('batches', 0):,} batches since start"
+                     + _rate(c, (before or {}).get("counters"), "records", interval))
+        lines.append(f"fsyncs: {st['fsyncs']:,}; latency {_latency(st.get('fsync_latency', {}))}")
+        lines.append(f"append to ack: {_latency(st.get('append_to_ack_latency', {}))}")
+        lines.append(f"producers: {st['producers']:,} known; duplicates resent {c.get('duplicates', 0):,}")
+        rejected = {k: v for k, v in st.get("rejected", {}).items() if v}
+        lines.append("rejected: " + (", ".join(f"{k} {v:,}" for k, v in sorted(rejected.items())) or "none"))
+        lines.append(f"retention: {st['segments_deleted']:,} segments deleted, {st['retention_errors']:,} errors")
+        rec = st.get("recovery")
+        if rec:
+            lines.append(f"recovery at start: {rec}")
+    cursors = st.get("cursors") or {}
+    if cursors:
+        lines.append("cursors:")
+        for name, cur in sorted(cursors.items()):
+            lines.append(f"  {name}: at LSN {cur['lsn']:,}, {cur['lag_records']:,} records behind")
+    else:
+        lines.append("cursors: none")
+    return "\n".join(lines)
