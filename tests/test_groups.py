@@ -108,6 +108,18 @@ def test_a_new_group_starts_where_asked_and_bad_requests_are_refused(tmp_path: P
     assert status(d)["groups"]["all"]["position"] == 12
 
 
+def test_a_group_and_a_named_reader_never_share_a_name(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Reader(d, name="taken"):
+        with pytest.raises(GroupError, match="in use by process"):
+            walsvc.Reader(d, group="taken", consumer="a").poll(1)
+    with walsvc.Reader(d, group="mine", consumer="a") as member:
+        member.poll(0.1)
+        with pytest.raises(walsvc.CursorBusyError, match=f"in use by process {writer.pid}"):
+            walsvc.Reader(d, name="mine")
+
+
 def test_a_group_needs_a_running_writer(tmp_path: Path) -> None:
     walsvc.Log.open(tmp_path / "wal").close()
     with pytest.raises(ServiceUnavailableError, match="needs a running writer"):

@@ -91,9 +91,10 @@ class CursorLock:
 
     def __init__(self, directory: Path, name: str) -> None:
         cdir = Path(directory) / DIRNAME
-        cdir.mkdir(exist_ok=True)
-        path = cdir / (check_name(name) + LOCK_SUFFIX)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not cdir.is_dir():
+            make_dir(cdir)
+            sync_dir(Path(directory))
+        fd = open_file(cdir / (check_name(name) + LOCK_SUFFIX), os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

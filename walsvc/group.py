@@ -157,13 +157,15 @@ def _field(req: dict, key: str, kind: type, group: str) -> object:
 class GroupTable:
     """Every consumer group a writer serves, answering the group_* control requests (docs/PROTOCOL.md).
 
-    No I/O: the caller passes the log's positions and a lookup of stored cursors in, and stores the
-    positions `take_moved` hands out (the group's cursor is position - 1, like a named reader's).
+    No I/O: the caller passes the log's positions and a lookup of stored cursors in, stores the positions
+    `take_moved` hands out (the group's cursor is position - 1, like a named reader's), and takes the name's
+    cursor lock in `claim_name` when a group starts (so no named reader can use the name meanwhile).
     """
 
-    def __init__(self, check_name: Callable[[str], str]) -> None:
+    def __init__(self, check_name: Callable[[str], str], claim_name: Callable[[str], None]) -> None:
         self.groups: dict[str, Group] = {}
         self._check_name = check_name
+        self._claim_name = claim_name
         self._moved: dict[str, int] = {}
 
     def request(self, req: dict, *, committed_lsn: int, first_lsn: int, now_ms: float,
@@ -188,8 +190,12 @@ class GroupTable:
             lease_ms = req.get("lease_ms", DEFAULT_LEASE_MS)
             if not isinstance(lease_ms, (int, float)) or isinstance(lease_ms, bool) or not 1 <= lease_ms <= 86_400_000:
                 raise GroupError(name, f"lease_ms must be a number of milliseconds from 1 to 86400000, not {lease_ms!r}")
-            group = self.groups[name] = Group(name, self._start(req, name, committed_lsn, first_lsn, stored),
-                                              float(lease_ms))
+            position = self._start(req, name, committed_lsn, first_lsn, stored)
+            try:
+                self._claim_name(name)
+            except WalError as exc:
+                raise GroupError(name, str(exc)) from None
+            group = self.groups[name] = Group(name, position, float(lease_ms))
         before = group.position
         if op == "group_claim":
             max_records = _field(req, "max_records", int, name)

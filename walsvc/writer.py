@@ -67,7 +67,9 @@ class Writer:
         self._main_thread = threading.get_ident()
         self._stop = threading.Event()
         self.started = time.time()
-        self.groups = GroupTable(cursor.check_name)
+        self._group_locks: list[cursor.CursorLock] = []
+        self.groups = GroupTable(cursor.check_name,
+                                 lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
         self.metrics_server = None
@@ -379,6 +381,8 @@ class Writer:
         try:
             self.log.close()
         finally:
+            for lock in self._group_locks:
+                lock.release()
             self.ctx.destroy(linger=1000)
 
     def install_signal_handlers(self) -> None:
