@@ -204,17 +204,16 @@ def _unzstd(stored: bytes, limit: int) -> bytes:
         if params.dict_id:
             raise DecompressionError(f"zstd frame needs dictionary {params.dict_id}; walsvc uses none")
         size = params.content_size
-        if size != zstandard.CONTENTSIZE_UNKNOWN:
-            if size > limit:
-                raise RecordTooLargeError(f"zstd value declares {size} bytes decompressed, above its limit "
-                                          f"of {limit}")
-            # zstd itself checks the output length against the declared size, and refuses a frame cut short
-            # or followed by anything.
-            return _zstd_decompressor().decompress(stored, allow_extra_data=False)
-        # No content size (streaming encoders): prove the frame whole first, then inflate under a hard cap.
+        known = size != zstandard.CONTENTSIZE_UNKNOWN
+        if known and size > limit:
+            raise RecordTooLargeError(f"zstd value declares {size} bytes decompressed, above its limit of {limit}")
+        # The block headers prove the frame whole, with nothing after it, before anything is inflated.
         most = _zstd_walk(stored, zstandard.frame_header_size(stored), params.has_checksum, params.window_size)
+        if known:  # zstd itself checks the output length against the declared size
+            return _zstd_decompressor().decompress(stored, allow_extra_data=False)
         if most <= limit:
             return _zstd_decompressor().decompress(stored, max_output_size=max(most, 1))
+        # No content size (streaming encoders) and room for more than the limit: inflate under a hard cap.
         with _zstd_decompressor().stream_reader(stored) as reader:
             out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
