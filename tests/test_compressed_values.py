@@ -183,3 +183,33 @@ def _lz4(value: bytes) -> bytes:
 def test_lz4_damaged_values_are_refused_everywhere(stored, error):
     with pytest.raises(error):
         _all_decoders(_record(stored, code=1))
+
+
+def test_readers_and_verify_raise_on_a_damaged_value_in_the_log(open_log, tmp_path):
+    """A value that breaks the rules inside a log (another tool wrote it; its CRCs are valid) makes readers
+    raise CorruptionError and `verify` report it: never b"" (which every reader returned before)."""
+    from walsvc.errors import CorruptionError
+    from walsvc.inspect import verify
+    from walsvc.reader import LogReader
+
+    good = _record(_with_size(VALUE), key=b"good")
+    cut = _record(_no_size(VALUE)[:-4], key=b"cut")
+    log = open_log()
+    log.append_encoded(good, 1)
+    log.append_encoded(cut, 1)  # append_encoded trusts its caller: the writer service validates first
+    log.append_encoded(_record(_rle_zstd(64 * MiB), key=b"bomb") * 2, 2)  # 128 MiB from one 4 KiB batch
+    log.sync()
+    with LogReader(log.directory, "earliest") as reader:
+        assert [(r.key, r.value) for r in reader.read_batch()] == [(b"good", VALUE)]
+        with pytest.raises(CorruptionError) as info:
+            reader.read_batch()
+        assert "zstd frame is cut short" in str(info.value) and "LSN 2" in str(info.value)
+        with pytest.raises(CorruptionError):
+            reader.read_batch()  # stays on the damaged frame
+    with LogReader(log.directory, 3) as reader:
+        with pytest.raises(CorruptionError) as info:
+            reader.read_batch()
+        assert "above its limit" in str(info.value)
+    report = verify(log.directory, max_record_bytes=16 * MiB, max_batch_bytes=32 * MiB)
+    assert [(p.lsn, "cut short" in p.detail or "above its limit" in p.detail) for p in report.issues] == \
+        [(2, True), (3, True)], report.summary()
