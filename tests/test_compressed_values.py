@@ -163,13 +163,19 @@ def test_readers_accept_every_batch_the_writer_accepts():
         R.count_records(payload, 0, len(payload), max_batch_bytes=exact - 1)
 
 
-lz4_block = pytest.importorskip("lz4.block")
+try:
+    import lz4.block as lz4_block
+except ImportError:  # the optional 'lz4' extra
+    lz4_block = None
 
 
 def _lz4(value: bytes) -> bytes:
+    if lz4_block is None:
+        return b""  # the tests below are skipped
     return R.encode_varint(len(value)) + lz4_block.compress(value, store_size=False)
 
 
+@pytest.mark.skipif(lz4_block is None, reason="the optional lz4 package is not installed")
 @pytest.mark.parametrize("stored, error", [
     (_lz4(VALUE)[:-3], DecompressionError),                        # block cut short
     (_lz4(VALUE) + b"junk", DecompressionError),                    # bytes after the block
@@ -213,3 +219,15 @@ def test_readers_and_verify_raise_on_a_damaged_value_in_the_log(open_log, tmp_pa
     report = verify(log.directory, max_record_bytes=16 * MiB, max_batch_bytes=32 * MiB)
     assert [(p.lsn, "cut short" in p.detail or "above its limit" in p.detail) for p in report.issues] == \
         [(2, True), (3, True)], report.summary()
+
+
+def test_zstd_window_limit_applies_only_to_frames_without_a_content_size():
+    """Inflating a frame without a size needs its whole window: above ZSTD_MAX_WINDOW it is refused."""
+    value = bytes(range(256)) * (96 * 1024)  # 24 MiB, so level 22 picks a window above 16 MiB
+    sized = zstandard.ZstdCompressor(level=22).compress(value)
+    assert zstandard.get_frame_parameters(sized).window_size > R.ZSTD_MAX_WINDOW
+    assert R._decompress(2, sized, 32 * MiB) == value
+    unsized = zstandard.ZstdCompressor(level=22, write_content_size=False).compress(value)
+    with pytest.raises(DecompressionError) as info:
+        R._decompress(2, unsized, 32 * MiB)
+    assert "too much memory" in str(info.value)
