@@ -115,7 +115,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from .inspect import record_dict
     from .reader import Reader
     cfg = _load(args)
-    with Reader(cfg.directory, args.start, name=args.name, max_record_bytes=cfg.log.max_record_bytes) as reader:
+    with Reader(cfg.directory, args.start, name=args.name, max_record_bytes=cfg.log.max_record_bytes,
+                max_batch_bytes=cfg.log.max_batch_bytes) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)
