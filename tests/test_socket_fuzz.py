@@ -119,6 +119,10 @@ class Fuzzer:
             return kind, [self.valid_append() if rng.random() < 0.5 else rng.randbytes(40)
                           for _ in range(rng.randint(2, 4))]
         if kind == "zip_bomb":
+            if rng.random() < 0.2:  # an LZ4 value whose length prefix claims a terabyte
+                body = b"\x02" + encode_varint(8) + bytes((1 << 2,)) + b"zb" + encode_varint(1 << 40) + b"\x10\x00"
+                payload = body + crc32c(body).to_bytes(4, "little")
+                return kind, [P.encode_append(rng.randrange(1, 1 << 64), 1, 1, payload)]
             if rng.random() < 0.5:  # one record claiming far more than max_record_bytes
                 payload = _zstd_record(_rle_frame(MAX_RECORD, rng.choice([1 << 40, MAX_RECORD * 2]), rng))
                 return kind, [P.encode_append(rng.randrange(1, 1 << 64), 1, 1, payload)]
