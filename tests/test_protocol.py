@@ -81,3 +81,23 @@ def test_control_messages_are_json_objects():
         with pytest.raises(ProtocolError) as info:
             P.decode_json(bad)
         assert info.value.code == P.MALFORMED
+
+
+def test_control_limits_are_checked_before_the_parser():
+    limit = P.MAX_CONTROL_DEPTH
+    assert P.decode_json(b'{"a": ' + b"[" * (limit - 1) + b"]" * (limit - 1) + b"}")["a"] is not None
+    deep = b'{"a": ' + b"[" * limit + b"]" * limit + b"}"
+    with pytest.raises(ProtocolError) as info:
+        P.decode_json(deep)
+    assert info.value.code == P.MALFORMED and f"nests {limit + 1} levels" in str(info.value)
+    # Brackets inside strings (escaped quotes too) are not nesting.
+    assert P.json_depth(b'{"op": "[[[\\"[[[", "x": [1]}') == 2
+    assert P.decode_json(b'{"op": "' + b"{" * 1000 + b'"}') == {"op": "{" * 1000}
+    with pytest.raises(ProtocolError) as info:
+        P.decode_json(b" " * (P.MAX_CONTROL_BYTES + 1))
+    assert info.value.code == P.TOO_LARGE
+    assert P.decode_json(b" " * (P.MAX_CONTROL_BYTES - 2) + b"{}") == {}
+    with pytest.raises(ProtocolError) as info:
+        P.decode_json(P.encode_request("ping").replace(b'"version": 1', b'"version": 2'))
+    assert info.value.code == P.UNKNOWN_VERSION
+    assert P.decode_json(b'{"op": "ping"}') == {"op": "ping"}  # version may be left out

@@ -140,7 +140,8 @@ static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t pos, Py_ssize_t
 }
 
 /* count_records(buf, pos, end, max_record_bytes) -> (n, compressed) | None
- * compressed: None, or a list of (record offset, value start, value end, code) for the caller to check. */
+ * compressed: None, or a list of (record offset from pos, key start, value start, value end, code) for the
+ * caller to check (record.py decides whether a compressed value is valid). */
 static PyObject *count_records(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *obj;
     Py_ssize_t pos, end;
@@ -156,7 +157,8 @@ static PyObject *count_records(PyObject *Py_UNUSED(self), PyObject *args) {
         if (read_record(buf, pos, end, max_bytes, &h, 1)) goto invalid;
         if (h.flags & FLAG_COMPRESSION_MASK) {
             if (!compressed && !(compressed = PyList_New(0))) goto fail;
-            PyObject *span = Py_BuildValue("(nnni)", h.start - base, h.value, h.vend, (h.flags & FLAG_COMPRESSION_MASK) >> 2);
+            PyObject *span = Py_BuildValue("(nnnni)", h.start - base, h.key, h.value, h.vend,
+                                           (h.flags & FLAG_COMPRESSION_MASK) >> 2);
             if (!span || PyList_Append(compressed, span) < 0) {
                 Py_XDECREF(span);
                 goto fail;

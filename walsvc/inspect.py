@@ -24,13 +24,14 @@ from . import head as H
 from .config import GiB
 from .errors import ConfigError, CorruptionError, RecordError, TruncatedError
 from .reader import LogReader, _OpenSegment, end_of_valid_data
-from .record import count_records, decode, decode_payload
+from .record import count_records, decode
 from .recovery import QUARANTINE, examine_stop, verify_sealed
 from .segment import (SUFFIX, FrameScanner, ScanStop, find_valid_header, is_zero_from, list_segments, read_header,
                       read_seal, segment_name)
 
 # The largest record any config allows: verify and dump check structure, they do not enforce a config.
 MAX_RECORD_BYTES = 1 * GiB
+MAX_BATCH_BYTES = 2 * GiB  # the largest limits a config allows: verify flags no batch a writer could accept
 
 # On a live log, how often the active segment is rescanned when committed data looks damaged (the first read
 # may have raced the writer) before that is reported as a problem.
@@ -165,9 +166,10 @@ class _SegmentResult:
 
 
 class _Verifier:
-    def __init__(self, directory: Path, max_record_bytes: int) -> None:
+    def __init__(self, directory: Path, max_record_bytes: int, max_batch_bytes: int) -> None:
         self.directory = directory
         self.max_record_bytes = max_record_bytes
+        self.max_batch_bytes = max_batch_bytes
         self.report = VerifyReport(str(directory))
 
     def problem(self, detail: str, segment: str | None = None, offset: int | None = None,
@@ -388,11 +390,10 @@ class _Verifier:
     def _check_records(self, res: _SegmentResult, name: str, off: int, h: F.FrameHeader, data: memoryview) -> None:
         """Every record of a DATA frame decodes (with its own CRC and any decompression); the count matches."""
         payload = bytes(data[F.FRAME_HEADER_SIZE:])
-        try:  # the fast path: structure and CRCs in one walk, then decoding (and decompression)
-            n = count_records(payload, 0, len(payload), max_record_bytes=self.max_record_bytes)
+        try:  # the fast path: structure, CRCs and decompression in one walk, one value in memory at a time
+            n = count_records(payload, 0, len(payload), max_record_bytes=self.max_record_bytes,
+                              max_batch_bytes=self.max_batch_bytes)
             if n == h.count:
-                decode_payload(payload, h.base_lsn, h.count, h.timestamp_us,
-                               max_record_bytes=self.max_record_bytes)
                 res.records += n
                 return
         except RecordError:
@@ -520,15 +521,17 @@ class _Verifier:
                 self.report.notes.append(f"{fname} is not named like a segment (20 digits + {SUFFIX}); ignored")
 
 
-def verify(directory: str | os.PathLike, *, max_record_bytes: int = MAX_RECORD_BYTES) -> VerifyReport:
+def verify(directory: str | os.PathLike, *, max_record_bytes: int = MAX_RECORD_BYTES,
+           max_batch_bytes: int = MAX_BATCH_BYTES) -> VerifyReport:
     """Check every segment of the log in `directory`, read-only (safe while a writer runs).
 
     Checks: segment headers; every frame's header and payload CRC; every record decodes (its own CRC and
-    decompression) and the frame's count matches; LSN continuity across frames and segments; every seal (data
+    decompression, within `max_record_bytes` per record and `max_batch_bytes` per batch, both defaulting to the
+    largest a config allows) and the frame's count matches; LSN continuity across frames and segments; every seal (data
     CRC, record count, last LSN, index entries point at frames with those LSNs); the last segment's tail,
     classified as recovery would ("end", "torn" or "corrupt"); HEAD against the data; cursor files.
     """
-    return _Verifier(Path(directory), max_record_bytes).run()
+    return _Verifier(Path(directory), max_record_bytes, max_batch_bytes).run()
 
 
 # -- dump ------------------------------------------------------------------------------------------------

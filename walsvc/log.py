@@ -291,7 +291,8 @@ class Log:
         """Committed records from `start` (an LSN, "earliest" or "latest") up to the committed LSN."""
         reader = LogReader(self.directory, start, bound=lambda: self.committed_lsn,
                            written_end=lambda: (self._active.header.base_lsn, self._active.end),
-                           max_record_bytes=self.config.max_record_bytes)
+                           max_record_bytes=self.config.max_record_bytes,
+                           max_batch_bytes=self.config.max_batch_bytes)
         try:
             yield from reader
         finally:

@@ -6,12 +6,14 @@ Every message is a single ZeroMQ frame (multipart is far slower), little-endian:
   payload into a log frame without re-encoding it;
 - publish (writer PUB -> SUB): COMMIT (topic b"C") carries the committed LSN; REPLY (topic b"R" + producer
   id) carries an ack, a duplicate-ack or a nack for one batch, so each producer subscribes to its own;
-- control (REQ -> writer REP): JSON requests and replies.
+- control (REQ -> writer REP): JSON requests and replies, at most MAX_CONTROL_BYTES long and nested at most
+  MAX_CONTROL_DEPTH deep, both checked before the JSON parser runs (it recurses once per level).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,12 @@ TOO_LARGE = "too_large"
 UNKNOWN_VERSION = "unknown_version"
 OUT_OF_SEQUENCE = "out_of_sequence"
 LOG_STOPPED = "log_stopped"
+
+MAX_CONTROL_BYTES = 64 * 1024
+MAX_CONTROL_DEPTH = 16
+# The control socket's ZeroMQ MAXMSGSIZE: above MAX_CONTROL_BYTES, so that a request somewhat too long is
+# answered `too_large`; ZeroMQ drops anything longer unread (and disconnects its sender).
+CONTROL_SOCKET_MAX_BYTES = 4 * MAX_CONTROL_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +140,40 @@ def encode_request(op: str, **args: Any) -> bytes:
     return json.dumps({"op": op, "version": VERSION, **args}).encode()
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_BRACKETS = re.compile(rb"[\[{\]}]")
+
+
+def json_depth(msg: bytes) -> int:
+    """How deep arrays and objects nest in `msg`, brackets inside strings excluded (linear, no recursion)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub(b'""', msg)):
+        if bracket in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        else:
+            depth -= 1
+    return deepest
+
+
 def decode_json(msg: bytes) -> dict[str, Any]:
+    """A control request: a JSON object within the size and nesting limits, of this protocol version."""
+    if len(msg) > MAX_CONTROL_BYTES:
+        raise ProtocolError(TOO_LARGE, f"control request of {len(msg)} bytes exceeds the {MAX_CONTROL_BYTES}-byte "
+                                       "limit")
+    msg = bytes(msg)
+    depth = json_depth(msg)
+    if depth > MAX_CONTROL_DEPTH:
+        raise ProtocolError(MALFORMED, f"control request nests {depth} levels deep; the limit is "
+                                       f"{MAX_CONTROL_DEPTH}")
     try:
         value = json.loads(msg)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(MALFORMED, f"control message is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError(MALFORMED, "control message must be a JSON object")
+    if value.get("version", VERSION) != VERSION:
+        raise ProtocolError(UNKNOWN_VERSION, f"control request version {value['version']!r:.40}; this writer speaks "
+                                             f"{VERSION}")
     return value

@@ -24,7 +24,7 @@ from .endpoints import load as load_endpoints
 from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, RecordError,
                      ServiceUnavailableError, TruncatedError)
 from .head import Head, HeadReader
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
+from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .segment import FrameScanner, list_segments, read_header, read_seal
 
 Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read all valid data
@@ -94,11 +94,13 @@ class LogReader:
     BATCH_BYTES = 4 << 20  # with large records, a batch ends after this much payload (one frame at least)
 
     def __init__(self, directory: str | os.PathLike, start: int | str = "earliest", *, bound: Bound | None = None,
-                 written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+                 written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
         self.directory = Path(directory)
         self._bound = bound or (lambda: None)
         self._written_end = written_end
         self.max_record_bytes = max_record_bytes
+        self.max_batch_bytes = max_batch_bytes  # what one batch may decompress to, as its writer allowed
         self._seg: _OpenSegment | None = None
         self._retried = False
         self._batch_bytes = 0
@@ -202,7 +204,8 @@ class LogReader:
                 payload_at = seg.scanner.view_pos + F.FRAME_HEADER_SIZE
                 records = decode_payload(seg.scanner.view_buf, h.base_lsn, h.count, h.timestamp_us, self.next_lsn,
                                          start=payload_at, end=payload_at + h.payload_len,
-                                         max_record_bytes=self.max_record_bytes)
+                                         max_record_bytes=self.max_record_bytes,
+                                         max_batch_bytes=self.max_batch_bytes)
             except CompressionUnavailableError:
                 seg.scanner.offset = off
                 raise  # not damage: this reader lacks a codec package (the message says which)
@@ -292,7 +295,7 @@ class Reader:
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
                  name: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-                 recheck_s: float = 0.05) -> None:
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, recheck_s: float = 0.05) -> None:
         self.directory = log_directory(directory)
         self.name = cursor.check_name(name) if name is not None else None
         self._head = HeadReader(self.directory)
@@ -307,7 +310,7 @@ class Reader:
                 if stored is not None:
                     start = stored + 1
             self._log = LogReader(self.directory, start, bound=self._bound, written_end=self._written_end,
-                                  max_record_bytes=max_record_bytes)
+                                  max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
         except BaseException:
             if self._cursor_lock is not None:
                 self._cursor_lock.release()

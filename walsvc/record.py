@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from typing import Iterator
 
 from crc32c import crc32c
@@ -24,6 +25,9 @@ from .errors import (ChecksumError, CompressionUnavailableError, DecompressionEr
                      InvalidRecordError, RecordError, RecordTooLargeError, VarintOverflowError)
 
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
+# A batch, with every value decompressed, is at most this long (the log's `max_batch_bytes`): a few bytes of
+# zstd can claim gigabytes, and a reader materializes a whole batch at once.
+DEFAULT_MAX_BATCH_BYTES = 32 * 1024 * 1024
 
 FLAG_TOMBSTONE = 0x01
 FLAG_TTL = 0x02
@@ -170,30 +174,99 @@ def _lz4():
     return lz4.block
 
 
-def _decompress(code: int, stored: bytes, max_bytes: int) -> bytes:
-    if code == 2:
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_MAX_WINDOW = 16 * 1024 * 1024  # a frame without a content size may ask for no larger a window
+_ZSTD_BLOCK_MAX = 128 * 1024
+_zstd_local = threading.local()  # a ZstdDecompressor costs ~20 us to make and must not be shared by threads
+
+
+def _zstd_decompressor():
+    d = getattr(_zstd_local, "d", None)
+    if d is None:
         import zstandard
-        try:
-            # stream_reader copes with frames that carry no content size (Rust's streaming encoder) and lets
-            # us stop at the limit instead of trusting a size field.
-            with zstandard.ZstdDecompressor().stream_reader(stored) as reader:
-                out = reader.read(max_bytes + 1)
-        except zstandard.ZstdError as exc:
-            raise DecompressionError(f"zstd value does not decompress: {exc}") from None
-        if len(out) > max_bytes:
-            raise RecordTooLargeError(f"decompressed value exceeds the {max_bytes}-byte maximum record size")
-        return out
+        d = _zstd_local.d = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    return d
+
+
+def _zstd_walk(stored: bytes, pos: int, checksum: bool, window: int) -> int:
+    """An upper bound of the output of the zstd frame whose blocks start at `pos`, from its block headers.
+
+    Proves the frame is complete and ends exactly at the end of `stored` without inflating anything.
+    """
+    end = len(stored)
+    most = 0
+    block_max = min(window, _ZSTD_BLOCK_MAX)
+    while True:
+        if pos + 3 > end:
+            raise DecompressionError("zstd frame is cut short inside a block header")
+        header = stored[pos] | stored[pos + 1] << 8 | stored[pos + 2] << 16
+        kind = (header >> 1) & 3
+        size = header >> 3
+        pos += 3
+        if kind == 3:
+            raise DecompressionError("zstd frame has a block of the reserved type 3")
+        pos += 1 if kind == 1 else size
+        most += block_max if kind == 2 else size
+        if header & 1:
+            break
+    pos += 4 if checksum else 0
+    if pos != end:
+        raise DecompressionError(f"zstd frame is cut short ({end - pos} bytes missing)" if pos > end else
+                                 f"zstd value has {end - pos} bytes after its frame")
+    return most
+
+
+def _unzstd(stored: bytes, limit: int) -> bytes:
+    """One complete zstd frame, nothing after it, inflating to at most `limit` bytes (checked first)."""
+    import zstandard
+    if stored[:4] != ZSTD_MAGIC:
+        raise DecompressionError("zstd value does not start with a zstd frame magic number")
+    try:
+        params = zstandard.get_frame_parameters(stored)
+        if params.dict_id:
+            raise DecompressionError(f"zstd frame needs dictionary {params.dict_id}; walsvc uses none")
+        size = params.content_size
+        known = size != zstandard.CONTENTSIZE_UNKNOWN
+        if known and size > limit:
+            raise RecordTooLargeError(f"zstd value declares {size} bytes decompressed, above its limit of {limit}")
+        # The block headers prove the frame whole, with nothing after it, before anything is inflated.
+        most = _zstd_walk(stored, zstandard.frame_header_size(stored), params.has_checksum, params.window_size)
+        if known:  # zstd itself checks the output length against the declared size
+            return _zstd_decompressor().decompress(stored, allow_extra_data=False)
+        if most <= limit:
+            return _zstd_decompressor().decompress(stored, max_output_size=max(most, 1))
+        # No content size (streaming encoders) and room for more than the limit: inflate under a hard cap.
+        with _zstd_decompressor().stream_reader(stored) as reader:
+            out = reader.read(limit + 1)
+    except zstandard.ZstdError as exc:
+        raise DecompressionError(f"zstd value does not decompress: {exc}") from None
+    if len(out) > limit:
+        raise RecordTooLargeError(f"zstd value decompresses to more than its limit of {limit} bytes")
+    return out
+
+
+def _unlz4(stored: bytes, limit: int) -> bytes:
+    """varint(size) + one raw LZ4 block that inflates to exactly `size` <= `limit` bytes."""
     lz4_block = _lz4()
-    size, pos = decode_varint(stored, 0, len(stored))
-    if size > max_bytes:
-        raise RecordTooLargeError(f"LZ4 value claims {size} bytes, above the {max_bytes}-byte maximum")
+    try:
+        size, pos = decode_varint(stored, 0, len(stored))
+    except RecordError:
+        raise DecompressionError("LZ4 value's length prefix is cut short or over-long") from None
+    if size > limit:
+        raise RecordTooLargeError(f"LZ4 value declares {size} bytes decompressed, above its limit of {limit}")
     try:
         out = lz4_block.decompress(stored[pos:], uncompressed_size=size)
     except Exception as exc:  # lz4 raises LZ4BlockError, a plain Exception subclass
         raise DecompressionError(f"LZ4 value does not decompress: {exc}") from None
     if len(out) != size:
-        raise DecompressionError(f"LZ4 value decompressed to {len(out)} bytes, header said {size}")
+        raise DecompressionError(f"LZ4 value decompressed to {len(out)} bytes, its prefix says {size}")
     return out
+
+
+def _decompress(code: int, stored: bytes, limit: int) -> bytes:
+    """The value `stored` under compression `code`, never more than `limit` bytes and never inflated past
+    it (docs/FORMAT.md, "Value encodings"): DecompressionError or RecordTooLargeError otherwise."""
+    return _unzstd(stored, limit) if code == 2 else _unlz4(stored, limit)
 
 
 def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
@@ -254,11 +327,14 @@ def encode_put_py(key: bytes, value: bytes) -> bytes:
 
 
 def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
-           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True) -> tuple[Record, int]:
+           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True,
+           max_inflate: int | None = None) -> tuple[Record, int]:
     """Decode the record at `pos`; returns (record, position after it).
 
     `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
-    covered these bytes (one C call per frame instead of one per record).
+    covered these bytes (one C call per frame instead of one per record).  A compressed value may grow by at
+    most `max_inflate` bytes when decompressed (what is left of its batch's budget), besides fitting with its
+    key in `max_record_bytes`.
     """
     if end is None:
         end = len(buf)
@@ -308,8 +384,11 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
     value = bytes(buf[kend:vend])
     if code:
+        limit = max_record_bytes - kl
+        if max_inflate is not None:
+            limit = min(limit, vl + max_inflate)
         try:
-            value = _decompress(code, value, max_record_bytes)
+            value = _decompress(code, value, limit)
         except (DecompressionError, RecordTooLargeError, CompressionUnavailableError) as exc:
             raise exc.located(offset=start) from None
     return Record(bytes(buf[pos:kend]), value, tombstone=bool(flags & FLAG_TOMBSTONE), ttl_ms=ttl,
@@ -349,8 +428,10 @@ def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECOR
 
 
 def count_records(buf: bytes | memoryview, pos: int, end: int, *,
-                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> int:
-    """Walk the records in buf[pos:end] without building them, checking structure and each CRC.
+                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                  max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> int:
+    """Walk the records in buf[pos:end] without building them, checking structure, each CRC, and that each
+    compressed value decompresses (docs/FORMAT.md, "Value encodings") within the batch's budget.
 
     The writer runs this on every batch a producer sends, so garbage never reaches the log.
     """
@@ -358,27 +439,34 @@ def count_records(buf: bytes | memoryview, pos: int, end: int, *,
         walked = _c.count_records(buf, pos, end, max_record_bytes)
         if walked is not None:
             n, compressed = walked
-            for record_at, value_at, value_end, code in compressed or ():
-                _check_compressed(code, bytes(buf[value_at:value_end]), max_record_bytes, record_at)
+            spare = max_batch_bytes - (end - pos)
+            for record_at, key_at, value_at, value_end, code in compressed or ():
+                spare = _check_compressed(code, bytes(buf[value_at:value_end]), value_at - key_at, spare,
+                                          max_record_bytes, record_at)
             return n
-    return count_records_py(buf, pos, end, max_record_bytes=max_record_bytes)
+    return count_records_py(buf, pos, end, max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
 
 
-def _check_compressed(code: int, stored: bytes, max_record_bytes: int, offset: int) -> None:
-    """A compressed value must decompress, or every reader would fail at this record later."""
+def _check_compressed(code: int, stored: bytes, key_len: int, spare: int, max_record_bytes: int,
+                      offset: int) -> int:
+    """A compressed value must decompress, or every reader would fail at this record later, and within what
+    the batch may still add (`spare`, returned less what this value added)."""
     try:
-        _decompress(code, stored, max_record_bytes)
+        return spare - (len(_decompress(code, stored, min(max_record_bytes - key_len, len(stored) + spare)))
+                        - len(stored))
     except RecordError as exc:
         raise type(exc)(exc.detail, offset=offset) from None
 
 
 def count_records_py(buf: bytes | memoryview, pos: int, end: int, *,
-                     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> int:
+                     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> int:
     """count_records in Python: the reference for the compiled twin.  Plain records with one-byte lengths
     (the common case) take an inlined path."""
     n = 0
     start = pos
     code = 0
+    spare = max_batch_bytes - (end - pos)  # what decompression may still add to the batch
     view = memoryview(buf)
     while pos < end:
         record_start = pos
@@ -413,35 +501,38 @@ def count_records_py(buf: bytes | memoryview, pos: int, end: int, *,
         if crc32c(buf[record_start:pos] if pos - record_start <= 512 else view[record_start:pos]) != CRC_RESIDUE:
             raise ChecksumError("record CRC32C mismatch", offset=record_start - start)
         if code:
-            _check_compressed(code, bytes(buf[vend - vl:vend]), max_record_bytes, record_start - start)
+            spare = _check_compressed(code, bytes(buf[vend - vl:vend]), kl, spare, max_record_bytes,
+                                      record_start - start)
             code = 0
         n += 1
     return n
 
 
 def decode_payload(buf: bytes, base_lsn: int, count: int, timestamp: int, first_wanted: int = 0, *,
-                   start: int = 0, end: int | None = None,
-                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
+                   start: int = 0, end: int | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                   max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[Record]:
     """The `count` records in buf[start:end], a batch frame payload whose CRC was checked, numbered from
-    `base_lsn`; those below `first_wanted` are skipped."""
+    `base_lsn`; those below `first_wanted` are skipped.  The batch may decompress to at most
+    `max_batch_bytes` (RecordTooLargeError), as the writer checked."""
     if _c is not None:
         records = _c.decode_payload(buf, base_lsn, count, timestamp, first_wanted, start,
                                     len(buf) if end is None else end, max_record_bytes)
         if records is not None:
             return records
     return decode_payload_py(buf, base_lsn, count, timestamp, first_wanted, start=start, end=end,
-                             max_record_bytes=max_record_bytes)
+                             max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
 
 
 def decode_payload_py(buf: bytes, base_lsn: int, count: int, timestamp: int, first_wanted: int = 0, *,
-                      start: int = 0, end: int | None = None,
-                      max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Record]:
+                      start: int = 0, end: int | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> list[Record]:
     """decode_payload in Python: the reference for the compiled twin.  Plain small records take an inlined
     path."""
     out = []
     append = out.append
     pos = start
     end = len(buf) if end is None else end
+    spare = max_batch_bytes - (end - start)
     lsn = base_lsn
     while pos < end:
         kl = buf[pos]
@@ -454,10 +545,14 @@ def decode_payload_py(buf: bytes, base_lsn: int, count: int, timestamp: int, fir
                 append(Record(buf[pos + 3:kend], buf[kend:vend], False, None, None, None, lsn, timestamp))
             pos = vend + 4
         else:
+            record_start = pos
             try:
-                record, pos = decode(buf, pos, end, max_record_bytes=max_record_bytes, verify_crc=False)
-            except IncompleteRecordError as exc:
+                record, pos = decode(buf, pos, end, max_record_bytes=max_record_bytes, verify_crc=False,
+                                     max_inflate=spare)
+            except RecordError as exc:
                 raise exc.located(lsn=lsn) from None
+            if record.compression is not None:
+                spare -= len(record.key) + len(record.value) - (pos - record_start)
             if lsn >= first_wanted:
                 record.lsn = lsn
                 record.timestamp = timestamp

@@ -36,6 +36,7 @@ from .record import count_records
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
+CONTROL_HWM = 16
 
 
 class RateLimitedLog:
@@ -108,6 +109,9 @@ class Writer:
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 1_000_000)
         self.rep = self.ctx.socket(zmq.REP)
+        # Control input is small: bound what ZeroMQ may queue for it (per client: RCVHWM x MAXMSGSIZE).
+        self.rep.setsockopt(zmq.MAXMSGSIZE, P.CONTROL_SOCKET_MAX_BYTES)
+        self.rep.setsockopt(zmq.RCVHWM, CONTROL_HWM)
         sockets = (self.pull, self.pub, self.rep)
         try:
             for sock, endpoint in zip(sockets, (eps.ingest, eps.publish, eps.control)):
@@ -243,7 +247,8 @@ class Writer:
                 return
         payload = bytes(a.payload)
         try:
-            n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes)
+            n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes,
+                              max_batch_bytes=cfg.max_batch_bytes)
         except RecordError as exc:
             code = P.TOO_LARGE if isinstance(exc, RecordTooLargeError) else P.MALFORMED
             self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
@@ -268,12 +273,23 @@ class Writer:
         handled = 0
         while handled < DRAIN_LIMIT:
             try:
-                msg = recv(zmq.NOBLOCK, copy=True)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._handle(msg)
+            if frame.more:
+                self._reject_multipart(frame.bytes)
+            else:
+                self._handle(frame.bytes)
             handled += 1
         return handled
+
+    def _reject_multipart(self, first: bytes) -> None:
+        """An APPEND is one frame: refuse a multipart message whole (its parts arrive together)."""
+        parts = 1
+        while self.pull.rcvmore:
+            self.pull.recv(zmq.NOBLOCK, copy=False)
+            parts += 1
+        self._reject(P.MALFORMED, f"ingest message of {parts} frames; an APPEND is one frame", first)
 
     # -- control ---------------------------------------------------------------------------------------
 
@@ -309,11 +325,16 @@ class Writer:
             elif op in GROUP_OPS:
                 reply = self._group_request(req)
             else:
-                reply = {"ok": False, "error": f"unknown op {op!r}; known: status, committed, ping, "
+                reply = {"ok": False, "error": f"unknown op {op!r:.60}; known: status, committed, ping, "
                                                + ", ".join(GROUP_OPS)}
         except ProtocolError as exc:
             self.metrics.rejected["control_" + exc.code] += 1
+            self._warn.warn("control", f"rejected a control request: {exc}")
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a request must never end the writer; say so loudly, and answer
+            self.metrics.rejected["control_internal"] += 1
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         self.rep.send(json.dumps(reply).encode())
 
     def _group_request(self, req: dict[str, Any]) -> dict[str, Any]:
