@@ -91,7 +91,8 @@ def test_crafted_control_requests_get_error_replies(tmp_path: Path, writers) -> 
         c.close()
     assert writer.running()
     st = status(d)
-    assert st["rejected"] == {"control_malformed": 4, "control_too_large": 1, "control_unknown_version": 1}
+    assert {k: v for k, v in st["rejected"].items() if v} == {"control_malformed": 4, "control_too_large": 1,
+                                                            "control_unknown_version": 1}
     with walsvc.Producer(d) as producer:
         assert producer.put("after", "x").result(30) == 1
     assert writer.stop() == 0
@@ -146,7 +147,7 @@ def test_multipart_ingest_message_is_refused_whole(tmp_path: Path, writers) -> N
         assert client.wait_reply(pid, 2).base_lsn == 2
     finally:
         client.close()
-    assert status(d)["rejected"] == {P.MALFORMED: 1}
+    assert {k: v for k, v in status(d)["rejected"].items() if v} == {P.MALFORMED: 1}
     assert writer.stop() == 0
     assert [(r.key, r.value) for r in verify_log(d)] == [(b"first", b"1"), (b"two", b"single")]
 
