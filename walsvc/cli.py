@@ -169,12 +169,13 @@ def _writer_status(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | 
 def offline_status(directory: Path) -> dict[str, Any]:
     from .cursor import load_all
     from .head import HeadReader
+    from .logid import load as load_log_id
     from .reader import end_of_valid_data
     from .segment import list_segments
     segments = list_segments(directory)
     head = HeadReader(directory).read()
     last = end_of_valid_data(directory) - 1 if segments else 0
-    return {"writer": "offline", "directory": str(directory),
+    return {"writer": "offline", "directory": str(directory), "log_id": load_log_id(directory),
             "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
             "head_committed_lsn": head.committed_lsn if head else None,
             "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
@@ -219,7 +220,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_dump(args: argparse.Namespace) -> int:
     from .inspect import dump
     cfg = _load(args)
+    from .logid import load as load_log_id
+    log_id = load_log_id(cfg.directory)
     for item in dump(cfg.directory, args.start, frames=args.frames):
+        item["log_id"] = log_id  # (log id, LSN) names the record world-wide
         print(json.dumps(item))
     return 0
 
