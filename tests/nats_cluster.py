@@ -78,10 +78,13 @@ class Cluster:
         import nats
         deadline = time.monotonic() + timeout
 
+        async def quiet(exc: Exception) -> None:
+            """Nodes still starting refuse connections: expected here, not worth a traceback."""
+
         async def probe() -> bool:
             try:
                 nc = await nats.connect(self.urls, connect_timeout=1, max_reconnect_attempts=0,
-                                        allow_reconnect=False)
+                                        allow_reconnect=False, error_cb=quiet)
             except Exception:
                 return False
             try:

@@ -191,9 +191,9 @@ def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
     d = tmp_path / "w"
     records = varied_records()
     with Log.open(d, first_lsn=50) as log:  # as if retention had deleted LSNs below 50
-        log.append_batch(records[:150])
+        log.append_batch(records[:120])
         log.skip_to(300)  # a gap, as a torn batch leaves
-        log.append_batch(records[150:])
+        log.append_batch(records[120:])
         log_id = log.log_id
     original = list(Log.open(d).read())
     for stream, flags in (("PER", []), ("PACK", ["--packed"])):
@@ -203,11 +203,11 @@ def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
     raw = stream_messages(cluster, "PER")
     assert [h["Nats-Msg-Id"] for h, _ in raw] == [f"{log_id}:{r.lsn}" for r in original]
     by_lsn = {int(h[H_LSN]): (h, data) for h, data in raw}
-    h, data = by_lsn[original[150].lsn]
+    h, data = by_lsn[original[200].lsn]
     assert (h[H_LOG_ID], h[H_TOMBSTONE], data) == (log_id, "1", b"")
-    h, data = by_lsn[original[151].lsn]
+    h, data = by_lsn[original[201].lsn]
     assert h[H_TTL] == "60000" and data == b"\x00\x01" * 300 and h[H_KEY] == "/wBiaW4="
-    assert int(h[H_TIMESTAMP]) == original[151].timestamp
+    assert int(h[H_TIMESTAMP]) == original[201].timestamp
     assert len(stream_messages(cluster, "PACK")) < 10
     status = json.loads(run_cli("status", "--dir", d, "--json").stdout)
     assert status["mirrors"]["m-PER"]["mirrored_lsn"] == original[-1].lsn
@@ -222,10 +222,10 @@ def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
                 got += more
             assert sr.log_id == log_id
         assert got == original and [x.lsn for x in got] == [x.lsn for x in original]
-        with StreamReader(cluster.urls, stream, original[120].lsn) as sr:
-            assert sr.poll(10)[0].lsn == original[120].lsn
-        with StreamReader(cluster.urls, stream, 301) as sr:  # inside the gap: the next record after it
-            assert sr.poll(10)[0].lsn == original[151].lsn
+        with StreamReader(cluster.urls, stream, original[60].lsn) as sr:
+            assert sr.poll(10)[0].lsn == original[60].lsn
+        with StreamReader(cluster.urls, stream, 250) as sr:  # inside the gap: the next record after it
+            assert sr.poll(10)[0].lsn == original[120].lsn == 300
     # Disaster recovery: the local log is lost; rebuild it from each stream.
     shutil.rmtree(d)
     for stream in ("PER", "PACK"):
