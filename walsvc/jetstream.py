@@ -156,7 +156,10 @@ class JetStreamSink:
                 return
             exc = f.exception()
             if exc is None:
-                out.set_result(f.result())
+                out.set_result(bool(f.result().duplicate))
+            elif isinstance(exc, nats.js.errors.NoStreamResponseError):
+                out.set_exception(SinkUnavailableError(f"no leader of stream {self.stream} answered for LSN "
+                                                       f"{msg.first_lsn} (no quorum, or electing a leader)"))
             elif _transient(exc):
                 out.set_exception(SinkUnavailableError(f"{self.stream} did not store LSN {msg.first_lsn}: "
                                                        f"{exc or type(exc).__name__}"))

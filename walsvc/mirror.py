@@ -130,7 +130,8 @@ def decode_message(headers: dict[str, str] | None, payload: bytes) -> list[Recor
 
 class Sink(Protocol):
     """Where the mirror publishes.  `publish` sends at once and returns an awaitable that completes when the
-    message is durable in the sink (or raises SinkUnavailableError: retried, or another WalError: fatal)."""
+    message is durable in the sink, with True if the sink already held its id (or raises
+    SinkUnavailableError: retried, or another WalError: fatal)."""
 
     description: str
     max_message_bytes: int
@@ -163,6 +164,7 @@ class MirrorState:
     lag_seconds: float = 0.0
     publish_errors: int = 0
     published: int = 0
+    duplicates: int = 0  # resent messages the sink recognised by id and did not store again
     condition: str = "mirroring"
     pid: int = 0
     updated: float = 0.0
@@ -309,7 +311,8 @@ class Mirror:
                                       f"{cursor.SUFFIX} and {STATE_DIR}/{self.name}.json and mirror with "
                                       "--from set past the stream's last LSN")
             self.state = MirrorState(self.name, log_id, self.sink.description, PACKED if self.packed else PER_RECORD,
-                                     publish_errors=previous.publish_errors if previous else 0, pid=os.getpid())
+                                     publish_errors=previous.publish_errors if previous else 0,
+                                     duplicates=previous.duplicates if previous else 0, pid=os.getpid())
             with Reader(self.directory, self.start, name=self.name) as reader:
                 self._acked = self._stored = reader.next_lsn - 1
                 self.state.mirrored_lsn = self._acked
@@ -370,7 +373,8 @@ class Mirror:
                                        f"{self.ack_timeout_s:g} s from {self.sink.description}") from None
         while self._inflight and self._inflight[0][1].done():
             msg, fut, _ = self._inflight[0]
-            fut.result()  # raises SinkUnavailableError (or a fatal error) for a failed publish
+            if fut.result():  # raises SinkUnavailableError (or a fatal error) for a failed publish
+                self.state.duplicates += 1
             self._inflight.popleft()
             self._acked = msg.last_lsn
 
@@ -378,11 +382,14 @@ class Mirror:
         """A publish failed: let the rest settle, put every unacknowledged message back, wait, resend in order."""
         self.state.publish_errors += 1
         self.state.condition = f"waiting for the sink: {exc}"
-        logger.warning("mirror %s: %s; %d publishes in flight are resent in order after %.1f s", self.name, exc,
-                       len(self._inflight), backoff)
+        logger.warning("mirror %s: waiting for the sink: %s; retrying in %.1f s, resending %d publishes in order",
+                       self.name, exc, backoff, len(self._inflight) + len(self._pending))
         futures = [f for _, f, _ in self._inflight]
         if futures:
-            await asyncio.wait([asyncio.ensure_future(f) for f in futures], timeout=self.ack_timeout_s)
+            await asyncio.wait(futures, timeout=self.ack_timeout_s)
+        for f in futures:
+            if f.done() and not f.cancelled():
+                f.exception()  # looked at: the messages are resent, asyncio need not report it
         while self._inflight and self._inflight[0][1].done() and not self._inflight[0][1].cancelled() \
                 and self._inflight[0][1].exception() is None:
             self._acked = self._inflight.popleft()[0].last_lsn
