@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -344,3 +345,24 @@ def test_refuses_to_resume_past_the_duplicate_window_and_retention_keeps_unmirro
         assert len(stream_messages(cluster, "WIN")) <= log.committed_lsn  # nothing resent
     with pytest.raises(MirrorError):
         restore(tmp_path / "nothing", cluster.urls, "NO-SUCH-STREAM")
+
+
+def test_mirror_worker_program_stops_cleanly_on_sigterm(cluster, tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append_batch([Record.put(b"k%d" % i, b"v") for i in range(300)])
+        log_id = log.log_id
+    out = tmp_path / "worker.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "workers" / "mirror_worker.py"), "--dir", str(d),
+                                 "--servers", ",".join(cluster.urls), "--stream", "WORKER", "--create",
+                                 "--replicas", "1", "--packed"], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, env=python_env())
+    try:
+        wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 300, 60, "the worker to mirror")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0 and "mirrored_lsn=300" in out.read_text(), out.read_text()[-2000:]
+    assert load_state(d, "mirror").clean
+    assert mirrored_lsns(cluster, "WORKER", log_id) == list(range(1, 301))
