@@ -249,7 +249,8 @@ def _sink(args: argparse.Namespace) -> Any:
     from .jetstream import JetStreamSink
     return JetStreamSink(args.servers.split(","), args.stream, args.subject or f"walsvc.{args.stream}",
                          create=args.create, replicas=args.replicas, retention=args.retention,
-                         max_age_s=args.max_age, duplicate_window_s=args.duplicate_window)
+                         max_age_s=args.max_age, duplicate_window_s=args.duplicate_window,
+                         order_check=not args.shared_stream)
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
     p.add_argument("--max-age", type=float, default=0.0, help="created stream's max age in seconds (0: none)")
     p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
+    p.add_argument("--shared-stream", action="store_true",
+                   help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
     p.add_argument("--window", type=_positive, default=256, help="publishes in flight (default 256)")
     p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
     p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")

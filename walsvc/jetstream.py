@@ -64,9 +64,12 @@ async def connect(servers: Sequence[str], name: str, timeout: float = 10.0) -> n
     return nc
 
 
+WRONG_LAST_MSG_ID = 10070  # JetStream's error code when Nats-Expected-Last-Msg-Id does not match
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, nats.js.errors.APIError) and exc.code is not None and 400 <= exc.code < 500 \
-            and exc.code not in (408,):
+            and exc.code != 408 and exc.err_code != WRONG_LAST_MSG_ID:
         return False
     return True
 
@@ -76,7 +79,7 @@ class JetStreamSink:
 
     def __init__(self, servers: Sequence[str], stream: str, subject: str, *, create: bool = False,
                  replicas: int = 3, retention: str = "limits", max_age_s: float = 0.0,
-                 duplicate_window_s: float = 120.0, open_timeout_s: float = 60.0) -> None:
+                 duplicate_window_s: float = 120.0, open_timeout_s: float = 60.0, order_check: bool = True) -> None:
         if retention not in RETENTION:
             raise MirrorError(f"--retention must be one of {', '.join(RETENTION)}, not {retention!r}")
         self.servers = list(servers)
@@ -88,6 +91,7 @@ class JetStreamSink:
         self.max_age_s = max_age_s
         self.duplicate_window_s = duplicate_window_s
         self.open_timeout_s = open_timeout_s
+        self.order_check = order_check
         self.description = f"JetStream stream {stream} (subject {subject})"
         self.max_message_bytes = 1 << 20
         self.dedup_window_s = duplicate_window_s
@@ -143,7 +147,10 @@ class JetStreamSink:
         loop = asyncio.get_running_loop()
         out = loop.create_future()
         try:
-            fut = await self._js.publish_async(self.subject, msg.payload, headers=msg.headers)
+            headers = msg.headers
+            if self.order_check and msg.prev_id is not None:
+                headers = {**headers, "Nats-Expected-Last-Msg-Id": msg.prev_id}
+            fut = await self._js.publish_async(self.subject, msg.payload, headers=headers)
         except Exception as exc:
             raise SinkUnavailableError(f"publish of LSN {msg.first_lsn} to {self.stream} failed: "
                                        f"{exc or type(exc).__name__}") from None
@@ -157,6 +164,9 @@ class JetStreamSink:
             exc = f.exception()
             if exc is None:
                 out.set_result(bool(f.result().duplicate))
+            elif isinstance(exc, nats.js.errors.APIError) and exc.err_code == WRONG_LAST_MSG_ID:
+                out.set_exception(SinkUnavailableError(f"{self.stream} refused LSN {msg.first_lsn}: the message "
+                                                       "before it is not the stream's last (one was lost)"))
             elif isinstance(exc, nats.js.errors.NoStreamResponseError):
                 out.set_exception(SinkUnavailableError(f"no leader of stream {self.stream} answered for LSN "
                                                        f"{msg.first_lsn} (no quorum, or electing a leader)"))

@@ -60,6 +60,7 @@ class Message:
     timestamp_us: int
     payload: bytes
     headers: dict[str, str]
+    prev_id: str | None = None  # the message published just before it in this run: a sink may require it
 
 
 def msg_id(log_id: str, lsn: int) -> str:
@@ -281,6 +282,8 @@ class Mirror:
         self._pending: collections.deque[Message] = collections.deque()
         self._inflight: collections.deque[tuple[Message, Any, float]] = collections.deque()
         self._acked = 0
+        self._acked_id: str | None = None
+        self._prev_id: str | None = None
         self._stored = 0
         self._last_store = 0.0
 
@@ -343,7 +346,9 @@ class Mirror:
             try:
                 while self._pending and len(self._inflight) < self.window:
                     msg = self._pending[0]
+                    msg.prev_id = self._prev_id
                     fut = await self.sink.publish(msg)
+                    self._prev_id = msg.msg_id
                     self._pending.popleft()
                     self._inflight.append((msg, fut, time.time()))
                     self.state.published += 1
@@ -377,6 +382,7 @@ class Mirror:
                 self.state.duplicates += 1
             self._inflight.popleft()
             self._acked = msg.last_lsn
+            self._acked_id = msg.msg_id
 
     async def _rewind(self, exc: SinkUnavailableError, reader: Reader, backoff: float) -> None:
         """A publish failed: let the rest settle, put every unacknowledged message back, wait, resend in order."""
@@ -392,7 +398,9 @@ class Mirror:
                 f.exception()  # looked at: the messages are resent, asyncio need not report it
         while self._inflight and self._inflight[0][1].done() and not self._inflight[0][1].cancelled() \
                 and self._inflight[0][1].exception() is None:
-            self._acked = self._inflight.popleft()[0].last_lsn
+            msg = self._inflight.popleft()[0]
+            self._acked, self._acked_id = msg.last_lsn, msg.msg_id
+        self._prev_id = self._acked_id  # the resent ones follow the last acknowledged one
         for msg, fut, _ in reversed(self._inflight):
             if not fut.done():
                 fut.cancel()
