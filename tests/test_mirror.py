@@ -266,25 +266,27 @@ class Appender:
         return self.log.sync()
 
 
-def test_kill9_mirror_20_times_every_lsn_once_in_order(cluster, tmp_path):
+@pytest.mark.parametrize("mode,kills", [("record", 20), ("packed", 8)])
+def test_kill9_mirror_every_lsn_once_in_order(cluster, tmp_path, mode, kills):
     d = tmp_path / "w"
     rng = random.Random(11)
     out = tmp_path / "mirror.out"
+    stream = f"KILL-{mode}"
     with Log.open(d) as log:
         appender = Appender(log)
-        flags = ("--create", "--window", "64", "--commit-interval-ms", "50")
-        for i in range(20):
-            proc = spawn_mirror(d, cluster, "KILL", out, *flags)
+        flags = ("--create", "--window", "64", "--commit-interval-ms", "50") + (("--packed",) if mode == "packed" else ())
+        for i in range(kills):
+            proc = spawn_mirror(d, cluster, stream, out, *flags)
             time.sleep(rng.uniform(0.3, 1.6))  # during start-up, publishing, or between commits
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
         last = appender.finish()
         log_id = log.log_id
-        r = run_mirror(d, cluster, "KILL", *flags)
+        r = run_mirror(d, cluster, stream, *flags)
         assert r.returncode == 0, r.stdout + r.stderr + out.read_text()[-3000:]
     assert "refuses" not in out.read_text()
     assert load_state(d, "mirror").duplicates > 0  # kills did leave publishes past the cursor: resent, dropped
-    lsns = mirrored_lsns(cluster, "KILL", log_id)
+    lsns = mirrored_lsns(cluster, stream, log_id)
     assert len(lsns) > 1000
     assert lsns == list(range(1, last + 1))
 

@@ -80,6 +80,7 @@ class Log:
         self._publish_head(committed_end - 1, self._pid)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
                               committed_end)
+        self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
         self.segments_deleted = 0
@@ -179,7 +180,10 @@ class Log:
             if seg.end + size > self.config.segment_bytes and seg.record_count:
                 seg = self._rotate()
             base = self._next_lsn
-            header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, now_us(), producer_id,
+            # Strictly increasing per writer run: a timestamp change marks a batch boundary (the mirror's
+            # packed messages follow batches, and must split the same way after a restart).
+            self._last_ts = ts = max(now_us(), self._last_ts + 1)
+            header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, ts, producer_id,
                                            producer_seq, payload_crc)
             offset = seg.end
             try:

@@ -83,8 +83,13 @@ def record_message(log_id: str, r: Record) -> Message:
 
 
 def packed_messages(log_id: str, records: list[Record], max_bytes: int) -> list[Message]:
-    """Packed messages: consecutive records written in one batch (same timestamp, no LSN gap) in the
-    documented v1 record format, at most `max_bytes` of payload each (one record at least)."""
+    """Packed messages: the records of one batch (a writer run gives each batch its own timestamp) in the
+    documented v1 record format, at most `max_bytes` of payload each (one record at least).
+
+    Where messages split depends only on the records, never on how reads happened to be cut, so a mirror
+    resending after a crash makes the same messages with the same ids, and the sink's dedup drops them
+    whole.  (A reader batch holds whole frames after the first, which may start at the cursor, and the
+    cursor always ends a message.)"""
     out: list[Message] = []
     group: list[Record] = []
     size = 0
