@@ -218,7 +218,7 @@ def load_all_states(directory: Path) -> dict[str, dict[str, Any]]:
         if fname.endswith(".json") and not fname.startswith("."):
             try:
                 st = load_state(directory, fname[:-5])
-            except (MirrorError, Exception) as exc:  # status shows a damaged file, it does not fail on it
+            except (MirrorError, OSError) as exc:  # status shows a damaged file, it does not fail on it
                 out[fname[:-5]] = {"error": str(exc)}
                 continue
             if st is not None:
@@ -271,7 +271,8 @@ class Mirror:
 
     def __init__(self, directory: str | os.PathLike, sink: Sink, *, name: str = "mirror", packed: bool = False,
                  window: int = 256, ack_timeout_s: float = 5.0, commit_interval_s: float = 0.2,
-                 max_backoff_s: float = 5.0, start: int | str = "earliest", once: bool = False) -> None:
+                 max_backoff_s: float = 5.0, start: int | str = "earliest", once: bool = False,
+                 max_inflight_bytes: int = 64 << 20) -> None:
         self.directory = Path(directory)
         self.sink = sink
         self.name = cursor.check_name(name)
@@ -282,6 +283,8 @@ class Mirror:
         self.max_backoff_s = max_backoff_s
         self.start = start
         self.once = once
+        self.max_inflight_bytes = max_inflight_bytes
+        self._inflight_bytes = 0
         self.stop_event = asyncio.Event()
         self.state: MirrorState | None = None
         self._pending: collections.deque[Message] = collections.deque()
@@ -303,8 +306,8 @@ class Mirror:
         if log_id is None:
             raise MirrorError(f"{self.directory} has no log id yet: start its writer (walsvc serve) once, which "
                               "gives it one")
-        await self.sink.open()
         try:
+            await self.sink.open()
             stored = cursor.load(self.directory, self.name)
             previous = load_state(self.directory, self.name)
             if previous is not None and previous.log_id != log_id:
@@ -349,13 +352,15 @@ class Mirror:
                 elif self.once and (end is None or reader.next_lsn > end):
                     drained = True
             try:
-                while self._pending and len(self._inflight) < self.window:
+                while self._pending and len(self._inflight) < self.window \
+                        and self._inflight_bytes < self.max_inflight_bytes:
                     msg = self._pending[0]
                     msg.prev_id = self._prev_id
                     fut = await self.sink.publish(msg)
                     self._prev_id = msg.msg_id
                     self._pending.popleft()
                     self._inflight.append((msg, fut, time.time()))
+                    self._inflight_bytes += len(msg.payload)
                     self.state.published += 1
                 if self._inflight:
                     await self._await_head()
@@ -376,9 +381,9 @@ class Mirror:
         """Wait for the oldest publish's ack, then take every consecutive acked one off the window."""
         msg, fut, sent = self._inflight[0]
         remaining = self.ack_timeout_s - (time.time() - sent)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), max(remaining, 0.001))
-        except asyncio.TimeoutError:
+        if not fut.done():
+            await asyncio.wait([fut], timeout=max(remaining, 0.001))
+        if not fut.done():
             raise SinkUnavailableError(f"no acknowledgement for LSN {msg.first_lsn} within "
                                        f"{self.ack_timeout_s:g} s from {self.sink.description}") from None
         while self._inflight and self._inflight[0][1].done():
@@ -386,6 +391,7 @@ class Mirror:
             if fut.result():  # raises SinkUnavailableError (or a fatal error) for a failed publish
                 self.state.duplicates += 1
             self._inflight.popleft()
+            self._inflight_bytes -= len(msg.payload)
             self._acked = msg.last_lsn
             self._acked_id = msg.msg_id
 
@@ -411,6 +417,7 @@ class Mirror:
                 fut.cancel()
             self._pending.appendleft(msg)
         self._inflight.clear()
+        self._inflight_bytes = 0
         self._store(reader, clean=False, force=True)
         try:
             await asyncio.wait_for(self.stop_event.wait(), backoff)
@@ -436,6 +443,9 @@ class Mirror:
         now = time.time()
         if not force and now - self._last_store < self.commit_interval_s:
             return
+        idle = self._acked == self._stored and not self._inflight
+        if idle and not force and now - self._last_store < min(10.0, self.sink.dedup_window_s / 10):
+            return  # caught up: refresh safe_since now and then, not an fsync per commit interval
         self._last_store = now
         st = self.state
         if self._acked > self._stored:
