@@ -61,6 +61,7 @@ class Message:
     payload: bytes
     headers: dict[str, str]
     prev_id: str | None = None  # the message published just before it in this run: a sink may require it
+    sent: bool = False  # published at least once (it may be in the sink even if never acknowledged)
 
 
 def msg_id(log_id: str, lsn: int) -> str:
@@ -329,7 +330,7 @@ class Mirror:
                 self.state.mirrored_lsn = self._acked
                 self._store(reader, clean=False)
                 await self._loop(reader, log_id)
-                self._store(reader, clean=not self._inflight and not self._pending, force=True)
+                self._store(reader, clean=not self._inflight and not any(m.sent for m in self._pending), force=True)
         finally:
             await self.sink.close()
         return self.state
@@ -358,6 +359,7 @@ class Mirror:
                     msg.prev_id = self._prev_id
                     fut = await self.sink.publish(msg)
                     self._prev_id = msg.msg_id
+                    msg.sent = True
                     self._pending.popleft()
                     self._inflight.append((msg, fut, time.time()))
                     self._inflight_bytes += len(msg.payload)
