@@ -395,3 +395,18 @@ def test_mirror_worker_program_stops_cleanly_on_sigterm(cluster, tmp_path):
     assert proc.returncode == 0 and "mirrored_lsn=300" in out.read_text(), out.read_text()[-2000:]
     assert load_state(d, "mirror").clean
     assert mirrored_lsns(cluster, "WORKER", log_id) == list(range(1, 301))
+
+
+def test_mirror_and_restore_say_why_they_cannot_start(cluster, tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append(Record.put("a", "b"))
+    r = run_mirror(d, cluster, "MISSING")
+    assert r.returncode == 1 and "stream MISSING does not exist; pass --create" in r.stderr, r.stderr
+    r = run_cli("mirror", "--dir", d, "--servers", "nats://127.0.0.1:1", "--stream", "S", "--open-timeout", "2")
+    assert r.returncode == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in r.stderr, r.stderr
+    r = run_cli("restore", "--dir", tmp_path / "r", "--servers", ",".join(cluster.urls), "--stream", "MISSING")
+    assert r.returncode == 1 and "stream MISSING does not exist" in r.stderr, r.stderr
+    (d / logid.FILENAME).unlink()
+    r = run_mirror(d, cluster, "MISSING")
+    assert r.returncode == 1 and "has no log id yet" in r.stderr, r.stderr

@@ -250,7 +250,7 @@ def _sink(args: argparse.Namespace) -> Any:
     return JetStreamSink(args.servers.split(","), args.stream, args.subject or f"walsvc.{args.stream}",
                          create=args.create, replicas=args.replicas, retention=args.retention,
                          max_age_s=args.max_age, duplicate_window_s=args.duplicate_window,
-                         order_check=not args.shared_stream)
+                         order_check=not args.shared_stream, open_timeout_s=args.open_timeout)
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
     p.add_argument("--shared-stream", action="store_true",
                    help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
+    p.add_argument("--open-timeout", type=float, default=60.0,
+                   help="seconds to wait for NATS and the stream at start before giving up (default 60)")
     p.add_argument("--window", type=_positive, default=256, help="publishes in flight (default 256)")
     p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
     p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")

@@ -40,8 +40,13 @@ HEADER_ROOM = 8192  # bytes of a NATS message left for headers below the server'
 async def connect(servers: Sequence[str], name: str, timeout: float = 10.0) -> nats.NATS:
     """A connection that reconnects forever (a node going down is routine), failing fast only at first."""
 
+    last_error = ["", 0.0]
+
     async def on_error(exc: Exception) -> None:
-        logger.warning("%s: NATS connection: %s", name, exc)
+        text = str(exc) or type(exc).__name__
+        if text != last_error[0] or time.monotonic() - last_error[1] > 10:  # not once per reconnect attempt
+            logger.warning("%s: NATS connection: %s", name, text)
+            last_error[:] = [text, time.monotonic()]
 
     async def on_disconnect() -> None:
         if not closing:
@@ -49,9 +54,13 @@ async def connect(servers: Sequence[str], name: str, timeout: float = 10.0) -> n
 
     closing: list[bool] = []  # nats-py reports its own close as a disconnect: say nothing then
     try:
-        nc = await nats.connect(list(servers), name=name, connect_timeout=min(timeout, 5),
-                                  max_reconnect_attempts=-1, reconnect_time_wait=0.5, error_cb=on_error,
-                                  disconnected_cb=on_disconnect, allow_reconnect=True)
+        nc = await asyncio.wait_for(nats.connect(list(servers), name=name, connect_timeout=min(timeout, 5),
+                                                 max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                                 error_cb=on_error, disconnected_cb=on_disconnect,
+                                                 allow_reconnect=True), timeout)
+    except asyncio.TimeoutError:
+        raise MirrorError(f"cannot connect to NATS at {', '.join(servers)}: no server answered within "
+                          f"{timeout:g} s") from None
     except Exception as exc:
         raise MirrorError(f"cannot connect to NATS at {', '.join(servers)}: {exc or type(exc).__name__}") from None
     original_close = nc.close
@@ -99,7 +108,7 @@ class JetStreamSink:
         self._js: Any = None
 
     async def open(self) -> None:
-        self._nc = await connect(self.servers, "walsvc-mirror")
+        self._nc = await connect(self.servers, "walsvc-mirror", self.open_timeout_s)
         self._js = self._nc.jetstream(timeout=5, publish_async_max_pending=1 << 20)
         info = await self._stream_info()
         cfg = info.config
