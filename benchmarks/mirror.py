@@ -20,7 +20,6 @@ import asyncio
 import cProfile
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,9 +218,10 @@ def main() -> None:
             rate = fn()
             results[name] = {"rec_per_s": round(rate), "MiB_per_s": round(rate * 100 / (1 << 20), 2)}
             print(f"{name:28s} {rate:12,.0f} rec/s  {rate * 100 / (1 << 20):7.2f} MiB/s", flush=True)
-        for name, fn in () if args.no_lag else (("lag mirror per-record", lambda: mirror_lag(root, urls, False, args.lag_seconds, args.rate)),
-                         ("lag mirror packed", lambda: mirror_lag(root, urls, True, args.lag_seconds, args.rate)),
-                         ("lag nats-py direct", lambda: asyncio.run(direct_lag(urls, args.lag_seconds, args.rate)))):
+        lag_runs = (("lag mirror per-record", lambda: mirror_lag(root, urls, False, args.lag_seconds, args.rate)),
+                    ("lag mirror packed", lambda: mirror_lag(root, urls, True, args.lag_seconds, args.rate)),
+                    ("lag nats-py direct", lambda: asyncio.run(direct_lag(urls, args.lag_seconds, args.rate))))
+        for name, fn in () if args.no_lag else lag_runs:
             q = fn()
             results[name] = q
             print(f"{name:28s} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"

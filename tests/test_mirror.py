@@ -311,7 +311,8 @@ def test_kill9_mirror_every_lsn_once_in_order(cluster, tmp_path, mode, kills):
     stream = f"KILL-{mode}"
     with Log.open(d) as log:
         appender = Appender(log)
-        flags = ("--create", "--window", "64", "--commit-interval-ms", "50") + (("--packed",) if mode == "packed" else ())
+        flags = ("--create", "--window", "64", "--commit-interval-ms", "50")
+        flags += ("--packed",) if mode == "packed" else ()
         for i in range(kills):
             proc = spawn_mirror(d, cluster, stream, out, *flags)
             time.sleep(rng.uniform(0.3, 1.6))  # during start-up, publishing, or between commits

@@ -27,13 +27,13 @@ from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
-from .recovery import recover
+from .recovery import Recovered, RecoveryInfo, recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, remove_segment, seal_segment
 
 logger = logging.getLogger("walsvc.log")
 
 
-def _start_empty_at(directory: Path, state: Any, info: Any, first_lsn: int) -> None:
+def _start_empty_at(directory: Path, state: Recovered, info: RecoveryInfo, first_lsn: int) -> None:
     """Make a log with no segment start at `first_lsn` (the `first_lsn` option of `Log.open`)."""
     if list_segments(directory):
         raise ValueError(f"first_lsn={first_lsn}: {directory} already holds segments; it only starts an empty log")
@@ -126,7 +126,8 @@ class Log:
     def stats(self) -> dict[str, Any]:
         s = self._syncer
         return {
-            "log_id": self.log_id, "first_lsn": self.first_lsn, "committed_lsn": self.committed_lsn, "next_lsn": self._next_lsn,
+            "log_id": self.log_id, "first_lsn": self.first_lsn, "committed_lsn": self.committed_lsn,
+            "next_lsn": self._next_lsn,
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
