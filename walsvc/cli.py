@@ -1,4 +1,5 @@
-"""The `walsvc` command: serve | produce | tail | status | verify | dump | cursors | import-nori | up | bench.
+"""The `walsvc` command: serve | produce | tail | status | verify | dump | cursors | import-nori | up | mirror |
+restore | bench.
 
 Every subcommand takes `--dir` (default ./wal-data) or `--config FILE`.  Bad flags and bad config print
 one line naming the flag or key and exit with status 2, never a traceback.
@@ -326,11 +327,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.nori is not None:
         return _dump_nori(args, cfg)
+    from .logid import load as load_log_id
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     done = _stop_at(args)
+    log_id = load_log_id(cfg.directory)
     for n, item in enumerate(dump(cfg.directory, _position(args, cfg.directory), frames=args.frames)):
         if done(item["lsn"] if "lsn" in item else item["base_lsn"], n):
             break
+        item["log_id"] = log_id  # (log id, LSN) names the record world-wide
         print(json.dumps(item))
     return 0
 
@@ -434,6 +438,42 @@ def _range_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive, help="stop after this many records (frames with --frames)")
 
 
+def _sink(args: argparse.Namespace) -> Any:
+    from .jetstream import JetStreamSink
+    return JetStreamSink(args.servers.split(","), args.stream, args.subject or f"walsvc.{args.stream}",
+                         create=args.create, replicas=args.replicas, retention=args.retention,
+                         max_age_s=args.max_age, duplicate_window_s=args.duplicate_window,
+                         order_check=not args.shared_stream, open_timeout_s=args.open_timeout)
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .mirror import Mirror
+    cfg = _load(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s walsvc %(levelname)s %(message)s")
+    mirror = Mirror(cfg.directory, _sink(args), name=args.name, packed=args.packed, window=args.window,
+                    ack_timeout_s=args.ack_timeout, commit_interval_s=args.commit_interval_ms / 1000,
+                    start=args.start, once=args.once)
+
+    async def run() -> Any:
+        mirror.install_signal_handlers()
+        return await mirror.run()
+
+    state = asyncio.run(run())
+    print(f"walsvc mirror stopped: mirrored_lsn={state.mirrored_lsn} published={state.published} "
+          f"publish_errors={state.publish_errors}", flush=True)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .jetstream import restore
+    cfg = _load(args)
+    report = restore(cfg.directory, args.servers.split(","), args.stream, subject=args.subject, log_id=args.log_id)
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.",
@@ -509,6 +549,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=["always", "batch", "os"])
     p.add_argument("--workers", help="directory of worker programs (default: ./workers or the installed copy)")
     p.set_defaults(func=cmd_up)
+
+    def stream_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--servers", default="nats://127.0.0.1:4222", help="NATS URLs, comma-separated")
+        p.add_argument("--stream", required=True, help="JetStream stream name")
+        p.add_argument("--subject", help="subject of the mirrored records (default walsvc.STREAM)")
+
+    p = command("mirror", "publish every committed record to a JetStream stream (exactly once, resumable)")
+    stream_flags(p)
+    p.add_argument("--name", default="mirror", help="the mirror's cursor name (default mirror)")
+    p.add_argument("--packed", action="store_true", help="one message per walsvc batch instead of per record")
+    p.add_argument("--create", action="store_true", help="create the stream if it does not exist")
+    p.add_argument("--replicas", type=_positive, default=3, help="replicas of a created stream (default 3)")
+    p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
+    p.add_argument("--max-age", type=float, default=0.0, help="created stream's max age in seconds (0: none)")
+    p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
+    p.add_argument("--shared-stream", action="store_true",
+                   help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
+    p.add_argument("--open-timeout", type=float, default=60.0,
+                   help="seconds to wait for NATS and the stream at start before giving up (default 60)")
+    p.add_argument("--window", type=_positive, default=256, help="publishes in flight (default 256)")
+    p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
+    p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")
+    p.add_argument("--from", dest="start", type=_start, default="earliest", help="start of a new cursor")
+    p.add_argument("--once", action="store_true", help="exit once everything committed at start is mirrored")
+    p.set_defaults(func=cmd_mirror)
+
+    p = command("restore", "rebuild a log from its JetStream mirror (same LSNs, same log id)")
+    stream_flags(p)
+    p.add_argument("--log-id", help="restore only this log's records (when several share the subject)")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")

@@ -146,6 +146,18 @@ class BackpressureError(WalError):
     """The producer's buffer stayed full for longer than its timeout: the writer is behind or gone."""
 
 
+class LogIdError(WalError):
+    """The log's id file (`log-id`) is unreadable or does not hold a UUID."""
+
+
+class MirrorError(WalError):
+    """The mirror cannot (or must not) run: a stale cursor, a stream that does not fit, a log id mismatch."""
+
+
+class SinkUnavailableError(WalError):
+    """The mirror's sink did not acknowledge a publish (no quorum, a node down, a timeout); it retries."""
+
+
 class ServiceUnavailableError(WalError):
     """No writer answers for this log directory."""
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 from crc32c import crc32c
 
 from . import frame as F
-from . import access, retention
+from . import access, logid, retention
 from .config import LogConfig
 from .cursor import load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
@@ -27,17 +27,26 @@ from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
-from .recovery import recover
+from .recovery import Recovered, RecoveryInfo, recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, remove_segment, seal_segment
 
 logger = logging.getLogger("walsvc.log")
+
+
+def _start_empty_at(directory: Path, state: Recovered, info: RecoveryInfo, first_lsn: int) -> None:
+    """Make a log with no segment start at `first_lsn` (the `first_lsn` option of `Log.open`)."""
+    if list_segments(directory):
+        raise ValueError(f"first_lsn={first_lsn}: {directory} already holds segments; it only starts an empty log")
+    if first_lsn < 1:
+        raise ValueError(f"first_lsn must be >= 1, not {first_lsn}")
+    state.next_lsn = info.first_lsn = first_lsn
 
 
 class Log:
     """An open, writable log.  Use `Log.open(directory, **options)`; options are LogConfig fields."""
 
     def __init__(self, directory: Path, config: LogConfig, on_commit: Callable[[int], None] | None,
-                 verify: bool) -> None:
+                 verify: bool, first_lsn: int | None = None) -> None:
         self.directory = directory
         self.config = config
         self._on_commit_cb = on_commit
@@ -45,6 +54,9 @@ class Log:
         self._lock_file = DirectoryLock(directory)
         try:
             self.recovery, state = recover(directory, config, verify=verify)
+            if first_lsn is not None:
+                _start_empty_at(directory, state, self.recovery, first_lsn)
+            self.log_id = logid.ensure(directory)
         except BaseException:
             self._lock_file.release()
             raise
@@ -68,6 +80,7 @@ class Log:
         self._publish_head(committed_end - 1, self._pid)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
                               committed_end)
+        self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
         self.segments_deleted = 0
@@ -75,11 +88,14 @@ class Log:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
-             on_commit: Callable[[int], None] | None = None, verify: bool = False, **options: Any) -> "Log":
+             on_commit: Callable[[int], None] | None = None, verify: bool = False, first_lsn: int | None = None,
+             **options: Any) -> "Log":
         """Open (creating if needed) and recover the log in `directory`.
 
         `on_commit(committed_lsn)` is called after each commit, from the thread that made it.  `verify=True`
-        also checks every sealed segment's checksum (reads the whole log).
+        also checks every sealed segment's checksum (reads the whole log).  `first_lsn` starts a log that has
+        no segment yet at that LSN (restore rebuilds a log whose start retention had deleted); it is an
+        error for a log that has one.
         """
         if config is None:
             config = LogConfig.from_options(options)
@@ -88,7 +104,7 @@ class Log:
         path = Path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
-        return cls(path, config, on_commit, verify)
+        return cls(path, config, on_commit, verify, first_lsn)
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -113,7 +129,8 @@ class Log:
     def stats(self) -> dict[str, Any]:
         s = self._syncer
         return {
-            "first_lsn": self.first_lsn, "committed_lsn": self.committed_lsn, "next_lsn": self._next_lsn,
+            "log_id": self.log_id, "first_lsn": self.first_lsn, "committed_lsn": self.committed_lsn,
+            "next_lsn": self._next_lsn,
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
@@ -167,7 +184,10 @@ class Log:
             if seg.end + size > self.config.segment_bytes and seg.record_count:
                 seg = self._rotate()
             base = self._next_lsn
-            header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, now_us(), producer_id,
+            # Strictly increasing per writer run: a timestamp change marks a batch boundary (the mirror's
+            # packed messages follow batches, and must split the same way after a restart).
+            self._last_ts = ts = max(now_us(), self._last_ts + 1)
+            header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, ts, producer_id,
                                            producer_seq, payload_crc)
             offset = seg.end
             try:
@@ -189,6 +209,33 @@ class Log:
         if wait or (wait is None and self.config.fsync == "always"):
             self._syncer.sync_through(end)
         return base
+
+    def skip_to(self, lsn: int) -> None:
+        """Hand out no LSN below `lsn`: restore reproduces the gaps of the log it rebuilds (LSNs a torn
+        batch burned).  Durable like recovery's skip: an empty frame (count 0) based at `lsn`."""
+        with self._write_lock:
+            self._check_open()
+            self._syncer.check()
+            if lsn <= self._next_lsn:
+                if lsn == self._next_lsn:
+                    return
+                raise ValueError(f"skip_to({lsn}): LSNs up to {self._next_lsn - 1} are already handed out")
+            seg = self._active
+            marker = F.encode_frame(F.KIND_DATA, b"", 0, lsn, now_us())
+            if seg.end + len(marker) > self.config.segment_bytes and seg.record_count:
+                seg = self._rotate()
+            offset = seg.end
+            try:
+                os.pwrite(seg.fd, marker, offset)
+            except OSError as exc:
+                self._syncer.failed = LogStoppedError(f"write to {seg.path.name} at offset {offset} failed "
+                                                      f"({exc}); the log accepts no more writes")
+                raise self._syncer.failed from exc
+            seg.note_frame(offset, (marker,), lsn, 0, self.config.index_interval_bytes)
+            self._next_lsn = lsn
+            self._written = (seg.fd, lsn)
+            self._syncer.written(lsn)
+        self._syncer.sync_through(lsn)
 
     def _remember(self, producer_id: int, appended: F.Appended) -> None:
         q = self._producers.get(producer_id)

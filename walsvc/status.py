@@ -43,12 +43,13 @@ def offline_status(directory: Path) -> dict[str, Any]:
     """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer)."""
     from .cursor import load_all
     from .head import HeadReader
+    from .logid import load as load_log_id
     from .reader import end_of_valid_data
     from .segment import list_segments
     segments = list_segments(directory)
     head = HeadReader(directory).read()
     last = end_of_valid_data(directory) - 1 if segments else 0
-    return {"writer": "offline", "directory": str(directory),
+    return {"writer": "offline", "directory": str(directory), "log_id": load_log_id(directory),
             "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
             "head_committed_lsn": head.committed_lsn if head else None,
             "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
@@ -56,19 +57,22 @@ def offline_status(directory: Path) -> dict[str, Any]:
 
 
 def collect(directory: Path) -> dict[str, Any]:
-    """The writer's status if one answers, else the offline view with `writer` saying why."""
+    """The writer's status if one answers, else the offline view with `writer` saying why; with the state
+    of every mirror (`walsvc mirror`) either way."""
     from .head import HeadReader
+    from .mirror import load_all_states
     status = query_writer(directory)
     if status is not None:
         status.pop("ok", None)
         status["writer"] = "stopped" if status.get("stopped") else "running"
-        return status
-    status = offline_status(directory)
-    head = HeadReader(directory).read()
-    if head is not None and head.writer_alive():
-        # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
-        status["writer"] = "unresponsive"
-        status["writer_pid"] = head.writer_pid
+    else:
+        status = offline_status(directory)
+        head = HeadReader(directory).read()
+        if head is not None and head.writer_alive():
+            # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
+            status["writer"] = "unresponsive"
+            status["writer_pid"] = head.writer_pid
+    status["mirrors"] = load_all_states(directory)
     return status
 
 
@@ -109,7 +113,7 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
                      "overloaded); the rest is read from disk")
     else:
         lines.append("writer: not running; the rest is read from disk")
-    lines.append(f"directory: {st['directory']}")
+    lines.append(f"directory: {st['directory']}" + (f", log id {st['log_id']}" if st.get("log_id") else ""))
     first, last = st["first_lsn"], st["committed_lsn"]
     held = f"LSNs {first:,} to {last:,}" if last >= first else "no records"
     lines.append(f"records: {held}, committed up to LSN {last:,}")
@@ -134,4 +138,10 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
             lines.append(f"  {name}: at LSN {cur['lsn']:,}, {cur['lag_records']:,} records behind")
     else:
         lines.append("cursors: none")
+    for name, group in sorted((st.get("groups") or {}).items()):
+        lines.append(f"group {name}: at LSN {group['position']:,}, {group['lag_records']:,} records behind, "
+                     f"{len(group['consumers'])} consumers, {group['leases']} ranges out, "
+                     f"{group['redelivered_records']:,} records redelivered")
+    for name, m in sorted((st.get("mirrors") or {}).items()):
+        lines.append(f"mirror {name}: " + ", ".join(f"{k} {_n(v)}" for k, v in m.items() if not isinstance(v, dict)))
     return "\n".join(lines)

@@ -1,0 +1,424 @@
+"""The mirror to JetStream, the way back (StreamReader, restore) and the log id, against a real cluster.
+
+A three-node JetStream cluster (tests/nats_cluster.py) runs for the whole module on free loopback ports;
+the mirror runs as a `walsvc mirror` subprocess and is killed with SIGKILL; nodes are killed and restarted
+by PID.  Stream contents are checked with a plain nats-py consumer, not with walsvc's own reader.  Without
+nats-server the module fails with the reason (it never skips).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import python_env, run_cli, wait_for, walsvc_cmd, REPO_ROOT
+from nats_cluster import Cluster
+from walsvc import Log, Record
+from walsvc import logid
+from walsvc.errors import LogIdError, MirrorError
+from walsvc.record import decode, encode
+from walsvc.jetstream import StreamReader, restore
+from walsvc.mirror import (H_KEY, H_LOG_ID, H_LSN, H_TIMESTAMP, H_TOMBSTONE, H_TTL, MirrorState, decode_message,
+                           load_state, packed_messages, record_message, resume_refusal)
+
+LOG_ID = "0b7c1d2e-3f40-4a5b-8c6d-7e8f90a1b2c3"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("nats")).start()
+    try:
+        c.wait_ready(60)
+        yield c
+    finally:
+        c.close()
+
+
+def stream_messages(cluster: Cluster, stream: str, stall_s: float = 8.0) -> list[tuple[dict, bytes]]:
+    """Every message in `stream`, in stream order: an ordered consumer, then, if it stalls, one direct get per
+    remaining sequence.  (A consumer reads its own replica: right after a node came back, nats-server 2.9
+    can leave that replica behind the leader for a while; a get is answered by the stream leader.)"""
+
+    async def read() -> list[tuple[dict, bytes]]:
+        nc = await nats.connect(cluster.urls)
+        try:
+            js = nc.jetstream()
+            state = (await js.stream_info(stream)).state
+            sub = await js.subscribe(">", stream=stream, ordered_consumer=True)
+            out = []
+            seq = state.first_seq - 1
+            progress = time.monotonic()
+            while seq < state.last_seq and time.monotonic() - progress < stall_s:
+                try:
+                    m = await sub.next_msg(timeout=1)
+                except nats.errors.TimeoutError:
+                    continue
+                out.append((dict(m.headers or {}), m.data))
+                seq = m.metadata.sequence.stream
+                progress = time.monotonic()
+            await sub.unsubscribe()
+            for missing in range(seq + 1, state.last_seq + 1):
+                try:
+                    m = await js.get_msg(stream, missing)
+                except nats.js.errors.NotFoundError:
+                    continue
+                out.append((dict(m.headers or {}), m.data))
+            return out
+        finally:
+            await nc.close()
+
+    for attempt in range(10):  # a cluster that just regained its quorum, or a loaded machine: ask again
+        try:
+            return asyncio.run(read())
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            if attempt == 9:
+                raise
+            print(f"reading {stream}: {exc!r}; again in 1 s")
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def stream_count(cluster: Cluster, stream: str) -> int:
+    """Messages in `stream` now (0 if the cluster did not answer in time: callers poll)."""
+
+    async def count() -> int:
+        nc = await nats.connect(cluster.urls)
+        try:
+            return (await nc.jetstream().stream_info(stream)).state.messages
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(count())
+    except (nats.errors.Error, nats.js.errors.Error):
+        return 0
+
+
+def mirrored_lsns(cluster: Cluster, stream: str, log_id: str) -> list[int]:
+    """The LSNs in the stream in stream order, from the message ids (packed: every LSN of the message)."""
+    out = []
+    for h, data in stream_messages(cluster, stream):
+        lid, _, lsn = h["Nats-Msg-Id"].partition(":")
+        assert lid == log_id
+        out.extend(r.lsn for r in decode_message(h, data))
+        assert out[-len(decode_message(h, data))] == int(lsn)
+    return out
+
+
+def mirror_cmd(d: Path, cluster: Cluster, stream: str, *flags: str) -> list[str]:
+    return walsvc_cmd("mirror", "--dir", d, "--servers", ",".join(cluster.urls), "--stream", stream, *flags)
+
+
+def spawn_mirror(d: Path, cluster: Cluster, stream: str, out: Path, *flags: str) -> subprocess.Popen:
+    with open(out, "ab") as f:
+        return subprocess.Popen(mirror_cmd(d, cluster, stream, *flags), stdout=f, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, env=python_env())
+
+
+def run_mirror(d: Path, cluster: Cluster, stream: str, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    r = subprocess.run(mirror_cmd(d, cluster, stream, "--once", *flags), capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO_ROOT, env=python_env())
+    return r
+
+
+def varied_records() -> list[Record]:
+    return [Record.put(b"k%d" % i, b"v" * (i % 50)) for i in range(200)] + [
+        Record.delete(b"gone"), Record.put(b"\xff\x00bin", b"\x00\x01" * 300, ttl_ms=60_000, compression="zstd"),
+        Record(b"ver", b"x", version=(7, 42)), Record.put("", "")]
+
+
+# -- log id and the engine hook (no cluster) -------------------------------------------------------------
+
+def test_log_id_given_once_kept_and_shown(tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        first = log.log_id
+        log.append(Record.put("a", "b"))
+        assert log.stats()["log_id"] == first
+    assert (d / logid.FILENAME).read_text() == first + "\n"
+    with Log.open(d) as log:
+        assert log.log_id == first
+    (d / logid.FILENAME).unlink()  # a log from before log ids: the next writer gives it one
+    with Log.open(d) as log:
+        assert log.log_id != first and logid.load(d) == log.log_id
+        second = log.log_id
+    status = json.loads(run_cli("status", "--dir", d, "--json").stdout)
+    assert status["log_id"] == second
+    dumped = [json.loads(line) for line in run_cli("dump", "--dir", d).stdout.splitlines()]
+    assert [x["log_id"] for x in dumped] == [second]
+    (d / logid.FILENAME).write_text("not-a-uuid\n")
+    with pytest.raises(LogIdError, match="not a log id"):
+        Log.open(d)
+
+
+def test_first_lsn_and_skip_to_survive_reopen(tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d, first_lsn=1000) as log:
+        assert log.append(Record.put("a", "1")) == 1000
+        log.skip_to(1005)
+        log.skip_to(1005)  # already there: nothing to do
+        assert log.append_batch([Record.put("b", "2"), Record.put("c", "3")]) == [1005, 1006]
+        with pytest.raises(ValueError, match="already handed out"):
+            log.skip_to(1003)
+    with Log.open(d) as log:
+        assert [(r.lsn, r.key) for r in log.read()] == [(1000, b"a"), (1005, b"b"), (1006, b"c")]
+        assert log.first_lsn == 1000 and log.next_lsn == 1007
+        assert log.append(Record.put("d", "4")) == 1007
+    with pytest.raises(ValueError, match="already holds segments"):
+        Log.open(d, first_lsn=5)
+    assert run_cli("verify", "--dir", d).returncode == 0
+
+
+# -- messages and the resume decision (pure) ---------------------------------------------------------------
+
+records_st = st.lists(st.builds(
+    lambda k, v, tomb, ttl, comp, ver: Record.delete(k) if tomb else
+    Record(k, v, ttl_ms=ttl, compression=comp, version=ver),
+    st.binary(max_size=20), st.binary(max_size=200), st.booleans(), st.none() | st.integers(0, 2**40),
+    st.sampled_from([None, "zstd"]), st.none() | st.tuples(st.integers(0, 2**32), st.integers(0, 2**32))),
+    min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(records_st, st.integers(1, 2**40), st.integers(64, 4096))
+def test_messages_round_trip_in_both_modes(records, base, max_bytes):
+    records = [decode(encode(r))[0] for r in records]  # as a log gives them back (e.g. no codec on b"")
+    for i, r in enumerate(records):
+        r.lsn, r.timestamp = base + i, 1_700_000_000_000_000 + i // 3
+    for r, m in zip(records, [record_message(LOG_ID, r) for r in records]):
+        assert m.msg_id == f"{LOG_ID}:{r.lsn}" and m.headers["Nats-Msg-Id"] == m.msg_id
+        got = decode_message(m.headers, m.payload)
+        assert got == [r] and got[0].lsn == r.lsn and got[0].timestamp == r.timestamp
+    packed = packed_messages(LOG_ID, records, max_bytes)
+    back = [x for m in packed for x in decode_message(m.headers, m.payload)]
+    assert back == records and [x.lsn for x in back] == [r.lsn for r in records]
+    assert [x.timestamp for x in back] == [r.timestamp for r in records]
+    assert [m.msg_id for m in packed] == [f"{LOG_ID}:{m.first_lsn}" for m in packed]
+
+
+def test_resume_refusal_rules():
+    st_ = MirrorState("m", LOG_ID, "s", "record", mirrored_lsn=10, safe_since=1000.0)
+    assert resume_refusal(None, None, 120, 5000, None) is None  # a new cursor
+    assert resume_refusal(10, st_, 120, 1100, 20) is None  # within the window
+    why = resume_refusal(10, st_, 120, 1200, 20)
+    assert "duplicate window is 120 s" in why and "LSN 10" in why
+    assert resume_refusal(10, st_, 120, 9999, 10) is None  # nothing past the cursor is in the stream
+    clean = MirrorState("m", LOG_ID, "s", "record", mirrored_lsn=10, safe_since=0.0, clean=True)
+    assert resume_refusal(10, clean, 120, 9999, 20) is None
+    assert "state file is missing" in resume_refusal(10, None, 120, 5000, 20)
+
+
+# -- against the cluster ----------------------------------------------------------------------------------
+
+def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
+    d = tmp_path / "w"
+    records = varied_records()
+    with Log.open(d, first_lsn=50) as log:  # as if retention had deleted LSNs below 50
+        log.append_batch(records[:120])
+        log.skip_to(300)  # a gap, as a torn batch leaves
+        log.append_batch(records[120:])
+        log_id = log.log_id
+    original = list(Log.open(d).read())
+    for stream, flags in (("PER", []), ("PACK", ["--packed"])):
+        r = run_mirror(d, cluster, stream, "--create", "--name", f"m-{stream}", *flags)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"mirrored_lsn={original[-1].lsn}" in r.stdout
+    raw = stream_messages(cluster, "PER")
+    assert [h["Nats-Msg-Id"] for h, _ in raw] == [f"{log_id}:{r.lsn}" for r in original]
+    by_lsn = {int(h[H_LSN]): (h, data) for h, data in raw}
+    h, data = by_lsn[original[200].lsn]
+    assert (h[H_LOG_ID], h[H_TOMBSTONE], data) == (log_id, "1", b"")
+    h, data = by_lsn[original[201].lsn]
+    assert h[H_TTL] == "60000" and data == b"\x00\x01" * 300 and h[H_KEY] == "/wBiaW4="
+    assert int(h[H_TIMESTAMP]) == original[201].timestamp
+    assert len(stream_messages(cluster, "PACK")) < 10
+    status = json.loads(run_cli("status", "--dir", d, "--json").stdout)
+    assert status["mirrors"]["m-PER"]["mirrored_lsn"] == original[-1].lsn
+    assert status["mirrors"]["m-PACK"]["mode"] == "packed" and status["mirrors"]["m-PACK"]["lag_records"] == 0
+    assert status["cursors"]["m-PER"]["lsn"] == original[-1].lsn  # a named cursor: retention protects it
+    for stream in ("PER", "PACK"):
+        with StreamReader(cluster.urls, stream) as sr:  # the one-line change from walsvc.Reader
+            got = sr.poll(10)
+            while len(got) < len(original):
+                more = sr.poll(5)
+                assert more, "stream reader stopped early"
+                got += more
+            assert sr.log_id == log_id
+        assert got == original and [x.lsn for x in got] == [x.lsn for x in original]
+        with StreamReader(cluster.urls, stream, original[60].lsn) as sr:
+            assert sr.poll(10)[0].lsn == original[60].lsn
+        with StreamReader(cluster.urls, stream, 250) as sr:  # inside the gap: the next record after it
+            assert sr.poll(10)[0].lsn == original[120].lsn == 300
+    # Disaster recovery: the local log is lost; rebuild it from each stream.
+    shutil.rmtree(d)
+    for stream in ("PER", "PACK"):
+        target = tmp_path / f"restored-{stream}"
+        r = run_cli("restore", "--dir", target, "--servers", ",".join(cluster.urls), "--stream", stream)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["last_lsn"] == original[-1].lsn
+        assert run_cli("verify", "--dir", target).returncode == 0
+        with Log.open(target) as log:
+            back = list(log.read())
+            assert log.log_id == log_id and log.first_lsn == 50
+        assert back == original and [x.lsn for x in back] == [x.lsn for x in original]
+    r = run_cli("restore", "--dir", tmp_path / "restored-PER", "--servers", ",".join(cluster.urls), "--stream", "PER")
+    assert r.returncode == 1 and "already holds a log" in r.stderr
+
+
+class Appender:
+    """Appends small batches to an open log from a thread until stopped (the live log being mirrored)."""
+
+    def __init__(self, log: Log, per_second: int = 2000) -> None:
+        self.log = log
+        self.per_second = per_second
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            self.log.append_batch([Record.put(b"k%d" % (n + i), b"v" * 40) for i in range(20)])
+            n += 20
+            time.sleep(20 / self.per_second)
+
+    def finish(self) -> int:
+        self.stop.set()
+        self.thread.join(10)
+        return self.log.sync()
+
+
+@pytest.mark.parametrize("mode,kills", [("record", 20), ("packed", 8)])
+def test_kill9_mirror_every_lsn_once_in_order(cluster, tmp_path, mode, kills):
+    d = tmp_path / "w"
+    rng = random.Random(11)
+    out = tmp_path / "mirror.out"
+    stream = f"KILL-{mode}"
+    with Log.open(d) as log:
+        appender = Appender(log)
+        flags = ("--create", "--window", "64", "--commit-interval-ms", "50")
+        flags += ("--packed",) if mode == "packed" else ()
+        for i in range(kills):
+            proc = spawn_mirror(d, cluster, stream, out, *flags)
+            time.sleep(rng.uniform(0.3, 1.6))  # during start-up, publishing, or between commits
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        last = appender.finish()
+        log_id = log.log_id
+        r = run_mirror(d, cluster, stream, *flags)
+        assert r.returncode == 0, r.stdout + r.stderr + out.read_text()[-3000:]
+    assert "refuses" not in out.read_text()
+    assert load_state(d, "mirror").duplicates > 0  # kills did leave publishes past the cursor: resent, dropped
+    lsns = mirrored_lsns(cluster, stream, log_id)
+    assert len(lsns) > 1000
+    assert lsns == list(range(1, last + 1))
+
+
+def test_node_down_and_quorum_lost_no_record_lost(cluster, tmp_path):
+    d = tmp_path / "w"
+    out = tmp_path / "mirror.out"
+    with Log.open(d) as log:
+        log_id = log.log_id
+        appender = Appender(log, per_second=1000)
+        proc = spawn_mirror(d, cluster, "FAULT", out, "--create", "--packed", "--ack-timeout", "2")
+        try:
+            wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn > 500, 60, "mirroring to start")
+            cluster.stop(1)  # one node of three down: the stream keeps its quorum
+            time.sleep(2)
+            before = load_state(d, "mirror").mirrored_lsn
+            wait_for(lambda: load_state(d, "mirror").mirrored_lsn > before + 500, 60, "mirroring with a node down")
+            cluster.start(1)
+            cluster.stop(0)
+            cluster.stop(2)  # two of three down: no quorum, no PubAck
+            wait_for(lambda: load_state(d, "mirror").condition.startswith("waiting"), 60, "the mirror to wait")
+            stalled = load_state(d, "mirror")
+            assert stalled.publish_errors >= 1 and stalled.lag_records > 0
+            cluster.start(0)
+            cluster.start(2)
+            last = appender.finish()
+            wait_for(lambda: load_state(d, "mirror").mirrored_lsn >= last, 120, "the mirror to catch up")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    text = out.read_text()
+    assert "waiting for the sink" in text and "retrying in" in text, text[-3000:]
+    assert proc.returncode == 0, text[-3000:]
+    final = load_state(d, "mirror")
+    assert final.clean and final.condition == "mirroring" and final.lag_records == 0
+    assert mirrored_lsns(cluster, "FAULT", log_id) == list(range(1, last + 1))
+
+
+def test_refuses_to_resume_past_the_duplicate_window_and_retention_keeps_unmirrored(cluster, tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d, segment_bytes=1 << 20, max_bytes=1 << 20) as log:
+        for i in range(3):
+            log.append_batch([Record.put(b"k%d" % i, b"v" * 1000) for _ in range(500)])
+        r = run_mirror(d, cluster, "WIN", "--create", "--duplicate-window", "2", "--replicas", "1")
+        assert r.returncode == 0, r.stderr
+        for i in range(40):  # ~4 MiB: rotations run retention, which must keep LSNs above the cursor
+            log.append_batch([Record.put(b"x%d" % i, b"w" * 1000) for _ in range(100)])
+        assert 1 < log.first_lsn <= 1501  # retention ran, and kept every LSN the mirror has not published
+        out = tmp_path / "mirror.out"
+        proc = spawn_mirror(d, cluster, "WIN", out, "--commit-interval-ms", "600000", "--window", "16")
+        wait_for(lambda: stream_count(cluster, "WIN") > 1700, 60, "publishes past the cursor")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        time.sleep(2.5)  # past the stream's 2 s duplicate window
+        r = run_mirror(d, cluster, "WIN")
+        assert r.returncode == 1
+        assert "refuses to resume" in r.stderr and "duplicate window is 2 s" in r.stderr, r.stderr
+        lsns = mirrored_lsns(cluster, "WIN", log.log_id)
+        assert len(lsns) > 1700 and lsns == list(range(1, len(lsns) + 1))  # nothing stored twice
+    with pytest.raises(MirrorError):
+        restore(tmp_path / "nothing", cluster.urls, "NO-SUCH-STREAM")
+
+
+def test_mirror_worker_program_stops_cleanly_on_sigterm(cluster, tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append_batch([Record.put(b"k%d" % i, b"v") for i in range(300)])
+        log_id = log.log_id
+    out = tmp_path / "worker.out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "workers" / "mirror_worker.py"), "--dir", str(d),
+                                 "--servers", ",".join(cluster.urls), "--stream", "WORKER", "--create",
+                                 "--replicas", "1", "--packed"], stdout=f, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, env=python_env())
+    try:
+        wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 300, 60, "the worker to mirror")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0 and "mirrored_lsn=300" in out.read_text(), out.read_text()[-2000:]
+    assert load_state(d, "mirror").clean
+    assert mirrored_lsns(cluster, "WORKER", log_id) == list(range(1, 301))
+
+
+def test_mirror_and_restore_say_why_they_cannot_start(cluster, tmp_path):
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append(Record.put("a", "b"))
+    r = run_mirror(d, cluster, "MISSING")
+    assert r.returncode == 1 and "stream MISSING does not exist; pass --create" in r.stderr, r.stderr
+    r = run_cli("mirror", "--dir", d, "--servers", "nats://127.0.0.1:1", "--stream", "S", "--open-timeout", "2")
+    assert r.returncode == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in r.stderr, r.stderr
+    r = run_cli("restore", "--dir", tmp_path / "r", "--servers", ",".join(cluster.urls), "--stream", "MISSING")
+    assert r.returncode == 1 and "stream MISSING does not exist" in r.stderr, r.stderr
+    (d / logid.FILENAME).unlink()
+    r = run_mirror(d, cluster, "MISSING")
+    assert r.returncode == 1 and "has no log id yet" in r.stderr, r.stderr
