@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from .errors import ConfigError, UnsafePermissionsError
+from .fsync import sync_dir
 
 PRIVATE_DIR = 0o700
 GROUP_DIR = 0o2750
@@ -86,6 +87,22 @@ def open_file(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably (temp file, fsync, rename, fsync the directory),
+    with the mode its directory calls for: after any crash the file holds the old bytes or the new ones."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = open_file(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    sync_dir(path.parent)
 
 
 def make_dir(path: Path) -> None:

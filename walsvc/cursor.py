@@ -21,7 +21,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .access import make_dir, open_file
+from .access import make_dir, open_file, replace_file
 from .errors import ConfigError, CursorBusyError, CursorError
 from .fsync import sync_dir
 
@@ -56,17 +56,8 @@ def store(directory: Path, name: str, lsn: int) -> None:
     if not cdir.is_dir():
         make_dir(cdir)
         sync_dir(directory)
-    final = cdir / (check_name(name) + SUFFIX)
-    tmp = cdir / f".{name}.{os.getpid()}.tmp"
     body = struct.pack("<Q", lsn)
-    fd = open_file(tmp, os.O_WRONLY | os.O_TRUNC)
-    try:
-        os.write(fd, body + struct.pack("<I", crc32c(body)))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final)
-    sync_dir(cdir)
+    replace_file(cdir / (check_name(name) + SUFFIX), body + struct.pack("<I", crc32c(body)))
 
 
 def load_all(directory: Path) -> dict[str, int]:

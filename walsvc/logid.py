@@ -9,12 +9,11 @@ create it.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
+from .access import replace_file
 from .errors import LogIdError
-from .fsync import sync_dir
 
 FILENAME = "log-id"
 
@@ -43,15 +42,7 @@ def check(text: str, where: object) -> str:
 def store(directory: Path, log_id: str) -> None:
     """Record `log_id` durably (restore uses this before the first open of a rebuilt log)."""
     check(log_id, "log id")
-    tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, (log_id + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, directory / FILENAME)
-    sync_dir(directory)
+    replace_file(directory / FILENAME, (log_id + "\n").encode("ascii"))
 
 
 def ensure(directory: Path) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Iterable, Protocol
 
 from . import cursor, logid
+from .access import make_dir, replace_file
 from .errors import InvalidRecordError, MirrorError, SinkUnavailableError
 from .fsync import sync_dir
 from .reader import Reader
@@ -193,20 +194,12 @@ def load_state(directory: Path, name: str) -> MirrorState | None:
 
 
 def store_state(directory: Path, state: MirrorState) -> None:
-    """Write-to-temp, fsync, rename: the old or the new state after any crash."""
+    """The old or the new state after any crash (access.replace_file)."""
     sdir = directory / STATE_DIR
     if not sdir.is_dir():
-        sdir.mkdir(exist_ok=True)
+        make_dir(sdir)
         sync_dir(directory)
-    final = state_path(directory, state.name)
-    tmp = sdir / f".{state.name}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(asdict(state)).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final)
+    replace_file(state_path(directory, state.name), json.dumps(asdict(state)).encode())
 
 
 def load_all_states(directory: Path) -> dict[str, dict[str, Any]]:

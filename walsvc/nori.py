@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterator
 
 from crc32c import crc32c
 
+from .access import replace_file
 from .config import LogConfig
 from .errors import (CompressionUnavailableError, NoriDamageError, NoriFormatError, NoriImportRefusedError,
                      RecordError)
 from .frame import SEGMENT_MAGIC
-from .fsync import sync_dir
 from .log import Log
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode
 from .segment import data_end
@@ -386,15 +386,7 @@ def load_imports(dst: Path) -> list[dict[str, Any]]:
 
 def _store_imports(dst: Path, entries: list[dict[str, Any]]) -> None:
     """Replace the marker atomically and durably: temp file, fsync, rename, fsync the directory."""
-    tmp = dst / f".{MARKER}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps({"format": 1, "imports": entries}, indent=1).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, dst / MARKER)
-    sync_dir(dst)
+    replace_file(dst / MARKER, json.dumps({"format": 1, "imports": entries}, indent=1).encode() + b"\n")
 
 
 def _match(entries: list[dict[str, Any]], source: str, fingerprint: str | None) -> dict[str, Any] | None:
