@@ -26,10 +26,10 @@ import zmq
 from . import protocol as P
 from .config import Config
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir
-from .errors import LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
+from .errors import LogStoppedError, ProtocolError, ServiceUnavailableError
+from .ingest import Duplicate, IngestSession, Refuse
 from .log import Log
 from .metrics import Metrics
-from .record import count_records
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
@@ -65,6 +65,8 @@ class Writer:
         self._stop = threading.Event()
         self.started = time.time()
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
+        self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
+                                     max_record_bytes=self.log.config.max_record_bytes)
         try:
             self._open_sockets()
         except BaseException:
@@ -94,7 +96,10 @@ class Writer:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, svc.ingest_hwm)
         self.pull.setsockopt(zmq.MAXMSGSIZE, svc.max_message_bytes)
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB, not PUB: it hands us each subscription once applied, and we answer a producer's with READY on
+        # its topic (`_confirm_subscriptions`); verbose, so a re-subscription after a reconnect shows too.
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pub.setsockopt(zmq.SNDHWM, 1_000_000)
         self.rep = self.ctx.socket(zmq.REP)
         sockets = (self.pull, self.pub, self.rep)
@@ -148,6 +153,18 @@ class Writer:
 
     # -- ingest ----------------------------------------------------------------------------------------
 
+    def _confirm_subscriptions(self) -> None:
+        """Answer each producer's reply subscription with READY: from then on no reply to it can be dropped,
+        so a producer sends only after READY, and resends what is unacked on each later one (a reconnect)."""
+        for _ in range(DRAIN_LIMIT):
+            try:
+                msg = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            producer_id = P.subscribed_producer(msg)
+            if producer_id is not None:
+                self.pub.send(P.encode_ready(producer_id))
+
     def _reply(self, reply: P.Reply) -> None:
         self.pub.send(P.encode_reply(reply))
 
@@ -160,43 +177,20 @@ class Writer:
             self._reply(P.Reply(ident[0], P.NACK, ident[1], 0, 0, f"{code}: {detail}"))
 
     def _handle(self, msg: bytes) -> None:
+        decision = self._ingest.decide(msg, self.log.producer_batches)
+        if type(decision) is Refuse:
+            self._reject(decision.code, decision.detail, msg)
+            return
+        if type(decision) is Duplicate:
+            self.metrics.counters["duplicates"] += 1
+            if decision.count:
+                self._pending.append((decision.last_lsn, time.perf_counter(), decision.reply()))
+            else:
+                self._reply(decision.reply())
+            return
+        a, n = decision.append, decision.count
         try:
-            a = P.decode_append(msg)
-        except ProtocolError as exc:
-            self._reject(exc.code, exc.detail, msg)
-            return
-        cfg = self.log.config
-        if len(a.payload) > cfg.max_batch_bytes:
-            self._reject(P.TOO_LARGE, f"batch of {len(a.payload)} bytes exceeds max_batch_bytes "
-                                      f"({cfg.max_batch_bytes})", msg)
-            return
-        window = self.log.producer_batches(a.producer_id)
-        if window:
-            last = window[-1]
-            if a.seq <= last.seq:
-                self.metrics.counters["duplicates"] += 1
-                for b in window:
-                    if b.seq == a.seq:
-                        reply = P.Reply(a.producer_id, P.DUPLICATE, a.seq, b.base_lsn, b.count)
-                        self._pending.append((b.base_lsn + b.count - 1, time.perf_counter(), reply))
-                        return
-                self._reply(P.Reply(a.producer_id, P.DUPLICATE, a.seq, 0, 0, "older than the dedup window"))
-                return
-            if a.seq != last.seq + 1:
-                self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
-                return
-        payload = bytes(a.payload)
-        try:
-            n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes)
-        except RecordError as exc:
-            code = P.TOO_LARGE if isinstance(exc, RecordTooLargeError) else P.MALFORMED
-            self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
-            return
-        if n != a.count:
-            self._reject(P.MALFORMED, f"header says {a.count} records, payload holds {n}", msg)
-            return
-        try:
-            base = self.log.append_encoded(payload, n, producer_id=a.producer_id, producer_seq=a.seq,
+            base = self.log.append_encoded(decision.payload, n, producer_id=a.producer_id, producer_seq=a.seq,
                                            wait=False)
         except LogStoppedError as exc:
             # Fatal for the log, not for the process: keep answering status and nacking, so every
@@ -266,6 +260,7 @@ class Writer:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.rep, zmq.POLLIN)
         poller.register(self.wake_rx, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         self._publish_commits()
         try:
             while not self._stop.is_set():
@@ -283,6 +278,8 @@ class Writer:
                 if self.rep in events:
                     self._control()
                 self._publish_commits()
+                if self.pub in events:
+                    self._confirm_subscriptions()
             while self._drain():
                 pass
             self.log.sync()
