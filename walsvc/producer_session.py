@@ -46,7 +46,9 @@ class Outgoing:
         self.sends = 0
 
     def renumber(self, seq: int) -> None:
+        """A new sequence number: the copies sent under the old one say nothing about this one."""
         self.seq = seq
+        self.sends = 0
         self.message = self.message[:SEQ_OFFSET] + seq.to_bytes(8, "little") + self.message[SEQ_OFFSET + 8:]
 
 
@@ -198,9 +200,10 @@ class ProducerSession:
         self.resends += len(again)
 
     def _take(self, seq: int) -> Outgoing | None:
+        """The batch a reply for `seq` is about, removed from the queues: only one sent under that number."""
         batch = self._in_flight.pop(seq, None)
         if batch is None:
-            batch = next((b for b in self._ready if b.seq == seq), None)
+            batch = next((b for b in self._ready if b.seq == seq and b.sends), None)
             if batch is not None:
                 self._ready.remove(batch)
         return batch
