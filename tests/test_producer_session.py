@@ -186,21 +186,29 @@ def test_refusals_of_a_failed_batchs_other_copies_do_not_fail_its_successor():
     assert s.receive(ack(2, 40), TIMEOUT) == [Resolve("b2", 40)]
 
 
-def test_log_stopped_fails_every_unacked_batch_and_moves_to_a_new_producer_id():
-    s = fresh(3, max_in_flight=2)
-    send_all(s)
-    actions = s.receive(nack(2, P.LOG_STOPPED, "fsync failed: EIO"), 0.0)
-    assert [a.token for a in actions if isinstance(a, Fail)] == ["b1", "b2", "b3"]
+def test_log_stopped_fails_that_batch_and_later_ones_and_moves_to_a_new_producer_id():
+    s = fresh(4, max_in_flight=3)
+    assert send_all(s) == [2, 3, 4]
+    actions = s.receive(nack(3, P.LOG_STOPPED, "fsync failed: EIO"), 0.0)
+    assert [a.token for a in actions if isinstance(a, Fail)] == ["b2", "b3", "b4"]
     assert all(isinstance(a.error, LogStoppedError) and "EIO" in str(a.error) for a in actions[:3])
-    assert actions[-1] == Subscribe(NEW_PID, PID)
-    assert len(s) == 0
-    assert s.receive(nack(3, P.LOG_STOPPED), 0.0) == []  # the rest, for the old id: nothing left
-    out = s.submit("b4", encode_put(b"k", b"v"), 1)
-    assert (out.seq, P.decode_append(out.message).producer_id) == (1, NEW_PID)
+    assert actions[-1] == Subscribe(NEW_PID)
+    assert s.tokens() == ["b1"]  # sent before: its ack may still come, under the old id
+    assert s.receive(nack(4, P.LOG_STOPPED), 0.0) == []  # the rest, for the old id: nothing left there
+    out = s.submit("b5", encode_put(b"k", b"v"), 1)
+    assert (out.seq, P.decode_append(out.message).producer_id) == (3, NEW_PID)  # numbered on, new id
     assert s.next_send() is None  # not before READY on the new id
+    assert s.receive(ack(2, 9), 0.0) == [Resolve("b1", 9)]
     s.receive(ready(NEW_PID), 0.0)
-    assert send_all(s) == [1]
-    assert s.receive(ack(1, 9, pid=NEW_PID), 0.0) == [Resolve("b4", 9)]
+    assert send_all(s) == [3]
+    assert s.receive(ack(3, 7, pid=PID), 0.0) == []  # same number, old id: not about b5
+    assert s.receive(ack(3, 10, pid=NEW_PID), 0.0) == [Resolve("b5", 10)]
+
+
+def test_a_stale_log_stopped_changes_nothing():
+    s = fresh(1)
+    send_all(s)
+    assert s.receive(nack(5, P.LOG_STOPPED), 0.0) == [] and s.producer_id == PID
 
 
 @pytest.mark.parametrize("reply", [nack(2, "no_such_code"), P.Reply(PID, 9, 2, 0, 0)])
@@ -273,7 +281,7 @@ class Harness:
     def deliver(self, index: int) -> None:
         for action in self.s.receive(self.to_producer.pop(index), self.now):
             if isinstance(action, Subscribe):
-                self.to_producer.append(ready(action.producer_id))
+                self.to_producer.append(ready(action.producer_id))  # the writer confirms the new topic
                 continue
             assert action.token not in self.outcomes, f"{action.token} finished twice"
             self.outcomes[action.token] = action

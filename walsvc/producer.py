@@ -358,10 +358,10 @@ class Producer:
             elif type(action) is Fail:
                 self._finish(action.token, error=action.error)
             elif type(action) is Subscribe:
-                # log_stopped: the session goes on under a fresh producer id, so replies come on a new topic.
+                # log_stopped: new batches go out under a fresh producer id, so their replies come on a new
+                # topic; the old one stays, for the acks of earlier batches (one topic per writer failure).
                 self.producer_id = action.producer_id
                 self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(action.producer_id))
-                self._sub.setsockopt(zmq.UNSUBSCRIBE, P.reply_topic(action.previous))
 
     def _finish(self, batch: _Batch, *, result: int | None = None, error: BaseException | None = None) -> None:
         self._buffered -= batch.size

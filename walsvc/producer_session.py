@@ -14,9 +14,10 @@ Why the rules are what they are (docs/PROTOCOL.md, "Producer sessions"):
   at whatever sequence arrives, so a lost batch 1 followed by batch 2 would leave 1 answered "stored" unstored.
 - A refusal for good (malformed, too_large, unknown_version) does not consume the sequence number: later
   batches move down by one and go out again (the writer refused them as out of sequence).
-- log_stopped: the batch may or may not be in the log (a failed fsync), so no sequence number of this
-  producer id can be reused safely.  Every unacked batch fails with LogStoppedError and the session goes on
-  under a new producer id from sequence 1.
+- log_stopped for sequence N: batch N may or may not be in the log (a failed fsync), so neither reusing nor
+  skipping N is safe under this producer id.  N and every later batch fail with LogStoppedError (the writer
+  stored none after N); new batches go out under a fresh producer id, numbered on from N so that a sequence
+  number still names one batch in this session.  Earlier batches keep their id: their acks may be on the way.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ SEQ_OFFSET = 12  # where the sequence sits in an APPEND header (docs/PROTOCOL.md
 class Outgoing:
     """One batch as the session tracks it; `token` is the shell's own object, handed back in actions."""
 
-    __slots__ = ("token", "message", "count", "seq", "sent_at", "sends")
+    __slots__ = ("token", "message", "count", "producer_id", "seq", "sent_at", "sends")
 
-    def __init__(self, token: Any, message: bytes, count: int, seq: int) -> None:
+    def __init__(self, token: Any, message: bytes, count: int, producer_id: int, seq: int) -> None:
         self.token = token
+        self.producer_id = producer_id
         self.message = message
         self.count = count
         self.seq = seq
@@ -68,9 +70,8 @@ class Fail:
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
-    """Replies now come on `producer_id`'s topic: subscribe to it (and drop `previous`)."""
+    """New batches go out under `producer_id`: subscribe to its reply topic too (earlier batches keep theirs)."""
     producer_id: int
-    previous: int
 
 
 Action = Resolve | Fail | Subscribe
@@ -88,8 +89,8 @@ class ProducerSession:
         self.max_in_flight = max_in_flight
         self._new_id = new_producer_id
         self._where = where
-        self.ready_seen = False  # the writer confirmed our reply subscription (READY)
-        self.stored_any = False  # the writer has stored a batch under this producer id
+        self.ready_seen = False  # the writer confirmed the reply subscription of producer_id (READY)
+        self.stored_any = False  # the writer has stored a batch under producer_id
         self._next_seq = 1
         self._ready: collections.deque[Outgoing] = collections.deque()  # to send, in sequence order
         self._in_flight: collections.OrderedDict[int, Outgoing] = collections.OrderedDict()  # seq -> batch
@@ -102,7 +103,7 @@ class ProducerSession:
     def submit(self, token: Any, payload: bytes, count: int) -> Outgoing:
         """Queue a closed batch under the next sequence number."""
         out = Outgoing(token, P.encode_append(self.producer_id, self._next_seq, count, payload), count,
-                       self._next_seq)
+                       self.producer_id, self._next_seq)
         self._next_seq += 1
         self._ready.append(out)
         return out
@@ -126,7 +127,7 @@ class ProducerSession:
         if self._in_flight:
             oldest = next(iter(self._in_flight.values()))
             if now - oldest.sent_at >= self.ack_timeout:
-                self._go_back(oldest.seq, now)
+                self._go_back(oldest.seq, now, None)
 
     def deadline(self) -> float | None:
         """When `tick` has something to do."""
@@ -135,10 +136,9 @@ class ProducerSession:
         return None
 
     def receive(self, reply: P.Reply, now: float) -> list[Action]:
-        if reply.producer_id != self.producer_id:
-            return []  # for an id this session left behind after log_stopped
         if reply.status == P.READY:
-            self._path_ready(now)
+            if reply.producer_id == self.producer_id:
+                self._path_ready(now)
             return []
         if reply.status in (P.ACK, P.DUPLICATE):
             return self._stored(reply)
@@ -148,7 +148,7 @@ class ProducerSession:
         if code == P.OUT_OF_SEQUENCE:
             expected = _expected_seq(reply.detail)
             if expected is not None:
-                self._go_back(expected, now)
+                self._go_back(expected, now, reply.producer_id)
             return []
         if code == P.LOG_STOPPED:
             return self._log_stopped(reply)
@@ -183,14 +183,16 @@ class ProducerSession:
         first = not self.ready_seen
         self.ready_seen = True
         if not first and self._in_flight:
-            self._go_back(next(iter(self._in_flight)), now, force=True)
+            self._go_back(min(self._in_flight), now, None, force=True)
 
-    def _go_back(self, from_seq: int, now: float, *, force: bool = False) -> None:
-        """Go-back-N: every in-flight batch from `from_seq` on goes out again, in order, before new ones."""
+    def _go_back(self, from_seq: int, now: float, producer_id: int | None, *, force: bool = False) -> None:
+        """Go-back-N: every in-flight batch from `from_seq` on (of `producer_id`, or any) goes out again, in
+        order, before new ones."""
         last_from, last_at = self._resent_from
         if not force and last_from == from_seq and now - last_at < self.ack_timeout / 4:
             return  # the same gap was answered a moment ago (every later batch's nack names it too)
-        again = [b for s, b in self._in_flight.items() if s >= from_seq]
+        again = sorted((b for s, b in self._in_flight.items()
+                        if s >= from_seq and producer_id in (None, b.producer_id)), key=lambda b: b.seq)
         if not again:
             return
         self._resent_from = (from_seq, now)
@@ -199,24 +201,31 @@ class ProducerSession:
         self._ready.extendleft(reversed(again))
         self.resends += len(again)
 
-    def _take(self, seq: int) -> Outgoing | None:
-        """The batch a reply for `seq` is about, removed from the queues: only one sent under that number."""
-        batch = self._in_flight.pop(seq, None)
-        if batch is None:
-            batch = next((b for b in self._ready if b.seq == seq and b.sends), None)
-            if batch is not None:
-                self._ready.remove(batch)
+    def _take(self, reply: P.Reply) -> Outgoing | None:
+        """The batch `reply` is about, removed from the queues: only one sent under that id and number."""
+        batch = self._in_flight.get(reply.seq)
+        if batch is not None:
+            if batch.producer_id != reply.producer_id:
+                return None
+            del self._in_flight[reply.seq]
+            return batch
+        batch = next((b for b in self._ready if b.seq == reply.seq and b.sends
+                      and b.producer_id == reply.producer_id), None)
+        if batch is not None:
+            self._ready.remove(batch)
         return batch
 
     def _stored(self, reply: P.Reply) -> list[Action]:
-        self.stored_any = True
-        batch = self._take(reply.seq)
+        if reply.producer_id == self.producer_id:
+            self.stored_any = True
+        batch = self._take(reply)
         if batch is None:
             return []  # a late reply to a batch already resolved (a resend's duplicate)
         # The writer answers one producer's stored batches in the order it got them, so an older batch still
         # waiting, sent before this one, had its reply lost: resend it now, while it is inside the writer's
         # dedup window (later, the answer would be "stored, LSNs unknown").
-        lost = [b for s, b in self._in_flight.items() if s < reply.seq and b.sent_at <= batch.sent_at]
+        lost = sorted((b for s, b in self._in_flight.items() if s < reply.seq and b.sent_at <= batch.sent_at
+                       and b.producer_id == batch.producer_id), key=lambda b: b.seq)
         for b in lost:
             del self._in_flight[b.seq]
         self._ready.extendleft(reversed(lost))
@@ -226,39 +235,47 @@ class ProducerSession:
     def _refused(self, reply: P.Reply) -> list[Action]:
         """Refused for good: fail the batch; the writer did not use its sequence number, so later ones move
         down by one and go out again (the writer refused them as out of sequence)."""
-        seq = reply.seq
+        seq, pid = reply.seq, reply.producer_id
         if self._stale_nacks.get(seq):
             self._stale_nacks[seq] -= 1  # another copy of a batch already failed, not the one now at `seq`
             return []
-        batch = self._take(seq)
+        batch = self._take(reply)
         if batch is None:
             return []
         if batch.sends > 1:
             self._stale_nacks[seq] = batch.sends - 1
-        later = [b for b in self._in_flight.values() if b.seq > seq]
+        later = [b for b in self._in_flight.values() if b.seq > seq and b.producer_id == pid]
         for b in later:
             del self._in_flight[b.seq]
         queue = sorted([*self._ready, *later], key=lambda b: b.seq)
         for b in queue:
-            if b.seq > seq:
+            if b.seq > seq and b.producer_id == pid:
                 b.renumber(b.seq - 1)
         self._ready = collections.deque(queue)
-        self._next_seq -= 1
+        if pid == self.producer_id:
+            self._next_seq -= 1
         return [Fail(batch.token, NackError(reply.code, reply.detail.split(": ", 1)[-1]))]
 
     def _log_stopped(self, reply: P.Reply) -> list[Action]:
-        error = LogStoppedError(f"{self._where} stopped its log ({reply.detail.split(': ', 1)[-1]}); the "
-                                f"failed records may or may not be in the log: a restarted writer recovers "
-                                f"what was written, and records appended from now on go out again")
-        failed = self.fail_all(error)
-        previous = self.producer_id
-        self.producer_id = self._new_id()
-        self._next_seq = 1
-        self.ready_seen = False
-        self.stored_any = False
-        self._stale_nacks.clear()
-        self._resent_from = (0, float("-inf"))
-        return [*failed, Subscribe(self.producer_id, previous)]
+        seq, pid = reply.seq, reply.producer_id
+        doomed = [b for b in self._unacked() if b.producer_id == pid and b.seq >= seq]
+        if not doomed:
+            return []  # a stale nack: nothing of that id at or after that number
+        error = LogStoppedError(f"{self._where} stopped its log ({reply.detail.split(': ', 1)[-1]}); these "
+                                f"records may or may not be in the log: a restarted writer recovers what was "
+                                f"written, and records appended from now on go out under a new producer id")
+        self._ready = collections.deque(b for b in self._ready if not (b.producer_id == pid and b.seq >= seq))
+        for b in doomed:
+            self._in_flight.pop(b.seq, None)
+        actions: list[Action] = [Fail(b.token, error) for b in doomed]
+        if pid == self.producer_id:
+            self.producer_id = self._new_id()
+            self._next_seq = seq  # every batch left is numbered below it
+            self._stale_nacks = {k: v for k, v in self._stale_nacks.items() if k < seq}
+            self.ready_seen = False
+            self.stored_any = False
+            actions.append(Subscribe(self.producer_id))
+        return actions
 
 
 def _expected_seq(detail: str) -> int | None:
