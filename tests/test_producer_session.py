@@ -79,6 +79,19 @@ def test_nothing_goes_out_before_ready_then_one_until_the_first_ack():
     assert send_all(s) == [2, 3]
 
 
+def test_without_ready_for_an_ack_timeout_it_sends_anyway():
+    """A writer older than READY never sends one: after ack_timeout the session stops waiting."""
+    s = make()
+    s.submit("b", b"p", 1)
+    assert s.deadline() == 0.0  # tick at once, to start the wait
+    s.tick(10.0)
+    assert s.deadline() == 10.0 + TIMEOUT and s.next_send() is None
+    s.tick(10.0 + TIMEOUT)
+    assert send_all(s) == [1]
+    s.receive(ready(), 20.0)  # a READY after all: the path is (re)made, so resend
+    assert send_all(s) == [1]
+
+
 def test_max_in_flight_bounds_the_pipeline():
     s = fresh(5, max_in_flight=2)
     assert send_all(s) == [2, 3]

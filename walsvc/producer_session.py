@@ -90,6 +90,7 @@ class ProducerSession:
         self._new_id = new_producer_id
         self._where = where
         self.ready_seen = False  # the writer confirmed the reply subscription of producer_id (READY)
+        self._ready_wait: float | None = None  # since when a batch waits for READY
         self.stored_any = False  # the writer has stored a batch under producer_id
         self._next_seq = 1
         self._ready: collections.deque[Outgoing] = collections.deque()  # to send, in sequence order
@@ -123,7 +124,13 @@ class ProducerSession:
 
     def tick(self, now: float) -> None:
         """Resend from the oldest unacked batch once it waited ack_timeout (the last resort: replies that
-        cannot arrive any more are caught earlier by READY and by later replies)."""
+        cannot arrive any more are caught earlier by READY and by later replies).  A writer that sent no
+        READY within ack_timeout of the first batch waiting for it predates READY: send without it."""
+        if not self.ready_seen and self._ready:
+            if self._ready_wait is None:
+                self._ready_wait = now
+            elif now - self._ready_wait >= self.ack_timeout:
+                self.ready_seen = True
         if self._in_flight:
             oldest = next(iter(self._in_flight.values()))
             if now - oldest.sent_at >= self.ack_timeout:
@@ -131,9 +138,12 @@ class ProducerSession:
 
     def deadline(self) -> float | None:
         """When `tick` has something to do."""
+        times = []
         if self._in_flight:
-            return next(iter(self._in_flight.values())).sent_at + self.ack_timeout
-        return None
+            times.append(next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
+        if not self.ready_seen and self._ready:
+            times.append(0.0 if self._ready_wait is None else self._ready_wait + self.ack_timeout)  # 0: start it
+        return min(times, default=None)
 
     def receive(self, reply: P.Reply, now: float) -> list[Action]:
         if reply.status == P.READY:
@@ -273,6 +283,7 @@ class ProducerSession:
             self._next_seq = seq  # every batch left is numbered below it
             self._stale_nacks = {k: v for k, v in self._stale_nacks.items() if k < seq}
             self.ready_seen = False
+            self._ready_wait = None
             self.stored_any = False
             actions.append(Subscribe(self.producer_id))
         return actions
