@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from walsvc import protocol as P
 from walsvc.errors import LogStoppedError, NackError
@@ -27,7 +27,7 @@ TIMEOUT = 5.0
 
 
 def make(max_in_flight: int = 16) -> ProducerSession:
-    ids = iter([NEW_PID, NEW_PID + 2, NEW_PID + 4, NEW_PID + 6])
+    ids = itertools.count(NEW_PID, 2)
     return ProducerSession(PID, ack_timeout=TIMEOUT, max_in_flight=max_in_flight, new_producer_id=lambda: next(ids))
 
 
@@ -246,6 +246,7 @@ class ModelWriter:
         self.windows: dict[int, collections.deque[Appended]] = {}
         self.log: list[bytes] = []  # one entry per record, at LSN = index + 1
         self.stopped = False
+        self.stop_at: int | None = None  # stop the log once it holds this many records
 
     def handle(self, msg: bytes) -> P.Reply | None:
         d = self.ingest.decide(msg, self.windows.get)
@@ -255,6 +256,8 @@ class ModelWriter:
         if isinstance(d, Duplicate):
             return d.reply()
         assert isinstance(d, Store)
+        if self.stop_at is not None and len(self.log) >= self.stop_at:
+            self.stopped, self.stop_at = True, None
         if self.stopped:
             return P.Reply(ident[0], P.NACK, ident[1], 0, 0, "log_stopped: fsync failed")
         base = len(self.log) + 1
@@ -378,6 +381,10 @@ class SessionMachine(RuleBasedStateMachine):
         self.h = Harness()
         self.n = 0
 
+    @initialize(stop_at=st.none() | st.integers(0, 3))
+    def the_log_may_stop(self, stop_at: int | None) -> None:
+        self.h.w.stop_at = stop_at
+
     @rule(good=st.booleans())
     def submit(self, good: bool) -> None:
         self.n += 1
@@ -386,6 +393,15 @@ class SessionMachine(RuleBasedStateMachine):
     @rule()
     def send(self) -> None:
         self.h.send()
+
+    @rule(n=st.integers(1, 4))
+    def a_healthy_round(self, n: int) -> None:
+        """Some records go through a faithful network: what gets the log to its stop."""
+        for _ in range(n):
+            self.submit(True)
+        self.h.send()
+        self.writer_takes_all()
+        self.all_replies_in_order()
 
     @precondition(lambda self: self.h.to_writer)
     @rule(drop=st.booleans())
@@ -413,9 +429,20 @@ class SessionMachine(RuleBasedStateMachine):
     def reconnect(self) -> None:
         self.h.to_producer.append(ready(self.h.s.producer_id))
 
-    @rule(stopped=st.booleans())
-    def log_stops_or_restarts(self, stopped: bool) -> None:
-        self.h.w.stopped = stopped
+    @rule()
+    def writer_takes_all(self) -> None:
+        while self.h.to_writer:
+            self.h.writer_step()
+
+    @rule()
+    def all_replies_in_order(self) -> None:
+        while self.h.to_producer:
+            self.h.deliver(0)
+
+    @rule()
+    def writer_restarts(self) -> None:
+        self.h.w.stopped = False
+        self.h.to_producer.append(ready(self.h.s.producer_id))
 
     @invariant()
     def finished_at_most_once_and_counted(self) -> None:
