@@ -5,7 +5,9 @@ valid batch as one frame.  The log's fsync thread makes them durable (at once un
 window under `batch`) while this loop goes on appending, so one fsync covers every batch that arrived
 during the previous one: group commit across producers.  It pokes this loop through an inproc socket.
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
-advance of the committed LSN.  Bad input is counted, logged (rate-limited), nacked when the sender can be
+advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
+is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
+is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged (rate-limited), nacked when the sender can be
 identified, and never reaches the log.
 """
 
