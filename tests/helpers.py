@@ -220,7 +220,8 @@ def verify_log(directory: Path) -> list[Record]:
 
 
 class RawClient:
-    """A plain-pyzmq client speaking the wire protocol directly (docs/PROTOCOL.md): PUSH + SUB."""
+    """A plain-pyzmq client speaking the wire protocol directly (docs/PROTOCOL.md): PUSH + SUB, and nothing
+    sent for a producer id before the writer's READY on its reply topic."""
 
     def __init__(self, directory: Path, producer_ids: Iterable[int] = ()) -> None:
         eps = load_endpoints(directory)
@@ -235,8 +236,11 @@ class RawClient:
         for pid in producer_ids:
             self.subscribe(pid)
 
-    def subscribe(self, producer_id: int) -> None:
+    def subscribe(self, producer_id: int, timeout: float = 10.0) -> None:
+        """Subscribe to the producer's replies and wait for the writer's READY on them."""
         self.sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(producer_id))
+        ready = self.wait_reply(producer_id, 0, timeout)
+        assert ready.status == P.READY, ready
 
     def send(self, msg: bytes) -> None:
         self.push.send(msg)
@@ -254,7 +258,8 @@ class RawClient:
                     break
 
     def wait_reply(self, producer_id: int, seq: int, timeout: float = 10.0) -> P.Reply:
-        """The first not-yet-consumed reply for (producer_id, seq); it is removed from `replies`."""
+        """The first not-yet-consumed reply for (producer_id, seq); it is removed from `replies`.  READY is
+        the reply with sequence 0."""
         deadline = time.monotonic() + timeout
         while True:
             for i, r in enumerate(self.replies):
@@ -267,20 +272,11 @@ class RawClient:
             self.collect(min(remaining, 0.05))
 
     def sync(self, producer_id: int, payload: bytes, timeout: float = 10.0) -> P.Reply:
-        """Send (producer_id, seq 1) until a reply comes back: proves the SUB subscription is live (ZeroMQ's
-        slow joiner drops replies published before it is).  Resends are answered as DUPLICATEs."""
-        self.subscribe(producer_id)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.send(P.encode_append(producer_id, 1, 1, payload))
-            self.collect(0.2)
-            for r in self.replies:
-                if r.producer_id == producer_id:
-                    first = r
-                    self.collect(0.3)  # swallow the replies to the other resends
-                    self.replies = [x for x in self.replies if x.producer_id != producer_id]
-                    return first
-        raise AssertionError(f"no reply from the writer within {timeout} s")
+        """Subscribe (READY proves the writer has the subscription), then send (producer_id, seq 1) once:
+        its reply cannot be dropped."""
+        self.subscribe(producer_id, timeout)
+        self.send(P.encode_append(producer_id, 1, 1, payload))
+        return self.wait_reply(producer_id, 1, timeout)
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)

@@ -8,11 +8,9 @@ consumer was killed while holding its range (at-least-once, GUARANTEES.md "Consu
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 

@@ -101,3 +101,21 @@ def test_control_limits_are_checked_before_the_parser():
         P.decode_json(P.encode_request("ping").replace(b'"version": 1', b'"version": 2'))
     assert info.value.code == P.UNKNOWN_VERSION
     assert P.decode_json(b'{"op": "ping"}') == {"op": "ping"}  # version may be left out
+
+
+@pytest.mark.parametrize("msg, expected", [
+    (b"\x01" + P.reply_topic(0x1234), 0x1234),   # a producer's reply subscription
+    (b"\x00" + P.reply_topic(0x1234), None),     # its unsubscription
+    (b"\x01C", None),                            # a reader's commit subscription
+    (b"\x01R", None),                            # every reply: no single producer to answer
+    (b"\x01" + P.reply_topic(0x1234) + b"x", None),
+    (b"\x01" + P.reply_topic(0), None),
+])
+def test_which_subscriptions_get_a_ready(msg, expected):
+    assert P.subscribed_producer(msg) == expected
+
+
+def test_ready_is_a_reply_with_sequence_0_on_the_producers_topic():
+    msg = P.encode_ready(0x1234)
+    assert msg.startswith(P.reply_topic(0x1234))
+    assert P.decode_reply(msg) == P.Reply(0x1234, P.READY, 0, 0, 0)

@@ -1,49 +1,42 @@
 """Producers: batch records client-side, send them to the writer, resolve each record's LSN on its ack.
 
-A record counts as accepted only when its ack comes back: ZeroMQ PUSH may drop messages when the receiver
-is behind or restarts, and PUB may drop acks.  So every batch carries (producer id, sequence); unacked
-batches are resent after `ack_timeout_s`, and the writer drops what it already has (deduplication windows
-rebuilt from the log at recovery), answering with the LSNs the batch got the first time.  Sequence numbers
-must arrive in order: a nack "out_of_sequence: expected N" makes the producer resend from N (go-back-N).
+A record counts as accepted only when its ack comes back.  The protocol state (sequence numbers, resends,
+lost replies, nacks, renumbering) lives in `ProducerSession` (walsvc/producer_session.py), which does no
+I/O; this module is the shell around it: client-side batching, the ZeroMQ sockets and one I/O thread.
 
-Threads: callers only touch the open batch under a lock; one I/O thread owns both sockets.
+Threads: callers touch the open batch and the session under a lock, and send from their own thread while
+the pipeline has room; one I/O thread owns the reply socket, the clock and the linger.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import itertools
 import os
 import secrets
 import threading
 import time
 from typing import Iterable
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import BackpressureError, LogClosedError, NackError, RecordTooLargeError
+from .errors import BackpressureError, LogClosedError, RecordTooLargeError
+from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
 
-PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION, P.LOG_STOPPED)
 EAGER_IN_FLIGHT = 8
 
 
 class _Batch:
-    __slots__ = ("parts", "size", "count", "seq", "message", "future", "sent_at", "opened_at")
+    __slots__ = ("parts", "size", "count", "future", "opened_at")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.count = 0
-        self.seq = 0
-        self.message = b""
         self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.sent_at = 0.0
         self.opened_at = time.monotonic()
 
 
@@ -104,18 +97,11 @@ class Producer:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
-        self._ready: collections.deque[_Batch] = collections.deque()  # closed, not sent yet
-        self._in_flight: collections.OrderedDict[int, _Batch] = collections.OrderedDict()  # seq -> batch
+        self._session = ProducerSession(self.producer_id, ack_timeout=ack_timeout_s, max_in_flight=max_in_flight,
+                                        where=f"the writer for {self.directory}")
         self._buffered = 0
-        self._next_seq = 1
         self._closed = False
-        self._resend_from: tuple[int, float] = (0, 0.0)
-        # Until the writer has stored one of our batches it has no window for us and accepts any sequence
-        # (docs/PROTOCOL.md), so batch 2 could be stored before a lost batch 1, which would then be answered
-        # "stored, LSNs unknown" while never written.  So only one batch is in flight until the first ack.
-        self._stored_any = False
         self.acked_records = 0
-        self.resends = 0
         self._ctx = zmq.Context()
         self._poke_tx = self._ctx.socket(zmq.PAIR)
         self._poke_rx = self._ctx.socket(zmq.PAIR)
@@ -125,19 +111,20 @@ class Producer:
         self._push = self.endpoints.secure(self._ctx.socket(zmq.PUSH))
         self._push.setsockopt(zmq.SNDHWM, max(4, max_in_flight * 2))
         self._push.setsockopt(zmq.LINGER, 0)
-        self._monitor = self._push.get_monitor_socket(zmq.EVENT_CONNECTED)
         self._push.connect(self.endpoints.ingest)
+        # Nothing is sent before the writer's READY on this topic (the session waits for it): only then can
+        # no reply to us be dropped (docs/PROTOCOL.md, "Producer sessions").
         self._sub = self.endpoints.secure(self._ctx.socket(zmq.SUB))
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
         self._sub.setsockopt(zmq.RCVHWM, 0)
-        # Replies published while the SUB was reconnecting are lost, and a restarted writer answers the
-        # resend triggered by the PUSH reconnect at once, often before this SUB has resubscribed: without a
-        # resend on the SUB's reconnect, such batches waited a whole ack_timeout.
-        self._sub_monitor = self._sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._connects = {self._monitor: 0, self._sub_monitor: 0}
         self._sub.connect(self.endpoints.publish)
         self._io = threading.Thread(target=self._run, name="walsvc-producer-io", daemon=True)
         self._io.start()
+
+    @property
+    def resends(self) -> int:
+        """Batches sent again (after a lost reply, a re-made reply path, a gap or the ack timeout)."""
+        return self._session.resends
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -228,7 +215,7 @@ class Producer:
             if self._open is not None:
                 self._close_open_batch()
                 self._send_now()
-            pending = list(self._ready) + list(self._in_flight.values())
+            pending = self._session.tokens()
         deadline = None if timeout is None else time.monotonic() + timeout
         for batch in pending:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -249,10 +236,9 @@ class Producer:
                 self._closed = True
                 self._poke()
             self._io.join()
-            failure = LogClosedError("producer closed before the writer acknowledged these records")
-            for batch in list(self._ready) + list(self._in_flight.values()):
-                if not batch.future.done():
-                    batch.future.set_exception(failure)
+            with self._lock:
+                self._apply(self._session.fail_all(
+                    LogClosedError("producer closed before the writer acknowledged these records")))
             self._ctx.destroy(linger=0)
 
     def __enter__(self) -> "Producer":
@@ -285,23 +271,20 @@ class Producer:
             self._space.wait(remaining)
 
     def _pipeline_idle(self) -> bool:
-        return len(self._in_flight) + len(self._ready) < EAGER_IN_FLIGHT
+        return len(self._session) < EAGER_IN_FLIGHT
 
     def _send_now(self) -> None:
         """Send what may go out from the calling thread (lock held); leave the rest to the I/O thread."""
         self._send_ready(time.monotonic())
-        if self._ready:
+        if self._session.next_send() is not None:
             self._poke()
 
     def _close_open_batch(self) -> None:
         batch = self._open
         self._open = None
-        batch.seq = self._next_seq
-        self._next_seq += 1
         payload = b"".join(batch.parts)
         batch.parts = []
-        batch.message = P.encode_append(self.producer_id, batch.seq, batch.count, payload)
-        self._ready.append(batch)
+        self._session.submit(batch, payload, batch.count)
 
     # -- I/O thread ------------------------------------------------------------------------------------
 
@@ -309,11 +292,9 @@ class Producer:
         poller = zmq.Poller()
         poller.register(self._sub, zmq.POLLIN)
         poller.register(self._poke_rx, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._sub_monitor, zmq.POLLIN)
+        session = self._session
         while True:
-            timeout = self._poll_timeout()
-            events = dict(poller.poll(timeout))
+            events = dict(poller.poll(self._poll_timeout()))
             if self._poke_rx in events:
                 while True:
                     try:
@@ -322,9 +303,6 @@ class Producer:
                         break
             if self._sub in events:
                 self._receive_replies()
-            for monitor in (self._monitor, self._sub_monitor):
-                if monitor in events:
-                    self._on_connect(monitor)
             with self._lock:
                 if self._closed:
                     return
@@ -332,25 +310,11 @@ class Producer:
                 # Close the open batch when the pipeline has room, or its linger is over and it could go out
                 # now (while every slot is taken it keeps growing instead of queueing as many small batches).
                 if self._open is not None and (self._pipeline_idle() or (
-                        now - self._open.opened_at >= self.linger and len(self._in_flight) < self.max_in_flight
-                        and not self._ready)):
+                        now - self._open.opened_at >= self.linger and session.in_flight < self.max_in_flight
+                        and len(session) == session.in_flight)):
                     self._close_open_batch()
-                self._check_timeouts(now)
+                session.tick(now)
                 self._send_ready(now)
-
-    def _on_connect(self, monitor: zmq.Socket) -> None:
-        """A (re)connection to the writer: after a restart, resend what is unacked now, not at the timeout."""
-        while True:
-            try:
-                recv_monitor_message(monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._connects[monitor] += 1
-            if self._connects[monitor] > 1:
-                with self._lock:
-                    if self._in_flight:
-                        self._resend_from = (0, 0.0)
-                        self._resend(next(iter(self._in_flight)), time.monotonic())
 
     def _poll_timeout(self) -> int:
         with self._lock:
@@ -358,46 +322,23 @@ class Producer:
             deadlines = []
             if self._open is not None:
                 deadlines.append(self._open.opened_at + self.linger)
-            if self._in_flight:
-                deadlines.append(next(iter(self._in_flight.values())).sent_at + self.ack_timeout)
-            if self._ready and len(self._in_flight) < self._in_flight_limit():
+            ack_deadline = self._session.deadline()
+            if ack_deadline is not None:
+                deadlines.append(ack_deadline)
+            if self._session.next_send() is not None:
                 deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
             return 1000
         return max(0, int((min(deadlines) - now) * 1000) + 1)
 
-    def _in_flight_limit(self) -> int:
-        return self.max_in_flight if self._stored_any else 1
-
     def _send_ready(self, now: float) -> None:
-        limit = self._in_flight_limit()
-        while self._ready and len(self._in_flight) < limit:
-            batch = self._ready[0]
+        session = self._session
+        while (out := session.next_send()) is not None:
             try:
-                self._push.send(batch.message, zmq.NOBLOCK, copy=False)
+                self._push.send(out.message, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._ready.popleft()
-            batch.sent_at = now
-            self._in_flight[batch.seq] = batch
-
-    def _resend(self, from_seq: int, now: float) -> None:
-        """Go-back-N: put every in-flight batch from `from_seq` on back in front of the ready queue."""
-        last_from, last_at = self._resend_from
-        if last_from == from_seq and now - last_at < self.ack_timeout / 4:
-            return  # the same gap was already answered a moment ago
-        self._resend_from = (from_seq, now)
-        again = [b for s, b in self._in_flight.items() if s >= from_seq]
-        for b in again:
-            del self._in_flight[b.seq]
-        self._ready.extendleft(reversed(again))
-        self.resends += len(again)
-
-    def _check_timeouts(self, now: float) -> None:
-        if self._in_flight:
-            oldest = next(iter(self._in_flight.values()))
-            if now - oldest.sent_at >= self.ack_timeout:
-                self._resend(oldest.seq, now)
+            session.sent(out, now)
 
     def _receive_replies(self) -> None:
         while True:
@@ -407,55 +348,23 @@ class Producer:
                 return
             reply = P.decode_reply(msg)
             with self._lock:
-                self._apply(reply)
+                self._apply(self._session.receive(reply, time.monotonic()))
 
-    def _apply(self, reply: P.Reply) -> None:
-        batch = self._in_flight.get(reply.seq)
-        if reply.status in (P.ACK, P.DUPLICATE):
-            self._stored_any = True
-            if batch is None:
-                batch = next((b for b in self._ready if b.seq == reply.seq), None)
-                if batch is None:
-                    return  # a late reply to a batch already resolved
-                self._ready.remove(batch)
-            else:
-                del self._in_flight[reply.seq]
-            self._finish(batch, result=reply.base_lsn if reply.count else None)
-            self._resend_lost_reply(batch)
-            return
-        code = reply.code
-        if code == P.OUT_OF_SEQUENCE:
-            expected = int(reply.detail.rsplit("expected sequence ", 1)[-1].split(",")[0])
-            self._resend(expected, time.monotonic())
-        elif code in PERMANENT_NACKS and batch is not None:
-            del self._in_flight[reply.seq]
-            self._finish(batch, error=NackError(code, reply.detail))
-            self._renumber_after(reply.seq)
-
-    def _resend_lost_reply(self, answered: _Batch) -> None:
-        """The writer answers a producer's batches in the order it got them, so a reply for `answered` while a
-        batch sent before it still waits means that reply was lost (PUB drops while a SUB reconnects).  Resend
-        it now: after ack_timeout the writer's dedup window may have moved past it, and the answer would be
-        "stored, LSNs unknown" (a None result) instead of its LSNs."""
-        oldest = next(iter(self._in_flight.values()), None)
-        if oldest is not None and oldest.seq < answered.seq and oldest.sent_at <= answered.sent_at:
-            del self._in_flight[oldest.seq]
-            self._ready.appendleft(oldest)
-            self.resends += 1
-
-    def _renumber_after(self, failed_seq: int) -> None:
-        """The writer never stored `failed_seq`, so every later batch moves down one sequence number."""
-        later = sorted((b for b in itertools.chain(self._in_flight.values(), self._ready) if b.seq > failed_seq),
-                       key=lambda b: b.seq)
-        for b in later:
-            self._in_flight.pop(b.seq, None)
-            b.seq -= 1
-            b.message = b.message[:12] + b.seq.to_bytes(8, "little") + b.message[20:]
-        self._next_seq -= 1
-        self._ready = collections.deque(later)
+    def _apply(self, actions: list[Action]) -> None:
+        """Carry out the session's decisions (lock held)."""
+        for action in actions:
+            if type(action) is Resolve:
+                self._finish(action.token, result=action.base_lsn)
+            elif type(action) is Fail:
+                self._finish(action.token, error=action.error)
+            elif type(action) is Subscribe:
+                # log_stopped: new batches go out under a fresh producer id, so their replies come on a new
+                # topic; the old one stays, for the acks of earlier batches (one topic per writer failure).
+                self.producer_id = action.producer_id
+                self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(action.producer_id))
 
     def _finish(self, batch: _Batch, *, result: int | None = None, error: BaseException | None = None) -> None:
-        self._buffered -= len(batch.message) - P.APPEND_HEADER_SIZE
+        self._buffered -= batch.size
         self._space.notify_all()
         if error is not None:
             batch.future.set_exception(error)

@@ -4,8 +4,10 @@ Every message is a single ZeroMQ frame (multipart is far slower), little-endian:
 
 - ingest (producer PUSH -> writer PULL): APPEND = header + v1 records end to end, so the writer copies the
   payload into a log frame without re-encoding it;
-- publish (writer PUB -> SUB): COMMIT (topic b"C") carries the committed LSN; REPLY (topic b"R" + producer
-  id) carries an ack, a duplicate-ack or a nack for one batch, so each producer subscribes to its own;
+- publish (writer XPUB -> SUB): COMMIT (topic b"C") carries the committed LSN; REPLY (topic b"R" + producer
+  id) carries an ack, a duplicate-ack or a nack for one batch, so each producer subscribes to its own, or
+  READY: the writer has applied that subscription, so no reply on it can be dropped from then on (PUB drops
+  whatever it publishes before a subscription arrives: the slow joiner);
 - control (REQ -> writer REP): JSON requests and replies, at most MAX_CONTROL_BYTES long and nested at most
   MAX_CONTROL_DEPTH deep, both checked before the JSON parser runs (it recurses once per level).
 """
@@ -34,6 +36,7 @@ REPLY = struct.Struct("<1sQBBQQI")  # topic, producer id, version, status, seque
 ACK = 0  # written and committed: LSNs base .. base+count-1
 DUPLICATE = 1  # already in the log (a resend): the LSNs it got the first time
 NACK = 2  # refused: the detail says why; the batch is not in the log
+READY = 3  # the writer has this subscription: replies on it reach the subscriber from now on (sequence 0)
 
 # Nack codes (the text before ": " in a nack's detail).
 MALFORMED = "malformed"
@@ -41,6 +44,9 @@ TOO_LARGE = "too_large"
 UNKNOWN_VERSION = "unknown_version"
 OUT_OF_SEQUENCE = "out_of_sequence"
 LOG_STOPPED = "log_stopped"
+# Refused for good: the batch is not in the log and resending it cannot help.  (log_stopped is neither
+# this nor retryable: the batch may or may not be in the log; see docs/PROTOCOL.md.)
+PERMANENT_NACKS = frozenset({MALFORMED, TOO_LARGE, UNKNOWN_VERSION})
 
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_CONTROL_DEPTH = 16
@@ -106,6 +112,18 @@ def decode_commit(msg: bytes) -> tuple[int, int]:
 def reply_topic(producer_id: int) -> bytes:
     """The SUB prefix a producer subscribes to for its replies."""
     return TOPIC_REPLY + struct.pack("<Q", producer_id)
+
+
+def subscribed_producer(msg: bytes) -> int | None:
+    """The producer id of an XPUB subscription message (b"\\x01" + reply topic), else None: unsubscriptions,
+    other topics and odd lengths need no READY."""
+    if len(msg) == 10 and msg[:2] == b"\x01" + TOPIC_REPLY:
+        return struct.unpack_from("<Q", msg, 2)[0] or None
+    return None
+
+
+def encode_ready(producer_id: int) -> bytes:
+    return encode_reply(Reply(producer_id, READY, 0, 0, 0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,9 @@ valid batch as one frame.  The log's fsync thread makes them durable (at once un
 window under `batch`) while this loop goes on appending, so one fsync covers every batch that arrived
 during the previous one: group commit across producers.  It pokes this loop through an inproc socket.
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
-advance of the committed LSN.  Bad input is counted, logged (rate-limited), nacked when the sender can be
+advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
+is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
+is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged (rate-limited), nacked when the sender can be
 identified, and never reaches the log.
 """
 
@@ -27,11 +29,11 @@ from . import cursor
 from . import protocol as P
 from .config import Config
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
-from .errors import GroupError, LogStoppedError, ProtocolError, RecordError, RecordTooLargeError, ServiceUnavailableError
+from .errors import GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
 from .group import GROUP_OPS, GroupTable
+from .ingest import Duplicate, IngestSession, Refuse
 from .log import Log
 from .metrics import Metrics
-from .record import count_records
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
@@ -74,6 +76,8 @@ class Writer:
         self._groups_stored_at = 0.0
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
         self.metrics_server = None
+        self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
+                                     max_record_bytes=self.log.config.max_record_bytes)
         try:
             self._open_sockets()
             self._start_observing()
@@ -106,7 +110,10 @@ class Writer:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, svc.ingest_hwm)
         self.pull.setsockopt(zmq.MAXMSGSIZE, svc.max_message_bytes)
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB, not PUB: it hands us each subscription once applied, and we answer a producer's with READY on
+        # its topic (`_confirm_subscriptions`); verbose, so a re-subscription after a reconnect shows too.
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.pub.setsockopt(zmq.SNDHWM, 1_000_000)
         self.rep = self.ctx.socket(zmq.REP)
         # Control input is small: bound what ZeroMQ may queue for it (per client: RCVHWM x MAXMSGSIZE).
@@ -206,6 +213,18 @@ class Writer:
 
     # -- ingest ----------------------------------------------------------------------------------------
 
+    def _confirm_subscriptions(self) -> None:
+        """Answer each producer's reply subscription with READY: from then on no reply to it can be dropped,
+        so a producer sends only after READY, and resends what is unacked on each later one (a reconnect)."""
+        for _ in range(DRAIN_LIMIT):
+            try:
+                msg = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            producer_id = P.subscribed_producer(msg)
+            if producer_id is not None:
+                self.pub.send(P.encode_ready(producer_id))
+
     def _reply(self, reply: P.Reply) -> None:
         self.pub.send(P.encode_reply(reply))
 
@@ -218,46 +237,22 @@ class Writer:
             self._reply(P.Reply(ident[0], P.NACK, ident[1], 0, 0, f"{code}: {detail}"))
 
     def _handle(self, msg: bytes) -> None:
-        try:
-            a = P.decode_append(msg)
-        except ProtocolError as exc:
-            self._reject(exc.code, exc.detail, msg)
+        decision = self._ingest.decide(msg, self.log.producer_batches)
+        if type(decision) is Refuse:
+            self._reject(decision.code, decision.detail, msg)
             return
-        cfg = self.log.config
-        if len(a.payload) > cfg.max_batch_bytes:
-            self._reject(P.TOO_LARGE, f"batch of {len(a.payload)} bytes exceeds max_batch_bytes "
-                                      f"({cfg.max_batch_bytes})", msg)
+        if type(decision) is Duplicate:
+            self.metrics.counters["duplicates"] += 1
+            if decision.count:
+                self._pending.append((decision.last_lsn, time.perf_counter(), decision.reply()))
+            else:
+                self._reply(decision.reply())
             return
-        window = self.log.producer_batches(a.producer_id)
-        if not window:
+        a, n = decision.append, decision.count
+        if not self.log.producer_batches(a.producer_id):
             self.metrics.event("producer_connected", producer=f"{a.producer_id:016x}")
-        if window:
-            last = window[-1]
-            if a.seq <= last.seq:
-                self.metrics.counters["duplicates"] += 1
-                for b in window:
-                    if b.seq == a.seq:
-                        reply = P.Reply(a.producer_id, P.DUPLICATE, a.seq, b.base_lsn, b.count)
-                        self._pending.append((b.base_lsn + b.count - 1, time.perf_counter(), reply))
-                        return
-                self._reply(P.Reply(a.producer_id, P.DUPLICATE, a.seq, 0, 0, "older than the dedup window"))
-                return
-            if a.seq != last.seq + 1:
-                self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
-                return
-        payload = bytes(a.payload)
         try:
-            n = count_records(payload, 0, len(payload), max_record_bytes=cfg.max_record_bytes,
-                              max_batch_bytes=cfg.max_batch_bytes)
-        except RecordError as exc:
-            code = P.TOO_LARGE if isinstance(exc, RecordTooLargeError) else P.MALFORMED
-            self._reject(code, f"record at payload offset {exc.offset}: {exc.detail}", msg)
-            return
-        if n != a.count:
-            self._reject(P.MALFORMED, f"header says {a.count} records, payload holds {n}", msg)
-            return
-        try:
-            base = self.log.append_encoded(payload, n, producer_id=a.producer_id, producer_seq=a.seq,
+            base = self.log.append_encoded(decision.payload, n, producer_id=a.producer_id, producer_seq=a.seq,
                                            wait=False)
         except LogStoppedError as exc:
             # Fatal for the log, not for the process: keep answering status and nacking, so every
@@ -367,6 +362,7 @@ class Writer:
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.rep, zmq.POLLIN)
         poller.register(self.wake_rx, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         self._publish_commits()
         try:
             while not self._stop.is_set():
@@ -385,8 +381,9 @@ class Writer:
                     self._control()
                 self._publish_commits()
                 self._store_group_positions()
-
                 self._watch()
+                if self.pub in events:
+                    self._confirm_subscriptions()
             while self._drain():
                 pass
             self.log.sync()
