@@ -165,8 +165,9 @@ class Config:
             raise ConfigError("service.produce_group", "needs [log] group: the group whose members may produce")
 
 
-def load(path: str | Path | None = None, *, directory: str | Path | None = None) -> Config:
-    """Read a TOML config (or only defaults); `directory` overrides `[log] dir`."""
+def load(path: str | Path | None = None, *, directory: str | Path | None = None, key: str = "--config") -> Config:
+    """Read a TOML config (or only defaults); `directory` overrides `[log] dir`.  `key` names where `path`
+    came from in errors: the CLI flag, or the Python argument."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -174,9 +175,10 @@ def load(path: str | Path | None = None, *, directory: str | Path | None = None)
                 data = tomllib.load(f)
                 mode = os.fstat(f.fileno()).st_mode
         except OSError as exc:
-            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+            raise ConfigError(key, f"{path} is a file, so it must be a TOML config, but it is not valid TOML: "
+                                   f"{exc}") from None
         secret = data.get("service", {}).get("curve_secret_key") if isinstance(data.get("service"), dict) else ""
         if secret and mode & 0o077:
             raise ConfigError("service.curve_secret_key", f"{path} holds a CURVE secret key but its mode is "
@@ -210,4 +212,4 @@ def log_directory(target: "str | os.PathLike | Config") -> Path:
     if isinstance(target, Config):
         return target.directory
     path = Path(target)
-    return load(path).directory if path.is_file() else path
+    return load(path, key="directory").directory if path.is_file() else path

@@ -51,6 +51,18 @@ class Endpoints:
             sock.curve_secretkey = secret
         return sock
 
+    def writer_running(self) -> bool:
+        """Whether the process that recorded these endpoints is alive (the writer died if not)."""
+        if self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, under another account
+        return True
+
     def save(self, directory: Path) -> None:
         tmp = directory / f".{FILENAME}.tmp"
         tmp.unlink(missing_ok=True)

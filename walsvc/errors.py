@@ -162,6 +162,10 @@ class ServiceUnavailableError(WalError):
     """No writer answers for this log directory."""
 
 
+class AckTimeoutError(WalError, TimeoutError):
+    """A record's ack did not come within the time the caller gave; the message says whether a writer runs."""
+
+
 class NoriFormatError(WalError):
     """A directory cannot be read as a nori-wal log: it is missing, or two segment files claim one id."""
 

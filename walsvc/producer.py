@@ -16,23 +16,25 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 import zmq
 
 from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import BackpressureError, LogClosedError, RecordTooLargeError
+from .errors import (AckTimeoutError, BackpressureError, LogClosedError, RecordTooLargeError,
+                     ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
+from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts
 
 EAGER_IN_FLIGHT = 8
 
 
 class _Batch:
-    __slots__ = ("parts", "size", "count", "future", "opened_at")
+    __slots__ = ("parts", "size", "count", "future", "opened_at", "producer")
 
-    def __init__(self) -> None:
+    def __init__(self, producer: "Producer") -> None:
+        self.producer = producer  # for a timeout's message: which writer, and whether it runs
         self.parts: list[bytes] = []
         self.size = 0
         self.count = 0
@@ -54,14 +56,26 @@ class RecordFuture:
         self._index = index
 
     def result(self, timeout: float | None = None) -> int | None:
-        base = self._batch.future.result(timeout)
+        """The LSN; AckTimeoutError (a TimeoutError) if no ack came within `timeout` seconds."""
+        try:
+            base = self._batch.future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
         return None if base is None else base + self._index
 
     def done(self) -> bool:
         return self._batch.future.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return self._batch.future.exception(timeout)
+        try:
+            return self._batch.future.exception(timeout)
+        except concurrent.futures.TimeoutError:
+            raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
+
+    def add_done_callback(self, fn: "Callable[[RecordFuture], object]") -> None:
+        """Call `fn(self)` once the record is acked or failed (at once if it already is), as
+        concurrent.futures.Future does; it runs in the producer's I/O thread, so keep it short."""
+        self._batch.future.add_done_callback(lambda _: fn(self))
 
     def __await__(self):
         base = yield from asyncio.wrap_future(self._batch.future).__await__()
@@ -86,6 +100,10 @@ class Producer:
                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
         self.directory = log_directory(directory)
         self.endpoints = endpoints or load_endpoints(self.directory)
+        if endpoints is None and not self.endpoints.writer_running():
+            raise ServiceUnavailableError(f"no writer is running for {self.directory} (pid {self.endpoints.pid}, "
+                                          f"which recorded its endpoints, has exited); start one with "
+                                          f"`walsvc serve --dir {self.directory}`")
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
         self.linger = linger_ms / 1000.0
         self.batch_bytes = batch_bytes
@@ -148,7 +166,7 @@ class Producer:
                     batch.count += 1
                     self._buffered += size
                     return RecordFuture(batch, batch.count - 1)
-                return self._add_locked(data)
+                return RecordFuture(*self._add_locked(data))
         return self.append(Record.put(key, value, ttl_ms=ttl_ms, compression=compression))
 
     def delete(self, key: bytes | str) -> RecordFuture:
@@ -158,11 +176,18 @@ class Producer:
         """Queue several records at once (one lock round trip); they go out in order, usually in one batch."""
         return self._add_many([encode(r, self.max_record_bytes) for r in records])
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> list[RecordFuture]:
-        """Queue plain puts of (key, value) bytes pairs at once: the cheapest way to append many records."""
-        limit = self.max_record_bytes
-        return self._add_many([encode_put(k, v) if len(k) + len(v) <= limit else encode(Record.put(k, v), limit)
-                               for k, v in items])
+    def put_many(self, items: Iterable[tuple[bytes | str, bytes | str]]) -> list[RecordFuture]:
+        """Queue plain puts of (key, value) pairs at once: the cheapest way to append many records.  Each pair
+        is checked as `put` checks it (str is UTF-8 encoded; other types are refused)."""
+        items = items if isinstance(items, (list, tuple)) else list(items)
+        if not items:
+            return []
+        payload = encode_puts(items, self.max_record_bytes)
+        if len(payload) < self.batch_bytes:
+            with self._lock:
+                batch, first = self._add_locked(payload, len(items))
+            return [RecordFuture(batch, first + i) for i in range(len(items))]
+        return self._add_many([encode(Record.put(k, v), self.max_record_bytes) for k, v in items])
 
     def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
         total = sum(map(len, encoded))
@@ -176,14 +201,15 @@ class Producer:
                 batch.count += len(encoded)
                 self._buffered += total
                 return [RecordFuture(batch, i) for i in range(first, batch.count)]
-            return [self._add_locked(data) for data in encoded]
+            return [RecordFuture(*self._add_locked(data)) for data in encoded]
 
     def _add(self, data: bytes) -> RecordFuture:
         with self._lock:
-            return self._add_locked(data)
+            return RecordFuture(*self._add_locked(data))
 
-    def _add_locked(self, data: bytes) -> RecordFuture:
-        """Add one encoded record to the open batch (lock held)."""
+    def _add_locked(self, data: bytes, count: int = 1) -> tuple[_Batch, int]:
+        """Add `count` encoded records (laid end to end in `data`) to the open batch (lock held); returns the
+        batch and the index of the first of them in it."""
         if self._closed:
             raise LogClosedError("producer is closed")
         if self._buffered + len(data) > self.max_buffer_bytes:
@@ -191,19 +217,19 @@ class Producer:
         batch = self._open
         fresh = batch is None
         if fresh:
-            batch = self._open = _Batch()
+            batch = self._open = _Batch(self)
+        first = batch.count
         batch.parts.append(data)
         batch.size += len(data)
-        batch.count += 1
+        batch.count += count
         self._buffered += len(data)
-        future = RecordFuture(batch, batch.count - 1)
         if batch.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
             # Full, or the pipeline has room: send from this thread, no hop through the I/O thread.
             self._close_open_batch()
             self._send_now()
         elif fresh:
             self._poke()  # the I/O thread closes it when the linger expires
-        return future
+        return batch, first
 
     async def append_async(self, record: Record) -> int | None:
         """The asyncio form: `await producer.append_async(record)` gives the LSN once committed."""
@@ -222,14 +248,36 @@ class Producer:
             try:
                 batch.future.result(remaining)
             except concurrent.futures.TimeoutError:
-                raise TimeoutError(f"records still unacknowledged after {timeout} s: is the writer for "
-                                   f"{self.directory} running?") from None
+                raise AckTimeoutError(f"records still unacknowledged after {timeout} s: {self.writer_state()}") \
+                    from None
+
+    def writer_state(self) -> str:
+        """In words, for error messages: whether a writer runs for this log."""
+        try:
+            endpoints = load_endpoints(self.directory)
+        except ServiceUnavailableError as exc:
+            return str(exc)
+        if endpoints.writer_running():
+            return f"the writer for {self.directory} (pid {endpoints.pid}) runs but has not acknowledged them"
+        return (f"no writer is running for {self.directory} (pid {endpoints.pid} has exited); start one with "
+                f"`walsvc serve --dir {self.directory}`")
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Flush (up to `timeout`), then stop the I/O thread.  Unacked records fail with LogClosedError."""
+        """Flush (up to `timeout`), then stop the I/O thread.  Unacked records fail with LogClosedError; with
+        no writer running that is at once (ServiceUnavailableError), not after `timeout`."""
         if self._closed:
             return
         try:
+            with self._lock:
+                unacked = sum(batch.count for batch in self._session.tokens()) + (self._open.count if self._open else 0)
+            if unacked:
+                try:
+                    running = load_endpoints(self.directory).writer_running()
+                except ServiceUnavailableError:
+                    running = False
+                if not running:
+                    raise ServiceUnavailableError(f"{unacked} records were never acknowledged and may or may not "
+                                                  f"be in the log: {self.writer_state()}")
             self.flush(timeout)
         finally:
             with self._lock:

@@ -1,0 +1,92 @@
+"""What a producer says when something is wrong, at once and in words: no writer, a stalled writer, bad
+arguments.  Real writer processes (killed and stopped for real), no mocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+
+import walsvc
+from walsvc.errors import (AckTimeoutError, ConfigError, InvalidRecordError, ServiceUnavailableError)
+
+
+def test_no_writer_is_said_at_once(tmp_path: Path, writers) -> None:
+    with pytest.raises(ServiceUnavailableError, match="no writer has run"):
+        walsvc.Producer(tmp_path / "never")
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    pid = writer.pid
+    writer.kill9()  # leaves ENDPOINTS behind, naming a dead process
+    began = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match=f"no writer is running .*pid {pid}.*walsvc serve"):
+        walsvc.Producer(d)
+    assert time.monotonic() - began < 1.0
+    began = time.monotonic()
+    proc = run_cli("produce", "--dir", str(d), input="a\tb\n", timeout=30)
+    assert proc.returncode != 0 and time.monotonic() - began < 10
+    assert "no writer is running" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_leaving_the_block_after_the_writer_died_fails_at_once(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    producer = walsvc.Producer(d)
+    assert producer.put(b"k", b"v").result(30) == 1
+    writer.kill9()
+    future = producer.put(b"lost?", b"v")
+    began = time.monotonic()
+    with pytest.raises(ServiceUnavailableError, match="1 records were never acknowledged.*no writer is running"):
+        producer.close()
+    assert time.monotonic() - began < 2.0
+    with pytest.raises(walsvc.LogClosedError):
+        future.result(1)
+
+
+def test_a_timeout_says_whether_the_writer_runs(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        producer.put(b"warm", b"up").result(30)
+        writer.pause()  # SIGSTOP: alive, but answering nothing
+        try:
+            future = producer.put(b"k", b"v")
+            with pytest.raises(AckTimeoutError, match=f"pid {writer.pid}.* runs but has not acknowledged") as info:
+                future.result(0.3)
+            assert isinstance(info.value, TimeoutError)
+        finally:
+            writer.resume()
+        assert future.result(30) == 2
+
+
+def test_put_many_checks_pairs_as_put_does_and_callbacks_run(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writers(d).start()
+    done = threading.Event()
+    seen: list[int] = []
+    with walsvc.Producer(d) as producer:
+        futures = producer.put_many([("text", "is utf-8"), (b"raw", b"bytes")])
+        assert [f.result(30) for f in futures] == [1, 2]
+        for bad in ([(1, b"v")], [(b"k", None)]):
+            with pytest.raises(InvalidRecordError, match="must be bytes or str"):
+                producer.put_many(bad)
+            with pytest.raises(InvalidRecordError, match="must be bytes or str"):
+                producer.put(*bad[0])
+        future = producer.put(b"cb", b"v")
+        future.add_done_callback(lambda f: (seen.append(f.result()), done.set()))
+        assert done.wait(30) and seen == [3]
+        late: list[int] = []
+        future.add_done_callback(lambda f: late.append(f.result()))  # already done: runs at once
+        assert late == [3]
+    assert [r.key for r in walsvc.LogReader(d)] == [b"text", b"raw", b"cb"]
+
+
+def test_a_file_where_a_directory_is_meant_names_the_python_argument(tmp_path: Path) -> None:
+    not_toml = tmp_path / "notes.txt"
+    not_toml.write_text("just words\n")
+    with pytest.raises(ConfigError, match=r"^directory: .*notes.txt is a file, so it must be a TOML config"):
+        walsvc.Producer(not_toml)
