@@ -22,6 +22,8 @@ from pathlib import Path
 
 from crc32c import crc32c
 
+from .fsync import write_step
+
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
 _LAYOUT = struct.Struct("<8sQQQQ")
@@ -67,13 +69,12 @@ class HeadWriter:
     """The writer's side: one pwrite per commit."""
 
     def __init__(self, directory: Path) -> None:
-        self.fd = os.open(directory / NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        self.path = directory / NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def publish(self, head: Head) -> None:
-        os.pwrite(self.fd, encode(head), 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
+        with write_step("HEAD update", self.path):
+            os.pwrite(self.fd, encode(head), 0)
 
 
 class HeadReader:

@@ -26,10 +26,10 @@ from zmq.utils.monitor import recv_monitor_message
 from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import BackpressureError, LogClosedError, NackError, RecordTooLargeError
+from .errors import BackpressureError, LogClosedError, LogStoppedError, NackError, RecordTooLargeError
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put
 
-PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION, P.LOG_STOPPED)
+PERMANENT_NACKS = (P.MALFORMED, P.TOO_LARGE, P.UNKNOWN_VERSION)
 EAGER_IN_FLIGHT = 8
 
 
@@ -109,6 +109,7 @@ class Producer:
         self._buffered = 0
         self._next_seq = 1
         self._closed = False
+        self._stopped: LogStoppedError | None = None  # the writer's log stopped: see _log_stopped
         self._resend_from: tuple[int, float] = (0, 0.0)
         # Until the writer has stored one of our batches it has no window for us and accepts any sequence
         # (docs/PROTOCOL.md), so batch 2 could be stored before a lost batch 1, which would then be answered
@@ -199,6 +200,8 @@ class Producer:
         """Add one encoded record to the open batch (lock held)."""
         if self._closed:
             raise LogClosedError("producer is closed")
+        if self._stopped is not None:
+            raise self._stopped
         if self._buffered + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
@@ -427,10 +430,27 @@ class Producer:
         if code == P.OUT_OF_SEQUENCE:
             expected = int(reply.detail.rsplit("expected sequence ", 1)[-1].split(",")[0])
             self._resend(expected, time.monotonic())
+        elif code == P.LOG_STOPPED:
+            self._log_stopped(LogStoppedError.from_nack(reply.detail))
         elif code in PERMANENT_NACKS and batch is not None:
             del self._in_flight[reply.seq]
             self._finish(batch, error=NackError(code, reply.detail))
             self._renumber_after(reply.seq)
+
+    def _log_stopped(self, error: LogStoppedError) -> None:
+        """The writer's log stopped: nothing unacked will be acked.  Fail every unacked record at once, and
+        refuse new ones: batches written before the stop may still be in the log after a restart, so this
+        producer's sequence numbers are ambiguous from here on (a new Producer gets a new id)."""
+        self._stopped = error
+        for batch in list(self._in_flight.values()) + list(self._ready):
+            self._finish(batch, error=error)
+        self._in_flight.clear()
+        self._ready.clear()
+        if self._open is not None:
+            self._buffered -= self._open.size
+            self._open.future.set_exception(error)
+            self._open = None
+        self._space.notify_all()
 
     def _resend_lost_reply(self, answered: _Batch) -> None:
         """The writer answers a producer's batches in the order it got them, so a reply for `answered` while a

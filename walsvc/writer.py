@@ -7,6 +7,11 @@ during the previous one: group commit across producers.  It pokes this loop thro
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
 advance of the committed LSN.  Bad input is counted, logged (rate-limited), nacked when the sender can be
 identified, and never reaches the log.
+
+Fail-stop: once the log stops (an I/O error on the write path, in any thread), the writer acks nothing more,
+nacks every batch not yet acked with `log_stopped` (those in flight at once, new ones as they come), and keeps
+answering status, which names the failed operation, file and errno, until SIGTERM/SIGINT; it then exits 0.
+An unexpected exception while handling a batch stops the log too, with that exception as the reason.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class Writer:
         self._main_thread = threading.get_ident()
         self._stop = threading.Event()
         self.started = time.time()
-        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
+        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit, on_stop=self._on_stop)
         try:
             self._open_sockets()
         except BaseException:
@@ -128,6 +133,13 @@ class Writer:
 
     def _on_commit(self, committed_lsn: int) -> None:
         """Called by the log after each commit; from another thread, only poke the loop."""
+        self._poke_from_flusher()
+
+    def _on_stop(self, reason: LogStoppedError) -> None:
+        """Called once by the log when it stops; from another thread, wake the loop so it nacks at once."""
+        self._poke_from_flusher()
+
+    def _poke_from_flusher(self) -> None:
         if threading.get_ident() != self._main_thread:
             if not self._flusher_poke.is_set():
                 self._flusher_poke.set()
@@ -142,6 +154,17 @@ class Writer:
             _, appended_at, reply = pending.popleft()
             self.metrics.append_to_ack.record(now - appended_at)
             send(P.encode_reply(reply))
+        stopped = self.log.stop_reason
+        if stopped is not None and pending:
+            # Nothing more will commit: every batch still waiting learns so now, not after its resend timeout.
+            for last_lsn, appended_at, reply in pending:
+                if last_lsn <= committed:
+                    send(P.encode_reply(reply))
+                else:
+                    self.metrics.rejected[P.LOG_STOPPED] += 1
+                    send(P.encode_reply(P.Reply(reply.producer_id, P.NACK, reply.seq, 0, 0,
+                                                f"{P.LOG_STOPPED}: {stopped}")))
+            pending.clear()
         if committed != self._published_commit:
             send(P.encode_commit(committed, self.log.first_lsn))
             self._published_commit = committed
@@ -182,6 +205,9 @@ class Writer:
                         return
                 self._reply(P.Reply(a.producer_id, P.DUPLICATE, a.seq, 0, 0, "older than the dedup window"))
                 return
+            if self.log.stop_reason is not None:
+                self._reject(P.LOG_STOPPED, str(self.log.stop_reason), msg)
+                return
             if a.seq != last.seq + 1:
                 self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
                 return
@@ -215,7 +241,11 @@ class Writer:
                 msg = recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 break
-            self._handle(msg)
+            try:
+                self._handle(msg)
+            except Exception as exc:  # a bug or an I/O error nobody named: stop with it as the reason
+                reason = self.log.stop("handling a batch in the writer loop", exc)
+                self._reject(P.LOG_STOPPED, str(reason), msg)
             handled += 1
         return handled
 
@@ -253,6 +283,9 @@ class Writer:
         except ProtocolError as exc:
             self.metrics.rejected["control_" + exc.code] += 1
             reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # status reads files (cursors): an error there must not end the writer
+            log.exception("control request failed")
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         self.rep.send(json.dumps(reply).encode())
 
     # -- loop ------------------------------------------------------------------------------------------
@@ -285,14 +318,22 @@ class Writer:
                 self._publish_commits()
             while self._drain():
                 pass
-            self.log.sync()
+            if self.log.stop_reason is None:
+                try:
+                    self.log.sync()
+                except LogStoppedError:
+                    pass  # logged by the log; the nacks below tell the producers
             self._publish_commits()
         finally:
             self.close()
 
     def close(self) -> None:
+        """Close the log (its last fsync, unless stopped) and the sockets.  A stopped log is not an error
+        here: the stop was reported when it happened, and every acked batch is durable."""
         try:
             self.log.close()
+        except LogStoppedError:
+            pass
         finally:
             self.ctx.destroy(linger=1000)
 
