@@ -58,9 +58,10 @@ else:
     sync_data = os.fsync
 
 
-def sync_dir(path: str | os.PathLike) -> None:
-    """Fsync a directory so a created, renamed or deleted entry survives power loss."""
-    with write_step("directory fsync", path):
+def sync_dir(path: str | os.PathLike, operation: str = "directory fsync") -> None:
+    """Fsync a directory so a created, renamed or deleted entry survives power loss; `operation` names the
+    step in a stop reason (after a segment create, or after a retention delete)."""
+    with write_step(operation, path):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)

@@ -297,7 +297,7 @@ class Log:
                 self.segments_deleted += 1
                 deleted.append(seg.path)
             if deleted:
-                sync_dir(self.directory)
+                sync_dir(self.directory, "directory fsync after retention delete")
         except OSError as exc:
             raise self._syncer.fail("retention", self.directory, exc) from exc
         return deleted

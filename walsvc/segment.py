@@ -89,7 +89,7 @@ def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, p
             os.pwrite(fd, F.encode_segment_header(header), 0)
         with write_step("fdatasync", path):
             sync_data(fd)
-        sync_dir(directory)
+        sync_dir(directory, "directory fsync after segment create")
     except BaseException:
         os.close(fd)
         try:
