@@ -283,3 +283,54 @@ def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, write
     assert "operation: fdatasync" in text and "errno_name: EIO" in text
     acked = collect_acks([out])
     _restart_and_check(writer, d, acked, real_restart=True)
+
+
+# -- a real full disk ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """An 8 MiB tmpfs, mounted for the test (CI runs as root); skipped only where mounting is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:  # not root, or a container without CAP_SYS_ADMIN
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip() or 'not root'}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("preallocate", [True, False], ids=["preallocated", "not-preallocated"])
+def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, preallocate: bool) -> None:
+    """The log fills a real (small) file system.  Preallocated, ENOSPC comes from posix_fallocate when a
+    rotation creates the next segment; not preallocated, from the frame write (or the new segment's header)."""
+    d = small_disk / "wal"
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave about 3 MiB: the log fills it within a few thousand records
+        f.write(b"\xff" * (5 * MiB))
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f"[log]\nsegment_bytes = {MiB}\npreallocate = {'true' if preallocate else 'false'}\n")
+    writer = writers(d, fsync="batch", config=config).start()
+    value = b"v" * 1000
+    with walsvc.Producer(d, ack_timeout_s=0.5, linger_ms=1) as producer:
+        warm = [producer.put(f"w{i:08d}".encode(), value) for i in range(100)]
+        producer.flush(30)
+        acked = {f"w{i:08d}": f.result(0) for i, f in enumerate(warm)}
+        producer.ack_timeout = 600.0
+        more_acked, failed, _ = _append_until_stopped(producer, value, len(acked), limit_s=60)
+        acked.update(more_acked)
+        assert failed and len(acked) > 1000, (len(acked), len(failed))
+
+    assert writer.running(), writer.stderr()
+    stopped = status(d)["stopped"]
+    assert stopped["errno"] == errno.ENOSPC and stopped["errno_name"] == "ENOSPC", stopped
+    if preallocate:
+        assert stopped["operation"] == "preallocate" and stopped["path"].endswith(".wal"), stopped
+    else:
+        assert stopped["operation"].startswith(("write at offset", "segment header write")), stopped
+    _new_client_is_nacked(d)
+    assert writer.stop() == 0, writer.stderr()
+    filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
+    _restart_and_check(writer, d, acked, real_restart=True)

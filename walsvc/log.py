@@ -9,6 +9,7 @@ publishes in the head file after each commit.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
@@ -31,6 +32,16 @@ from .recovery import recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
 
 logger = logging.getLogger("walsvc.log")
+
+
+def _write_rest(fd: int, frame: bytes, offset: int, done: int) -> None:
+    """Finish a short write; raises the OSError that cut it short (ENOSPC, typically) if it happens again."""
+    view = memoryview(frame)
+    while done < len(frame):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"write made no progress at {done} of {len(frame)} bytes")
+        done += n
 
 
 class Log:
@@ -179,8 +190,8 @@ class Log:
             offset = seg.end
             try:
                 written = os.pwritev(seg.fd, (header, payload), offset)
-                if written != size:
-                    raise OSError(f"short write: {written} of {size} bytes (is the disk full?)")
+                if written != size:  # legal (a disk filling up): write the rest, which fails with the errno
+                    _write_rest(seg.fd, header + payload, offset, written)
             except OSError as exc:
                 raise self._syncer.fail(f"write at offset {offset}", seg.path, exc) from exc
             seg.note_frame(offset, (header, payload), base, count, self.config.index_interval_bytes)
