@@ -135,15 +135,19 @@ class LogStoppedError(WalError):
 
     @classmethod
     def from_exception(cls, operation: str, path: str | os.PathLike | None, exc: BaseException) -> "LogStoppedError":
-        """The stop reason for `exc`; a WriteStepError names its own operation and file."""
+        """The stop reason for `exc` in `operation`; a WriteStepError names the step inside it that failed
+        and its file (the detail then says during which operation)."""
+        during = ""
         if isinstance(exc, WriteStepError):
+            if exc.operation != operation:
+                during = f" (during {operation})"
             operation, path = exc.operation, exc.filename
         if isinstance(exc, OSError):
             detail = exc.strerror or str(exc)
             err = exc.errno
         else:
             detail, err = f"{type(exc).__name__}: {exc}", None
-        return cls(operation, None if path is None else str(path), err, detail)
+        return cls(operation, None if path is None else str(path), err, detail + during)
 
     @classmethod
     def from_nack(cls, detail: str) -> "LogStoppedError":

@@ -137,7 +137,7 @@ class Syncer:
                 self.failed = LogStoppedError.from_exception(operation, path, exc)
                 self.failed.__cause__ = exc
         if first:
-            logger.error("%s", self.failed, exc_info=not isinstance(exc, OSError))
+            logger.error("%s", self.failed, exc_info=None if isinstance(exc, OSError) else exc)
             if self._on_stop is not None:
                 self._on_stop(self.failed)
         return self.failed
