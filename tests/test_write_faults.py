@@ -73,7 +73,7 @@ class Site:
     shim_options: str = ""
 
 
-FRAME_WRITE = Site("frame-write", "shim", "pwritev", "write at offset", ".wal")
+FRAME_WRITE = Site("frame-write", "shim", "pwritev", "frame write at offset", ".wal")
 FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", ".wal", rotating=True)
 HEAD_UPDATE = Site("head-update", "fiu", "posix/io/rw/pwrite", "HEAD update", "HEAD")
 CREATE_DIR_FSYNC = Site("create-dir-fsync", "fiu", "posix/io/sync/fsync", "directory fsync after segment create",
@@ -329,7 +329,7 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     if preallocate:
         assert stopped["operation"] == "preallocate" and stopped["path"].endswith(".wal"), stopped
     else:
-        assert stopped["operation"].startswith(("write at offset", "segment header write")), stopped
+        assert stopped["operation"].startswith(("frame write at offset", "segment header write")), stopped
     _new_client_is_nacked(d)
     assert writer.stop() == 0, writer.stderr()
     filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again

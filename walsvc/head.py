@@ -22,7 +22,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .fsync import write_step
+from .errors import WriteStepError
 
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
@@ -73,8 +73,10 @@ class HeadWriter:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
 
     def publish(self, head: Head) -> None:
-        with write_step("HEAD update", self.path):
+        try:  # not the write_step context manager: this runs at every commit
             os.pwrite(self.fd, encode(head), 0)
+        except OSError as exc:
+            raise WriteStepError("HEAD update", self.path, exc) from exc
 
 
 class HeadReader:

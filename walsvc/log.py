@@ -193,7 +193,7 @@ class Log:
                 if written != size:  # legal (a disk filling up): write the rest, which fails with the errno
                     _write_rest(seg.fd, header + payload, offset, written)
             except OSError as exc:
-                raise self._syncer.fail(f"write at offset {offset}", seg.path, exc) from exc
+                raise self._syncer.fail(f"frame write at offset {offset}", seg.path, exc) from exc
             seg.note_frame(offset, (header, payload), base, count, self.config.index_interval_bytes)
             self._next_lsn = end = base + count
             self.records_appended += count
@@ -254,10 +254,13 @@ class Log:
         with self._syncer.lock:
             try:
                 seal_segment(old, self._next_lsn, self._producer_table())
-                self._sealed.append(retention.SealedSegment(old.header.base_lsn, old.last_lsn,
-                                                            os.fstat(old.fd).st_size, now_us(), old.path))
+                sealed = retention.SealedSegment(old.header.base_lsn, old.last_lsn, os.fstat(old.fd).st_size,
+                                                 now_us(), old.path)
                 self._syncer.mark_durable(self._next_lsn)
-                self._active = self._new_segment()
+                new = self._new_segment()
+                # Only now: after a failure above, the list still matches the files (status counts them).
+                self._sealed.append(sealed)
+                self._active = new
                 self._written = (self._active.fd, self._next_lsn, self._active.path)
                 os.close(old.fd)
             except OSError as exc:
