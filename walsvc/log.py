@@ -3,7 +3,9 @@
 One `Log` owns a directory (an OS lock refuses a second writer).  Every `append_batch` becomes one frame:
 encoded outside the lock, written with one pwritev under it, and made durable by the fsync policy
 (fsync.py).  Readers in any process read the files directly up to the committed LSN, which the log
-publishes in the head file after each commit.
+publishes in the head file after each commit.  Any I/O error while writing (a frame, an fsync, HEAD, a
+rotation, a retention delete) stops the log for good, whichever thread meets it (Syncer.fail; docs/GUARANTEES.md,
+"Fail-stop").
 """
 
 from __future__ import annotations
