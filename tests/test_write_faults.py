@@ -34,6 +34,7 @@ from helpers import (RawClient, check_acked_exactly_once, collect_acks, finish, 
                      run_cli, spawn_producer, status, verify_log, wait_for)
 
 import walsvc
+from walsvc import protocol as P
 from walsvc.errors import LogStoppedError
 from walsvc.record import encode_put
 
@@ -333,3 +334,32 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     assert writer.stop() == 0, writer.stderr()
     filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
     _restart_and_check(writer, d, acked, real_restart=True)
+
+
+def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, shim: Path) -> None:
+    """Speaking the wire protocol directly: after the stop, a resend of a committed batch still gets its
+    DUPLICATE ack with its LSNs, and every other batch a log_stopped nack, whatever its sequence number (a gap
+    is not answered out_of_sequence: nothing could fill it)."""
+    d = tmp_path / "wal"
+    fault = Fault(FRAME_WRITE, errno.EIO, False, tmp_path, shim)
+    writer = writers(d, fsync="batch", wrapper=fault.wrapper, env=fault.env).start()
+    client = RawClient(d)
+    try:
+        pid = 0xC0FFEE
+        first = client.sync(pid, encode_put(b"one", b"1"))
+        assert first.status == P.ACK and first.base_lsn == 1, first
+        fault.arm(writer.pid)
+        client.send(P.encode_append(pid, 2, 1, encode_put(b"two", b"2")))
+        second = client.wait_reply(pid, 2)
+        assert second.status == P.NACK and second.code == P.LOG_STOPPED, second
+        assert "frame write at offset" in second.detail and "EIO" in second.detail, second
+        client.send(P.encode_append(pid, 1, 1, encode_put(b"one", b"1")))
+        again = client.wait_reply(pid, 1)
+        assert (again.status, again.base_lsn, again.count) == (P.DUPLICATE, 1, 1), again
+        client.send(P.encode_append(pid, 7, 1, encode_put(b"gap", b"7")))
+        gap = client.wait_reply(pid, 7)
+        assert gap.status == P.NACK and gap.code == P.LOG_STOPPED, gap
+    finally:
+        client.close()
+    assert writer.stop() == 0
+    assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"one")]
