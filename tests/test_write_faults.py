@@ -104,8 +104,9 @@ class Fault:
             self.wrapper = [FIU_RUN, "-x", "-f", self.fifo]
         else:
             assert shim is not None
-            options = [f"call={site.point}", f"errno={errno.errorcode[err]}", f"mode={'once' if once else 'persistent'}",
-                       f"arm={self.arm_file}"] + ([site.shim_options] if site.shim_options else [])
+            options = [f"call={site.point}", f"errno={errno.errorcode[err]}",
+                       f"mode={'once' if once else 'persistent'}", f"arm={self.arm_file}"]
+            options += [site.shim_options] if site.shim_options else []
             self.env = {"LD_PRELOAD": str(shim), "WALSVC_FAULT": ",".join(options)}
 
     def arm(self, pid: int) -> None:

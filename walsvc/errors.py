@@ -8,7 +8,7 @@ a record decoder knows the offset inside a payload; the segment scanner knows th
 from __future__ import annotations
 
 import errno as _errno
-import os
+from os import PathLike as _PathLike
 
 
 class WalError(Exception):
@@ -105,7 +105,7 @@ class WriteStepError(OSError):
     """An OSError from one named step of the write path (`operation` on `filename`), so a stop reason can say
     what failed where: a bare "[Errno 5] Input/output error" from an fd-based call names no file."""
 
-    def __init__(self, operation: str, path: str | os.PathLike | None, cause: OSError) -> None:
+    def __init__(self, operation: str, path: str | _PathLike | None, cause: OSError) -> None:
         super().__init__(cause.errno, cause.strerror or str(cause), None if path is None else str(path))
         self.operation = operation
 
@@ -134,7 +134,7 @@ class LogStoppedError(WalError):
                                     "the writer so recovery checks what reached the disk")
 
     @classmethod
-    def from_exception(cls, operation: str, path: str | os.PathLike | None, exc: BaseException) -> "LogStoppedError":
+    def from_exception(cls, operation: str, path: str | _PathLike | None, exc: BaseException) -> "LogStoppedError":
         """The stop reason for `exc` in `operation`; a WriteStepError names the step inside it that failed
         and its file (the detail then says during which operation)."""
         during = ""
