@@ -68,6 +68,7 @@ def cycle(n: int, rng: random.Random, base: Path, d: Path, so: Path, outs: list[
             subprocess.run(["fiu-ctrl", "-f", fifo, "-c", command, str(writer.pid)], check=True, timeout=30)
             what = f"libfiu {command}"
         stopped = wait_for(lambda: status(d)["stopped"], 120, f"the log to stop ({what})")
+        stopped_at = status(d)["committed_lsn"]
         for i, p in enumerate(producers):
             finish(p, 30, f"producer {i}")
         assert all(read_stopped(o) for o in new_outs), "a producer saw no LogStoppedError"
@@ -83,6 +84,9 @@ def cycle(n: int, rng: random.Random, base: Path, d: Path, so: Path, outs: list[
     records = verify_log(d)
     acked = {k: lsn for k, lsn in collect_acks(outs).items() if lsn is not None and lsn >= records[0].lsn}
     check_acked_exactly_once(records, acked)
+    where = {r.key.decode(): r.lsn for r in records}
+    nacked = [k for o in new_outs for k in read_stopped(o) if k in where and where[k] <= stopped_at]
+    assert not nacked, f"committed before the stop (LSN <= {stopped_at}) but nacked: {nacked[:5]}"
     return f"{policy:6} {what}: stopped at {stopped['operation']} ({stopped['errno_name']}), {len(acked)} acked kept"
 
 

@@ -178,9 +178,11 @@ def _new_client_is_nacked(directory: Path) -> None:
         client.close()
 
 
-def _restart_and_check(writer, directory: Path, acked: dict[str, int], *, real_restart: bool) -> None:
-    """SIGTERM exits 0; recovery has every acked record at its LSN.  `real_restart`: recovery by a new writer
-    process, which then appends again; else by Log.open in this process (the same recovery, faster)."""
+def _restart_and_check(writer, directory: Path, acked: dict[str, int], failed: list[str], committed: int, *,
+                       real_restart: bool) -> None:
+    """SIGTERM exits 0; recovery has every acked record at its LSN, and no record that failed (was nacked)
+    was committed before the stop (`committed`: the stopped writer's committed LSN).  `real_restart`: recovery
+    by a new writer process, which then appends again; else by Log.open in this process (the same recovery)."""
     assert writer.stop() == 0, writer.stderr()
     assert "walsvc log had stopped" in writer.stdout()
     assert "Traceback" not in writer.stderr()
@@ -196,6 +198,11 @@ def _restart_and_check(writer, directory: Path, acked: dict[str, int], *, real_r
     records = verify_log(directory)
     # Retention deleted the oldest segments on purpose: what is acked from the first LSN kept on must be there.
     check_acked_exactly_once(records, {k: lsn for k, lsn in acked.items() if lsn >= records[0].lsn})
+    # A failed record may be in the log (written before the stop, never committed), but never below the
+    # committed LSN: every batch committed before the stop was acked, not nacked.
+    where = {r.key.decode(): r.lsn for r in records}
+    nacked_committed = [(k, where[k]) for k in failed if k in where and where[k] <= committed]
+    assert not nacked_committed, f"committed (LSN <= {committed}) but nacked: {nacked_committed[:5]}"
 
 
 def _case(site: Site, err: int, once: bool, policy: str) -> pytest.param:
@@ -257,7 +264,7 @@ def test_write_path_fault_stops_the_log(tmp_path: Path, writers, shim: Path, sit
     if once:  # the same code path for every site: enough to show it for some
         _new_client_is_nacked(d)
     assert status(d)["stopped"] == st["stopped"]
-    _restart_and_check(writer, d, acked, real_restart=once)
+    _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=once)
 
 
 def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, writers, shim: Path) -> None:
@@ -283,7 +290,7 @@ def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, write
     text = run_cli("status", "--dir", str(d)).stdout
     assert "operation: fdatasync" in text and "errno_name: EIO" in text
     acked = collect_acks([out])
-    _restart_and_check(writer, d, acked, real_restart=True)
+    _restart_and_check(writer, d, acked, read_stopped(out), shown["committed_lsn"], real_restart=True)
 
 
 # -- a real full disk ----------------------------------------------------------------------------------------
@@ -325,7 +332,8 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
         assert failed and len(acked) > 1000, (len(acked), len(failed))
 
     assert writer.running(), writer.stderr()
-    stopped = status(d)["stopped"]
+    st = status(d)
+    stopped = st["stopped"]
     assert stopped["errno"] == errno.ENOSPC and stopped["errno_name"] == "ENOSPC", stopped
     if preallocate:
         assert stopped["operation"] == "preallocate" and stopped["path"].endswith(".wal"), stopped
@@ -334,7 +342,7 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     _new_client_is_nacked(d)
     assert writer.stop() == 0, writer.stderr()
     filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
-    _restart_and_check(writer, d, acked, real_restart=True)
+    _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=True)
 
 
 def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, shim: Path) -> None:

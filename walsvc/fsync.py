@@ -114,7 +114,11 @@ class Syncer:
         self._publish = publish
         self._on_commit = on_commit
         self._on_stop = on_stop
-        self._fail_lock = threading.Lock()
+        # Orders commits against the stop: once `failed` is set, no commit follows (an fsync that was already
+        # running when another thread stopped the log does not commit), so whoever reads the committed end
+        # after seeing the stop reads its final value.  Reentrant: a failing HEAD update stops the log from
+        # inside a commit.
+        self._fail_lock = threading.RLock()
         self._dirty_since: float | None = None
         self._last_sync = 0.0  # monotonic time the last fsync ended
         self._wake = threading.Condition()
@@ -185,9 +189,11 @@ class Syncer:
 
     def _commit(self, end_lsn: int) -> None:
         if end_lsn > self.committed_end:
-            if self._publish is not None:
-                self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: then no commit
-            self.committed_end = end_lsn
+            with self._fail_lock:
+                self.check()
+                if self._publish is not None:
+                    self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
+                self.committed_end = end_lsn
             self._on_commit(end_lsn)
 
     def mark_durable(self, end_lsn: int) -> None:

@@ -146,6 +146,7 @@ class Writer:
                 self.wake_tx.send(b"", zmq.NOBLOCK)
 
     def _publish_commits(self) -> None:
+        stopped = self.log.stop_reason  # first: once the log stopped, the committed LSN read next is final
         committed = self.log.committed_lsn
         now = time.perf_counter()
         pending = self._pending
@@ -154,7 +155,6 @@ class Writer:
             _, appended_at, reply = pending.popleft()
             self.metrics.append_to_ack.record(now - appended_at)
             send(P.encode_reply(reply))
-        stopped = self.log.stop_reason
         if stopped is not None and pending:
             # Nothing more will commit: every batch still waiting learns so now, not after its resend timeout.
             for last_lsn, appended_at, reply in pending:
@@ -182,6 +182,13 @@ class Writer:
         if ident is not None:
             self._reply(P.Reply(ident[0], P.NACK, ident[1], 0, 0, f"{code}: {detail}"))
 
+    def _reject_stopped(self, reason: LogStoppedError, msg: bytes) -> None:
+        """Nack a batch because the log stopped, after answering every batch still pending: a producer that
+        gets a log_stopped nack fails all it has in flight, so the acks of batches committed before the stop
+        must reach it first (they were still queued until the end of this drain)."""
+        self._publish_commits()
+        self._reject(P.LOG_STOPPED, str(reason), msg)
+
     def _handle(self, msg: bytes) -> None:
         try:
             a = P.decode_append(msg)
@@ -206,7 +213,7 @@ class Writer:
                 self._reply(P.Reply(a.producer_id, P.DUPLICATE, a.seq, 0, 0, "older than the dedup window"))
                 return
             if self.log.stop_reason is not None:
-                self._reject(P.LOG_STOPPED, str(self.log.stop_reason), msg)
+                self._reject_stopped(self.log.stop_reason, msg)
                 return
             if a.seq != last.seq + 1:
                 self._reject(P.OUT_OF_SEQUENCE, f"expected sequence {last.seq + 1}, got {a.seq}", msg)
@@ -227,7 +234,7 @@ class Writer:
         except LogStoppedError as exc:
             # Fatal for the log, not for the process: keep answering status and nacking, so every
             # producer and operator learns why (a restart runs recovery).
-            self._reject(P.LOG_STOPPED, str(exc), msg)
+            self._reject_stopped(exc, msg)
             return
         self.metrics.counters["batches"] += 1
         self.metrics.counters["records"] += n
@@ -244,8 +251,7 @@ class Writer:
             try:
                 self._handle(msg)
             except Exception as exc:  # a bug or an I/O error nobody named: stop with it as the reason
-                reason = self.log.stop("handling a batch in the writer loop", exc)
-                self._reject(P.LOG_STOPPED, str(reason), msg)
+                self._reject_stopped(self.log.stop("handling a batch in the writer loop", exc), msg)
             handled += 1
         return handled
 
