@@ -47,7 +47,7 @@ def cycle(n: int, rng: random.Random, base: Path, d: Path, so: Path, outs: list[
     fifo = str(base / f"fiu{n}")
     use_shim = rng.random() < 0.25
     if use_shim:
-        spec = f"call=pwritev,errno={errno.errorcode[err]},after={rng.randint(0, 2000)},path=.wal"
+        spec = f"call=pwritev,errno={errno.errorcode[err]},after={rng.randint(200, 3000)},path=.wal"
         writer = WriterProcess(d, fsync=policy, config=config, logs=base / f"logs{n}",
                                env={"LD_PRELOAD": str(so), "WALSVC_FAULT": spec})
         what = f"shim {spec}"
@@ -60,7 +60,7 @@ def cycle(n: int, rng: random.Random, base: Path, d: Path, so: Path, outs: list[
                                 until_stopped=True, stop_file=base / "never") for i, out in enumerate(new_outs)]
     outs.extend(new_outs)
     try:
-        wait_for(lambda: all(read_acks(o) for o in new_outs), 30, "first acks")
+        wait_for(lambda: all(read_acks(o) or read_stopped(o) for o in new_outs), 30, "first answers")
         if not use_shim:
             point = rng.choice(sorted(FIU_POINTS))
             probability = rng.choice(FIU_POINTS[point])
