@@ -431,7 +431,8 @@ class Producer:
             expected = int(reply.detail.rsplit("expected sequence ", 1)[-1].split(",")[0])
             self._resend(expected, time.monotonic())
         elif code == P.LOG_STOPPED:
-            self._log_stopped(LogStoppedError.from_nack(reply.detail))
+            if self._stopped is None:  # later nacks answer batches already failed
+                self._log_stopped(LogStoppedError.from_nack(reply.detail))
         elif code in PERMANENT_NACKS and batch is not None:
             del self._in_flight[reply.seq]
             self._finish(batch, error=NackError(code, reply.detail))
