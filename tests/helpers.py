@@ -79,10 +79,14 @@ class WriterProcess:
     """
 
     def __init__(self, directory: Path, *, fsync: str | None = None, config: Path | None = None,
-                 logs: Path | None = None) -> None:
+                 logs: Path | None = None, wrapper: Iterable[str] = (), env: dict[str, str] | None = None) -> None:
+        """`wrapper` prefixes the command (e.g. fiu-run -x) and `env` adds variables (e.g. LD_PRELOAD), for
+        every incarnation started with `start(faulty=True)`."""
         self.directory = Path(directory)
         self.fsync = fsync
         self.config = config
+        self.wrapper = list(wrapper)
+        self.extra_env = dict(env or {})
         self.logs = Path(logs) if logs is not None else self.directory.parent / f"{self.directory.name}-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
@@ -97,8 +101,9 @@ class WriterProcess:
     def _paths(self) -> tuple[Path, Path]:
         return self.logs / f"writer-{self.starts}.out", self.logs / f"writer-{self.starts}.err"
 
-    def start(self, timeout: float = 30.0) -> "WriterProcess":
-        """Start a new incarnation and wait for its ready line (AssertionError with its stderr if none)."""
+    def start(self, timeout: float = 30.0, *, faulty: bool = True) -> "WriterProcess":
+        """Start a new incarnation and wait for its ready line (AssertionError with its stderr if none).
+        `faulty=False` starts it without the wrapper and extra environment (a restart after a fault)."""
         assert self.proc is None or self.proc.poll() is not None, "writer already running"
         self.starts += 1
         out, err = self._paths()
@@ -107,9 +112,13 @@ class WriterProcess:
             args += ["--fsync", self.fsync]
         if self.config:
             args += ["--config", str(self.config)]
+        env = python_env()
+        cmd = walsvc_cmd(*args)
+        if faulty:
+            env.update(self.extra_env)
+            cmd = self.wrapper + cmd
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            self.proc = subprocess.Popen(walsvc_cmd(*args), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL,
-                                         cwd=REPO_ROOT, env=python_env())
+            self.proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=REPO_ROOT, env=env)
         deadline = time.monotonic() + timeout
         while True:
             for line in out.read_text(errors="replace").splitlines():
@@ -301,13 +310,17 @@ def spawn_helper(*args: str, stdout: Any = subprocess.DEVNULL) -> subprocess.Pop
 
 def spawn_producer(directory: Path, index: int, out: Path, *, count: int = 0, stop_file: Path | None = None,
                    batch: int = 20, pause_s: float = 0.005, ack_timeout_s: float = 2.0,
-                   in_flight_one: bool = False, value_bytes: int = 32) -> subprocess.Popen:
+                   in_flight_one: bool = False, value_bytes: int = 32, until_stopped: bool = False) -> subprocess.Popen:
+    """A producer process; `until_stopped`: a LogStoppedError ends it (exit 0), and each key it failed is
+    written to `out` + ".stopped" (see `read_stopped`)."""
     args = ["producer", "--dir", directory, "--index", index, "--out", out, "--count", count, "--batch", batch,
             "--pause", pause_s, "--ack-timeout", ack_timeout_s, "--value-bytes", value_bytes]
     if stop_file is not None:
         args += ["--stop-file", stop_file]
     if in_flight_one:
         args.append("--in-flight-one")
+    if until_stopped:
+        args.append("--until-stopped")
     return spawn_helper(*args)
 
 
@@ -358,6 +371,11 @@ def read_acks(path: Path) -> list[tuple[str, int | None]]:
     return [(key, None if lsn == "None" else int(lsn)) for key, lsn in read_lines(path)]
 
 
+def read_stopped(out: Path) -> list[str]:
+    """Keys an `until_stopped` producer saw fail with LogStoppedError (a log_stopped nack)."""
+    return [fields[0] for fields in read_lines(Path(str(out) + ".stopped"))]
+
+
 def read_seen(path: Path) -> list[tuple[int, str, int]]:
     return [(int(lsn), key, int(vlen)) for lsn, key, vlen in read_lines(path)]
 
@@ -389,18 +407,27 @@ def check_acked_exactly_once(records: list[Record], acked: dict[str, int | None]
 
 def _producer_main(args: argparse.Namespace) -> int:
     import walsvc
+    from walsvc.errors import LogStoppedError
     pending: collections.deque = collections.deque()
     out = open(args.out, "a")
+    failed = open(args.out + ".stopped", "a") if args.until_stopped else None
     counter = 0
 
     def drain(block: bool) -> None:
         wrote = False
         while pending and (block or pending[0][1].done()):
             key, fut = pending.popleft()
-            out.write(f"{key}\t{fut.result(60)}\n")
+            try:
+                out.write(f"{key}\t{fut.result(60)}\n")
+            except LogStoppedError:
+                if failed is None:
+                    raise
+                failed.write(f"{key}\n")
             wrote = True
         if wrote:
             out.flush()
+            if failed is not None:
+                failed.flush()
 
     value = b"v" * args.value_bytes
     with walsvc.Producer(args.dir, ack_timeout_s=args.ack_timeout, block_timeout_s=120.0,
@@ -411,10 +438,15 @@ def _producer_main(args: argparse.Namespace) -> int:
             if args.stop_file and os.path.exists(args.stop_file):
                 break
             n = args.batch if not args.count else min(args.batch, args.count - counter)
-            for _ in range(n):
-                key = producer_key(args.index, counter)
-                pending.append((key, producer.put(key, value)))
-                counter += 1
+            try:
+                for _ in range(n):
+                    key = producer_key(args.index, counter)
+                    pending.append((key, producer.put(key, value)))
+                    counter += 1
+            except LogStoppedError:
+                if failed is None:
+                    raise
+                break  # the producer refuses new records once the writer's log stopped
             if args.in_flight_one:
                 drain(True)
             else:
@@ -466,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ack-timeout", type=float, default=2.0)
     p.add_argument("--value-bytes", type=int, default=32)
     p.add_argument("--in-flight-one", action="store_true", help="wait for each record's ack before the next")
+    p.add_argument("--until-stopped", action="store_true",
+                   help="end at a LogStoppedError; list the keys that failed in OUT.stopped")
     r = sub.add_parser("reader")
     r.add_argument("--dir", required=True)
     r.add_argument("--out", required=True)

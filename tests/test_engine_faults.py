@@ -1,9 +1,11 @@
 """Engine fault paths found in review: a rotation that fails stops the log, stray cursor files, a seal read
-against a stale size, compressed values that do not decompress."""
+against a stale size, compressed values that do not decompress, an exception in the fsync thread."""
 
 from __future__ import annotations
 
+import errno
 import os
+import time
 
 import pytest
 import zstandard
@@ -32,7 +34,8 @@ def test_rotation_that_cannot_create_the_next_segment_stops_the_log(tmp_path):
                 log.append_batch(batch)
                 written += 100
             except LogStoppedError as exc:
-                assert "rotation" in str(exc) and "restart" in str(exc)
+                assert (exc.operation, exc.errno, exc.path) == ("segment create", errno.EEXIST, str(blocker))
+                assert "during rotation" in exc.detail and "restart" in str(exc)
                 break
             finally:
                 if blocked:
@@ -40,7 +43,9 @@ def test_rotation_that_cannot_create_the_next_segment_stops_the_log(tmp_path):
             assert written < 10_000, "the log never rotated"
         with pytest.raises(LogStoppedError):
             log.append(Record.put(b"k", b"v"))
-        assert log.stats()["stopped"]
+        assert log.stats()["stopped"]["operation"] == "segment create"
+        with pytest.raises(LogStoppedError):
+            log.sync()
     with Log.open(tmp_path, segment_bytes=MiB) as log:
         assert sum(1 for _ in log.read()) == written
         assert log.append(Record.put(b"after", b"restart")) == written + 1
@@ -81,3 +86,24 @@ def test_ingest_check_rejects_a_compressed_value_that_does_not_decompress():
     big = body + R._U32.pack(R.crc32c(body))
     with pytest.raises(R.RecordTooLargeError):
         R.count_records(big, 0, len(big), max_record_bytes=MiB)
+
+
+def test_an_exception_in_the_fsync_thread_stops_the_log(tmp_path):
+    """No thread ends silently: a commit callback that raises in the fsync thread stops the log, and the
+    reason names the thread and the exception (before, the thread died and nothing committed again)."""
+    def callback(lsn: int) -> None:
+        raise RuntimeError(f"callback bug at LSN {lsn}")
+
+    with Log.open(tmp_path, fsync="batch", on_commit=callback) as log:
+        log.append(Record.put(b"k", b"v"))
+        deadline = time.monotonic() + 10
+        while log.stop_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        reason = log.stop_reason
+        assert reason is not None, "the log did not stop"
+        assert reason.operation == "fsync thread" and "RuntimeError: callback bug at LSN 1" in reason.detail
+        with pytest.raises(LogStoppedError) as raised:
+            log.append(Record.put(b"k", b"v"))
+        assert raised.value is reason
+    with Log.open(tmp_path) as log:
+        assert [r.lsn for r in log.read()] == [1]

@@ -403,8 +403,8 @@ def test_batch_flusher_never_strands_a_write_racing_its_fsync(tmp_path):
     state = {"end": 2, "race": True}
     syncer: Syncer
 
-    def snapshot() -> tuple[int, int]:
-        taken = (fd, state["end"])
+    def snapshot() -> tuple[int, int, Path]:
+        taken = (fd, state["end"], tmp_path / "f")
         if state["race"]:  # the writer appends right after the flusher took its snapshot
             state["race"] = False
             state["end"] = 3

@@ -124,6 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"walsvc writer ready: dir={cfg.directory} pid={os.getpid()} fsync={cfg.log.fsync} "
           f"committed_lsn={writer.log.committed_lsn}", flush=True)
     writer.serve()
+    if writer.log.stop_reason is not None:
+        # Told to stop after the log stopped: not a failure of this shutdown (every acked batch is durable),
+        # so exit 0, but say once more why the log refused writes.
+        print(f"walsvc log had stopped: {writer.log.stop_reason}", flush=True)
     print(f"walsvc writer stopped: committed_lsn={writer.log.committed_lsn}", flush=True)
     return 0
 

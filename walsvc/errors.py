@@ -7,6 +7,9 @@ a record decoder knows the offset inside a payload; the segment scanner knows th
 
 from __future__ import annotations
 
+import errno as _errno
+from os import PathLike as _PathLike
+
 
 class WalError(Exception):
     """Base class of every walsvc error."""
@@ -98,8 +101,66 @@ class LogLockedError(WalError):
                          "only one writer may own a log directory")
 
 
+class WriteStepError(OSError):
+    """An OSError from one named step of the write path (`operation` on `filename`), so a stop reason can say
+    what failed where: a bare "[Errno 5] Input/output error" from an fd-based call names no file."""
+
+    def __init__(self, operation: str, path: str | _PathLike | None, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), None if path is None else str(path))
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return f"{self.operation} failed: {super().__str__()}"
+
+
 class LogStoppedError(WalError):
-    """The log refuses writes because an fsync or write failed; a restart (with recovery) is required."""
+    """The log refuses writes for good because a write, fsync, HEAD update, rotation or retention delete
+    failed (fail-stop: a failed fsync may have dropped dirty pages, so nothing is retried).  `operation`,
+    `path` and `errno` say what failed where; a restart runs recovery, which checks what reached the disk.
+
+    A producer builds one from a `log_stopped` nack (`from_nack`): then only `detail`, the writer's text, is set.
+    """
+
+    def __init__(self, operation: str, path: str | None, errno: int | None, detail: str, *,
+                 message: str | None = None) -> None:
+        self.operation = operation
+        self.path = path
+        self.errno = errno
+        self.detail = detail
+        where = f" on {path}" if path else ""
+        code = f" ({_errno.errorcode.get(errno, errno)})" if errno is not None else ""
+        super().__init__(message or f"log stopped: {operation} failed{where}{code}: {detail}; the log accepts "
+                                    "no more writes: fix the cause (free space, replace the disk), then restart "
+                                    "the writer so recovery checks what reached the disk")
+
+    @classmethod
+    def from_exception(cls, operation: str, path: str | _PathLike | None, exc: BaseException) -> "LogStoppedError":
+        """The stop reason for `exc` in `operation`; a WriteStepError names the step inside it that failed
+        and its file (the detail then says during which operation)."""
+        during = ""
+        if isinstance(exc, WriteStepError):
+            if exc.operation != operation:
+                during = f" (during {operation})"
+            operation, path = exc.operation, exc.filename
+        if isinstance(exc, OSError):
+            detail = exc.strerror or str(exc)
+            err = exc.errno
+        else:
+            detail, err = f"{type(exc).__name__}: {exc}", None
+        return cls(operation, None if path is None else str(path), err, detail + during)
+
+    @classmethod
+    def from_nack(cls, detail: str) -> "LogStoppedError":
+        """A producer's view of the writer's stop: the nack's text, which names the operation and file."""
+        return cls("writer", None, None, detail,
+                   message=f"writer refused the batch ({detail}); it may or may not be in the log after the "
+                           "writer restarts")
+
+    def as_dict(self) -> dict[str, object]:
+        """For status: what failed, where, and the errno (number and name)."""
+        return {"operation": self.operation, "path": self.path, "errno": self.errno,
+                "errno_name": _errno.errorcode.get(self.errno) if self.errno is not None else None,
+                "detail": self.detail, "message": str(self)}
 
 
 class LogClosedError(WalError):

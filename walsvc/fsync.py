@@ -11,20 +11,37 @@
 - `os`: never fsync; written is committed.
 
 Any fsync error stops the log for good: on Linux a failed fsync may drop the dirty pages, so a retry could
-report success for data that is gone (PostgreSQL's "fsyncgate").
+report success for data that is gone (PostgreSQL's "fsyncgate").  The Syncer holds the one stop reason of the
+log (`failed`, set by `fail` from any thread, first failure wins); the flusher thread's body is wrapped so that
+no exception ends it without stopping the log.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import threading
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
-from .errors import LogStoppedError
+from .errors import LogStoppedError, WriteStepError
 from .metrics import Histogram
+
+logger = logging.getLogger("walsvc.log")
+
+
+@contextmanager
+def write_step(operation: str, path: str | os.PathLike | None) -> Iterator[None]:
+    """Name the write-path step an OSError comes from (the innermost name wins), for the stop reason."""
+    try:
+        yield
+    except WriteStepError:
+        raise
+    except OSError as exc:
+        raise WriteStepError(operation, path, exc) from exc
 
 if sys.platform == "darwin":
     import fcntl
@@ -41,13 +58,15 @@ else:
     sync_data = os.fsync
 
 
-def sync_dir(path: str | os.PathLike) -> None:
-    """Fsync a directory so a created, renamed or deleted entry survives power loss."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def sync_dir(path: str | os.PathLike, operation: str = "directory fsync") -> None:
+    """Fsync a directory so a created, renamed or deleted entry survives power loss; `operation` names the
+    step in a stop reason (after a segment create, or after a retention delete)."""
+    with write_step(operation, path):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def preallocate(fd: int, size: int) -> None:
@@ -74,13 +93,16 @@ def preallocate(fd: int, size: int) -> None:
 
 class Syncer:
     """Applies an fsync policy.  Positions here are *ends*: one past the last LSN covered.  The log supplies
-    `snapshot()` -> (fd, end written so far) and is told each new committed end through `on_commit`.  The
-    caller must hold `lock` while it swaps or closes the fd that `snapshot` returns, so an fsync never runs
-    on a closed descriptor.
+    `snapshot()` -> (fd, end written so far, path of that file); `publish(end)` must succeed before an end
+    counts as committed (the HEAD update), and `on_commit(end)` is told each new committed end after that.
+    `on_stop(error)` is told the stop reason once, from the thread that failed.  The caller must hold `lock`
+    while it swaps or closes the fd that `snapshot` returns, so an fsync never runs on a closed descriptor.
     """
 
-    def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int]],
-                 on_commit: Callable[[int], None], committed_end: int) -> None:
+    def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int, object]],
+                 on_commit: Callable[[int], None], committed_end: int, *,
+                 publish: Callable[[int], None] | None = None,
+                 on_stop: Callable[[LogStoppedError], None] | None = None) -> None:
         self.latency = Histogram()
         self.policy = policy
         self.window = window_ms / 1000.0 if policy == "batch" else 0.0
@@ -89,7 +111,14 @@ class Syncer:
         self.durable_end = committed_end
         self.failed: LogStoppedError | None = None
         self._snapshot = snapshot
+        self._publish = publish
         self._on_commit = on_commit
+        self._on_stop = on_stop
+        # Orders commits against the stop: once `failed` is set, no commit follows (an fsync that was already
+        # running when another thread stopped the log does not commit), so whoever reads the committed end
+        # after seeing the stop reads its final value.  Reentrant: a failing HEAD update stops the log from
+        # inside a commit.
+        self._fail_lock = threading.RLock()
         self._dirty_since: float | None = None
         self._last_sync = 0.0  # monotonic time the last fsync ended
         self._wake = threading.Condition()
@@ -102,6 +131,20 @@ class Syncer:
     def check(self) -> None:
         if self.failed is not None:
             raise self.failed
+
+    def fail(self, operation: str, path: str | os.PathLike | None, exc: BaseException) -> LogStoppedError:
+        """Stop the log for good because `operation` on `path` raised `exc`; returns the stop reason (the
+        first failure's, if another thread stopped the log first), to raise."""
+        with self._fail_lock:
+            first = self.failed is None
+            if first:
+                self.failed = LogStoppedError.from_exception(operation, path, exc)
+                self.failed.__cause__ = exc
+        if first:
+            logger.error("%s", self.failed, exc_info=None if isinstance(exc, OSError) else exc)
+            if self._on_stop is not None:
+                self._on_stop(self.failed)
+        return self.failed
 
     def written(self, end_lsn: int) -> None:
         """Called after each write (write lock held): commit now (os), or wake the flusher."""
@@ -130,16 +173,14 @@ class Syncer:
         # Clear before the snapshot: a write landing after it sets the flag again and gets its own fsync
         # (cleared after, such a write was stranded until the next one).
         self._dirty_since = None
-        fd, end = self._snapshot()
+        fd, end, path = self._snapshot()
         if end <= self.durable_end:
             return self.committed_end
         start = time.perf_counter()
         try:
             sync_data(fd)
         except OSError as exc:
-            self.failed = LogStoppedError(f"fsync failed ({exc.strerror or exc}); the log accepts no more "
-                                          "writes and must be restarted so recovery can check what reached disk")
-            raise self.failed from exc
+            raise self.fail("fdatasync", path, exc) from exc
         self.latency.record(time.perf_counter() - start)
         self._last_sync = time.monotonic()
         self.durable_end = end
@@ -148,7 +189,11 @@ class Syncer:
 
     def _commit(self, end_lsn: int) -> None:
         if end_lsn > self.committed_end:
-            self.committed_end = end_lsn
+            with self._fail_lock:
+                self.check()
+                if self._publish is not None:
+                    self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
+                self.committed_end = end_lsn
             self._on_commit(end_lsn)
 
     def mark_durable(self, end_lsn: int) -> None:
@@ -157,6 +202,15 @@ class Syncer:
         self._commit(end_lsn)
 
     def _flusher(self) -> None:
+        """The thread body: whatever ends it early stops the log, with the reason (never a silent death)."""
+        try:
+            self._flush_until_stopped()
+        except LogStoppedError:
+            return
+        except BaseException as exc:
+            self.fail("fsync thread", None, exc)
+
+    def _flush_until_stopped(self) -> None:
         while True:
             with self._wake:
                 # Read the flag once: a sync() on another thread may clear it at any moment.
@@ -169,10 +223,7 @@ class Syncer:
                     self._wake.wait(delay)
                 if self._stop:
                     return
-            try:
-                self.sync()
-            except LogStoppedError:
-                return
+            self.sync()
 
     def close(self) -> None:
         if self._thread is not None:

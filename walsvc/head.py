@@ -23,6 +23,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .access import open_file
+from .errors import WriteStepError
 
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
@@ -69,13 +70,14 @@ class HeadWriter:
     """The writer's side: one pwrite per commit."""
 
     def __init__(self, directory: Path) -> None:
-        self.fd = open_file(directory / NAME, os.O_RDWR)
+        self.path = directory / NAME
+        self.fd = open_file(self.path, os.O_RDWR)
 
     def publish(self, head: Head) -> None:
-        os.pwrite(self.fd, encode(head), 0)
-
-    def close(self) -> None:
-        os.close(self.fd)
+        try:  # not the write_step context manager: this runs at every commit
+            os.pwrite(self.fd, encode(head), 0)
+        except OSError as exc:
+            raise WriteStepError("HEAD update", self.path, exc) from exc
 
 
 class HeadReader:

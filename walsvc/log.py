@@ -3,12 +3,15 @@
 One `Log` owns a directory (an OS lock refuses a second writer).  Every `append_batch` becomes one frame:
 encoded outside the lock, written with one pwritev under it, and made durable by the fsync policy
 (fsync.py).  Readers in any process read the files directly up to the committed LSN, which the log
-publishes in the head file after each commit.
+publishes in the head file after each commit.  Any I/O error while writing (a frame, an fsync, HEAD, a
+rotation, a retention delete) stops the log for good, whichever thread meets it (Syncer.fail; docs/GUARANTEES.md,
+"Fail-stop").
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import threading
@@ -22,13 +25,13 @@ from . import access, logid, retention
 from .config import LogConfig
 from .cursor import load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
-from .fsync import Syncer, sync_data
+from .fsync import Syncer, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
 from .record import Record, encode_many
 from .recovery import Recovered, RecoveryInfo, recover
-from .segment import ActiveSegment, create_segment, list_segments, now_us, remove_segment, seal_segment
+from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
 
 logger = logging.getLogger("walsvc.log")
 
@@ -42,11 +45,22 @@ def _start_empty_at(directory: Path, state: Recovered, info: RecoveryInfo, first
     state.next_lsn = info.first_lsn = first_lsn
 
 
+def _write_rest(fd: int, frame: bytes, offset: int, done: int) -> None:
+    """Finish a short write; raises the OSError that cut it short (ENOSPC, typically) if it happens again."""
+    view = memoryview(frame)
+    while done < len(frame):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"write made no progress at {done} of {len(frame)} bytes")
+        done += n
+
+
 class Log:
     """An open, writable log.  Use `Log.open(directory, **options)`; options are LogConfig fields."""
 
     def __init__(self, directory: Path, config: LogConfig, on_commit: Callable[[int], None] | None,
-                 verify: bool, first_lsn: int | None = None) -> None:
+                 verify: bool, first_lsn: int | None = None,
+                 on_stop: Callable[[LogStoppedError], None] | None = None) -> None:
         self.directory = directory
         self.config = config
         self._on_commit_cb = on_commit
@@ -76,26 +90,25 @@ class Log:
         self._sealed = self._load_sealed()
         # The last LSN that exists, not next_lsn: LSNs skipped after a torn batch were never committed.
         committed_end = max(self.recovery.last_lsn + 1, self.recovery.first_lsn)
-        self._written = (self._active.fd, committed_end)
+        self._written = (self._active.fd, committed_end, self._active.path)
         self._publish_head(committed_end - 1, self._pid)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
-                              committed_end)
+                              committed_end, publish=self._publish_committed, on_stop=on_stop)
         self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
         self.segments_deleted = 0
-        self.retention_errors = 0
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
              on_commit: Callable[[int], None] | None = None, verify: bool = False, first_lsn: int | None = None,
-             **options: Any) -> "Log":
+             on_stop: Callable[[LogStoppedError], None] | None = None, **options: Any) -> "Log":
         """Open (creating if needed) and recover the log in `directory`.
 
-        `on_commit(committed_lsn)` is called after each commit, from the thread that made it.  `verify=True`
-        also checks every sealed segment's checksum (reads the whole log).  `first_lsn` starts a log that has
-        no segment yet at that LSN (restore rebuilds a log whose start retention had deleted); it is an
-        error for a log that has one.
+        `on_commit(committed_lsn)` is called after each commit, and `on_stop(reason)` once if the log stops,
+        each from the thread that made it.  `verify=True` also checks every sealed segment's checksum (reads
+        the whole log).  `first_lsn` starts a log that has no segment yet at that LSN (restore rebuilds a log
+        whose start retention had deleted); it is an error for a log that has one.
         """
         if config is None:
             config = LogConfig.from_options(options)
@@ -104,7 +117,7 @@ class Log:
         path = Path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
-        return cls(path, config, on_commit, verify, first_lsn)
+        return cls(path, config, on_commit, verify, first_lsn, on_stop)
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -126,6 +139,16 @@ class Log:
     def fsync_policy(self) -> str:
         return self.config.fsync
 
+    @property
+    def stop_reason(self) -> LogStoppedError | None:
+        """Why the log stopped (None while it runs): the failed operation, its file and errno."""
+        return self._syncer.failed
+
+    def stop(self, operation: str, exc: BaseException) -> LogStoppedError:
+        """Stop the log for good because `operation` failed with `exc` (for a caller's thread that hit an
+        unexpected error while writing); returns the stop reason."""
+        return self._syncer.fail(operation, None, exc)
+
     def stats(self) -> dict[str, Any]:
         s = self._syncer
         return {
@@ -134,9 +157,8 @@ class Log:
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
-            "segments_deleted": self.segments_deleted, "retention_errors": self.retention_errors,
-            "producers": len(self._producers),
-            "stopped": str(s.failed) if s.failed else None,
+            "segments_deleted": self.segments_deleted, "producers": len(self._producers),
+            "stopped": s.failed.as_dict() if s.failed else None,
         }
 
     def cursors(self) -> dict[str, dict[str, int]]:
@@ -192,19 +214,17 @@ class Log:
             offset = seg.end
             try:
                 written = os.pwritev(seg.fd, (header, payload), offset)
-                if written != size:
-                    raise OSError(f"short write: {written} of {size} bytes")
+                if written != size:  # legal (a disk filling up): write the rest, which fails with the errno
+                    _write_rest(seg.fd, header + payload, offset, written)
             except OSError as exc:
-                self._syncer.failed = LogStoppedError(f"write to {seg.path.name} at offset {offset} failed "
-                                                      f"({exc}); the log accepts no more writes")
-                raise self._syncer.failed from exc
+                raise self._syncer.fail(f"frame write at offset {offset}", seg.path, exc) from exc
             seg.note_frame(offset, (header, payload), base, count, self.config.index_interval_bytes)
             self._next_lsn = end = base + count
             self.records_appended += count
             self.bytes_appended += size
             if producer_id:
                 self._remember(producer_id, F.Appended(producer_seq, base, count))
-            self._written = (seg.fd, end)
+            self._written = (seg.fd, end, seg.path)
             self._syncer.written(end)
         if wait or (wait is None and self.config.fsync == "always"):
             self._syncer.sync_through(end)
@@ -226,14 +246,12 @@ class Log:
                 seg = self._rotate()
             offset = seg.end
             try:
-                os.pwrite(seg.fd, marker, offset)
+                _write_rest(seg.fd, marker, offset, 0)
             except OSError as exc:
-                self._syncer.failed = LogStoppedError(f"write to {seg.path.name} at offset {offset} failed "
-                                                      f"({exc}); the log accepts no more writes")
-                raise self._syncer.failed from exc
+                raise self._syncer.fail(f"skip marker write at offset {offset}", seg.path, exc) from exc
             seg.note_frame(offset, (marker,), lsn, 0, self.config.index_interval_bytes)
             self._next_lsn = lsn
-            self._written = (seg.fd, lsn)
+            self._written = (seg.fd, lsn, seg.path)
             self._syncer.written(lsn)
         self._syncer.sync_through(lsn)
 
@@ -260,8 +278,14 @@ class Log:
         seg = self._active
         self._head.publish(Head(committed_lsn, pid, seg.header.base_lsn, seg.end))
 
+    def _publish_committed(self, end: int) -> None:
+        """HEAD first: a commit counts only once readers can see it (so a failed update acks nothing)."""
+        try:
+            self._publish_head(end - 1, self._pid)
+        except OSError as exc:
+            raise self._syncer.fail("HEAD update", self._head.path, exc) from exc
+
     def _committed(self, end: int) -> None:
-        self._publish_head(end - 1, self._pid)
         if self._on_commit_cb is not None:
             self._on_commit_cb(end - 1)
 
@@ -279,24 +303,21 @@ class Log:
         with self._syncer.lock:
             try:
                 seal_segment(old, self._next_lsn, self._producer_table())
-                self._sealed.append(retention.SealedSegment(old.header.base_lsn, old.last_lsn,
-                                                            os.fstat(old.fd).st_size, now_us(), old.path))
+                sealed = retention.SealedSegment(old.header.base_lsn, old.last_lsn, os.fstat(old.fd).st_size,
+                                                 now_us(), old.path)
                 self._syncer.mark_durable(self._next_lsn)
-                self._active = self._new_segment()
+                new = self._new_segment()
+                # Only now: after a failure above, the list still matches the files (status counts them).
+                self._sealed.append(sealed)
+                self._active = new
+                self._written = (self._active.fd, self._next_lsn, self._active.path)
+                os.close(old.fd)
             except OSError as exc:
                 # A seal that did not reach the disk, or no room for the next segment (ENOSPC shows up
-                # here, at creation, thanks to preallocation): stop, never retry an fsync.
-                self._syncer.failed = LogStoppedError(
-                    f"rotation after {old.path.name} failed ({exc.strerror or exc}); the log accepts no more "
-                    "writes: free space if the disk is full, then restart the writer (recovery finishes the seal)")
-                raise self._syncer.failed from exc
-            self._written = (self._active.fd, self._next_lsn)
-            os.close(old.fd)
-        try:
-            self.apply_retention()
-        except OSError as exc:
-            self.retention_errors += 1
-            logger.warning("retention could not delete a segment (%s); it will try again at the next rotation", exc)
+                # here, at creation, thanks to preallocation): stop, never retry an fsync.  Recovery
+                # finishes the seal at the next start.
+                raise self._syncer.fail("rotation", old.path, exc) from exc
+        self.apply_retention()
         return self._active
 
     def _producer_table(self) -> dict[int, list[F.Appended]]:
@@ -321,16 +342,28 @@ class Log:
         return out
 
     def apply_retention(self) -> list[Path]:
-        """Delete the sealed segments retention allows (also run after each rotation); returns their paths."""
+        """Delete the sealed segments retention allows (also run after each rotation); returns their paths.
+
+        A failed delete or directory fsync stops the log: the directory may no longer say what the log
+        holds, and retrying would only hide that."""
+        self._check_open()
+        self._syncer.check()
         cfg = self.config
-        doomed = retention.select(self._sealed, self._active.end, now_us(), max_bytes=cfg.max_bytes,
-                                  max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
-                                  max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
-        for seg in doomed:
-            remove_segment(seg.path)
-            self._sealed.pop(0)
-            self.segments_deleted += 1
-        return [s.path for s in doomed]
+        deleted: list[Path] = []
+        try:
+            doomed = retention.select(self._sealed, self._active.end, now_us(), max_bytes=cfg.max_bytes,
+                                      max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
+                                      max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
+            for seg in doomed:
+                unlink_segment(seg.path)
+                self._sealed.pop(0)  # gone from the directory: gone from the list, whatever happens next
+                self.segments_deleted += 1
+                deleted.append(seg.path)
+            if deleted:
+                sync_dir(self.directory, "directory fsync after retention delete")
+        except OSError as exc:
+            raise self._syncer.fail("retention", self.directory, exc) from exc
+        return deleted
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -352,7 +385,8 @@ class Log:
             raise LogClosedError(f"log {self.directory} is closed")
 
     def close(self) -> None:
-        """Fsync what was written (unless the log stopped), release the directory."""
+        """Fsync what was written (unless the log stopped), release the directory.  Raises LogStoppedError
+        if that last fsync fails (after releasing everything), since the last appends are then not durable."""
         if self._closed:
             return
         try:
@@ -362,9 +396,15 @@ class Log:
             self._syncer.close()
             with self._write_lock:
                 self._closed = True
-                self._publish_head(self.committed_lsn, 0)
-                self._head.close()
-                os.close(self._active.fd)
+                try:
+                    self._publish_head(self.committed_lsn, 0)
+                except OSError as exc:  # HEAD is advisory; readers see the PID is gone without it
+                    logger.warning("could not mark the log closed in HEAD (%s)", exc)
+                for fd in (self._head.fd, self._active.fd):
+                    try:
+                        os.close(fd)
+                    except OSError as exc:
+                        logger.warning("closing the log: %s", exc)
                 self._lock_file.release()
 
     def __enter__(self) -> "Log":

@@ -271,9 +271,10 @@ class ProducerSession:
         doomed = [b for b in self._unacked() if b.producer_id == pid and b.seq >= seq]
         if not doomed:
             return []  # a stale nack: nothing of that id at or after that number
-        error = LogStoppedError(f"{self._where} stopped its log ({reply.detail.split(': ', 1)[-1]}); these "
-                                f"records may or may not be in the log: a restarted writer recovers what was "
-                                f"written, and records appended from now on go out under a new producer id")
+        detail = reply.detail.split(": ", 1)[-1]
+        error = LogStoppedError("writer", None, None, detail, message=(
+            f"{self._where} stopped its log ({detail}); these records may or may not be in the log: a restarted "
+            "writer recovers what was written, and records appended from now on go out under a new producer id"))
         self._ready = collections.deque(b for b in self._ready if not (b.producer_id == pid and b.seq >= seq))
         for b in doomed:
             self._in_flight.pop(b.seq, None)

@@ -19,7 +19,7 @@ from crc32c import crc32c
 from . import frame as F
 from .access import open_file
 from .errors import ChecksumError, IncompleteRecordError, RecordError
-from .fsync import preallocate, sync_data, sync_dir
+from .fsync import preallocate, sync_data, sync_dir, write_step
 
 SUFFIX = ".wal"
 SCAN_CHUNK = 1 << 20
@@ -79,17 +79,24 @@ class ActiveSegment:
 def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, prealloc: bool) -> ActiveSegment:
     """Create, preallocate and fsync a new segment, then fsync the directory so its name survives a crash."""
     path = directory / segment_name(base_lsn)
-    fd = open_file(path, os.O_RDWR | os.O_EXCL)
+    with write_step("segment create", path):
+        fd = open_file(path, os.O_RDWR | os.O_EXCL)
     try:
         header = F.SegmentHeader(segment_id, base_lsn, now_us())
         if prealloc:
-            preallocate(fd, size)
-        os.pwrite(fd, F.encode_segment_header(header), 0)
-        sync_data(fd)
-        sync_dir(directory)
+            with write_step("preallocate", path):
+                preallocate(fd, size)
+        with write_step("segment header write", path):
+            os.pwrite(fd, F.encode_segment_header(header), 0)
+        with write_step("fdatasync", path):
+            sync_data(fd)
+        sync_dir(directory, "directory fsync after segment create")
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # the error that got us here is the one to report; recovery handles a leftover file
         raise
     return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
 
@@ -98,9 +105,12 @@ def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.
     """Append the SEAL frame, cut the preallocated tail, fsync.  The file then ends with the seal."""
     seal = F.Seal(seg.last_lsn, next_lsn, seg.record_count, seg.data_crc, seg.index, producers)
     data = F.encode_seal(seal, seg.end, now_us())
-    os.pwrite(seg.fd, data, seg.end)
-    os.ftruncate(seg.fd, seg.end + len(data))
-    sync_data(seg.fd)
+    with write_step("seal write", seg.path):
+        os.pwrite(seg.fd, data, seg.end)
+    with write_step("seal truncate", seg.path):
+        os.ftruncate(seg.fd, seg.end + len(data))
+    with write_step("fdatasync", seg.path):
+        sync_data(seg.fd)
 
 
 def read_header(fd: int) -> F.SegmentHeader:
@@ -251,6 +261,7 @@ def truncate_and_reserve(seg_fd: int, offset: int, size: int, prealloc: bool) ->
     sync_data(seg_fd)
 
 
-def remove_segment(path: Path) -> None:
-    os.unlink(path)
-    sync_dir(path.parent)
+def unlink_segment(path: Path) -> None:
+    """Delete a segment file; the caller fsyncs the directory once after a run of these."""
+    with write_step("retention unlink", path):
+        os.unlink(path)

@@ -9,6 +9,11 @@ advance of the committed LSN.  Each producer's reply subscription is answered wi
 is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
 is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged (rate-limited), nacked when the sender can be
 identified, and never reaches the log.
+
+Fail-stop: once the log stops (an I/O error on the write path, in any thread), the writer acks nothing more,
+nacks every batch not yet acked with `log_stopped` (those in flight at once, new ones as they come), and keeps
+answering status, which names the failed operation, file and errno, until SIGTERM/SIGINT; it then exits 0.
+An unexpected exception while handling a batch stops the log too, with that exception as the reason.
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ class Writer:
         self.groups = GroupTable(cursor.check_name,
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
-        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit)
+        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit,
+                            on_stop=self._on_stop)
         self.metrics_server = None
         self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
                                      max_record_bytes=self.log.config.max_record_bytes)
@@ -193,12 +199,20 @@ class Writer:
 
     def _on_commit(self, committed_lsn: int) -> None:
         """Called by the log after each commit; from another thread, only poke the loop."""
+        self._poke_from_flusher()
+
+    def _on_stop(self, reason: LogStoppedError) -> None:
+        """Called once by the log when it stops; from another thread, wake the loop so it nacks at once."""
+        self._poke_from_flusher()
+
+    def _poke_from_flusher(self) -> None:
         if threading.get_ident() != self._main_thread:
             if not self._flusher_poke.is_set():
                 self._flusher_poke.set()
                 self.wake_tx.send(b"", zmq.NOBLOCK)
 
     def _publish_commits(self) -> None:
+        stopped = self.log.stop_reason  # first: once the log stopped, the committed LSN read next is final
         committed = self.log.committed_lsn
         now = time.perf_counter()
         pending = self._pending
@@ -207,6 +221,16 @@ class Writer:
             _, appended_at, reply = pending.popleft()
             self.metrics.append_to_ack.record(now - appended_at)
             send(P.encode_reply(reply))
+        if stopped is not None and pending:
+            # Nothing more will commit: every batch still waiting learns so now, not after its resend timeout.
+            for last_lsn, appended_at, reply in pending:
+                if last_lsn <= committed:
+                    send(P.encode_reply(reply))
+                else:
+                    self.metrics.rejected[P.LOG_STOPPED] += 1
+                    send(P.encode_reply(P.Reply(reply.producer_id, P.NACK, reply.seq, 0, 0,
+                                                f"{P.LOG_STOPPED}: {stopped}")))
+            pending.clear()
         if committed != self._published_commit:
             send(P.encode_commit(committed, self.log.first_lsn))
             self._published_commit = committed
@@ -236,10 +260,20 @@ class Writer:
         if ident is not None:
             self._reply(P.Reply(ident[0], P.NACK, ident[1], 0, 0, f"{code}: {detail}"))
 
+    def _reject_stopped(self, reason: LogStoppedError, msg: bytes) -> None:
+        """Nack a batch because the log stopped, after answering every batch still pending: a producer that
+        gets a log_stopped nack fails all it has in flight, so the acks of batches committed before the stop
+        must reach it first (they were still queued until the end of this drain)."""
+        self._publish_commits()
+        self._reject(P.LOG_STOPPED, str(reason), msg)
+
     def _handle(self, msg: bytes) -> None:
         decision = self._ingest.decide(msg, self.log.producer_batches)
         if type(decision) is Refuse:
-            self._reject(decision.code, decision.detail, msg)
+            if decision.code == P.OUT_OF_SEQUENCE and self.log.stop_reason is not None:
+                self._reject_stopped(self.log.stop_reason, msg)  # resending cannot help: nothing more is stored
+            else:
+                self._reject(decision.code, decision.detail, msg)
             return
         if type(decision) is Duplicate:
             self.metrics.counters["duplicates"] += 1
@@ -257,7 +291,7 @@ class Writer:
         except LogStoppedError as exc:
             # Fatal for the log, not for the process: keep answering status and nacking, so every
             # producer and operator learns why (a restart runs recovery).
-            self._reject(P.LOG_STOPPED, str(exc), msg)
+            self._reject_stopped(exc, msg)
             return
         self.metrics.counters["batches"] += 1
         self.metrics.counters["records"] += n
@@ -274,7 +308,10 @@ class Writer:
             if frame.more:
                 self._reject_multipart(frame.bytes)
             else:
-                self._handle(frame.bytes)
+                try:
+                    self._handle(frame.bytes)
+                except Exception as exc:  # a bug or an I/O error nobody named: stop with it as the reason
+                    self._reject_stopped(self.log.stop("handling a batch in the writer loop", exc), frame.bytes)
             handled += 1
         return handled
 
@@ -386,18 +423,26 @@ class Writer:
                     self._confirm_subscriptions()
             while self._drain():
                 pass
-            self.log.sync()
+            if self.log.stop_reason is None:
+                try:
+                    self.log.sync()
+                except LogStoppedError:
+                    pass  # logged by the log; the nacks below tell the producers
             self._publish_commits()
             self._store_group_positions(force=True)
         finally:
             self.close()
 
     def close(self) -> None:
+        """Close the log (its last fsync, unless stopped) and the sockets.  A stopped log is not an error
+        here: the stop was reported when it happened, and every acked batch is durable."""
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.metrics.event("writer_stopped", committed_lsn=self.log.committed_lsn)
         try:
             self.log.close()
+        except LogStoppedError:
+            pass
         finally:
             for lock in self._group_locks:
                 lock.release()

@@ -1,0 +1,375 @@
+"""Real I/O faults on the write path of a real writer process: fail-stop, under every fsync policy.
+
+Each case starts `walsvc serve` with one libc call set to fail (EIO or ENOSPC, once or persistently), appends
+until the writer has acked some records, arms the fault, and appends until the log stops.  Two real tools:
+
+- libfiu (`fiu-run -x`, armed at runtime with `fiu-ctrl`) for the calls it wraps: fdatasync (the batch
+  fsync), fsync (the directory fsync after a segment create), pwrite (the HEAD update), ftruncate (the
+  seal), unlink (the retention delete);
+- our LD_PRELOAD shim, tests/faults/walsvc_fault.c, built here with gcc, for what libfiu misses: CPython's
+  os.pwritev calls pwritev64v2 and os.posix_fallocate calls posix_fallocate64 (libfiu wraps neither), and
+  the directory fsync after a retention delete, which libfiu cannot single out (it is the second
+  directory fsync of a rotation; libfiu can neither skip calls nor filter by file).
+
+What every case checks: the log stops, and status names the failed operation, its file and errno; the
+writer keeps answering status; the producer's unacked records fail at once with LogStoppedError (log_stopped
+nacks: the producer's ack timeout is far longer than the test waits); a batch from a new client is nacked
+log_stopped; SIGTERM exits 0; a restart recovers every acked record at its LSN and appends again.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from helpers import (RawClient, check_acked_exactly_once, collect_acks, finish, read_acks, read_stopped,
+                     run_cli, spawn_producer, status, verify_log, wait_for)
+
+import walsvc
+from walsvc import protocol as P
+from walsvc.errors import LogStoppedError
+from walsvc.record import encode_put
+
+FAULTS_DIR = Path(__file__).resolve().parent / "faults"
+FIU_RUN, FIU_CTRL = shutil.which("fiu-run"), shutil.which("fiu-ctrl")
+REQUIRED = os.environ.get("WALSVC_REQUIRE_FAULT_TOOLS") == "1"  # set by .ci/run: a missing tool fails there
+MiB = 1 << 20
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        if REQUIRED:
+            pytest.fail(f"{what} is required (WALSVC_REQUIRE_FAULT_TOOLS=1)")
+        pytest.skip(f"{what} is not installed (apt-get install fiu-utils libfiu-dev gcc)")
+
+
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/faults/walsvc_fault.c compiled into a temporary shared object."""
+    _need(shutil.which("gcc") is not None, "gcc")
+    out = tmp_path_factory.mktemp("shim") / "walsvc_fault.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out),
+                    str(FAULTS_DIR / "walsvc_fault.c"), "-ldl"], check=True, capture_output=True, text=True)
+    return out
+
+
+@dataclass(frozen=True)
+class Site:
+    """One call on the write path and how to make it fail."""
+    name: str
+    tool: str  # "fiu": libfiu failure point `point`; "shim": walsvc_fault.c call `point`
+    point: str
+    operation: str  # the stop reason's operation
+    file: str  # what the stop reason's path ends with: ".wal", "HEAD" or "" (the log directory)
+    rotating: bool = False  # needs segment rotations (1 MiB segments, 1 KiB records)
+    retention: bool = False  # needs retention to delete a segment at each rotation
+    shim_options: str = ""
+
+
+FRAME_WRITE = Site("frame-write", "shim", "pwritev", "frame write at offset", ".wal")
+FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", ".wal", rotating=True)
+HEAD_UPDATE = Site("head-update", "fiu", "posix/io/rw/pwrite", "HEAD update", "HEAD")
+CREATE_DIR_FSYNC = Site("create-dir-fsync", "fiu", "posix/io/sync/fsync", "directory fsync after segment create",
+                        "", rotating=True)
+PREALLOCATE = Site("preallocate", "shim", "fallocate", "preallocate", ".wal", rotating=True)
+SEAL_TRUNCATE = Site("seal-truncate", "fiu", "posix/io/rw/ftruncate", "seal truncate", ".wal", rotating=True)
+RETENTION_UNLINK = Site("retention-unlink", "fiu", "posix/io/dir/unlink", "retention unlink", ".wal",
+                        rotating=True, retention=True)
+# The first directory fsync once armed is the next rotation's segment create: skip it, fail the retention one.
+RETENTION_DIR_FSYNC = Site("retention-dir-fsync", "shim", "fsync", "directory fsync after retention delete", "",
+                           rotating=True, retention=True, shim_options="after=1")
+SITES = [FRAME_WRITE, FDATASYNC, HEAD_UPDATE, CREATE_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK,
+         RETENTION_DIR_FSYNC]
+
+
+class Fault:
+    """Arms one fault in one writer process, through libfiu or the shim."""
+
+    def __init__(self, site: Site, err: int, once: bool, tmp: Path, shim: Path | None) -> None:
+        self.site, self.err, self.once = site, err, once
+        self.arm_file = tmp / "armed"
+        self.fifo = str(tmp / "fiu")
+        self.wrapper: list[str] = []
+        self.env: dict[str, str] = {}
+        if site.tool == "fiu":
+            _need(FIU_RUN is not None and FIU_CTRL is not None, "libfiu's fiu-run and fiu-ctrl")
+            self.wrapper = [FIU_RUN, "-x", "-f", self.fifo]
+        else:
+            assert shim is not None
+            options = [f"call={site.point}", f"errno={errno.errorcode[err]}",
+                       f"mode={'once' if once else 'persistent'}", f"arm={self.arm_file}"]
+            options += [site.shim_options] if site.shim_options else []
+            self.env = {"LD_PRELOAD": str(shim), "WALSVC_FAULT": ",".join(options)}
+
+    def arm(self, pid: int) -> None:
+        if self.site.tool == "shim":
+            self.arm_file.touch()
+            return
+        command = f"enable name={self.site.point},failinfo={self.err}" + (",onetime=1" if self.once else "")
+        done = subprocess.run([FIU_CTRL, "-f", self.fifo, "-c", command, str(pid)], capture_output=True, text=True,
+                              timeout=30)
+        assert done.returncode == 0 and "rror" not in done.stdout, (done.stdout, done.stderr)
+
+
+def _config(tmp: Path, site: Site) -> Path:
+    config = tmp / "walsvc.toml"
+    retention = f"\n[retention]\nmax_bytes = {3 * MiB // 2}\n" if site.retention else ""
+    config.write_text(f"[log]\nsegment_bytes = {MiB if site.rotating else 64 * MiB}\n" + retention)
+    return config
+
+
+def _append_until_stopped(producer: walsvc.Producer, value: bytes, first: int, limit_s: float = 30.0
+                          ) -> tuple[dict[str, int], list[str]]:
+    """Put batches of 20 until one fails with LogStoppedError; return acked key -> LSN and the keys that
+    failed.  Every record must be answered within 15 s of the stop: none is left waiting."""
+    futures: list[tuple[str, walsvc.RecordFuture]] = []
+    deadline = time.monotonic() + limit_s
+    i = first
+    while not any(f.done() and f.exception(0) is not None for _, f in futures[-200:]):
+        assert time.monotonic() < deadline, f"the log did not stop within {limit_s} s of the fault"
+        try:
+            for _ in range(20):
+                key = f"k{i:08d}"
+                futures.append((key, producer.put(key.encode(), value)))
+                i += 1
+        except LogStoppedError:
+            break
+        time.sleep(0.002)
+    answer_by = time.monotonic() + 15  # log_stopped nacks, not the producer's resend timeout (minutes)
+    acked, failed = {}, []
+    for key, fut in futures:
+        try:
+            exc = fut.exception(max(0.0, answer_by - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"{key} got neither ack nor nack within 15 s of the stop") from None
+        if exc is None:
+            acked[key] = fut.result(0)
+        else:
+            assert isinstance(exc, LogStoppedError), repr(exc)
+            failed.append(key)
+    return acked, failed
+
+
+def _check_stop_reason(stopped: dict, site: Site, err: int, directory: Path) -> None:
+    assert stopped is not None, "status does not say the log stopped"
+    assert stopped["operation"].startswith(site.operation), stopped
+    assert stopped["errno"] == err and stopped["errno_name"] == errno.errorcode[err], stopped
+    path = Path(stopped["path"])
+    assert path.parent == directory if site.file else path == directory, stopped
+    assert path.name.endswith(site.file), stopped
+    assert errno.errorcode[err] in stopped["message"] and str(path) in stopped["message"], stopped
+
+
+def _new_client_is_nacked(directory: Path) -> None:
+    client = RawClient(directory)
+    try:
+        reply = client.sync(0xFA17, encode_put(b"after", b"stop"))
+        assert reply.code == "log_stopped", reply
+        assert "log stopped" in reply.detail, reply
+    finally:
+        client.close()
+
+
+def _restart_and_check(writer, directory: Path, acked: dict[str, int], failed: list[str], committed: int, *,
+                       real_restart: bool) -> None:
+    """SIGTERM exits 0; recovery has every acked record at its LSN, and no record that failed (was nacked)
+    was committed before the stop (`committed`: the stopped writer's committed LSN).  `real_restart`: recovery
+    by a new writer process, which then appends again; else by Log.open in this process (the same recovery)."""
+    assert writer.stop() == 0, writer.stderr()
+    assert "walsvc log had stopped" in writer.stdout()
+    assert "Traceback" not in writer.stderr()
+    if real_restart:
+        writer.start(faulty=False)
+        assert writer.ready_committed_lsn() >= max(acked.values())
+        with walsvc.Producer(directory, ack_timeout_s=0.5) as producer:
+            assert producer.put(b"after-restart", b"x").result(30) > max(acked.values())
+        assert writer.stop() == 0
+    else:
+        with walsvc.Log.open(directory) as log:
+            assert log.committed_lsn >= max(acked.values())
+    records = verify_log(directory)
+    # Retention deleted the oldest segments on purpose: what is acked from the first LSN kept on must be there.
+    check_acked_exactly_once(records, {k: lsn for k, lsn in acked.items() if lsn >= records[0].lsn})
+    # A failed record may be in the log (written before the stop, never committed), but never below the
+    # committed LSN: every batch committed before the stop was acked, not nacked.
+    where = {r.key.decode(): r.lsn for r in records}
+    nacked_committed = [(k, where[k]) for k in failed if k in where and where[k] <= committed]
+    assert not nacked_committed, f"committed (LSN <= {committed}) but nacked: {nacked_committed[:5]}"
+
+
+def _case(site: Site, err: int, once: bool, policy: str) -> pytest.param:
+    return pytest.param(site, err, once, policy,
+                        id=f"{site.name}-{errno.errorcode[err]}-{'once' if once else 'persistent'}-{policy}")
+
+
+POLICIES = ("always", "batch", "os")
+THREADED = [FRAME_WRITE, FDATASYNC, HEAD_UPDATE]  # where the policy decides which thread meets the fault
+ROTATION = [CREATE_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK, RETENTION_DIR_FSYNC]  # main thread
+# Every site under every policy, once and persistently, EIO and (where a disk can report it) ENOSPC; not the
+# full cross product, to stay within the suite's time budget.
+CASES = ([_case(site, errno.EIO, False, policy) for site in THREADED for policy in POLICIES]
+         + [_case(site, errno.EIO, False, POLICIES[i % 3]) for i, site in enumerate(ROTATION)]
+         + [_case(site, errno.EIO, True, POLICIES[(i + 1) % 3]) for i, site in enumerate(SITES)]
+         + [_case(site, errno.ENOSPC, i % 2 == 0, POLICIES[(i + 2) % 3])
+            for i, site in enumerate(s for s in SITES if s is not RETENTION_UNLINK)])
+
+
+@pytest.mark.parametrize("site,err,once,policy", CASES)
+def test_write_path_fault_stops_the_log(tmp_path: Path, writers, shim: Path, site: Site, err: int, once: bool,
+                                        policy: str) -> None:
+    d = tmp_path / "wal"
+    fault = Fault(site, err, once, tmp_path, shim)
+    writer = writers(d, fsync=policy, config=_config(tmp_path, site), wrapper=fault.wrapper,
+                     env=fault.env).start()
+    value = b"v" * (1000 if site.rotating else 50)
+    # A short ack timeout while warming up: ZeroMQ drops replies published before the SUB has joined.
+    with walsvc.Producer(d, ack_timeout_s=0.5, linger_ms=1) as producer:
+        warm = [producer.put(f"w{i:08d}".encode(), value) for i in range(300)]
+        producer.flush(30)
+        acked = {f"w{i:08d}": f.result(0) for i, f in enumerate(warm)}
+        if site.retention:  # arm once rotations delete segments, so the next one deletes too
+            n = len(acked)
+            while status(d)["segments_deleted"] < 1:
+                more = [producer.put(f"w{n + i:08d}".encode(), value) for i in range(500)]
+                producer.flush(30)
+                acked.update({f"w{n + i:08d}": f.result(0) for i, f in enumerate(more)})
+                n += 500
+                assert n < 20_000, "retention never deleted a segment"
+        # From here on a resend would take minutes: every answer within the test's waits is the writer's own.
+        producer.ack_timeout = 600.0
+        fault.arm(writer.pid)
+        more_acked, failed = _append_until_stopped(producer, value, len(acked))
+        acked.update(more_acked)
+        assert failed, "no record failed after the fault"
+        with pytest.raises(LogStoppedError):
+            producer.put(b"after", b"stop")
+
+    assert writer.running(), f"the writer died: {writer.stderr()}"
+    st = status(d)  # still answering, with the reason
+    _check_stop_reason(st["stopped"], site, err, d)
+    assert st["committed_lsn"] >= max(acked.values())
+    assert st["rejected"].get("log_stopped", 0) >= 1
+    if site.tool == "shim":
+        assert "walsvc_fault:" in writer.stderr()  # the shim reports each failure it injects
+    assert "log stopped: " + site.operation in writer.stderr()
+    assert st["segments"] == len(list(d.glob("*.wal"))), st  # the log's list of segments matches the files
+    if once:  # the same code path for every site: enough to show it for some
+        _new_client_is_nacked(d)
+    assert status(d)["stopped"] == st["stopped"]
+    _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=once)
+
+
+def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, writers, shim: Path) -> None:
+    """The CLI shows the stop reason; a producer process (tests/helpers.py) gets its nacks and ends on its own."""
+    d = tmp_path / "wal"
+    fault = Fault(FDATASYNC, errno.EIO, False, tmp_path, shim)
+    writer = writers(d, fsync="always", wrapper=fault.wrapper, env=fault.env).start()
+    out = tmp_path / "producer.txt"
+    proc = spawn_producer(d, 0, out, batch=20, pause_s=0.002, ack_timeout_s=1, until_stopped=True,
+                          stop_file=tmp_path / "never")
+    try:
+        wait_for(lambda: len(read_acks(out)) >= 200, 30, "200 acked records")
+        fault.arm(writer.pid)
+        finish(proc, 20, "producer")  # ends by itself: its unacked records were nacked, not timed out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert read_stopped(out), "the producer saw no LogStoppedError"
+    shown = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
+    assert shown["writer"] == "running"
+    _check_stop_reason(shown["stopped"], FDATASYNC, errno.EIO, d)
+    text = run_cli("status", "--dir", str(d)).stdout
+    assert "operation: fdatasync" in text and "errno_name: EIO" in text
+    acked = collect_acks([out])
+    _restart_and_check(writer, d, acked, read_stopped(out), shown["committed_lsn"], real_restart=True)
+
+
+# -- a real full disk ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """An 8 MiB tmpfs, mounted for the test (CI runs as root); skipped only where mounting is not permitted."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:  # not root, or a container without CAP_SYS_ADMIN
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip() or 'not root'}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("preallocate", [True, False], ids=["preallocated", "not-preallocated"])
+def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, preallocate: bool) -> None:
+    """The log fills a real (small) file system.  Preallocated, ENOSPC comes from posix_fallocate when a
+    rotation creates the next segment; not preallocated, from the frame write (or the new segment's header)."""
+    d = small_disk / "wal"
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave about 3 MiB: the log fills it within a few thousand records
+        f.write(b"\xff" * (5 * MiB))
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f"[log]\nsegment_bytes = {MiB}\npreallocate = {'true' if preallocate else 'false'}\n")
+    writer = writers(d, fsync="batch", config=config).start()
+    value = b"v" * 1000
+    with walsvc.Producer(d, ack_timeout_s=0.5, linger_ms=1) as producer:
+        warm = [producer.put(f"w{i:08d}".encode(), value) for i in range(100)]
+        producer.flush(30)
+        acked = {f"w{i:08d}": f.result(0) for i, f in enumerate(warm)}
+        producer.ack_timeout = 600.0
+        more_acked, failed = _append_until_stopped(producer, value, len(acked), limit_s=60)
+        acked.update(more_acked)
+        assert failed and len(acked) > 1000, (len(acked), len(failed))
+
+    assert writer.running(), writer.stderr()
+    st = status(d)
+    stopped = st["stopped"]
+    assert stopped["errno"] == errno.ENOSPC and stopped["errno_name"] == "ENOSPC", stopped
+    if preallocate:
+        assert stopped["operation"] == "preallocate" and stopped["path"].endswith(".wal"), stopped
+    else:
+        assert stopped["operation"].startswith(("frame write at offset", "segment header write")), stopped
+    _new_client_is_nacked(d)
+    assert writer.stop() == 0, writer.stderr()
+    filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
+    _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=True)
+
+
+def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, shim: Path) -> None:
+    """Speaking the wire protocol directly: after the stop, a resend of a committed batch still gets its
+    DUPLICATE ack with its LSNs, and every other batch a log_stopped nack, whatever its sequence number (a gap
+    is not answered out_of_sequence: nothing could fill it)."""
+    d = tmp_path / "wal"
+    fault = Fault(FRAME_WRITE, errno.EIO, False, tmp_path, shim)
+    writer = writers(d, fsync="batch", wrapper=fault.wrapper, env=fault.env).start()
+    client = RawClient(d)
+    try:
+        pid = 0xC0FFEE
+        first = client.sync(pid, encode_put(b"one", b"1"))
+        # DUPLICATE when the ACK of the first send went out before the SUB had joined and a resend got answered.
+        assert first.status in (P.ACK, P.DUPLICATE) and first.base_lsn == 1, first
+        fault.arm(writer.pid)
+        client.send(P.encode_append(pid, 2, 1, encode_put(b"two", b"2")))
+        second = client.wait_reply(pid, 2)
+        assert second.status == P.NACK and second.code == P.LOG_STOPPED, second
+        assert "frame write at offset" in second.detail and "EIO" in second.detail, second
+        client.send(P.encode_append(pid, 1, 1, encode_put(b"one", b"1")))
+        again = client.wait_reply(pid, 1)
+        assert (again.status, again.base_lsn, again.count) == (P.DUPLICATE, 1, 1), again
+        client.send(P.encode_append(pid, 7, 1, encode_put(b"gap", b"7")))
+        gap = client.wait_reply(pid, 7)
+        assert gap.status == P.NACK and gap.code == P.LOG_STOPPED, gap
+    finally:
+        client.close()
+    assert writer.stop() == 0
+    assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"one")]
