@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -412,6 +413,7 @@ def _producer_main(args: argparse.Namespace) -> int:
     out = open(args.out, "a")
     failed = open(args.out + ".stopped", "a") if args.until_stopped else None
     counter = 0
+    stopped = threading.Event()  # a record failed with LogStoppedError: the until_stopped producer ends
 
     def drain(block: bool) -> None:
         wrote = False
@@ -423,6 +425,7 @@ def _producer_main(args: argparse.Namespace) -> int:
                 if failed is None:
                     raise
                 failed.write(f"{key}\n")
+                stopped.set()
             wrote = True
         if wrote:
             out.flush()
@@ -438,19 +441,16 @@ def _producer_main(args: argparse.Namespace) -> int:
             if args.stop_file and os.path.exists(args.stop_file):
                 break
             n = args.batch if not args.count else min(args.batch, args.count - counter)
-            try:
-                for _ in range(n):
-                    key = producer_key(args.index, counter)
-                    pending.append((key, producer.put(key, value)))
-                    counter += 1
-            except LogStoppedError:
-                if failed is None:
-                    raise
-                break  # the producer refuses new records once the writer's log stopped
+            for _ in range(n):
+                key = producer_key(args.index, counter)
+                pending.append((key, producer.put(key, value)))
+                counter += 1
             if args.in_flight_one:
                 drain(True)
             else:
                 drain(False)
+            if stopped.is_set():
+                break  # the writer's log stopped: what is still pending is nacked too
             if args.pause:
                 time.sleep(args.pause)
         producer.flush(120)

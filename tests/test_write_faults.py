@@ -249,8 +249,8 @@ def test_write_path_fault_stops_the_log(tmp_path: Path, writers, shim: Path, sit
         more_acked, failed = _append_until_stopped(producer, value, len(acked))
         acked.update(more_acked)
         assert failed, "no record failed after the fault"
-        with pytest.raises(LogStoppedError):
-            producer.put(b"after", b"stop")
+        with pytest.raises(LogStoppedError):  # a new record goes out under a new producer id, and is refused too
+            producer.put(b"after", b"stop").result(15)
 
     assert writer.running(), f"the writer died: {writer.stderr()}"
     st = status(d)  # still answering, with the reason
@@ -285,10 +285,10 @@ def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, write
             proc.wait(10)
     assert read_stopped(out), "the producer saw no LogStoppedError"
     shown = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
-    assert shown["writer"] == "running"
+    assert shown["writer"] == "stopped"  # the process runs; its log refuses writes
     _check_stop_reason(shown["stopped"], FDATASYNC, errno.EIO, d)
     text = run_cli("status", "--dir", str(d)).stdout
-    assert "operation: fdatasync" in text and "errno_name: EIO" in text
+    assert text.startswith("writer: STOPPED") and "fdatasync failed on " in text and "(EIO)" in text, text
     acked = collect_acks([out])
     _restart_and_check(writer, d, acked, read_stopped(out), shown["committed_lsn"], real_restart=True)
 

@@ -236,20 +236,16 @@ class Producer:
         return await self.append(record)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Send the open batch now and wait until every appended record is acked (TimeoutError if not)."""
+        """Send the open batch now and wait until every appended record is acked or failed (each future
+        tells which); AckTimeoutError if some are still waiting after `timeout` seconds."""
         with self._lock:
             if self._open is not None:
                 self._close_open_batch()
                 self._send_now()
-            pending = self._session.tokens()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for batch in pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                batch.future.result(remaining)
-            except concurrent.futures.TimeoutError:
-                raise AckTimeoutError(f"records still unacknowledged after {timeout} s: {self.writer_state()}") \
-                    from None
+            pending = [batch.future for batch in self._session.tokens()]
+        _, waiting = concurrent.futures.wait(pending, timeout)
+        if waiting:
+            raise AckTimeoutError(f"records still unacknowledged after {timeout} s: {self.writer_state()}")
 
     def writer_state(self) -> str:
         """In words, for error messages: whether a writer runs for this log."""

@@ -51,7 +51,6 @@ def families(st: dict[str, Any]) -> Iterator[Metric]:
         events.add_metric([name], n)
     yield events
     yield CounterMetricFamily("walsvc_segments_deleted", "Segments deleted by retention", value=st["segments_deleted"])
-    yield CounterMetricFamily("walsvc_retention_errors", "Retention passes that failed", value=st["retention_errors"])
     yield _histogram("walsvc_fsync_seconds", "Duration of each fsync of the log", st["fsync_latency"])
     yield _histogram("walsvc_append_to_ack_seconds", "From appending a batch to sending its ack",
                      st["append_to_ack_latency"])

@@ -107,7 +107,10 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
     if w == "running":
         lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}")
     elif w == "stopped":
-        lines.append(f"writer: STOPPED (refuses writes until restarted): {st['stopped']}; pid {st['pid']}")
+        why = st["stopped"]
+        lines.append(f"writer: STOPPED (refuses writes until restarted), pid {st['pid']}: {why['operation']} failed"
+                     + (f" on {why['path']}" if why.get("path") else "")
+                     + (f" ({why['errno_name']})" if why.get("errno_name") else "") + f": {why['detail']}")
     elif w == "unresponsive":
         lines.append(f"writer: unresponsive (pid {st['writer_pid']} did not answer within 1 s: stopped or "
                      "overloaded); the rest is read from disk")
@@ -127,7 +130,7 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
         lines.append(f"producers: {st['producers']:,} known; duplicates resent {c.get('duplicates', 0):,}")
         rejected = {k: v for k, v in st.get("rejected", {}).items() if v}
         lines.append("rejected: " + (", ".join(f"{k} {v:,}" for k, v in sorted(rejected.items())) or "none"))
-        lines.append(f"retention: {st['segments_deleted']:,} segments deleted, {st['retention_errors']:,} errors")
+        lines.append(f"retention: {st['segments_deleted']:,} segments deleted")
         rec = st.get("recovery")
         if rec:
             lines.append(f"recovery at start: {rec}")
