@@ -65,7 +65,7 @@ class Log:
         # The last LSN that exists, not next_lsn: LSNs skipped after a torn batch were never committed.
         committed_end = max(self.recovery.last_lsn + 1, self.recovery.first_lsn)
         self._written = (self._active.fd, committed_end)
-        self._publish_head(committed_end - 1, self._pid)
+        self._publish_head(committed_end - 1, self._pid, committed_end - 1, durable=True)
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
                               committed_end)
         self.records_appended = 0
@@ -206,12 +206,14 @@ class Log:
         """Block until `lsn` is durable (an fsync now, shared with concurrent callers)."""
         self._syncer.sync_through(lsn + 1)
 
-    def _publish_head(self, committed_lsn: int, pid: int) -> None:
+    def _publish_head(self, committed_lsn: int, pid: int, durable_lsn: int, durable: bool = False) -> None:
         seg = self._active
-        self._head.publish(Head(committed_lsn, pid, seg.header.base_lsn, seg.end))
+        self._head.publish(Head(committed_lsn, pid, seg.header.base_lsn, seg.end, durable_lsn), durable)
 
     def _committed(self, end: int) -> None:
-        self._publish_head(end - 1, self._pid)
+        # Under always/batch HEAD is fsynced before anyone hears of the commit (acks follow on_commit), so
+        # after a power cut the durable LSN in it covers every acked record (recovery.classify relies on it).
+        self._publish_head(end - 1, self._pid, self._syncer.durable_end - 1, durable=self.config.fsync != "os")
         if self._on_commit_cb is not None:
             self._on_commit_cb(end - 1)
 
@@ -311,7 +313,8 @@ class Log:
             self._syncer.close()
             with self._write_lock:
                 self._closed = True
-                self._publish_head(self.committed_lsn, 0)
+                self._publish_head(self.committed_lsn, 0, self._syncer.durable_end - 1,
+                                   durable=self._syncer.failed is None)
                 self._head.close()
                 os.close(self._active.fd)
                 self._lock_file.release()
