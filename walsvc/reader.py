@@ -27,7 +27,7 @@ from .head import Head, HeadReader
 from .head import load as load_head
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .recovery import examine_stop
-from .segment import FrameScanner, ScanStop, list_segments, read_header, read_seal, segment_name
+from .segment import FrameScanner, ScanStop, is_zero_from, list_segments, read_header, read_seal, segment_name
 
 Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read all valid data
 WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)
@@ -80,13 +80,24 @@ class _OpenSegment:
 
 
 def _header_pending(path: Path) -> bool:
-    """True while the newest segment has no header yet (empty or all zeros): the writer creates and
-    preallocates the file before writing its header, so a reader listing the directory may see it between."""
+    """True while the newest segment has no valid header and nothing after it: the writer creates and
+    preallocates the file before writing its header, so a reader listing the directory may see it between
+    (and after a power cut, recovery drops such a file: it never held a frame)."""
     try:
-        with open(path, "rb") as f:
-            return F.is_zero(f.read(F.SEGMENT_HEADER_SIZE))
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    try:
+        head = os.pread(fd, F.SEGMENT_HEADER_SIZE, 0)
+        if F.is_zero(head):
+            return True
+        try:
+            F.decode_segment_header(head)
+            return False
+        except RecordError:
+            return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class LogReader:

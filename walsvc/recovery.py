@@ -182,8 +182,10 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             try:
                 header = read_header(fd)
             except RecordError as exc:
-                if is_last and size <= F.SEGMENT_HEADER_SIZE or is_last and is_zero_from(fd, 0, size):
-                    # Created but its header never reached the disk: nothing was ever written to it.
+                if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
+                    # Created, but its header never reached the disk whole (missing or torn by a power cut
+                    # before the fsync that follows it): no frame is written before that fsync, so the
+                    # segment holds nothing.
                     os.close(fd)
                     fd = -1
                     os.unlink(path)
