@@ -257,10 +257,11 @@ class LogReader:
         torn tail in the newest segment is the end; anything else is damage, and so is an unsealed segment
         with later segments after it (a damaged or missing seal).
         """
-        newest = list_segments(self.directory)[-1][0] if seg.path.exists() else seg.base_lsn
+        segments = list_segments(self.directory)
+        newest = segments[-1][0] if segments and seg.path.exists() else seg.base_lsn
         seg.size = os.fstat(seg.fd).st_size
         if read_seal(seg.fd, seg.size) is not None:
-            return  # sealed since we opened it (a writer sealed it and exited): reopen on the next call
+            return  # sealed since we opened it (a writer sealed it and exited): the next scan meets the seal
         if stop is None and resume < seg.size and newest == seg.base_lsn:
             return  # the file grew since the scan: read on
         head = load_head(self.directory)
