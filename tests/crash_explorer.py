@@ -1,6 +1,6 @@
 """Power-loss crash states, in the spirit of ALICE (Pillai et al., OSDI 2014).
 
-1. `record` runs a real writer (an embedded `Log`, producer threads, fsync policy `batch` or `always`) under
+1. `record` runs a real writer (an embedded `Log`, producer threads, any fsync policy) under
    strace, which logs every file-system call the writer makes with the bytes it wrote.  Each producer thread
    marks an ack in the same trace with a stat() of a path that cannot exist (`/WALSVC-ACK/FIRST/LAST`).
 2. `parse` turns the trace into an ordered list of operations on the files of the log directory.
@@ -23,8 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from walsvc import Log, LogReader
+from walsvc.errors import CorruptionError
 
 REPO = Path(__file__).resolve().parents[1]
 SYSCALLS = "openat,pwrite64,pwritev,pwritev2,fsync,fdatasync,ftruncate,fallocate,newfstatat"
@@ -36,14 +39,15 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from walsvc import Log, Record
 from crash_explorer import value_of
 directory, policy, threads, batches = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-log = Log.open(directory, segment_bytes=1 << 20, fsync=policy, fsync_window_ms=2)
+log = Log.open(directory, segment_bytes=1 << 20, fsync=policy, fsync_window_ms=20)
 written = {}
 def producer(t):
     for i in range(batches):
         keys = [b"t%d-%d-%d" % (t, i, j) for j in range(1 + (i + t) % 3)]
         lsns = log.append_batch([Record.put(k, value_of(k)) for k in keys])
         written.update(zip(lsns, keys))
-        log.wait_committed(lsns[-1])
+        if policy != "os":  # under os an ack waits for nothing (wait_committed would fsync)
+            log.wait_committed(lsns[-1])
         try:
             os.stat("%s%d/%d" % (sys.argv[6], lsns[0], lsns[-1]))
         except OSError:
@@ -71,7 +75,7 @@ class Op:
     path: str = ""
     offset: int = 0
     data: bytes = b""
-    size: int = 0
+    size: int = 0  # write: bytes written; trunc, alloc: the file size after
     start: int = 0  # index of the event when the call began (a sync covers what completed before it)
     lsns: tuple[int, int] = (0, 0)
 
@@ -162,7 +166,7 @@ def parse(text: str, directory: str) -> list[Op]:
         if name in ("pwrite64", "pwritev", "pwritev2"):
             numbers = re.search(r"((?:, \d+)+)\)\s+= \d+$", args).group(1).split(", ")
             offset = int(numbers[-2] if name == "pwritev2" else numbers[-1])  # pwritev2 ends with its flags
-            last_write = Op("write", path, offset=offset, start=start)
+            last_write = Op("write", path, offset=offset, size=int(ret.group(1)), start=start)
             ops.append(last_write)
         elif name in ("fsync", "fdatasync"):
             ops.append(Op("sync", path, start=start))
@@ -171,6 +175,9 @@ def parse(text: str, directory: str) -> list[Op]:
         elif name == "fallocate":
             off, length = (int(x) for x in re.search(r", \d+, (\d+), (\d+)\)", args).groups())
             ops.append(Op("alloc", path, offset=off, size=off + length, start=start))
+    for op in ops:
+        if op.kind == "write" and len(op.data) != op.size:
+            raise ValueError(f"strace showed {len(op.data)} of the {op.size} bytes written to {op.path}")
     return ops
 
 
@@ -198,8 +205,10 @@ def _apply(ops: list[Op]) -> bytes:
     return bytes(buf)
 
 
-def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: int = 6) -> list[State]:
-    """The crash states at each cut point (see the module docstring), up to `per_cut` per point."""
+def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: int = 6,
+                 thorough: frozenset[int] = frozenset()) -> list[State]:
+    """The crash states at each cut point (see the module docstring), up to `per_cut` per point, all of
+    them at the points in `thorough`."""
     states: list[State] = []
     for cut in cuts:
         done = ops[:cut]
@@ -234,8 +243,8 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
                 continue
             others = {p: base.get(p, []) for p in created}
             name, synced = Path(path).name, base.get(path, [])
-            if len(rest) > 1:
-                j = rng.randrange(len(rest) - 1)
+            lose = range(len(rest) - 1) if len(rest) <= 8 else [rng.randrange(len(rest) - 1)]
+            for j in lose:
                 choices.append((f"{name}: op {j} of {len(rest)} lost, later kept",
                                 {**everything, path: synced + rest[:j] + rest[j + 1:]}, set()))
             writes = [j for j, op in enumerate(rest) if op.kind == "write" and len(op.data) > 1]
@@ -248,7 +257,7 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
                 choices.append((f"{name}: {k} of {len(rest)} unsynced ops", {**others, path: synced + rest[:k]}, set()))
         names_lost = [c for c in choices if c[0] == "unsynced names lost"]
         choices = [c for c in choices if c[0] != "unsynced names lost"] + names_lost
-        for label, files, lost in choices[:per_cut]:
+        for label, files, lost in (choices if cut in thorough else choices[:per_cut]):
             states.append(State(cut, {p: o for p, o in files.items() if p not in lost}, acked, label))
     return states
 
@@ -265,12 +274,9 @@ class CrashCheckFailed(AssertionError):
     pass
 
 
-def check_state(state: State, trace: Trace, target: Path) -> Outcome:
-    """Materialize `state` under `target` and check the promises (raises CrashCheckFailed)."""
-    sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
-    from walsvc import Log, LogReader
-    from walsvc.errors import CorruptionError
-
+def check_state(state: State, trace: Trace, target: Path, check_acked: bool = True) -> Outcome:
+    """Materialize `state` under `target` and check the promises (raises CrashCheckFailed).  `check_acked`
+    is False for the `os` policy, whose acks do not promise survival of a power cut."""
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -297,19 +303,23 @@ def check_state(state: State, trace: Trace, target: Path) -> Outcome:
     try:
         log = Log.open(target, segment_bytes=1 << 20, fsync="always")
     except CorruptionError as exc:
-        if offline is not None and state.acked:
+        if offline is not None:
             raise CrashCheckFailed(f"open refused ({exc}) but the offline reader read the log "
                                    f"({state.label}, cut {state.cut})") from None
         return Outcome(False, str(exc), 0, 0)
     with log:
-        records = list(log.read())
+        try:
+            records = list(log.read())
+        except CorruptionError as exc:
+            raise CrashCheckFailed(f"recovery opened a log that its own reader cannot read ({exc}) "
+                                   f"({state.label}, cut {state.cut})") from None
     if offline is None:
         raise CrashCheckFailed(f"the offline reader raised ({offline_error}) on a log that recovery opened "
                                f"({state.label}, cut {state.cut})")
     check_records(records, "after recovery")
     have = {r.lsn for r in records}
     checked = 0
-    for first, last in state.acked:
+    for first, last in state.acked if check_acked else ():
         for lsn in range(first, last + 1):
             if lsn not in have:
                 raise CrashCheckFailed(f"acked LSN {lsn} is missing after recovery ({state.label}, cut {state.cut})")
@@ -322,8 +332,8 @@ def check_state(state: State, trace: Trace, target: Path) -> Outcome:
 
 def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int = 80, cuts: int = 80,
             per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int]:
-    """Record, build states at `cuts` random cut points plus every point near a segment's creation or seal,
-    check each; returns the counts.  States are materialized under `scratch` (default: /dev/shm when it
+    """Record, build states at `cuts` random cut points (at most `per_cut` each) plus every point near a
+    segment's creation or seal (all states there), check each; returns the counts.  States are materialized under `scratch` (default: /dev/shm when it
     exists, where the fsyncs of recovery cost nothing)."""
     rng = random.Random(seed)
     trace = record(work, policy=policy, threads=threads, batches=batches)
@@ -336,8 +346,8 @@ def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int
         scratch = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
     target = Path(tempfile.mkdtemp(prefix="walsvc-crash-", dir=scratch))
     try:
-        for state in crash_states(trace.ops, chosen, rng, per_cut):
-            outcome = check_state(state, trace, target / "state")
+        for state in crash_states(trace.ops, chosen, rng, per_cut, frozenset(near)):
+            outcome = check_state(state, trace, target / "state", check_acked=policy != "os")
             counts["states"] += 1
             counts["opened" if outcome.opened else "refused"] += 1
             counts["acked_records_checked"] += outcome.acked_checked

@@ -21,10 +21,10 @@ from helpers import run_cli
 from walsvc import Log, LogReader, Reader, Record
 from walsvc import frame as F
 from walsvc import head as H
-from walsvc.errors import CorruptionError, MissingSegmentError
+from walsvc.errors import ChecksumError, CorruptionError, MissingSegmentError
 from walsvc.record import encode as encode_record
 from walsvc.recovery import QUARANTINE, classify, examine_stop
-from walsvc.segment import FrameScanner
+from walsvc.segment import FrameScanner, ScanStop
 
 
 def _drain(directory: Path, start: int | str = "earliest") -> list[Record]:
@@ -153,7 +153,8 @@ os._exit(0)  # a crash: nothing after the open was fsynced
 """
 
 
-def _durable_then_unsynced(directory: Path, durable: int, unsynced: int) -> tuple[Path, list[tuple[int, F.FrameHeader]]]:
+def _durable_then_unsynced(directory: Path, durable: int,
+                           unsynced: int) -> tuple[Path, list[tuple[int, F.FrameHeader]]]:
     with Log.open(directory, segment_bytes=MiB, fsync="always") as log:
         for _ in range(durable):
             log.append(Record.put(b"k%d" % log.next_lsn, b"v" * 100))
@@ -292,8 +293,6 @@ def test_planner_unsynced_tail_in_pieces_is_torn_and_durable_damage_is_not(n, da
 
 def test_classify_table():
     stop_header = F.decode_frame_header(_frames(1)[0])
-    from walsvc.segment import ScanStop
-    from walsvc.errors import ChecksumError
     bad = ScanStop(100, ChecksumError("x"), stop_header)
     garbage = ScanStop(100, ChecksumError("x"), None)
     assert classify(bad, False, True, True) == "corrupt"
@@ -302,3 +301,25 @@ def test_classify_table():
     assert classify(garbage, True, False, True, beyond_durable=True) == "end"
     assert classify(bad, False, True, False, beyond_durable=True) == "corrupt"  # not the newest segment
     assert classify(None, True, False, False, beyond_durable=True) == "corrupt"
+
+
+def test_torn_header_of_a_new_segment_is_dropped_not_refused(tmp_path):
+    """A power cut between writing a new segment's header and the fsync after it can leave part of the
+    header; no frame is written before that fsync, so the file holds nothing: readers skip it, recovery
+    deletes it."""
+    directory = tmp_path / "wal"
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        while not log._sealed:
+            fill(log, 50, size=1000)
+        sealed_end = log._active.header.base_lsn
+    newest = segment_paths(directory)[-1]
+    header = F.encode_segment_header(F.SegmentHeader(2, sealed_end, 1))
+    newest.write_bytes(header[:40] + bytes(MiB - 40))  # torn at byte 40, preallocated zeros after
+    # HEAD as the writer left it just after the rotation (before any record went into the new segment).
+    (directory / H.NAME).write_bytes(H.encode(H.Head(sealed_end - 1, 0, sealed_end, 64, sealed_end - 1)))
+    assert [r.lsn for r in _drain(directory)] == list(range(1, sealed_end))
+    result = run_cli("verify", "--dir", str(directory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    with Log.open(directory, segment_bytes=MiB) as log:
+        assert log.recovery.corruption is None and log.next_lsn == sealed_end
+        assert log.append(Record.put(b"k", b"v")) == sealed_end

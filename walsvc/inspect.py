@@ -249,9 +249,9 @@ class _Verifier:
         try:
             header = read_header(fd)
         except RecordError as exc:
-            if is_last and (size <= F.SEGMENT_HEADER_SIZE or is_zero_from(fd, 0, size)):
-                res.notes.append(f"{name} has no header yet (being created, or created just before a crash: the "
-                                 "next open deletes it)")
+            if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
+                res.notes.append(f"{name} has no whole header yet (being created, or created just before a crash: "
+                                 "the next open deletes it)")
                 res.next_lsn = expected
                 res.tail, res.tail_offset = "end", 0
                 return res, None

@@ -29,7 +29,7 @@ from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .recovery import examine_stop
 from .segment import FrameScanner, ScanStop, is_zero_from, list_segments, read_header, read_seal, segment_name
 
-Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read all valid data
+Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read up to where recovery would end
 WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)
 
 
@@ -326,8 +326,9 @@ class Reader:
     `start` is an LSN, "earliest" or "latest"; a named reader (`name=`) resumes after its stored cursor
     and feeds retention with `commit(lsn)`.  The bound is the committed LSN from the HEAD file; PUB commit
     messages only wake the reader, and the HEAD file is reread at least every `recheck_s` (100 ms by
-    default) while idle, so missed or late PUB messages cost at most that.  With no writer running the
-    reader reads everything valid on disk and `offline` is True.
+    default) while idle, so missed or late PUB messages cost at most that.  With no writer running
+    `offline` is True and the reader reads what the next open will keep; damage short of that end raises
+    CorruptionError (see `LogReader._check_offline_stop`).
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
