@@ -27,7 +27,7 @@ from crash_explorer import CrashCheckFailed, explore  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", choices=["always", "batch"], default="batch")
+    parser.add_argument("--policy", choices=["always", "batch", "os"], default="batch")
     parser.add_argument("--threads", type=int, default=3, help="producer threads (group commit)")
     parser.add_argument("--batches", type=int, default=150, help="batches per producer thread")
     parser.add_argument("--cuts", type=int, default=400, help="random cut points (plus every point near a rotation)")
