@@ -11,7 +11,12 @@
 4. `check_state` materializes one state into a directory, reads it with an offline `LogReader`, opens it
    with `Log.open` (default on_corruption="fail"), and checks: every record acked before the cut is there
    at its LSN, every record that reads is the one the writer wrote at that LSN (nothing invented), and the
-   log either opens or refuses with CorruptionError (never another error).
+   log either opens or refuses with CorruptionError (never another error).  The offline reader must agree
+   with recovery: it raises exactly when the open refuses, and otherwise reads the LSNs recovery keeps.
+
+A sync covers the writes that completed before the sync call began, and takes effect when it returns.
+Not modelled: rename and unlink (the workload stores no cursor and retention deletes nothing), and writes
+torn other than as a prefix.
 """
 
 from __future__ import annotations
@@ -333,8 +338,8 @@ def check_state(state: State, trace: Trace, target: Path, check_acked: bool = Tr
 def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int = 80, cuts: int = 80,
             per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int]:
     """Record, build states at `cuts` random cut points (at most `per_cut` each) plus every point near a
-    segment's creation or seal (all states there), check each; returns the counts.  States are materialized under `scratch` (default: /dev/shm when it
-    exists, where the fsyncs of recovery cost nothing)."""
+    segment's creation or seal (all states there), check each; returns the counts.  States are
+    materialized under `scratch` (default: /dev/shm when it exists, where recovery's fsyncs cost nothing)."""
     rng = random.Random(seed)
     trace = record(work, policy=policy, threads=threads, batches=batches)
     rotation = [i for i, op in enumerate(trace.ops) if op.path.endswith(".wal") and op.kind in ("create", "trunc")]

@@ -4,10 +4,11 @@ The writer rewrites 52 bytes at offset 0 of `DIR/HEAD` after each commit; reader
 they want the bound they may read up to.  No socket is needed to learn it, so a reader that starts
 before the writer, misses PUB messages or joins late still finds the truth within one pread.
 
-Recovery reads one more thing from it: the durable LSN, how far the log was fsynced.  Under `always` and
-`batch` the writer fsyncs HEAD after each commit, before any ack, so after a power cut the HEAD on disk
-covers every acked record; damage past it is an unsynced tail, not lost data (recovery.classify).  It is
-written only after the data it names is durable, so it never claims more than really reached the disk.
+Recovery reads one more thing from it: the durable LSN, how far the log was fsynced.  It is written only
+after the data it names is durable, so it never claims more than really reached the disk, and damage past
+it is an unsynced tail, not lost data (recovery.classify).  The writer fsyncs HEAD at open, at close and,
+under `always` and `batch`, at most every `log.HEAD_SYNC_S` after a commit, so after a power cut the HEAD
+on disk lags the acks by about that much at most.
 
     0  8  magic b"WALSVCHD"
     8  8  committed LSN (0: nothing committed)

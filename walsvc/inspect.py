@@ -617,7 +617,8 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
                     return
                 if h.kind == F.KIND_SEAL:
                     next_base = h.base_lsn
-                expected = max(expected, h.end_lsn if h.kind == F.KIND_DATA else expected)
+                else:
+                    expected = h.end_lsn
                 if h.kind == F.KIND_DATA and h.end_lsn <= first:
                     continue
                 yield _frame_dict(path.name, off, h, data)
