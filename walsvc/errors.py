@@ -90,6 +90,11 @@ class CorruptionError(WalError):
         super().__init__("corruption: " + detail + _where(segment, offset, lsn))
 
 
+class MissingSegmentError(CorruptionError):
+    """A segment in the middle of the log is gone: a hole in the LSNs that retention cannot have made
+    (it deletes only the oldest segments), so it is never read past silently."""
+
+
 class LogLockedError(WalError):
     """Another process owns the log directory."""
 

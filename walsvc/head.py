@@ -1,16 +1,22 @@
 """The head file: the committed LSN, shared with every reader process through the page cache.
 
-The writer rewrites 32 bytes at offset 0 of `DIR/HEAD` after each commit; readers pread them whenever
+The writer rewrites 52 bytes at offset 0 of `DIR/HEAD` after each commit; readers pread them whenever
 they want the bound they may read up to.  No socket is needed to learn it, so a reader that starts
-before the writer, misses PUB messages or joins late still finds the truth within one pread.  The file
-is never fsynced: after a crash, recovery recomputes everything it says.
+before the writer, misses PUB messages or joins late still finds the truth within one pread.
+
+Recovery reads one more thing from it: the durable LSN, how far the log was fsynced.  It is written only
+after the data it names is durable, so it never claims more than really reached the disk, and damage past
+it is an unsynced tail, not lost data (recovery.classify).  The writer fsyncs HEAD at open, at close and,
+under `always` and `batch`, at most every `log.HEAD_SYNC_S` after a commit, so after a power cut the HEAD
+on disk lags the acks by about that much at most.
 
     0  8  magic b"WALSVCHD"
     8  8  committed LSN (0: nothing committed)
     16 8  writer PID (0: no writer; the log was closed cleanly)
     24 8  base LSN of the active segment (names its file)
     32 8  end offset of written frames in the active segment (readers compute their lag in bytes from it)
-    40 4  CRC32C over bytes 0..40 (a reader that sees a half-written update retries)
+    40 8  durable LSN: every LSN up to it was fsynced before this HEAD was written (0: none known)
+    48 4  CRC32C over bytes 0..48 (a reader that sees a half-written update retries)
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from crc32c import crc32c
 
 from .access import open_file
 from .errors import WriteStepError
+from .fsync import sync_data
 
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
-_LAYOUT = struct.Struct("<8sQQQQ")
+_LAYOUT = struct.Struct("<8sQQQQQ")
 _U32 = struct.Struct("<I")
 SIZE = _LAYOUT.size + 4
 
@@ -38,6 +45,7 @@ class Head:
     writer_pid: int
     active_base_lsn: int = 0
     active_end: int = 0
+    durable_lsn: int = 0
 
     def writer_alive(self) -> bool:
         """Whether the process that last wrote this head still runs (kill -9 leaves its PID behind)."""
@@ -53,29 +61,43 @@ class Head:
 
 
 def encode(head: Head) -> bytes:
-    body = _LAYOUT.pack(MAGIC, head.committed_lsn, head.writer_pid, head.active_base_lsn, head.active_end)
+    body = _LAYOUT.pack(MAGIC, head.committed_lsn, head.writer_pid, head.active_base_lsn, head.active_end,
+                        head.durable_lsn)
     return body + _U32.pack(crc32c(body))
 
 
 def decode(data: bytes) -> Head | None:
     if len(data) < SIZE:
         return None
-    magic, committed, pid, base, end = _LAYOUT.unpack_from(data)
+    magic, committed, pid, base, end, durable = _LAYOUT.unpack_from(data)
     if magic != MAGIC or crc32c(data[:_LAYOUT.size]) != _U32.unpack_from(data, _LAYOUT.size)[0]:
         return None
-    return Head(committed, pid, base, end)
+    return Head(committed, pid, base, end, durable)
+
+
+def load(directory: Path) -> Head | None:
+    """The HEAD on disk, or None when it is missing or damaged (one read, no retry: for recovery and
+    offline tools, when no writer can be rewriting it)."""
+    try:
+        with open(directory / NAME, "rb") as f:
+            return decode(f.read(SIZE))
+    except FileNotFoundError:
+        return None
 
 
 class HeadWriter:
-    """The writer's side: one pwrite per commit."""
+    """The writer's side: one pwrite per commit, and an fdatasync when the HEAD must be durable."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
         self.fd = open_file(self.path, os.O_RDWR)
 
-    def publish(self, head: Head) -> None:
+    def publish(self, head: Head, durable: bool = False) -> None:
+        """Rewrite HEAD; `durable` also fsyncs it (recovery trusts its durable LSN, docs/FORMAT.md)."""
         try:  # not the write_step context manager: this runs at every commit
             os.pwrite(self.fd, encode(head), 0)
+            if durable:
+                sync_data(self.fd)
         except OSError as exc:
             raise WriteStepError("HEAD update", self.path, exc) from exc
 

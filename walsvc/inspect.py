@@ -22,7 +22,7 @@ from . import cursor as C
 from . import frame as F
 from . import head as H
 from .config import GiB
-from .errors import ConfigError, CorruptionError, RecordError, TruncatedError
+from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError, TruncatedError
 from .reader import LogReader, _OpenSegment, end_of_valid_data
 from .record import count_records, decode
 from .recovery import QUARANTINE, examine_stop, verify_sealed
@@ -251,9 +251,9 @@ class _Verifier:
         try:
             header = read_header(fd)
         except RecordError as exc:
-            if is_last and (size <= F.SEGMENT_HEADER_SIZE or is_zero_from(fd, 0, size)):
-                res.notes.append(f"{name} has no header yet (being created, or created just before a crash: the "
-                                 "next open deletes it)")
+            if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
+                res.notes.append(f"{name} has no whole header yet (being created, or created just before a crash: "
+                                 "the next open deletes it)")
                 res.next_lsn = expected
                 res.tail, res.tail_offset = "end", 0
                 return res, None
@@ -439,7 +439,11 @@ class _Verifier:
     def _classify_tail(self, res: _SegmentResult, fd: int, name: str, stop: ScanStop | None, size: int,
                        expected: int, is_last: bool) -> None:
         """The end of an unsealed segment, decided exactly as recovery.recover decides it."""
-        verdict = examine_stop(fd, stop, size, expected, is_last)
+        durable = None
+        if not self.report.live:
+            head = _read_head(self.directory)
+            durable = head.durable_lsn if head is not None else None
+        verdict = examine_stop(fd, stop, size, expected, is_last, durable)
         where = stop.offset if stop is not None else size
         res.next_lsn = expected
         res.data_end = where
@@ -596,18 +600,28 @@ def _resolve_start(start: int | str, segments: list[tuple[int, Path]], bound: in
 def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterator[dict[str, Any]]:
     segments = list_segments(directory)
     first = _resolve_start(start, segments, bound, directory)
+    next_base = None  # the base LSN the previous segment's seal names
     for i, (base, path) in enumerate(segments):
         if i + 1 < len(segments) and segments[i + 1][0] <= first:
             continue  # every LSN of this segment is below `first`
+        if next_base is not None and base != next_base:
+            raise MissingSegmentError(f"LSNs {next_base}..{base - 1} are missing: segment "
+                                      f"{segment_name(next_base)} is gone", segment=segment_name(next_base),
+                                      offset=0, lsn=next_base)
         try:
             seg = _OpenSegment(base, path)
         except FileNotFoundError:
             continue  # deleted by retention since the listing
         try:
             seg.seek(first)
+            expected = base
             for off, h, data in seg.scanner:
                 if h.kind == F.KIND_DATA and bound is not None and h.base_lsn > bound:
                     return
+                if h.kind == F.KIND_SEAL:
+                    next_base = h.base_lsn
+                else:
+                    expected = h.end_lsn
                 if h.kind == F.KIND_DATA and h.end_lsn <= first:
                     continue
                 yield _frame_dict(path.name, off, h, data)
@@ -617,9 +631,24 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
                 stop = seg.scanner.stop
                 if stop is not None and (seg.seal is not None or i + 1 < len(segments)):
                     raise CorruptionError(stop.error.detail, segment=path.name, offset=stop.offset)
+                if i + 1 < len(segments):
+                    raise CorruptionError("segment ends without a seal, but later segments exist",
+                                          segment=path.name, offset=seg.scanner.offset)
+                if bound is None:
+                    _check_end(directory, seg, stop, expected)
                 return  # the end of valid data in the last segment
         finally:
             seg.close()
+
+
+def _check_end(directory: Path, seg: _OpenSegment, stop: ScanStop | None, expected: int) -> None:
+    """With no writer, the newest segment's scan stop must be where recovery would end the log."""
+    if stop is None:
+        return
+    head = _read_head(directory)
+    if examine_stop(seg.fd, stop, seg.size, expected, True, head.durable_lsn if head else None) == "corrupt":
+        raise CorruptionError(f"{stop.error.detail}; intact data follows, so this is not the end of the log",
+                              segment=seg.path.name, offset=stop.offset)
 
 
 def dump(directory: str | os.PathLike, start: int | str = "earliest", *,

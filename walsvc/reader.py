@@ -21,13 +21,15 @@ from . import cursor
 from .config import Config, log_directory
 from . import frame as F
 from .endpoints import load as load_endpoints
-from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, RecordError,
+from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, MissingSegmentError, RecordError,
                      ServiceUnavailableError, TruncatedError)
 from .head import Head, HeadReader
+from .head import load as load_head
 from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
-from .segment import FrameScanner, list_segments, read_header, read_seal
+from .recovery import examine_stop
+from .segment import FrameScanner, ScanStop, is_zero_from, list_segments, read_header, read_seal, segment_name
 
-Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read all valid data
+Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read up to where recovery would end
 WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)
 
 
@@ -78,13 +80,24 @@ class _OpenSegment:
 
 
 def _header_pending(path: Path) -> bool:
-    """True while the newest segment has no header yet (empty or all zeros): the writer creates and
-    preallocates the file before writing its header, so a reader listing the directory may see it between."""
+    """True while the newest segment has no valid header and nothing after it: the writer creates and
+    preallocates the file before writing its header, so a reader listing the directory may see it between
+    (and after a power cut, recovery drops such a file: it never held a frame)."""
     try:
-        with open(path, "rb") as f:
-            return F.is_zero(f.read(F.SEGMENT_HEADER_SIZE))
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return False
+    try:
+        head = os.pread(fd, F.SEGMENT_HEADER_SIZE, 0)
+        if F.is_zero(head):
+            return True
+        try:
+            F.decode_segment_header(head)
+            return False
+        except RecordError:
+            return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class LogReader:
@@ -143,6 +156,13 @@ class LogReader:
         for i, (base, path) in enumerate(segments):
             if base >= next_lsn:
                 if base > next_lsn:
+                    if self._seg.path.exists():
+                        # Ours is still listed, and retention deletes oldest first: the next one was not
+                        # deleted by retention, it is missing.  (Checked after listing, so no race.)
+                        raise MissingSegmentError(
+                            f"LSNs {next_lsn}..{base - 1} are missing: segment {segment_name(next_lsn)} is gone, "
+                            f"but the one before it ({self._seg.path.name}) is still there",
+                            segment=segment_name(next_lsn), offset=0, lsn=next_lsn)
                     raise TruncatedError(next_lsn, base)
                 if i == len(segments) - 1 and _header_pending(path):
                     return False
@@ -221,6 +241,8 @@ class LogReader:
         resume = stop.offset if stop is not None else seg.scanner.offset
         if seg.seal is not None and stop is not None:
             raise CorruptionError(stop.error.detail, segment=seg.path.name, offset=stop.offset, lsn=self.next_lsn)
+        if bound is None and seg.seal is None:
+            self._check_offline_stop(seg, stop, resume)
         if bound is None or self.next_lsn > bound or not self._retried:
             # End of what is visible: no writer (read what is valid), or our buffer or size is older than
             # the committed bound (try once more with fresh bytes).
@@ -230,6 +252,32 @@ class LogReader:
             return [] if self._retried else None
         raise CorruptionError(f"{stop.error.detail if stop else 'data ends'} below the committed LSN {bound}",
                               segment=seg.path.name, offset=resume, lsn=self.next_lsn)
+
+    def _check_offline_stop(self, seg: _OpenSegment, stop: ScanStop | None, resume: int) -> None:
+        """With no writer, the log ends where recovery would end it: raise unless this stop is that end.
+
+        Recovery's own rule decides (`recovery.examine_stop`, with HEAD's durable LSN): a clean end or a
+        torn tail in the newest segment is the end; anything else is damage, and so is an unsealed segment
+        with later segments after it (a damaged or missing seal).
+        """
+        segments = list_segments(self.directory)
+        newest = segments[-1][0] if segments and seg.path.exists() else seg.base_lsn
+        seg.size = os.fstat(seg.fd).st_size
+        if read_seal(seg.fd, seg.size) is not None:
+            return  # sealed since we opened it (a writer sealed it and exited): the next scan meets the seal
+        if stop is None and resume < seg.size and newest == seg.base_lsn:
+            return  # the file grew since the scan: read on
+        head = load_head(self.directory)
+        verdict = examine_stop(seg.fd, stop, seg.size, self.next_lsn, newest == seg.base_lsn,
+                               head.durable_lsn if head is not None else None)
+        if verdict == "corrupt":
+            detail = stop.error.detail if stop is not None else "segment ends without a seal"
+            if newest != seg.base_lsn:
+                detail += ", and it is not sealed although later segments exist (a damaged or missing seal)"
+            else:
+                detail += ", and intact data follows, so this is not the end of the log"
+            raise CorruptionError(f"{detail}; with no writer running, this reader stops here rather than skip it",
+                                  segment=seg.path.name, offset=resume, lsn=self.next_lsn)
 
     def __iter__(self) -> Iterator[Record]:
         """Every record available now, then stop (`walsvc.Reader` is the one that waits for more)."""
@@ -281,8 +329,9 @@ class Reader:
     `start` is an LSN, "earliest" or "latest"; a named reader (`name=`) resumes after its stored cursor
     and feeds retention with `commit(lsn)`.  The bound is the committed LSN from the HEAD file; PUB commit
     messages only wake the reader, and the HEAD file is reread at least every `recheck_s` (100 ms by
-    default) while idle, so missed or late PUB messages cost at most that.  With no writer running the
-    reader reads everything valid on disk and `offline` is True.
+    default) while idle, so missed or late PUB messages cost at most that.  With no writer running
+    `offline` is True and the reader reads what the next open will keep; damage short of that end raises
+    CorruptionError (see `LogReader._check_offline_stop`).
     """
 
     def __new__(cls, *args: object, group: str | None = None, **kwargs: object) -> "Reader":

@@ -6,7 +6,9 @@ segment is scanned frame by frame.  Where the scan stops, `classify` decides:
 
 - `end`: nothing but zeros (the preallocated tail) or end of file follows: a clean end, nothing to cut;
 - `torn`: the last frame is incomplete or fails its CRC and no valid frame follows: a write cut short by a
-  crash; it is truncated in place (ftruncate), and its LSNs, when its header survived, are never reused;
+  crash; or any damage past the durable LSN that HEAD records (nothing there was fsynced or acked, so a
+  power cut may have kept a later write and lost an earlier one).  It is truncated in place (ftruncate),
+  bytes beyond the torn frame are kept in `quarantine/`, and LSNs named on disk are never reused;
 - `corrupt`: valid data follows the damage, or a sealed segment is damaged: open fails naming the place,
   unless `on_corruption = "truncate"`, which cuts there and moves every later segment to `quarantine/`.
 """
@@ -23,8 +25,9 @@ from crc32c import crc32c
 
 from . import frame as F
 from .access import make_dir, open_file
-from .errors import CorruptionError, RecordError
+from .errors import CorruptionError, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
+from .head import load as load_head
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
                       list_segments, now_us, read_header, read_seal, segment_name, truncate_and_reserve)
 from .config import LogConfig
@@ -69,24 +72,43 @@ class Recovered:
     producers: dict[int, collections.deque] = field(default_factory=dict)
 
 
-def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, is_last: bool) -> str:
+def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, is_last: bool,
+             beyond_durable: bool = False) -> str:
     """The recovery decision for a scan that stopped at `stop`: "end", "torn" or "corrupt".
 
     zeros_after: only zero bytes follow the damaged frame (its declared extent when its header is valid,
-    else its start); valid_frame_after: a frame with a valid header lies somewhere after the damage.
+    else its start); valid_frame_after: a frame with a valid header lies somewhere after the damage;
+    beyond_durable: every LSN the HEAD file calls durable lies before the stop (see `beyond_durable`).
+    Nothing past the durable LSN was ever fsynced or acked, and a power cut may leave any mix of such
+    writes (a later one kept, an earlier one lost as zeros), so damage there is a torn tail whatever
+    follows it.  Damage before it is damage to durable data.
     """
     if stop is None:
         return "end" if is_last else "corrupt"
     if stop.header is None and zeros_after:
         return "end" if is_last else "corrupt"
-    if not is_last or valid_frame_after:
+    if not is_last:
+        return "corrupt"
+    if beyond_durable:
+        return "torn"
+    if valid_frame_after:
         return "corrupt"
     if stop.header is not None and not zeros_after:
         return "corrupt"
     return "torn"
 
 
-def examine_stop(fd: int, stop: ScanStop | None, size: int, expected: int, is_last: bool) -> str:
+def beyond_durable(expected: int, durable_lsn: int | None) -> bool:
+    """Whether a scan stop whose next expected LSN is `expected` lies past every durable LSN.
+
+    `durable_lsn` comes from HEAD (None when HEAD is missing or damaged: then nothing is known to be
+    unsynced, and the stricter rules apply).  The stop is past it when every LSN up to it was read intact.
+    """
+    return durable_lsn is not None and expected > durable_lsn
+
+
+def examine_stop(fd: int, stop: ScanStop | None, size: int, expected: int, is_last: bool,
+                 durable_lsn: int | None = None) -> str:
     """Gather what `classify` needs about the bytes after a scan stop (I/O), and return its verdict."""
     if stop is None:
         return classify(None, True, False, is_last)
@@ -96,7 +118,7 @@ def examine_stop(fd: int, stop: ScanStop | None, size: int, expected: int, is_la
     if not zeros:
         search_from = extent if extent is not None and extent <= size else stop.offset + 1
         valid_after = find_valid_header(fd, search_from, size, expected) is not None
-    return classify(stop, zeros, valid_after, is_last)
+    return classify(stop, zeros, valid_after, is_last, beyond_durable(expected, durable_lsn))
 
 
 def _merge_window(producers: dict[int, collections.deque], pid: int, entries: list[F.Appended],
@@ -149,6 +171,8 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
         return info, state
     info.first_lsn = segments[0][0]
     expected = segments[0][0]
+    head = load_head(directory)
+    durable_lsn = head.durable_lsn if head is not None else None
     for i, (base, path) in enumerate(segments):
         is_last = i == len(segments) - 1
         fd = os.open(path, os.O_RDWR)
@@ -159,8 +183,10 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             try:
                 header = read_header(fd)
             except RecordError as exc:
-                if is_last and size <= F.SEGMENT_HEADER_SIZE or is_last and is_zero_from(fd, 0, size):
-                    # Created but its header never reached the disk: nothing was ever written to it.
+                if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
+                    # Created, but its header never reached the disk whole (missing or torn by a power cut
+                    # before the fsync that follows it): no frame is written before that fsync, so the
+                    # segment holds nothing.
                     os.close(fd)
                     fd = -1
                     os.unlink(path)
@@ -173,7 +199,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if i and base != expected:
                 # Each seal names the next segment's base exactly and retention deletes only the oldest:
                 # a later base means a segment in the middle is missing.
-                raise CorruptionError(f"LSNs {expected}..{base - 1} are missing: the previous segment ends "
+                raise MissingSegmentError(f"LSNs {expected}..{base - 1} are missing: the previous segment ends "
                                       f"before LSN {expected} (segment {segment_name(expected)} is gone)",
                                       segment=path.name, offset=0, lsn=expected)
             state.next_segment_id = header.segment_id + 1
@@ -230,7 +256,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 expected = h.base_lsn
                 continue
             stop = scanner.stop
-            verdict = examine_stop(fd, stop, size, expected, is_last)
+            verdict = examine_stop(fd, stop, size, expected, is_last, durable_lsn)
             if verdict == "end":
                 seg.end = stop.offset if stop is not None else size
                 state.active = seg
@@ -239,11 +265,18 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if verdict == "torn":
                 info.torn_tail = True
                 info.truncated_at = (path.name, stop.offset)
-                info.bytes_truncated = data_end(fd, stop.offset, size) - stop.offset
+                cut_end = data_end(fd, stop.offset, size)
+                info.bytes_truncated = cut_end - stop.offset
                 burned = expected
                 if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
-                    info.skipped_lsns = (expected, stop.header.end_lsn)
                     burned = stop.header.end_lsn
+                if cut_end > stop.offset + (stop.header.size if stop.header is not None else 0):
+                    # More than one torn frame: an unsynced tail that a power cut left in pieces (zeros,
+                    # then frames).  Keep the bytes, and never reuse an LSN any of those frames names.
+                    burned = max(burned, _max_end_lsn_after(fd, stop.offset, size))
+                    _save_tail(directory, path, fd, stop.offset, cut_end, info)
+                if burned > expected:
+                    info.skipped_lsns = (expected, burned)
                 expected = _cut(seg, stop.offset, expected, burned, cfg)
                 state.active = seg
                 keep_fd = True

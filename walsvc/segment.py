@@ -102,9 +102,16 @@ def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, p
 
 
 def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.Appended]]) -> None:
-    """Append the SEAL frame, cut the preallocated tail, fsync.  The file then ends with the seal."""
+    """Fsync the frames, then append the SEAL frame, cut the preallocated tail, fsync.  The file then ends
+    with the seal.
+
+    The first fsync keeps a power cut from persisting the seal but not an unsynced frame before it: recovery
+    trusts a seal without rescanning, so such a hole would surface only later, in a reader.
+    """
     seal = F.Seal(seg.last_lsn, next_lsn, seg.record_count, seg.data_crc, seg.index, producers)
     data = F.encode_seal(seal, seg.end, now_us())
+    with write_step("fdatasync", seg.path):  # the frames first: a seal vouches for what is before it
+        sync_data(seg.fd)
     with write_step("seal write", seg.path):
         os.pwrite(seg.fd, data, seg.end)
     with write_step("seal truncate", seg.path):
