@@ -88,7 +88,7 @@ class Up:
     def assert_nothing_left(self) -> None:
         wait_for(lambda: not any(alive(p) for p in self.children), 10,
                  f"every child of walsvc up to exit ({[p for p in self.children if alive(p)]} alive)")
-        assert lock_free(self.directory), "the log lock is still held after walsvc up ended"
+        wait_for(lambda: lock_free(self.directory), 10, "the log lock to be free after walsvc up ended")
 
     def kill(self) -> None:
         for pid in [self.proc.pid, *self.children]:
