@@ -422,3 +422,14 @@ def test_batch_flusher_never_strands_a_write_racing_its_fsync(tmp_path):
     finally:
         syncer.close()
         os.close(fd)
+
+
+def test_read_batches_gives_what_read_gives_a_list_at_a_time(tmp_path: Path) -> None:
+    with Log.open(tmp_path, fsync="os") as log:
+        for i in range(30):
+            log.append_batch([Record.put(b"k%d-%d" % (i, j), b"v" * j) for j in range(7)])
+        batches = list(log.read_batches(5))
+        assert all(isinstance(b, list) and b for b in batches)
+        flat = [r for b in batches for r in b]
+        assert [(r.lsn, r.key, r.value) for r in flat] == [(r.lsn, r.key, r.value) for r in log.read(5)]
+        assert [r.lsn for r in flat] == list(range(5, 211))

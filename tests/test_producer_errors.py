@@ -90,3 +90,36 @@ def test_a_file_where_a_directory_is_meant_names_the_python_argument(tmp_path: P
     not_toml.write_text("just words\n")
     with pytest.raises(ConfigError, match=r"^directory: .*notes.txt is a file, so it must be a TOML config"):
         walsvc.Producer(not_toml)
+
+
+def test_a_reader_start_past_the_end_is_refused_and_a_time_seeks(tmp_path: Path, writers) -> None:
+    import datetime
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        assert [f.result(30) for f in producer.put_many([(b"a", b"1"), (b"b", b"2")])] == [1, 2]
+        middle = datetime.datetime.now()
+        time.sleep(0.01)
+        assert producer.put(b"c", b"3").result(30) == 3
+    with pytest.raises(ConfigError, match=r"^start: LSN 9 is past the end .*committed up to LSN 3.*'latest'"):
+        walsvc.Reader(d, 9)
+    with walsvc.Reader(d, 4) as reader:  # the next record: allowed, it waits for exactly that LSN
+        assert reader.poll(0.1) == []
+    with walsvc.Reader(d, middle) as reader:
+        assert [r.key for r in reader.poll(5)] == [b"c"]
+
+
+def test_the_writer_advertises_its_codecs_and_a_producer_heeds_them(tmp_path: Path, writers) -> None:
+    import dataclasses
+
+    from walsvc.endpoints import load as load_endpoints
+    from walsvc.record import codecs
+    d = tmp_path / "wal"
+    writers(d).start()
+    endpoints = load_endpoints(d)
+    assert endpoints.codecs == codecs() and "zstd" in endpoints.codecs
+    no_lz4 = dataclasses.replace(endpoints, codecs=("zstd",))  # as a writer without the lz4 package says
+    with walsvc.Producer(d, endpoints=no_lz4) as producer:
+        with pytest.raises(walsvc.CompressionUnavailableError, match="cannot decode lz4 values .*decodes zstd"):
+            producer.put(b"k", b"v" * 1000, compression="lz4")
+        assert producer.put(b"k", b"v" * 1000, compression="zstd").result(30) == 1

@@ -149,3 +149,11 @@ def test_decoded_records_are_ordinary_records() -> None:
     assert type(out[0]) is Record and out[0] == Record(b"k1", b"v1") and out[1].lsn == 8
     out[0].value = b"changed"  # a plain mutable Record, like the reference gives
     assert repr(out[1]) == "Record(key=b'k2', value=b'v2', lsn=8, timestamp=99)"
+
+
+def test_version_and_status_name_the_codec(tmp_path) -> None:
+    from helpers import run_cli
+    assert f"(record codec: {R.implementation()})" in run_cli("--version").stdout
+    from walsvc import Log
+    with Log.open(tmp_path / "wal") as log:
+        assert log.stats()["codec"] == R.implementation()

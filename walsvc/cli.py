@@ -318,10 +318,29 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(flush=True)
 
 
+def _progress_bar(what: str, unit: str = "segment") -> Any:
+    """A progress bar on stderr when it is a terminal (tqdm), else None: pipes and logs stay clean."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(desc=what, unit=unit, leave=False, file=sys.stderr)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from .inspect import verify
     cfg = _load(args)
-    report = verify(cfg.directory)
+    bar = _progress_bar(f"verify {cfg.directory}")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = verify(cfg.directory, progress=progress if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     print(json.dumps(report.as_dict(), indent=1) if args.json else report.summary())
     return 0 if report.ok else 1
 
@@ -335,11 +354,19 @@ def cmd_dump(args: argparse.Namespace) -> int:
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     done = _stop_at(args)
     log_id = load_log_id(cfg.directory)
-    for n, item in enumerate(dump(cfg.directory, _position(args, cfg.directory), frames=args.frames)):
-        if done(item["lsn"] if "lsn" in item else item["base_lsn"], n):
-            break
-        item["log_id"] = log_id  # (log id, LSN) names the record world-wide
-        print(json.dumps(item))
+    # Into a file or pipe, with a terminal beside it: show how far the dump got (every 1,000 lines).
+    bar = None if sys.stdout.isatty() else _progress_bar(f"dump {cfg.directory}", "frame" if args.frames else "record")
+    try:
+        for n, item in enumerate(dump(cfg.directory, _position(args, cfg.directory), frames=args.frames)):
+            if done(item["lsn"] if "lsn" in item else item["base_lsn"], n):
+                break
+            item["log_id"] = log_id  # (log id, LSN) names the record world-wide
+            print(json.dumps(item))
+            if bar is not None and n % 1000 == 999:
+                bar.update(1000)
+    finally:
+        if bar is not None:
+            bar.close()
     return 0
 
 
@@ -482,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = _Parser(prog="walsvc", description="A write-ahead log shared by many Python processes on one host.",
                      epilog="`walsvc COMMAND --help` describes a command's flags.")
-    parser.add_argument("--version", action="version", version=f"walsvc {__version__}")
+    from .record import implementation
+    parser.add_argument("--version", action="version",
+                        version=f"walsvc {__version__} (record codec: {implementation()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:

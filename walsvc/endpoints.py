@@ -41,6 +41,7 @@ class Endpoints:
     control: str
     pid: int = 0
     curve_server_key: str = ""  # Z85 public key when the writer requires CURVE (non-loopback binds)
+    codecs: tuple[str, ...] = ()  # compressions the writer decodes; () from a writer too old to say
 
     def secure(self, sock: "zmq.Socket") -> "zmq.Socket":
         """Make a client socket speak CURVE to this writer (with a fresh key pair) when it requires it."""
@@ -78,7 +79,7 @@ def load(directory: str | os.PathLike) -> Endpoints:
     try:
         data = json.loads(path.read_text())
         return Endpoints(data["ingest"], data["publish"], data["control"], int(data.get("pid", 0)),
-                         str(data.get("curve_server_key", "")))
+                         str(data.get("curve_server_key", "")), tuple(map(str, data.get("codecs", ()))))
     except FileNotFoundError:
         raise ServiceUnavailableError(f"no writer has run for {directory} ({path} is missing); start one with "
                                       f"`walsvc serve --dir {directory}`") from None

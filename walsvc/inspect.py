@@ -16,7 +16,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import cursor as C
 from . import frame as F
@@ -166,8 +166,10 @@ class _SegmentResult:
 
 
 class _Verifier:
-    def __init__(self, directory: Path, max_record_bytes: int, max_batch_bytes: int) -> None:
+    def __init__(self, directory: Path, max_record_bytes: int, max_batch_bytes: int,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.directory = directory
+        self.progress = progress
         self.max_record_bytes = max_record_bytes
         self.max_batch_bytes = max_batch_bytes
         self.report = VerifyReport(str(directory))
@@ -193,6 +195,8 @@ class _Verifier:
         expected: int | None = None
         prev_id: int | None = None
         for i, (base, path) in enumerate(segments):
+            if self.progress is not None:
+                self.progress(i, len(segments))
             is_last = i == len(segments) - 1
             res, seg_id = self.check_segment(base, path, is_last, expected, prev_id)
             if seg_id is not None:
@@ -526,7 +530,8 @@ class _Verifier:
 
 
 def verify(directory: str | os.PathLike, *, max_record_bytes: int = MAX_RECORD_BYTES,
-           max_batch_bytes: int = MAX_BATCH_BYTES) -> VerifyReport:
+           max_batch_bytes: int = MAX_BATCH_BYTES,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Check every segment of the log in `directory`, read-only (safe while a writer runs).
 
     Checks: segment headers; every frame's header and payload CRC; every record decodes (its own CRC and
@@ -534,8 +539,9 @@ def verify(directory: str | os.PathLike, *, max_record_bytes: int = MAX_RECORD_B
     largest a config allows) and the frame's count matches; LSN continuity across frames and segments; every seal (data
     CRC, record count, last LSN, index entries point at frames with those LSNs); the last segment's tail,
     classified as recovery would ("end", "torn" or "corrupt"); HEAD against the data; cursor files.
+    `progress(segments done, segments)` is called before each segment.
     """
-    return _Verifier(Path(directory), max_record_bytes, max_batch_bytes).run()
+    return _Verifier(Path(directory), max_record_bytes, max_batch_bytes, progress).run()
 
 
 # -- dump ------------------------------------------------------------------------------------------------

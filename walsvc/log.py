@@ -30,7 +30,7 @@ from .fsync import Syncer, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .reader import LogReader, _OpenSegment
-from .record import Record, encode_many
+from .record import Record, encode_many, implementation
 from .recovery import Recovered, RecoveryInfo, recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
 
@@ -162,7 +162,7 @@ class Log:
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
             "segments_deleted": self.segments_deleted, "producers": len(self._producers),
-            "stopped": s.failed.as_dict() if s.failed else None,
+            "stopped": s.failed.as_dict() if s.failed else None, "codec": implementation(),
         }
 
     def cursors(self) -> dict[str, dict[str, int]]:
@@ -382,12 +382,19 @@ class Log:
 
     def read(self, start: int | str = "earliest") -> Iterator[Record]:
         """Committed records from `start` (an LSN, "earliest" or "latest") up to the committed LSN."""
+        for batch in self.read_batches(start):
+            yield from batch
+
+    def read_batches(self, start: int | str = "earliest") -> Iterator[list[Record]]:
+        """The same records as `read`, a list at a time (a frame or more, up to 4 MiB of payload): the
+        cheapest way to replay, with no generator step per record."""
         reader = LogReader(self.directory, start, bound=lambda: self.committed_lsn,
                            written_end=lambda: (self._active.header.base_lsn, self._active.end),
                            max_record_bytes=self.config.max_record_bytes,
                            max_batch_bytes=self.config.max_batch_bytes)
         try:
-            yield from reader
+            while batch := reader.read_batch():
+                yield batch
         finally:
             reader.close()
 

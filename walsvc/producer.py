@@ -22,8 +22,8 @@ import zmq
 from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import (AckTimeoutError, BackpressureError, LogClosedError, RecordTooLargeError,
-                     ServiceUnavailableError)
+from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, LogClosedError,
+                     RecordTooLargeError, ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts
 
@@ -148,6 +148,10 @@ class Producer:
 
     def append(self, record: Record) -> RecordFuture:
         """Queue a record; the returned future resolves to its LSN once the writer has committed it."""
+        if record.compression and self.endpoints.codecs and record.compression not in self.endpoints.codecs:
+            raise CompressionUnavailableError(
+                f"the writer for {self.directory} cannot decode {record.compression} values (it decodes "
+                f"{', '.join(self.endpoints.codecs)}): install 'lz4' beside the writer, or compress with zstd")
         return self._add(encode(record, self.max_record_bytes))
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,

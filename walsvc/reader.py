@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import datetime
 import os
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ from . import cursor
 from .config import Config, log_directory
 from . import frame as F
 from .endpoints import load as load_endpoints
-from .errors import (CompressionUnavailableError, CorruptionError, LogClosedError, MissingSegmentError, RecordError,
-                     ServiceUnavailableError, TruncatedError)
+from .errors import (CompressionUnavailableError, ConfigError, CorruptionError, LogClosedError,
+                     MissingSegmentError, RecordError, ServiceUnavailableError, TruncatedError)
 from .head import Head, HeadReader
 from .head import load as load_head
 from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
@@ -323,13 +324,29 @@ def end_of_valid_data(directory: Path) -> int:
         seg.close()
 
 
+def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int | str:
+    """A reader's start as an LSN or "earliest"/"latest": a datetime becomes the first LSN written at or after
+    it; an LSN past the committed end is refused, as `walsvc tail --from` refuses it."""
+    from .seek import committed_end, lsn_at_time
+    if isinstance(start, datetime.datetime):
+        return lsn_at_time(directory, start)
+    if isinstance(start, int) and not isinstance(start, bool) and directory.is_dir():
+        end = committed_end(directory)
+        if start > end + 1:
+            raise ConfigError("start", f"LSN {start} is past the end of the log in {directory} (committed up to "
+                                       f"LSN {end}); start='latest' waits for new records")
+    return start
+
+
 class Reader:
     """A tailing reader for another process: reads the files itself, wakes on the writer's commits.
 
-    `start` is an LSN, "earliest" or "latest"; a named reader (`name=`) resumes after its stored cursor
-    and feeds retention with `commit(lsn)`.  The bound is the committed LSN from the HEAD file; PUB commit
-    messages only wake the reader, and the HEAD file is reread at least every `recheck_s` (100 ms by
-    default) while idle, so missed or late PUB messages cost at most that.  With no writer running
+    `start` is an LSN, "earliest", "latest" or a datetime (the first record written at or after it); an LSN
+    past the committed end is a ConfigError (never a silent skip to it: "latest" waits for new records).  A
+    named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
+    is the committed LSN from the HEAD file; PUB commit messages only wake the reader, and the HEAD file is
+    reread at least every `recheck_s` (50 ms by default) while idle, so missed or late PUB messages cost at
+    most that.  With no writer running
     `offline` is True and the reader reads what the next open will keep; damage short of that end raises
     CorruptionError (see `LogReader._check_offline_stop`).
     """
@@ -342,10 +359,12 @@ class Reader:
             return super().__new__(GroupReader)
         return super().__new__(cls)
 
-    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
-                 name: str | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, recheck_s: float = 0.05) -> None:
+    def __init__(self, directory: str | os.PathLike | Config = "./wal-data",
+                 start: int | str | datetime.datetime = "earliest", *, name: str | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+                 recheck_s: float = 0.05) -> None:
         self.directory = log_directory(directory)
+        start = _checked_start(self.directory, start)
         self.name = cursor.check_name(name) if name is not None else None
         self._head = HeadReader(self.directory)
         self.recheck_s = recheck_s

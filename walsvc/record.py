@@ -174,6 +174,16 @@ def _lz4():
     return lz4.block
 
 
+def codecs() -> tuple[str, ...]:
+    """The compressions this process can decode: zstd always, LZ4 when its package is installed.  The writer
+    advertises them in ENDPOINTS, so a producer refuses a value the writer could not check."""
+    try:
+        _lz4()
+    except CompressionUnavailableError:
+        return ("zstd",)
+    return ("zstd", "lz4")
+
+
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_MAX_WINDOW = 16 * 1024 * 1024  # a frame without a content size may ask for no larger a window
 _ZSTD_BLOCK_MAX = 128 * 1024

@@ -105,7 +105,8 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
     lines = []
     w = st["writer"]
     if w == "running":
-        lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}")
+        lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}, "
+                     f"record codec {st.get('codec', 'unknown')}")
     elif w == "stopped":
         why = st["stopped"]
         lines.append(f"writer: STOPPED (refuses writes until restarted), pid {st['pid']}: {why['operation']} failed"

@@ -37,6 +37,7 @@ from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, sh
 from .errors import GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
 from .group import GROUP_OPS, GroupTable
 from .ingest import Duplicate, IngestSession, Refuse
+from .record import codecs
 from .log import Log
 from .metrics import Metrics
 
@@ -107,7 +108,8 @@ class Writer:
             self._bind(eps)
         else:
             eps = self._bind_ipc()
-        self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key)
+        self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key,
+                                   codecs())
         self.endpoints.save(self.directory)
 
     def _bind(self, eps: Endpoints) -> None:

@@ -45,10 +45,16 @@ def main() -> None:
     parser.add_argument("--dir", default="wal-data")
     parser.add_argument("--name", default="consumer")
     args = parser.parse_args()
+    print(f"consumer {args.name}: reading {args.dir} from after its cursor; Ctrl-C stops", flush=True)
     try:
-        run(args.dir, name=args.name)
+        seen = run(args.dir, name=args.name)
     except KeyboardInterrupt:
-        pass
+        return
+    except walsvc.CursorBusyError as exc:  # another process reads under this name
+        raise SystemExit(f"consumer {args.name}: {exc}") from None
+    except walsvc.CorruptionError as exc:  # damage in the log: never skipped, see docs/GUARANTEES.md
+        raise SystemExit(f"consumer {args.name}: stopped at damaged data: {exc}") from None
+    print(f"consumer {args.name}: processed {seen:,} records")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def run(directory: str, *, record_bytes: int = 100, records: int = 0, stop: Any 
         producer.flush(60)
         if counter is not None:
             counter.value = producer.acked_records
+        if producer.acked_records < sent:  # some futures failed: the writer stopped its log, or went away
+            raise SystemExit(f"producer {worker}: {sent - producer.acked_records} of {sent} records were not "
+                             f"acknowledged: {producer.writer_state()}")
     return sent
 
 
@@ -40,8 +43,12 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--record-bytes", type=int, default=100)
     args = parser.parse_args()
+    print(f"producer: appending {args.records:,} records of {args.record_bytes} bytes to {args.dir}", flush=True)
     started = time.perf_counter()
-    n = run(args.dir, record_bytes=args.record_bytes, records=args.records)
+    try:
+        n = run(args.dir, record_bytes=args.record_bytes, records=args.records)
+    except walsvc.ServiceUnavailableError as exc:  # no writer: `walsvc serve --dir DIR` starts one
+        raise SystemExit(f"producer: {exc}") from None
     elapsed = time.perf_counter() - started
     print(f"appended {n} records in {elapsed:.2f} s ({n / elapsed:,.0f} records/s), all acknowledged")
 
