@@ -13,7 +13,7 @@ from crc32c import crc32c
 
 from walsvc import Log, LogLockedError, Record
 from walsvc import frame as F
-from walsvc.errors import CorruptionError
+from walsvc.errors import ConfigError, CorruptionError
 from walsvc.inspect import dump, verify
 from walsvc.record import encode_many, encode_put
 from walsvc.segment import list_segments
@@ -338,7 +338,7 @@ def test_dump_records(healthy):
     json.dumps(items)  # what `walsvc dump` prints
     assert [x["lsn"] for x in dump(d, 1000)][:2] == [1000, 1001]
     assert list(dump(d, "latest")) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="^start: "):
         list(dump(d, 0))
 
 

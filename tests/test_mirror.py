@@ -30,7 +30,7 @@ from helpers import python_env, run_cli, wait_for, walsvc_cmd, REPO_ROOT
 from nats_cluster import Cluster
 from walsvc import Log, Record
 from walsvc import logid
-from walsvc.errors import LogIdError, MirrorError
+from walsvc.errors import ConfigError, LogIdError, MirrorError
 from walsvc.record import decode, encode
 from walsvc.jetstream import StreamReader, restore
 from walsvc.mirror import (H_KEY, H_LOG_ID, H_LSN, H_TIMESTAMP, H_TOMBSTONE, H_TTL, MirrorState, decode_message,
@@ -173,13 +173,13 @@ def test_first_lsn_and_skip_to_survive_reopen(tmp_path):
         log.skip_to(1005)
         log.skip_to(1005)  # already there: nothing to do
         assert log.append_batch([Record.put("b", "2"), Record.put("c", "3")]) == [1005, 1006]
-        with pytest.raises(ValueError, match="already handed out"):
+        with pytest.raises(ConfigError, match="already handed out"):
             log.skip_to(1003)
     with Log.open(d) as log:
         assert [(r.lsn, r.key) for r in log.read()] == [(1000, b"a"), (1005, b"b"), (1006, b"c")]
         assert log.first_lsn == 1000 and log.next_lsn == 1007
         assert log.append(Record.put("d", "4")) == 1007
-    with pytest.raises(ValueError, match="already holds segments"):
+    with pytest.raises(ConfigError, match="already holds segments"):
         Log.open(d, first_lsn=5)
     assert run_cli("verify", "--dir", d).returncode == 0
 

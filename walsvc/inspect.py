@@ -600,7 +600,7 @@ def _resolve_start(start: int | str, segments: list[tuple[int, Path]], bound: in
         if segments and start < segments[0][0]:
             raise TruncatedError(start, segments[0][0])
         return start
-    raise ValueError(f"start must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+    raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
 
 
 def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterator[dict[str, Any]]:

@@ -26,7 +26,7 @@ import nats.js.errors
 from nats.js import api
 
 from . import logid
-from .errors import LogClosedError, MirrorError, SinkUnavailableError, TruncatedError
+from .errors import ConfigError, LogClosedError, MirrorError, SinkUnavailableError, TruncatedError
 from .mirror import H_COUNT, H_LOG_ID, H_LSN, Message, decode_message
 from .record import Record
 
@@ -281,7 +281,7 @@ class StreamReader:
                 self.next_lsn = at[1][-1].lsn + 1
             return None
         if not isinstance(start, int) or isinstance(start, bool) or start < 1:
-            raise ValueError(f"start must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+            raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
         head = await self._records_at(first)
         if head and head[1] and start < head[1][0].lsn:
             raise TruncatedError(start, head[1][0].lsn)

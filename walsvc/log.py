@@ -42,9 +42,9 @@ HEAD_SYNC_S = 0.1  # under always/batch, HEAD (and the durable LSN in it) is fsy
 def _start_empty_at(directory: Path, state: Recovered, info: RecoveryInfo, first_lsn: int) -> None:
     """Make a log with no segment start at `first_lsn` (the `first_lsn` option of `Log.open`)."""
     if list_segments(directory):
-        raise ValueError(f"first_lsn={first_lsn}: {directory} already holds segments; it only starts an empty log")
+        raise ConfigError("first_lsn", f"{directory} already holds segments; first_lsn only starts an empty log")
     if first_lsn < 1:
-        raise ValueError(f"first_lsn must be >= 1, not {first_lsn}")
+        raise ConfigError("first_lsn", f"must be >= 1, not {first_lsn}")
     state.next_lsn = info.first_lsn = first_lsn
 
 
@@ -117,7 +117,7 @@ class Log:
         if config is None:
             config = LogConfig.from_options(options)
         elif options:
-            raise TypeError("pass either config= or keyword options, not both")
+            raise ConfigError("config", "pass either config= or keyword options, not both")
         path = Path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
@@ -243,7 +243,7 @@ class Log:
             if lsn <= self._next_lsn:
                 if lsn == self._next_lsn:
                     return
-                raise ValueError(f"skip_to({lsn}): LSNs up to {self._next_lsn - 1} are already handed out")
+                raise ConfigError("lsn", f"skip_to({lsn}): LSNs up to {self._next_lsn - 1} are already handed out")
             seg = self._active
             marker = F.encode_frame(F.KIND_DATA, b"", 0, lsn, now_us())
             if seg.end + len(marker) > self.config.segment_bytes and seg.record_count:

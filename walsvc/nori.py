@@ -37,8 +37,8 @@ from crc32c import crc32c
 
 from .access import replace_file
 from .config import LogConfig
-from .errors import (CompressionUnavailableError, NoriDamageError, NoriFormatError, NoriImportRefusedError,
-                     RecordError)
+from .errors import (CompressionUnavailableError, ConfigError, NoriDamageError, NoriFormatError,
+                     NoriImportRefusedError, RecordError)
 from .frame import SEGMENT_MAGIC
 from .log import Log
 from .record import DEFAULT_MAX_RECORD_BYTES, Record, decode
@@ -493,7 +493,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
     if config is None:
         config = LogConfig.from_options(options)
     elif options:
-        raise TypeError("pass either config= or keyword options, not both")
+        raise ConfigError("config", "pass either config= or keyword options, not both")
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if src == dst:
         raise NoriImportRefusedError(f"{src} is both the nori-wal source and the walsvc destination")

@@ -131,7 +131,7 @@ class LogReader:
                 raise TruncatedError(start, first)
             self.next_lsn = start
         else:
-            raise ValueError(f"start must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+            raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
 
     def _open_segment_for(self, lsn: int) -> bool:
         """Open the segment holding `lsn`; False if there is none yet."""
@@ -456,7 +456,7 @@ class Reader:
     def commit(self, lsn: int) -> None:
         """Durably record that this named reader has processed everything up to `lsn`."""
         if self.name is None:
-            raise ValueError("only a named reader (Reader(..., name=...)) keeps a cursor")
+            raise ConfigError("name", "only a named reader (Reader(..., name=...)) keeps a cursor to commit")
         cursor.advance(self.directory, self.name, lsn)
 
     def lag(self) -> dict[str, int]:
