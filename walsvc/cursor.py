@@ -13,7 +13,6 @@ purpose.  Retention reads them so that it never deletes what a named reader stil
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import struct
@@ -21,9 +20,10 @@ from pathlib import Path
 
 from crc32c import crc32c
 
-from .access import make_dir, open_file, replace_file
+from .access import make_dir, replace_file
 from .errors import ConfigError, CursorBusyError, CursorError
 from .fsync import sync_dir
+from .lock import PidLock
 
 DIRNAME = "cursors"
 SUFFIX = ".cursor"
@@ -77,7 +77,7 @@ def load_all(directory: Path) -> dict[str, int]:
     return out
 
 
-class CursorLock:
+class CursorLock(PidLock):
     """Exclusive use of one named cursor, released by `release()` or by the process's death."""
 
     def __init__(self, directory: Path, name: str) -> None:
@@ -85,24 +85,8 @@ class CursorLock:
         if not cdir.is_dir():
             make_dir(cdir)
             sync_dir(Path(directory))
-        fd = open_file(cdir / (check_name(name) + LOCK_SUFFIX), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except ValueError:
-                pid = None
-            os.close(fd)
-            raise CursorBusyError(str(directory), name, pid) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        super().__init__(cdir / (check_name(name) + LOCK_SUFFIX),
+                         lambda pid: CursorBusyError(str(directory), name, pid))
 
 
 def advance(directory: Path, name: str, lsn: int) -> None:

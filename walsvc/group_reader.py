@@ -19,7 +19,7 @@ from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import load as load_endpoints
 from .errors import GroupError, LogClosedError, ServiceUnavailableError
-from .reader import LogReader, Reader
+from .reader import LogReader, Reader, wait_for_commit
 from .record import DEFAULT_MAX_RECORD_BYTES, Record
 
 REQUEST_TIMEOUT_S = 5.0
@@ -103,12 +103,7 @@ class GroupReader(Reader):
             wait = self.recheck_s if deadline is None else min(self.recheck_s, deadline - time.monotonic())
             if wait <= 0:
                 return []
-            if self._sub.poll(int(wait * 1000) + 1):
-                while True:
-                    try:
-                        self._sub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+            wait_for_commit(self._sub, wait)
 
     def _read(self, first: int, end: int) -> list[Record]:
         """Records first..end-1 from the files: every one of them is committed (the writer said so)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Callable
 
 from .access import open_file
 from .errors import LogLockedError
@@ -16,16 +17,22 @@ from .errors import LogLockedError
 NAME = "LOCK"
 
 
-class DirectoryLock:
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / NAME
-        fd = open_file(self.path, os.O_RDWR)
+class PidLock:
+    """An exclusive flock on `path` that records the holder's PID, so a refusal can name it: `busy(pid)`
+    builds the error to raise when another process holds the lock."""
+
+    def __init__(self, path: Path, busy: Callable[[int | None], Exception]) -> None:
+        self.path = path
+        fd = open_file(path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = holder_pid(directory)
+            try:
+                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except (ValueError, UnicodeDecodeError):
+                pid = None
             os.close(fd)
-            raise LogLockedError(str(directory), pid) from None
+            raise busy(pid) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -34,6 +41,13 @@ class DirectoryLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class DirectoryLock(PidLock):
+    """The writer's lock on the whole log directory."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory / NAME, lambda pid: LogLockedError(str(directory), pid))
 
 
 def holder_pid(directory: Path) -> int | None:

@@ -338,6 +338,18 @@ def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int
     return start
 
 
+def wait_for_commit(sub: zmq.Socket, wait_s: float) -> bool:
+    """Sleep until the writer's next commit message or `wait_s`; drain what came (the messages only wake a
+    reader: the bound is HEAD's).  True if any came."""
+    if not sub.poll(int(wait_s * 1000) + 1):
+        return False
+    while True:
+        try:
+            sub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return True
+
+
 class Reader:
     """A tailing reader for another process: reads the files itself, wakes on the writer's commits.
 
@@ -430,13 +442,7 @@ class Reader:
             wait = self.recheck_s if deadline is None else min(self.recheck_s, deadline - time.monotonic())
             if wait <= 0:
                 return []
-            if self._sub.poll(int(wait * 1000) + 1):
-                while True:
-                    try:
-                        self._sub.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-            elif self._endpoint is None or self.offline:
+            if not wait_for_commit(self._sub, wait) and (self._endpoint is None or self.offline):
                 self._connect()
 
     def __iter__(self) -> Iterator[Record]:
