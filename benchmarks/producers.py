@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import walsvc  # noqa: E402
 from walsvc.bench.walsvc_system import _writer  # noqa: E402
-from walsvc.reader import end_of_valid_data  # noqa: E402
+from walsvc.scan import end_of_valid_data  # noqa: E402
 
 
 def produce(directory: str, index: int, size: int, api: str, seconds: float, out: "multiprocessing.Queue") -> None:

@@ -32,7 +32,7 @@ import zmq  # noqa: E402
 
 from walsvc import protocol as P  # noqa: E402
 from walsvc.endpoints import load as load_endpoints  # noqa: E402
-from walsvc.reader import LogReader  # noqa: E402
+from walsvc.scan import LogReader  # noqa: E402
 from walsvc.record import Record  # noqa: E402
 
 READY_LINE = "walsvc writer ready"

@@ -196,7 +196,7 @@ def test_readers_and_verify_raise_on_a_damaged_value_in_the_log(open_log, tmp_pa
     raise CorruptionError and `verify` report it: never b"" (which every reader returned before)."""
     from walsvc.errors import CorruptionError
     from walsvc.inspect import verify
-    from walsvc.reader import LogReader
+    from walsvc.scan import LogReader
 
     good = _record(_with_size(VALUE), key=b"good")
     cut = _record(_no_size(VALUE)[:-4], key=b"cut")

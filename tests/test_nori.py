@@ -32,7 +32,7 @@ from walsvc import frame as F
 from walsvc.errors import LogLockedError, NoriDamageError, NoriFormatError, NoriImportRefusedError
 from walsvc.inspect import verify
 from walsvc.nori import MARKER, NoriScanner, import_nori, list_nori_segments, load_imports
-from walsvc.reader import LogReader
+from walsvc.scan import LogReader
 from walsvc.segment import list_segments
 
 OPTIONS = {"segment_bytes": MiB, "fsync": "os"}

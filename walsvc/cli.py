@@ -253,7 +253,7 @@ def _stop_at(args: argparse.Namespace) -> Callable[[int, int], bool]:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     from . import cursor
-    from .inspect import record_dict
+    from .record import record_dict
     from .reader import Reader
     cfg = _load(args)
     if args.name is not None:

@@ -19,7 +19,8 @@ from . import protocol as P
 from .config import Config, log_directory
 from .endpoints import load as load_endpoints
 from .errors import GroupError, LogClosedError, ServiceUnavailableError
-from .reader import LogReader, Reader, wait_for_commit
+from .reader import Reader, wait_for_commit
+from .scan import LogReader
 from .record import DEFAULT_MAX_RECORD_BYTES, Record
 
 REQUEST_TIMEOUT_S = 5.0

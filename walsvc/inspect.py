@@ -10,7 +10,6 @@ So "torn" and "corrupt" mean exactly what the next `Log.open` will decide.
 
 from __future__ import annotations
 
-import base64
 import os
 import struct
 import time
@@ -23,8 +22,8 @@ from . import frame as F
 from . import head as H
 from .config import GiB
 from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError, TruncatedError
-from .reader import LogReader, _OpenSegment, end_of_valid_data
-from .record import count_records, decode
+from .scan import LogReader, OpenSegment, end_of_valid_data
+from .record import count_records, decode, record_dict
 from .recovery import QUARANTINE, examine_stop, verify_sealed
 from .segment import (SUFFIX, FrameScanner, ScanStop, find_valid_header, is_zero_from, list_segments, read_header,
                       read_seal, segment_name)
@@ -554,23 +553,6 @@ def _bound(directory: Path) -> int | None:
     return None
 
 
-def _text(data: bytes, name: str, out: dict[str, Any]) -> None:
-    """UTF-8 text under `name`, other bytes base64 under `name_b64` (JSON-ready, as `walsvc tail --json`)."""
-    try:
-        out[name] = data.decode("utf-8")
-    except UnicodeDecodeError:
-        out[name + "_b64"] = base64.b64encode(data).decode()
-
-
-def record_dict(r: Any) -> dict[str, Any]:
-    """A record as `walsvc tail --json` and `walsvc dump` print it."""
-    out: dict[str, Any] = {"lsn": r.lsn, "timestamp": r.timestamp, "tombstone": r.tombstone, "ttl_ms": r.ttl_ms,
-                           "compression": r.compression, "version": list(r.version) if r.version else None}
-    _text(r.key, "key", out)
-    _text(r.value, "value", out)
-    return out
-
-
 def _frame_dict(segment: str, off: int, h: F.FrameHeader, data: memoryview) -> dict[str, Any]:
     out: dict[str, Any] = {
         "segment": segment, "offset": off, "kind": "seal" if h.kind == F.KIND_SEAL else "data",
@@ -615,7 +597,7 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
                                       f"{segment_name(next_base)} is gone", segment=segment_name(next_base),
                                       offset=0, lsn=next_base)
         try:
-            seg = _OpenSegment(base, path)
+            seg = OpenSegment(base, path)
         except FileNotFoundError:
             continue  # deleted by retention since the listing
         try:
@@ -647,7 +629,7 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
             seg.close()
 
 
-def _check_end(directory: Path, seg: _OpenSegment, stop: ScanStop | None, expected: int) -> None:
+def _check_end(directory: Path, seg: OpenSegment, stop: ScanStop | None, expected: int) -> None:
     """With no writer, the newest segment's scan stop must be where recovery would end the log."""
     if stop is None:
         return
@@ -683,4 +665,4 @@ def dump(directory: str | os.PathLike, start: int | str = "earliest", *,
         reader.close()
 
 
-__all__ = ["Problem", "VerifyReport", "dump", "record_dict", "verify"]
+__all__ = ["Problem", "VerifyReport", "dump", "verify"]

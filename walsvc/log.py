@@ -29,7 +29,7 @@ from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedE
 from .fsync import Syncer, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
-from .reader import LogReader, _OpenSegment
+from .scan import LogReader, OpenSegment
 from .record import Record, encode_many, implementation
 from .recovery import Recovered, RecoveryInfo, recover
 from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
@@ -345,7 +345,7 @@ class Log:
     def _load_sealed(self) -> list[retention.SealedSegment]:
         out = []
         for base, path in list_segments(self.directory)[:-1]:
-            seg = _OpenSegment(base, path)
+            seg = OpenSegment(base, path)
             try:
                 seal = seg.seal[0] if seg.seal else None
                 out.append(retention.SealedSegment(base, seal.last_lsn if seal else base, seg.size,

@@ -345,7 +345,7 @@ def dump_nori(directory: str | os.PathLike, *, max_record_bytes: int = DEFAULT_M
               ) -> Iterator[dict[str, Any]]:
     """The records of a nori-wal directory as JSON-ready dicts: segment, offset, bytes (stored size), then the
     fields `walsvc dump` shows (tombstone, ttl_ms, compression, version, key/value text or base64)."""
-    from .inspect import record_dict
+    from .record import record_dict
     for item in NoriScanner(directory, max_record_bytes=max_record_bytes, skip_damaged=skip_damaged,
                             on_issue=on_issue):
         out: dict[str, Any] = {"segment": item.segment, "offset": item.offset, "bytes": len(item.data)}

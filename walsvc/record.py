@@ -14,10 +14,11 @@ implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns th
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from crc32c import crc32c
 
@@ -570,4 +571,21 @@ def decode_payload_py(buf: bytes, base_lsn: int, count: int, timestamp: int, fir
         lsn += 1
     if lsn - base_lsn != count:
         raise InvalidRecordError(f"batch holds {lsn - base_lsn} records, its header says {count}", lsn=base_lsn)
+    return out
+
+
+def _text(data: bytes, name: str, out: dict[str, Any]) -> None:
+    """UTF-8 text under `name`, other bytes base64 under `name_b64` (JSON-ready, as `walsvc tail --json`)."""
+    try:
+        out[name] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        out[name + "_b64"] = base64.b64encode(data).decode()
+
+
+def record_dict(r: Record) -> dict[str, Any]:
+    """A record as `walsvc tail --json` and `walsvc dump` print it (docs/PROTOCOL.md, "Records as JSON lines")."""
+    out: dict[str, Any] = {"lsn": r.lsn, "timestamp": r.timestamp, "tombstone": r.tombstone, "ttl_ms": r.ttl_ms,
+                           "compression": r.compression, "version": list(r.version) if r.version else None}
+    _text(r.key, "key", out)
+    _text(r.value, "value", out)
     return out

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .head import HeadReader
-from .reader import LogReader, end_of_valid_data
+from .scan import LogReader, end_of_valid_data
 from .segment import list_segments
 
 

@@ -44,7 +44,7 @@ def offline_status(directory: Path) -> dict[str, Any]:
     from .cursor import load_all
     from .head import HeadReader
     from .logid import load as load_log_id
-    from .reader import end_of_valid_data
+    from .scan import end_of_valid_data
     from .segment import list_segments
     segments = list_segments(directory)
     head = HeadReader(directory).read()

@@ -106,7 +106,7 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def _count(directory: Path) -> int:
-    from walsvc.reader import end_of_valid_data
+    from walsvc.scan import end_of_valid_data
     return end_of_valid_data(directory) - 1
 
 

@@ -1,0 +1,318 @@
+"""Reading the log from its files: any process, read-only, no lock, up to a bound (the storage layer).
+
+`LogReader` walks frames across segments in LSN order and hands out whole batches of records.  It never
+returns a record above its bound (the committed LSN), never a partial or unchecked one (each frame's CRC is
+checked before its records are decoded), and holds at most one scan chunk plus one frame in memory.  It keeps
+its segment's descriptor open, so retention can delete files under it without harm.  No sockets: the
+service's tailing `Reader` (walsvc/reader.py) drives it, and so do the embedded `Log`, verify and dump.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import frame as F
+from .errors import (CompressionUnavailableError, ConfigError, CorruptionError, LogClosedError,
+                     MissingSegmentError, RecordError, TruncatedError)
+from .head import load as load_head
+from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
+from .recovery import examine_stop
+from .segment import FrameScanner, ScanStop, is_zero_from, list_segments, read_header, read_seal, segment_name
+
+Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read up to where recovery would end
+WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)
+
+
+class OpenSegment:
+    def __init__(self, base_lsn: int, path: Path, written_end: WrittenEnd | None = None) -> None:
+        self.base_lsn = base_lsn
+        self.path = path
+        self._written_end = written_end
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self.size = os.fstat(self.fd).st_size
+            read_header(self.fd)
+            self.seal = read_seal(self.fd, self.size)
+        except RecordError as exc:
+            os.close(self.fd)
+            raise CorruptionError(f"unreadable segment: {exc.detail}", segment=path.name, offset=0) from None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.scanner = FrameScanner(self.fd, F.SEGMENT_HEADER_SIZE, self._limit())
+
+    def seek(self, lsn: int) -> None:
+        """Start scanning at the indexed frame nearest below `lsn` (sealed segments carry an index)."""
+        if self.seal is None:
+            return
+        index = self.seal[0].index
+        i = bisect.bisect_right(index, (lsn, 1 << 64)) - 1
+        if i >= 0:
+            self.scanner.offset = index[i][1]
+
+    def _limit(self) -> int:
+        """Where scanning stops: the file's end, or in the active segment the end of what the writer has
+        written, so a tailing reader reads new frames, not megabytes of preallocated zeros."""
+        hint = self._written_end() if self._written_end is not None and self.seal is None else None
+        if hint is not None and hint[0] == self.base_lsn:
+            return min(self.size, max(hint[1], F.SEGMENT_HEADER_SIZE))
+        return self.size
+
+    def refresh(self) -> None:
+        """Forget buffered bytes and re-read the size: the writer may have written more since."""
+        self.size = os.fstat(self.fd).st_size
+        self.scanner.limit = self._limit()
+        self.scanner.stop = None
+        self.scanner._buf = b""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _header_pending(path: Path) -> bool:
+    """True while the newest segment has no valid header and nothing after it: the writer creates and
+    preallocates the file before writing its header, so a reader listing the directory may see it between
+    (and after a power cut, recovery drops such a file: it never held a frame)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        head = os.pread(fd, F.SEGMENT_HEADER_SIZE, 0)
+        if F.is_zero(head):
+            return True
+        try:
+            F.decode_segment_header(head)
+            return False
+        except RecordError:
+            return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+class LogReader:
+    """Records from `start` ("earliest", "latest" or an LSN) onwards, in order, up to `bound()`."""
+
+    BATCH_RECORDS = 4096
+    BATCH_BYTES = 4 << 20  # with large records, a batch ends after this much payload (one frame at least)
+
+    def __init__(self, directory: str | os.PathLike, start: int | str = "earliest", *, bound: Bound | None = None,
+                 written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
+        self.directory = Path(directory)
+        self._bound = bound or (lambda: None)
+        self._written_end = written_end
+        self.max_record_bytes = max_record_bytes
+        self.max_batch_bytes = max_batch_bytes  # what one batch may decompress to, as its writer allowed
+        self._seg: OpenSegment | None = None
+        self._retried = False
+        self._batch_bytes = 0
+        self._closed = False
+        segments = list_segments(self.directory)
+        first = segments[0][0] if segments else 1
+        if start == "earliest":
+            self.next_lsn = first
+        elif start == "latest":
+            committed = self._bound()
+            self.next_lsn = committed + 1 if committed is not None else end_of_valid_data(self.directory)
+        elif isinstance(start, int) and not isinstance(start, bool) and start >= 1:
+            if segments and start < first:
+                raise TruncatedError(start, first)
+            self.next_lsn = start
+        else:
+            raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+
+    def _open_segment_for(self, lsn: int) -> bool:
+        """Open the segment holding `lsn`; False if there is none yet."""
+        segments = list_segments(self.directory)
+        if not segments:
+            return False
+        i = bisect.bisect_right([b for b, _ in segments], lsn) - 1
+        if i < 0:
+            raise TruncatedError(lsn, segments[0][0])
+        if i == len(segments) - 1 and _header_pending(segments[i][1]):
+            return False
+        self._seg = self._open(lsn, *segments[i])
+        self._seg.seek(lsn)
+        return True
+
+    def _next_segment(self, next_lsn: int) -> bool:
+        """Move past a sealed segment to the one starting at `next_lsn`; False if it is not there yet.
+
+        A seal names the next segment's base LSN exactly, so finding a later one instead means retention
+        deleted it before we got there: TruncatedError, never a silent gap.
+        """
+        segments = list_segments(self.directory)
+        for i, (base, path) in enumerate(segments):
+            if base >= next_lsn:
+                if base > next_lsn:
+                    if self._seg.path.exists():
+                        # Ours is still listed, and retention deletes oldest first: the next one was not
+                        # deleted by retention, it is missing.  (Checked after listing, so no race.)
+                        raise MissingSegmentError(
+                            f"LSNs {next_lsn}..{base - 1} are missing: segment {segment_name(next_lsn)} is gone, "
+                            f"but the one before it ({self._seg.path.name}) is still there",
+                            segment=segment_name(next_lsn), offset=0, lsn=next_lsn)
+                    raise TruncatedError(next_lsn, base)
+                if i == len(segments) - 1 and _header_pending(path):
+                    return False
+                seg = self._open(next_lsn, base, path)  # before closing ours: a failure must not leave it closed
+                self._seg.close()
+                self._seg = seg
+                return True
+        return False
+
+    def _open(self, lsn: int, base: int, path: Path) -> OpenSegment:
+        """Open a segment we just listed; if retention deleted it meanwhile, `lsn` is truncated."""
+        try:
+            return OpenSegment(base, path, self._written_end)
+        except FileNotFoundError:
+            segments = list_segments(self.directory)
+            raise TruncatedError(lsn, segments[0][0] if segments else lsn) from None
+
+    def read_batch(self) -> list[Record]:
+        """The committed records available now, from `next_lsn` on (whole frames, up to BATCH_RECORDS
+        records or BATCH_BYTES of payload, so memory stays bounded whatever the record size); [] when
+        caught up."""
+        if self._closed:
+            raise LogClosedError("reader is closed")
+        bound = self._bound()
+        if bound is not None and self.next_lsn > bound:
+            return []
+        if self._seg is None and not self._open_segment_for(self.next_lsn):
+            return []
+        out: list[Record] = []
+        self._batch_bytes = 0
+        while len(out) < self.BATCH_RECORDS and self._batch_bytes < self.BATCH_BYTES:
+            try:
+                records = self._step(bound)
+            except (CorruptionError, TruncatedError):
+                if out:  # hand out the good records before the damage; the next call raises again
+                    break
+                raise
+            if records is None:
+                break
+            out.extend(records)
+        return out
+
+    def _step(self, bound: int | None) -> list[Record] | None:
+        """One frame: its wanted records ([] after skipping or changing segment), None when nothing more
+        can be read now."""
+        seg = self._seg
+        for off, h, data in seg.scanner:
+            if h.kind == F.KIND_SEAL:
+                seg.scanner.offset = off  # stay on the seal until the next segment opens (an error retries)
+                if self._next_segment(h.base_lsn):
+                    return []
+                return None
+            if bound is not None and h.base_lsn > bound:
+                seg.scanner.offset = off
+                return None
+            if h.end_lsn <= self.next_lsn:
+                return []
+            try:
+                payload_at = seg.scanner.view_pos + F.FRAME_HEADER_SIZE
+                records = decode_payload(seg.scanner.view_buf, h.base_lsn, h.count, h.timestamp_us, self.next_lsn,
+                                         start=payload_at, end=payload_at + h.payload_len,
+                                         max_record_bytes=self.max_record_bytes,
+                                         max_batch_bytes=self.max_batch_bytes)
+            except CompressionUnavailableError:
+                seg.scanner.offset = off
+                raise  # not damage: this reader lacks a codec package (the message says which)
+            except RecordError as exc:
+                seg.scanner.offset = off  # stay on the bad frame: a retry must raise again, not skip it
+                raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,
+                                      lsn=h.base_lsn) from None
+            self.next_lsn = h.end_lsn
+            self._batch_bytes += h.payload_len
+            self._retried = False
+            return records
+        stop = seg.scanner.stop
+        resume = stop.offset if stop is not None else seg.scanner.offset
+        if seg.seal is not None and stop is not None:
+            raise CorruptionError(stop.error.detail, segment=seg.path.name, offset=stop.offset, lsn=self.next_lsn)
+        if bound is None and seg.seal is None:
+            self._check_offline_stop(seg, stop, resume)
+        if bound is None or self.next_lsn > bound or not self._retried:
+            # End of what is visible: no writer (read what is valid), or our buffer or size is older than
+            # the committed bound (try once more with fresh bytes).
+            self._retried = bound is not None and self.next_lsn <= bound
+            seg.refresh()
+            seg.scanner.offset = resume
+            return [] if self._retried else None
+        raise CorruptionError(f"{stop.error.detail if stop else 'data ends'} below the committed LSN {bound}",
+                              segment=seg.path.name, offset=resume, lsn=self.next_lsn)
+
+    def _check_offline_stop(self, seg: OpenSegment, stop: ScanStop | None, resume: int) -> None:
+        """With no writer, the log ends where recovery would end it: raise unless this stop is that end.
+
+        Recovery's own rule decides (`recovery.examine_stop`, with HEAD's durable LSN): a clean end or a
+        torn tail in the newest segment is the end; anything else is damage, and so is an unsealed segment
+        with later segments after it (a damaged or missing seal).
+        """
+        segments = list_segments(self.directory)
+        newest = segments[-1][0] if segments and seg.path.exists() else seg.base_lsn
+        seg.size = os.fstat(seg.fd).st_size
+        if read_seal(seg.fd, seg.size) is not None:
+            return  # sealed since we opened it (a writer sealed it and exited): the next scan meets the seal
+        if stop is None and resume < seg.size and newest == seg.base_lsn:
+            return  # the file grew since the scan: read on
+        head = load_head(self.directory)
+        verdict = examine_stop(seg.fd, stop, seg.size, self.next_lsn, newest == seg.base_lsn,
+                               head.durable_lsn if head is not None else None)
+        if verdict == "corrupt":
+            detail = stop.error.detail if stop is not None else "segment ends without a seal"
+            if newest != seg.base_lsn:
+                detail += ", and it is not sealed although later segments exist (a damaged or missing seal)"
+            else:
+                detail += ", and intact data follows, so this is not the end of the log"
+            raise CorruptionError(f"{detail}; with no writer running, this reader stops here rather than skip it",
+                                  segment=seg.path.name, offset=resume, lsn=self.next_lsn)
+
+    def __iter__(self) -> Iterator[Record]:
+        """Every record available now, then stop (`walsvc.Reader` is the one that waits for more)."""
+        while True:
+            batch = self.read_batch()
+            if not batch:
+                return
+            yield from batch
+
+    def position(self) -> tuple[int, int] | None:
+        """(base LSN of the segment being read, byte offset of the next frame), or None before the first."""
+        if self._seg is None:
+            return None
+        return self._seg.base_lsn, self._seg.scanner.offset
+
+    def close(self) -> None:
+        if self._seg is not None:
+            self._seg.close()
+            self._seg = None
+        self._closed = True
+
+    def __enter__(self) -> "LogReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def end_of_valid_data(directory: Path) -> int:
+    """One past the last valid LSN on disk, from the last segment only (its seal, or a scan of its frames)."""
+    segments = list_segments(directory)
+    if not segments:
+        return 1
+    seg = OpenSegment(*segments[-1])
+    try:
+        if seg.seal is not None:
+            return seg.seal[0].next_lsn
+        end = seg.base_lsn
+        for _, h, _ in seg.scanner:
+            end = h.end_lsn
+        return end
+    finally:
+        seg.close()
+
+
