@@ -1,7 +1,8 @@
 """Retention: which sealed segments to delete, oldest first, never leaving a hole.
 
-The pure decision (`select`; `Log.apply_retention` deletes, under the fail-stop rules).  A segment goes when the log is over `max_bytes` or the
-segment is older than `max_age_s` (by its seal time, so every record in it is older), but not while a named
+The pure decision (`select`; `Log.apply_retention` deletes, under the fail-stop rules).  A segment goes
+when the log is over `max_bytes` or the segment is older than `max_age_s` (by its seal time, so every
+record in it is older), but not while a named
 reader's cursor still needs it, unless that reader lags by more than `max_cursor_lag_bytes`: an abandoned
 reader must not fill the disk (the replication-slot failure PostgreSQL users know).
 """
