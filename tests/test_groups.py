@@ -122,3 +122,19 @@ def test_a_group_needs_a_running_writer(tmp_path: Path) -> None:
     walsvc.Log.open(tmp_path / "wal").close()
     with pytest.raises(ServiceUnavailableError, match="needs a running writer"):
         walsvc.Reader(tmp_path / "wal", group="g", consumer="a")
+
+
+def test_a_failed_group_cursor_store_stops_the_log(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(10)])]
+    # The writer replaces the cursor through a temp file: a directory in its place makes that open fail (EISDIR).
+    (d / "cursors").mkdir(exist_ok=True)
+    (d / "cursors" / f".g.cursor.{writer.pid}.tmp").mkdir()
+    with walsvc.Reader(d, group="g", consumer="a") as member:
+        assert len(member.poll(5)) == 10
+        member.commit(10)
+        stopped = wait_for(lambda: status(d)["stopped"], 10, "the log to stop")
+    assert stopped["operation"].startswith("group cursor store (g)"), stopped
+    assert writer.running() and status(d)["stopped"] == stopped  # still answering, with the reason

@@ -384,11 +384,15 @@ class Writer:
         """Store each moved group position as the group's cursor, at most every GROUP_STORE_S: an fsync per
         ack would cap a group at a few hundred acks/s; a crash redelivers at most that window's records."""
         now = time.monotonic()
-        if not force and now - self._groups_stored_at < GROUP_STORE_S:
+        if (not force and now - self._groups_stored_at < GROUP_STORE_S) or self.log.stop_reason is not None:
             return
         self._groups_stored_at = now
         for name, position in self.groups.take_moved().items():
-            cursor.store(self.directory, name, position - 1)
+            try:
+                cursor.store(self.directory, name, position - 1)
+            except OSError as exc:  # a write-path I/O error like any other: fail-stop, never retried
+                self.log.stop(f"group cursor store ({name})", exc)
+                return
 
     # -- loop ------------------------------------------------------------------------------------------
 
