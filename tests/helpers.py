@@ -70,6 +70,46 @@ def run_cli(*args: str, input: str | bytes | None = None, timeout: float = 60.0,
                           cwd=REPO_ROOT, env=python_env())
 
 
+def run_with_terminal_stderr(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """`python -m walsvc ARGS` with stderr on a pseudo-terminal (80x24), as a person at a terminal runs it;
+    returns (exit code, stdout, what the terminal showed).  Skips the test where no pty can be opened."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    import pytest
+    try:
+        master, slave = pty.openpty()
+    except OSError as exc:  # a container without /dev/ptmx
+        pytest.skip(f"no pseudo-terminal: {exc}")
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0x0: tqdm hides
+    proc = subprocess.Popen(walsvc_cmd(*args), stdout=subprocess.PIPE, stderr=slave, cwd=REPO_ROOT,
+                            env=python_env())
+    os.close(slave)
+    stdout_fd = proc.stdout.fileno()
+    out = {master: b"", stdout_fd: b""}
+    open_fds = set(out)
+    while open_fds:  # read both, or a child writing much to stdout blocks on the full pipe
+        ready = select.select(list(open_fds), [], [], timeout)[0]
+        if not ready:
+            break
+        for fd in ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            if chunk:
+                out[fd] += chunk
+            else:
+                open_fds.discard(fd)
+    os.close(master)
+    proc.wait(timeout)
+    proc.stdout.close()
+    return proc.returncode, out[stdout_fd].decode(errors="replace"), out[master].decode(errors="replace")
+
+
 # -- the writer process ------------------------------------------------------------------------------------
 
 class WriterProcess:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MiB
-from helpers import REPO_ROOT, python_env, run_cli, walsvc_cmd
+from helpers import REPO_ROOT, python_env, run_cli, run_with_terminal_stderr
 
 import walsvc
 from walsvc import frame as F
@@ -202,32 +202,15 @@ def test_import_keeps_every_field_and_byte(tmp_path: Path, vectors: dict) -> Non
 
 
 def test_progress_on_a_terminal(tmp_path: Path) -> None:
-    import pty
     src, dst = tmp_path / "nori", tmp_path / "wal"
     src.mkdir()
     for i in range(3):
         write_segment(src / f"{i:06d}.wal", [nori(b"k%d" % j, b"v" * 1000) for j in range(1500)])
-    try:
-        master, slave = pty.openpty()
-    except OSError as exc:  # a container without /dev/ptmx
-        pytest.skip(f"no pseudo-terminal: {exc}")
-    proc = subprocess.Popen(walsvc_cmd("import-nori", src, "--dir", dst, "--config", config_file(tmp_path)),
-                            stdout=subprocess.PIPE, stderr=slave, cwd=REPO_ROOT, env=python_env())
-    os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(master)
-    stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
-    assert b"checking" in shown and b"importing" in shown and b"100%, 4500 records" in shown, shown
-    assert b"imported 3 segments, 4500 records" in stdout
+    rc, stdout, shown = run_with_terminal_stderr("import-nori", str(src), "--dir", str(dst), "--config",
+                                                 str(config_file(tmp_path)))
+    assert rc == 0
+    assert "checking" in shown and "importing" in shown and "100%, 4500 records" in shown, shown
+    assert "imported 3 segments, 4500 records" in stdout
 
 
 def test_dump_nori_shows_records_by_segment_and_offset(tmp_path: Path, vectors: dict) -> None:
