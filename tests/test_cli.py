@@ -259,3 +259,17 @@ def test_up_runs_workers_and_exits_0(tmp_path: Path) -> None:
     records = read_log(d)
     assert len(records) == acked
     assert {r.key[:3] for r in records} == {b"w00", b"w01"}
+
+
+def test_bench_outside_a_checkout_says_where_the_suite_is(tmp_path: Path) -> None:
+    """The benchmark suite is not installed: an installed copy of the package (here: the package alone,
+    copied away from the checkout) refuses `walsvc bench` with the way to run it, instead of a traceback."""
+    import shutil
+    shutil.copytree(REPO_ROOT / "walsvc", tmp_path / "site" / "walsvc")
+    env = python_env()
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    proc = subprocess.run([*walsvc_cmd(), "bench", "--quick"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "benchmark suite is in the source checkout" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bench-results").exists()

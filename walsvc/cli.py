@@ -442,8 +442,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                record_bytes=args.record_bytes, workers_dir=args.workers)
 
 
+def find_benchmarks() -> Path:
+    """The checkout holding `benchmarks/suite/`: the suite is not installed with the package (it needs Redis,
+    SQLite and a source tree to compare), so look in the working directory, its parents and beside the code."""
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents, Path(__file__).resolve().parent.parent):
+        if (root / "benchmarks" / "suite" / "run.py").is_file():
+            return root
+    raise ConfigError("bench", "the benchmark suite is in the source checkout, not in the installed package: "
+                      "run `walsvc bench` inside a walsvc checkout (or `python benchmarks/run.py` there)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.run import main as bench_main
+    sys.path.insert(0, str(find_benchmarks()))
+    from benchmarks.suite.run import main as bench_main
     argv = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--runs", str(args.runs)] if args.runs else [])
     return bench_main(argv) or 0
 
@@ -580,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long, a hard bound (default: until Ctrl-C)")
     p.add_argument("--record-bytes", type=_positive, default=100)
     p.add_argument("--fsync", choices=["always", "batch", "os"])
-    p.add_argument("--workers", help="directory of worker programs (default: ./workers or the installed copy)")
+    p.add_argument("--workers", help="a directory with your own producer_worker.py and consumer_worker.py "
+                   "(default: the built-in walsvc.workers)")
     p.set_defaults(func=cmd_up)
 
     def stream_flags(p: argparse.ArgumentParser) -> None:
@@ -613,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-id", help="restore only this log's records (when several share the subject)")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite")
+    p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite (from a source checkout)")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--runs", type=_positive, default=0)
