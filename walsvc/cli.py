@@ -69,24 +69,21 @@ def _lsn(value: str) -> int:
     return lsn
 
 
-def _seconds(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not 0 <= s < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return s
+def _not_negative(convert: Callable[[str], Any], noun: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, refusing what is not a `noun` and what is negative or infinite."""
+    def parse(value: str) -> Any:
+        try:
+            n = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {value!r}") from None
+        if not 0 <= n < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+        return n
+    return parse
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
+_seconds = _not_negative(float, "a number of seconds")
+_count = _not_negative(int, "a whole number")
 
 
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
@@ -478,7 +475,7 @@ def _range_flags(p: argparse.ArgumentParser) -> None:
     start.add_argument("--from-time", type=_time, metavar="ISO8601",
                        help="start at the first record written at or after this time")
     p.add_argument("--to", type=_lsn, metavar="LSN", help="stop after this LSN")
-    p.add_argument("--limit", type=_positive, help="stop after this many records (frames with --frames)")
+    p.add_argument("--limit", type=_count, help="stop after this many records (frames with --frames)")
 
 
 def _sink(args: argparse.Namespace) -> Any:
@@ -542,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
     p.add_argument("--delete", action="store_true",
                    help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
-    p.add_argument("--ttl", dest="ttl_ms", type=_positive, metavar="MS",
+    p.add_argument("--ttl", dest="ttl_ms", type=_count, metavar="MS",
                    help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
 
@@ -586,11 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cursors)
 
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
-    p.add_argument("--producers", type=_positive, default=2)
-    p.add_argument("--consumers", type=_positive, default=1)
+    p.add_argument("--producers", type=_count, default=2)
+    p.add_argument("--consumers", type=_count, default=1)
     p.add_argument("--seconds", type=_seconds, default=0.0,
                    help="stop after this long, a hard bound (default: until Ctrl-C)")
-    p.add_argument("--record-bytes", type=_positive, default=100)
+    p.add_argument("--record-bytes", type=_count, default=100)
     p.add_argument("--fsync", choices=["always", "batch", "os"])
     p.add_argument("--workers", help="a directory with your own producer_worker.py and consumer_worker.py "
                    "(default: the built-in walsvc.workers)")
@@ -606,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="mirror", help="the mirror's cursor name (default mirror)")
     p.add_argument("--packed", action="store_true", help="one message per walsvc batch instead of per record")
     p.add_argument("--create", action="store_true", help="create the stream if it does not exist")
-    p.add_argument("--replicas", type=_positive, default=3, help="replicas of a created stream (default 3)")
+    p.add_argument("--replicas", type=_count, default=3, help="replicas of a created stream (default 3)")
     p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
     p.add_argument("--max-age", type=float, default=0.0, help="created stream's max age in seconds (0: none)")
     p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
@@ -614,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
     p.add_argument("--open-timeout", type=float, default=60.0,
                    help="seconds to wait for NATS and the stream at start before giving up (default 60)")
-    p.add_argument("--window", type=_positive, default=256, help="publishes in flight (default 256)")
+    p.add_argument("--window", type=_count, default=256, help="publishes in flight (default 256)")
     p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
     p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")
     p.add_argument("--from", dest="start", type=_start, default="earliest", help="start of a new cursor")
@@ -629,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite (from a source checkout)")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--runs", type=_positive, default=0)
+    p.add_argument("--runs", type=_count, default=0)
     p.set_defaults(func=cmd_bench)
     return parser
 
