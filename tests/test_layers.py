@@ -17,7 +17,7 @@ LAYERS = {
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "log", "logid",
         "seek", "nori"},
     2: {"endpoints", "writer", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
-    3: {"cli", "inspect", "status", "up", "__main__", "bench"},
+    3: {"cli", "verify", "status", "up", "__main__", "bench"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 NAMES = ["codecs", "storage", "service", "tools"]

@@ -327,7 +327,7 @@ def _progress_bar(what: str, unit: str = "segment") -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify
+    from .verify import verify
     cfg = _load(args)
     bar = _progress_bar(f"verify {cfg.directory}")
 
@@ -346,7 +346,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .inspect import dump
+    from .verify import dump
     cfg = _load(args)
     if args.nori is not None:
         return _dump_nori(args, cfg)

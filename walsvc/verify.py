@@ -1,4 +1,4 @@
-"""Offline inspection: `verify` checks a log directory, `dump` lists its records or frames.
+"""Offline checks: `verify` checks a log directory, `dump` lists its records or frames.
 
 Both are read-only and safe on a live log: they never take the LOCK, never write, rename or delete a file, and
 open everything with O_RDONLY.  The committed LSN they respect comes from the HEAD file (see docs/FORMAT.md).
