@@ -13,7 +13,8 @@ PACKAGE = ROOT / "walsvc"
 
 # Module -> layer.  Codecs and pure decisions: bytes and values in and out, no files, sockets or threads.
 LAYERS = {
-    0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest"},
+    0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest",
+        "repair"},
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "log", "logid",
         "seek", "nori"},
     2: {"endpoints", "writer", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},

@@ -286,7 +286,7 @@ class Log:
         """HEAD first: a commit counts only once readers can see it (so a failed update acks nothing).
 
         HEAD's durable LSN is written only after the data it names is durable, so it never claims too much;
-        recovery treats damage past it as an unsynced tail (recovery.classify).  Fsyncing HEAD on every
+        recovery treats damage past it as an unsynced tail (repair.classify).  Fsyncing HEAD on every
         commit would double the fsyncs (measured: about half the throughput under `always`), so under
         always/batch it is fsynced at most every HEAD_SYNC_S: on disk it lags the acks by that much."""
         now = time.monotonic()

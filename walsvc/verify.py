@@ -22,9 +22,9 @@ from . import frame as F
 from . import head as H
 from .config import GiB
 from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError, TruncatedError
-from .scan import LogReader, OpenSegment, end_of_valid_data
+from .scan import LogReader, OpenSegment, end_of_valid_data, examine_stop
 from .record import count_records, decode, record_dict
-from .recovery import QUARANTINE, examine_stop, verify_sealed
+from .recovery import QUARANTINE, verify_sealed
 from .segment import (SUFFIX, FrameScanner, ScanStop, find_valid_header, is_zero_from, list_segments, read_header,
                       read_seal, segment_name)
 
