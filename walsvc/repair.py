@@ -201,7 +201,8 @@ def plan_segment(scan: SegmentScan, *, is_last: bool, durable_lsn: int | None, t
             next_lsn = max(next_lsn, stop.max_end_lsn_after)
             save = (stop.offset, stop.data_end)
         return Plan(found, Cut(stop.offset, stop.data_end, next_lsn, save, False), where, stop.detail)
-    detail = stop.detail if stop is not None else NOT_SEALED
+    clean = stop is None or (stop.header is None and stop.zeros_after)  # the data ends well, but no seal
+    detail = NOT_SEALED if clean else stop.detail
     if not truncate:
         return Plan(found, Refuse(detail, where, expected, True), where, detail)
     next_lsn = max(later_end_lsn, stop.max_end_lsn_after if stop is not None else 0, expected)

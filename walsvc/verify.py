@@ -26,7 +26,7 @@ from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordErr
 from .scan import LogReader, OpenSegment, end_of_valid_data, examine_stop, scan_segment
 from .record import count_records, decode, record_dict
 from .recovery import QUARANTINE, verify_sealed
-from .repair import Cut, Plan, Refuse, SegmentScan, Stop, Verdict, header_never_written, plan_segment
+from .repair import NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, header_never_written, plan_segment
 from .segment import (SUFFIX, ScanStop, find_valid_header, is_zero_from, list_segments, read_header, read_seal,
                       segment_name)
 
@@ -487,7 +487,7 @@ class _Verifier:
                 res.notes.append(f"{name} offset {where}: {detail}")
             return
         detail = plan.detail
-        if scan.stop is not None:
+        if detail != NOT_SEALED:
             detail += "; valid data follows, so this is corruption, not a torn tail"
         res.issues.append(Problem(detail, name, where, expected))
 
