@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from crc32c import crc32c
 
@@ -69,8 +70,10 @@ class Recovered:
     producers: dict[int, collections.deque] = field(default_factory=dict)
 
 
-def _merge_window(producers: dict[int, collections.deque], pid: int, entries: list[F.Appended],
-                  window: int) -> None:
+def remember_batches(producers: dict[int, collections.deque], pid: int, entries: Iterable[F.Appended],
+                     window: int) -> None:
+    """Add batches to a producer's deduplication window: its last `window` batches, oldest first (the log
+    keeps it on append, recovery rebuilds it from seals and frames)."""
     q = producers.get(pid)
     if q is None:
         q = producers[pid] = collections.deque(maxlen=window)
@@ -210,7 +213,7 @@ def _trust_seal(seal: F.Seal, info: RecoveryInfo, state: Recovered, cfg: LogConf
     info.sealed_segments += 1
     info.records_valid += seal.record_count
     for pid, entries in seal.producers.items():
-        _merge_window(state.producers, pid, entries, cfg.producer_window)
+        remember_batches(state.producers, pid, entries, cfg.producer_window)
     if seal.record_count:
         info.last_lsn = seal.last_lsn
     return seal.next_lsn
@@ -221,8 +224,8 @@ def _note_frame(seg: ActiveSegment, state: Recovered, cfg: LogConfig, off: int, 
     """An intact frame of the segment being recovered: its checksum, index entry and producer window."""
     seg.note_frame(off, (data,), h.base_lsn, h.count, cfg.index_interval_bytes)
     if h.producer_id:
-        _merge_window(state.producers, h.producer_id, [F.Appended(h.producer_seq, h.base_lsn, h.count)],
-                      cfg.producer_window)
+        remember_batches(state.producers, h.producer_id, (F.Appended(h.producer_seq, h.base_lsn, h.count),),
+                         cfg.producer_window)
 
 
 def _finish_seal(fd: int, action: FinishSeal) -> None:

@@ -200,19 +200,7 @@ class LogReader:
         self._retried = False
         self._batch_bytes = 0
         self._closed = False
-        segments = list_segments(self.directory)
-        first = segments[0][0] if segments else 1
-        if start == "earliest":
-            self.next_lsn = first
-        elif start == "latest":
-            committed = self._bound()
-            self.next_lsn = committed + 1 if committed is not None else end_of_valid_data(self.directory)
-        elif isinstance(start, int) and not isinstance(start, bool) and start >= 1:
-            if segments and start < first:
-                raise TruncatedError(start, first)
-            self.next_lsn = start
-        else:
-            raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+        self.next_lsn = resolve_start(self.directory, start, self._bound())
 
     def _open_segment_for(self, lsn: int) -> bool:
         """Open the segment holding `lsn`; False if there is none yet."""
@@ -386,6 +374,22 @@ class LogReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def resolve_start(directory: Path, start: int | str, committed: int | None) -> int:
+    """The first LSN to read for `start`: "earliest" (the oldest segment's base), "latest" (after the
+    committed LSN, or with no writer after the last valid record) or an LSN still in the log."""
+    segments = list_segments(directory)
+    first = segments[0][0] if segments else 1
+    if start == "earliest":
+        return first
+    if start == "latest":
+        return committed + 1 if committed is not None else end_of_valid_data(directory)
+    if isinstance(start, int) and not isinstance(start, bool) and start >= 1:
+        if segments and start < first:
+            raise TruncatedError(start, first)
+        return start
+    raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
 
 
 def end_of_valid_data(directory: Path) -> int:

@@ -22,8 +22,8 @@ from . import cursor as C
 from . import frame as F
 from . import head as H
 from .config import GiB
-from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError, TruncatedError
-from .scan import LogReader, OpenSegment, end_of_valid_data, examine_stop, scan_segment
+from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError
+from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment
 from .record import count_records, decode, record_dict
 from .recovery import QUARANTINE, verify_sealed
 from .repair import NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, header_never_written, plan_segment
@@ -581,22 +581,9 @@ def _frame_dict(segment: str, off: int, h: F.FrameHeader, data: memoryview) -> d
     return out
 
 
-def _resolve_start(start: int | str, segments: list[tuple[int, Path]], bound: int | None,
-                   directory: Path) -> int:
-    if start == "earliest":
-        return segments[0][0] if segments else 1
-    if start == "latest":
-        return bound + 1 if bound is not None else end_of_valid_data(directory)
-    if isinstance(start, int) and not isinstance(start, bool) and start >= 1:
-        if segments and start < segments[0][0]:
-            raise TruncatedError(start, segments[0][0])
-        return start
-    raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
-
-
 def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterator[dict[str, Any]]:
+    first = resolve_start(directory, start, bound)
     segments = list_segments(directory)
-    first = _resolve_start(start, segments, bound, directory)
     next_base = None  # the base LSN the previous segment's seal names
     for i, (base, path) in enumerate(segments):
         if i + 1 < len(segments) and segments[i + 1][0] <= first:
