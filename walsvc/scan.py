@@ -101,8 +101,10 @@ def stop_facts(src: int | Read, size: int, stop: ScanStop | None, expected: int,
     if not zeros:
         search_from = extent if extent is not None and extent <= size else stop.offset + 1
         valid_after = find_valid_header(pread, search_from, size, expected) is not None
-    return Stop(stop.offset, kind, stop.error.detail, h, zeros, valid_after, data_end(pread, stop.offset, size),
-                max((h.end_lsn for _, h in valid_headers(pread, stop.offset, size, 0)), default=0))
+    damaged_to = min(extent, size) if zeros else size  # with zeros after the frame, nothing lies past it
+    named = max((found.end_lsn for _, found in valid_headers(pread, stop.offset, damaged_to, 0)), default=0)
+    return Stop(stop.offset, kind, stop.error.detail, h, zeros, valid_after, data_end(pread, stop.offset, damaged_to),
+                named)
 
 
 def examine_stop(src: int | Read, stop: ScanStop | None, size: int, expected: int, is_last: bool,
