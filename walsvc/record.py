@@ -406,10 +406,9 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
     if vend + 4 > end:
         raise IncompleteRecordError(f"record needs {vend + 4 - start} bytes, only {end - start} remain",
                                     offset=start)
-    if verify_crc:
+    if verify_crc and crc32c(buf[start:vend + 4]) != CRC_RESIDUE:
         stored = _U32.unpack_from(buf, vend)[0]
-        if crc32c(buf[start:vend]) != stored:
-            raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
+        raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
     value = bytes(buf[kend:vend])
     if code:
         limit = max_record_bytes - kl
@@ -419,8 +418,8 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             value = _decompress(code, value, limit)
         except (DecompressionError, RecordTooLargeError, CompressionUnavailableError) as exc:
             raise exc.located(offset=start) from None
-    return Record(bytes(buf[pos:kend]), value, tombstone=bool(flags & FLAG_TOMBSTONE), ttl_ms=ttl,
-                  compression=COMPRESSION_NAMES[code], version=version), vend + 4
+    return Record(bytes(buf[pos:kend]), value, bool(flags & FLAG_TOMBSTONE), ttl, COMPRESSION_NAMES[code],
+                  version), vend + 4
 
 
 def iter_decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
