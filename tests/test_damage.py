@@ -23,7 +23,9 @@ from walsvc import frame as F
 from walsvc import head as H
 from walsvc.errors import ChecksumError, CorruptionError, MissingSegmentError
 from walsvc.record import encode as encode_record
-from walsvc.recovery import QUARANTINE, classify, examine_stop
+from walsvc.recovery import QUARANTINE
+from walsvc.repair import classify
+from walsvc.scan import examine_stop
 from walsvc.segment import FrameScanner, ScanStop
 
 

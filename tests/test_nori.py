@@ -30,7 +30,7 @@ from helpers import REPO_ROOT, python_env, run_cli, run_with_terminal_stderr
 import walsvc
 from walsvc import frame as F
 from walsvc.errors import LogLockedError, NoriDamageError, NoriFormatError, NoriImportRefusedError
-from walsvc.inspect import verify
+from walsvc.verify import verify
 from walsvc.nori import MARKER, NoriScanner, import_nori, list_nori_segments, load_imports
 from walsvc.scan import LogReader
 from walsvc.segment import list_segments

@@ -324,7 +324,7 @@ def _progress_bar(what: str, unit: str = "segment") -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify
+    from .verify import verify
     cfg = _load(args)
     bar = _progress_bar(f"verify {cfg.directory}")
 
@@ -343,7 +343,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .inspect import dump
+    from .verify import dump
     cfg = _load(args)
     if args.nori is not None:
         return _dump_nori(args, cfg)
@@ -402,14 +402,14 @@ def cmd_import_nori(args: argparse.Namespace) -> int:
 
 
 def cmd_cursors(args: argparse.Namespace) -> int:
-    from .cursor import delete_cursor, list_cursors, reset_cursor
+    from .cursor import delete_cursor, lag_rows, list_cursors, reset_cursor
     from .seek import committed_end
     cfg = _load(args)
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     if args.action == "list":
         cursors = list_cursors(cfg.directory)
         end = committed_end(cfg.directory)
-        rows = {n: {"lsn": lsn, "lag_records": max(0, end - lsn)} for n, lsn in sorted(cursors.items())}
+        rows = lag_rows(dict(sorted(cursors.items())), end)
         if args.json:
             print(json.dumps(rows, indent=1))
         elif not rows:

@@ -89,6 +89,12 @@ class CursorLock(PidLock):
                          lambda pid: CursorBusyError(str(directory), name, pid))
 
 
+def lag_rows(cursors: dict[str, int], last_lsn: int) -> dict[str, dict[str, int]]:
+    """Each cursor as status, `walsvc cursors list` and `Log.cursors` show it: its LSN and how many records up
+    to `last_lsn` its reader has yet to process."""
+    return {name: {"lsn": lsn, "lag_records": max(0, last_lsn - lsn)} for name, lsn in cursors.items()}
+
+
 def advance(directory: Path, name: str, lsn: int) -> None:
     """A reader's commit: forward only.  The same LSN again is a no-op; an earlier one is an error, because
     storing it would make the reader process those records twice after a restart."""

@@ -24,14 +24,14 @@ from crc32c import crc32c
 from . import frame as F
 from . import access, logid, retention
 from .config import LogConfig
-from .cursor import load_all as load_cursors
+from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .scan import LogReader, OpenSegment
 from .record import Record, encode_many, implementation
-from .recovery import Recovered, RecoveryInfo, recover
+from .recovery import Recovered, RecoveryInfo, recover, remember_batches
 from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
 
 logger = logging.getLogger("walsvc.log")
@@ -167,9 +167,10 @@ class Log:
 
     def cursors(self) -> dict[str, dict[str, int]]:
         """Each named reader's cursor and how far it lags (records, and bytes to segment granularity)."""
-        return {name: {"lsn": lsn, "lag_records": max(0, self.committed_lsn - lsn),
-                       "lag_bytes": retention.cursor_lag_bytes(lsn, self._sealed, self._active.end)}
-                for name, lsn in load_cursors(self.directory).items()}
+        rows = lag_rows(load_cursors(self.directory), self.committed_lsn)
+        for row in rows.values():
+            row["lag_bytes"] = retention.cursor_lag_bytes(row["lsn"], self._sealed, self._active.end)
+        return rows
 
     def total_bytes(self) -> int:
         return sum(s.size for s in self._sealed) + self._active.end
@@ -227,7 +228,8 @@ class Log:
             self.records_appended += count
             self.bytes_appended += size
             if producer_id:
-                self._remember(producer_id, F.Appended(producer_seq, base, count))
+                remember_batches(self._producers, producer_id, (F.Appended(producer_seq, base, count),),
+                                 self.config.producer_window)
             self._written = (seg.fd, end, seg.path)
             self._syncer.written(end)
         if wait or (wait is None and self.config.fsync == "always"):
@@ -259,12 +261,6 @@ class Log:
             self._syncer.written(lsn)
         self._syncer.sync_through(lsn)
 
-    def _remember(self, producer_id: int, appended: F.Appended) -> None:
-        q = self._producers.get(producer_id)
-        if q is None:
-            q = self._producers[producer_id] = collections.deque(maxlen=self.config.producer_window)
-        q.append(appended)
-
     def producer_batches(self, producer_id: int) -> collections.deque | None:
         """The last `producer_window` batches this producer got into the log (oldest first), or None."""
         return self._producers.get(producer_id)
@@ -286,7 +282,7 @@ class Log:
         """HEAD first: a commit counts only once readers can see it (so a failed update acks nothing).
 
         HEAD's durable LSN is written only after the data it names is durable, so it never claims too much;
-        recovery treats damage past it as an unsynced tail (recovery.classify).  Fsyncing HEAD on every
+        recovery treats damage past it as an unsynced tail (repair.classify).  Fsyncing HEAD on every
         commit would double the fsyncs (measured: about half the throughput under `always`), so under
         always/batch it is fsynced at most every HEAD_SYNC_S: on disk it lags the acks by that much."""
         now = time.monotonic()

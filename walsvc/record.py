@@ -337,18 +337,18 @@ def encode_put_py(key: bytes, value: bytes) -> bytes:
     return b"".join((head, key, value, _U32.pack(crc32c(value, crc32c(key, crc32c(head))))))
 
 
-def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
-           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True,
-           max_inflate: int | None = None) -> tuple[Record, int]:
-    """Decode the record at `pos`; returns (record, position after it).
+def parse_header(buf: bytes | memoryview, pos: int, end: int,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> tuple[int, int, int, int | None,
+                                                                             tuple[int, int] | None, int]:
+    """The header of the record at `pos`: (key length, value length, flags, ttl_ms, version, key position).
 
-    `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
-    covered these bytes (one C call per frame instead of one per record).  A compressed value may grow by at
-    most `max_inflate` bytes when decompressed (what is left of its batch's budget), besides fitting with its
-    key in `max_record_bytes`.
+    The one header parser: `decode`, the writer's check (`count_records`) and the reader's batch decoder
+    (`decode_payload`) all use it.  It checks that the header ends before `end`, that key and value fit in
+    `max_record_bytes`, and that the flags are known and name a compression code that exists; errors are
+    located at `pos`.  The two batch loops recognize one form without calling it: the plain put whose
+    lengths are single bytes and whose flags are zero (bytes < 0x80, < 0x80, 0), whose lengths are those
+    bytes, which is what this parser returns for it too.
     """
-    if end is None:
-        end = len(buf)
     start = pos
     try:
         kl = buf[pos]
@@ -367,13 +367,12 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
     except IndexError:
         raise IncompleteRecordError("bytes end inside a record header", offset=start) from None
     pos += 1
-    if kl > max_record_bytes or vl > max_record_bytes or kl + vl > max_record_bytes:
+    if kl + vl > max_record_bytes:
         raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte maximum",
                                   offset=start)
     if flags & ~KNOWN_FLAGS:
         raise InvalidRecordError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x}", offset=start)
-    code = (flags & FLAG_COMPRESSION_MASK) >> 2
-    if code == 3:
+    if flags & FLAG_COMPRESSION_MASK == FLAG_COMPRESSION_MASK:
         raise InvalidRecordError("invalid compression code 3", offset=start)
     ttl = None
     version = None
@@ -384,15 +383,32 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             term, pos = decode_varint(buf, pos, end)
             index, pos = decode_varint(buf, pos, end)
             version = (term, index)
+    return kl, vl, flags, ttl, version, pos
+
+
+def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
+           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True,
+           max_inflate: int | None = None) -> tuple[Record, int]:
+    """Decode the record at `pos`; returns (record, position after it).
+
+    `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
+    covered these bytes (one C call per frame instead of one per record).  A compressed value may grow by at
+    most `max_inflate` bytes when decompressed (what is left of its batch's budget), besides fitting with its
+    key in `max_record_bytes`.
+    """
+    if end is None:
+        end = len(buf)
+    start = pos
+    kl, vl, flags, ttl, version, pos = parse_header(buf, pos, end, max_record_bytes)
+    code = (flags & FLAG_COMPRESSION_MASK) >> 2
     kend = pos + kl
     vend = kend + vl
     if vend + 4 > end:
         raise IncompleteRecordError(f"record needs {vend + 4 - start} bytes, only {end - start} remain",
                                     offset=start)
-    if verify_crc:
+    if verify_crc and crc32c(buf[start:vend + 4]) != CRC_RESIDUE:
         stored = _U32.unpack_from(buf, vend)[0]
-        if crc32c(buf[start:vend]) != stored:
-            raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
+        raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
     value = bytes(buf[kend:vend])
     if code:
         limit = max_record_bytes - kl
@@ -402,8 +418,8 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             value = _decompress(code, value, limit)
         except (DecompressionError, RecordTooLargeError, CompressionUnavailableError) as exc:
             raise exc.located(offset=start) from None
-    return Record(bytes(buf[pos:kend]), value, tombstone=bool(flags & FLAG_TOMBSTONE), ttl_ms=ttl,
-                  compression=COMPRESSION_NAMES[code], version=version), vend + 4
+    return Record(bytes(buf[pos:kend]), value, bool(flags & FLAG_TOMBSTONE), ttl, COMPRESSION_NAMES[code],
+                  version), vend + 4
 
 
 def iter_decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
@@ -485,22 +501,7 @@ def count_records_py(buf: bytes | memoryview, pos: int, end: int, *,
             vend = pos + 3 + buf[pos] + buf[pos + 1]
         else:
             try:
-                kl, pos = decode_varint(buf, pos, end)
-                vl, pos = decode_varint(buf, pos, end)
-                if pos >= end:
-                    raise IncompleteRecordError("bytes end inside a record header")
-                flags = buf[pos]
-                pos += 1
-                if kl + vl > max_record_bytes:
-                    raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte "
-                                              "maximum")
-                if flags & ~KNOWN_FLAGS or flags & FLAG_COMPRESSION_MASK == FLAG_COMPRESSION_MASK:
-                    raise InvalidRecordError(f"invalid flags 0x{flags:02x}")
-                if flags & FLAG_TTL:
-                    _, pos = decode_varint(buf, pos, end)
-                if flags & FLAG_VERSION:
-                    _, pos = decode_varint(buf, pos, end)
-                    _, pos = decode_varint(buf, pos, end)
+                kl, vl, flags, _, _, pos = parse_header(buf, pos, end, max_record_bytes)
             except RecordError as exc:
                 raise type(exc)(exc.detail, offset=record_start - start) from None
             vend = pos + kl + vl

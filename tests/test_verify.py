@@ -1,4 +1,4 @@
-"""walsvc.inspect: verify and dump, on healthy, damaged, torn and live logs."""
+"""walsvc.verify: verify and dump, on healthy, damaged, torn and live logs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from crc32c import crc32c
 from walsvc import Log, LogLockedError, Record
 from walsvc import frame as F
 from walsvc.errors import ConfigError, CorruptionError
-from walsvc.inspect import dump, verify
+from walsvc.verify import dump, verify
 from walsvc.record import encode_many, encode_put
 from walsvc.segment import list_segments
 
