@@ -19,6 +19,9 @@ from .errors import ConfigError
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+# A record's header and CRC (at most 45 bytes) plus an APPEND header (28): what an ingest message of one
+# record of the maximum size adds to it, rounded up.
+MESSAGE_FRAMING_BYTES = 128
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
@@ -43,7 +46,7 @@ def _existing_group(name: str) -> str | None:
 class LogConfig:
     """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
     segment_bytes: int = 16 * MiB  # small enough for a demo log, large enough that rotation is rare
-    max_record_bytes: int = 16 * MiB
+    max_record_bytes: int = 1 * MiB  # with [service] max_message_bytes, bounds the writer's memory
     max_batch_bytes: int = 32 * MiB
     fsync: str = "batch"
     fsync_window_ms: int = 5
@@ -116,8 +119,8 @@ class ServiceConfig:
     allow_remote: bool = False
     curve_secret_key: str = ""
     curve_public_key: str = ""
-    max_message_bytes: int = 64 * MiB
-    ingest_hwm: int = 1000
+    max_message_bytes: int = MiB + 64 * KiB  # one max_record_bytes record plus framing (docs/PROTOCOL.md)
+    ingest_hwm: int = 1
     produce_group: bool = False  # members of log.group may also connect to the ingest socket
 
 
@@ -163,6 +166,11 @@ class Config:
     def __post_init__(self) -> None:
         if self.service.produce_group and not self.log.group:
             raise ConfigError("service.produce_group", "needs [log] group: the group whose members may produce")
+        if self.service.max_message_bytes < self.log.max_record_bytes + MESSAGE_FRAMING_BYTES:
+            raise ConfigError("service.max_message_bytes", f"must hold one record of log.max_record_bytes "
+                              f"({self.log.max_record_bytes}) plus framing: at least "
+                              f"{self.log.max_record_bytes + MESSAGE_FRAMING_BYTES} (ZeroMQ drops a longer message "
+                              "unanswered)")
 
 
 def load(path: str | Path | None = None, *, directory: str | Path | None = None, key: str = "--config") -> Config:
