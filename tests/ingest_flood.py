@@ -141,7 +141,7 @@ def run(work: Path, *, processes: int, connections: int, seconds: float, setting
         mp = multiprocessing.get_context("spawn")
         counts = mp.Queue()
         hostiles = [mp.Process(target=hostile_main, daemon=True, args=(
-            endpoint, connections, seconds, cfg.service.max_message_bytes, cfg.log.max_record_bytes, seed + k,
+            endpoint, connections, seconds, cfg.max_message_bytes, cfg.log.max_record_bytes, seed + k,
             multipart_frames, frame_bytes, counts)) for k in range(processes)]
         for h in hostiles:
             h.start()
@@ -165,5 +165,5 @@ def run(work: Path, *, processes: int, connections: int, seconds: float, setting
         check_acked_exactly_once(verify_log(d), acked)
     finally:
         writer.cleanup()
-    return FloodResult(cfg.service.max_message_bytes, cfg.service.ingest_hwm, processes * connections, sent,
+    return FloodResult(cfg.max_message_bytes, cfg.service.ingest_hwm, processes * connections, sent,
                        acks_during, len(acked), start_hwm, peak_rss, peak_hwm, rejected)

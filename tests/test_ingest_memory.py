@@ -26,7 +26,7 @@ MEMORY_LIMIT = 150 * MiB
 def test_hostile_flood_with_the_default_config_keeps_memory_bounded(tmp_path: Path) -> None:
     result = run(tmp_path, processes=2, connections=4, seconds=6.0)
     print(result.describe())
-    assert result.max_message == config.ServiceConfig().max_message_bytes  # the default config ran
+    assert result.max_message == config.load().max_message_bytes == 1024 * 1024 + 64 * 1024  # the defaults ran
     assert result.hostile_messages > 200, result.describe()  # the flood really happened
     assert result.rejected.get("malformed", 0) > 100, result.describe()  # and reached the writer
     assert result.legit_acks_during > 0, result.describe()
@@ -34,13 +34,16 @@ def test_hostile_flood_with_the_default_config_keeps_memory_bounded(tmp_path: Pa
 
 
 def test_max_message_bytes_must_hold_a_record_of_the_maximum_size(tmp_path: Path) -> None:
-    """A longer message would be dropped by ZeroMQ unanswered, and its producer would resend it for ever."""
+    """A longer message would be dropped by ZeroMQ unanswered, and its producer would resend it for ever.
+    By default the limit follows max_record_bytes."""
     cfg = tmp_path / "c.toml"
     cfg.write_text("[log]\nmax_record_bytes = 2097152\n")
+    assert config.load(cfg).max_message_bytes == 2 * MiB + 64 * 1024
+    cfg.write_text("[log]\nmax_record_bytes = 2097152\n[service]\nmax_message_bytes = 2097279\n")
     with pytest.raises(ConfigError, match="service.max_message_bytes.*at least 2097280"):
         config.load(cfg)
     cfg.write_text("[log]\nmax_record_bytes = 2097152\n[service]\nmax_message_bytes = 2097280\n")
-    assert config.load(cfg).service.max_message_bytes == 2097280
+    assert config.load(cfg).max_message_bytes == 2097280
 
 
 def test_producer_keeps_within_the_writers_limits(tmp_path: Path, writers) -> None:
@@ -50,7 +53,7 @@ def test_producer_keeps_within_the_writers_limits(tmp_path: Path, writers) -> No
     record of the maximum size.  Sent together they would be dropped, and resent for ever."""
     d = tmp_path / "wal"
     writer = writers(d).start()
-    max_message = config.ServiceConfig().max_message_bytes
+    max_message = config.load().max_message_bytes
     with walsvc.Producer(d, batch_bytes=64 * MiB, linger_ms=10_000) as producer:
         assert producer.batch_bytes < max_message
         with pytest.raises(RecordTooLargeError, match="1048576-byte"):
