@@ -19,6 +19,10 @@ from .errors import ConfigError
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+# A record's header and CRC (at most 45 bytes) plus an APPEND header (28): what an ingest message of one
+# record of the maximum size adds to it, rounded up.
+MESSAGE_FRAMING_BYTES = 128
+MESSAGE_ROOM_BYTES = 64 * KiB  # what the default max_message_bytes adds to max_record_bytes
 
 
 def _int_range(lo: int, hi: int) -> Callable[[Any], str | None]:
@@ -43,7 +47,7 @@ def _existing_group(name: str) -> str | None:
 class LogConfig:
     """Everything the storage engine needs.  Field metadata lives in `_LOG_SCHEMA`."""
     segment_bytes: int = 16 * MiB  # small enough for a demo log, large enough that rotation is rare
-    max_record_bytes: int = 16 * MiB
+    max_record_bytes: int = 1 * MiB  # bounds the writer's memory, through Config.max_message_bytes
     max_batch_bytes: int = 32 * MiB
     fsync: str = "batch"
     fsync_window_ms: int = 5
@@ -116,8 +120,8 @@ class ServiceConfig:
     allow_remote: bool = False
     curve_secret_key: str = ""
     curve_public_key: str = ""
-    max_message_bytes: int = 64 * MiB
-    ingest_hwm: int = 1000
+    max_message_bytes: int = 0  # 0: log.max_record_bytes + 64 KiB (Config.max_message_bytes)
+    ingest_hwm: int = 1
     produce_group: bool = False  # members of log.group may also connect to the ingest socket
 
 
@@ -142,7 +146,7 @@ class ServiceConfig:
 
 
 _SERVICE_CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "max_message_bytes": _int_range(4 * KiB, 2 * GiB),
+    "max_message_bytes": lambda v: None if v == 0 else _int_range(4 * KiB, 2 * GiB)(v),
     "ingest_hwm": _int_range(1, 1_000_000),
     "metrics_port": _int_range(0, 65535),
 }
@@ -163,6 +167,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.service.produce_group and not self.log.group:
             raise ConfigError("service.produce_group", "needs [log] group: the group whose members may produce")
+        if self.max_message_bytes < self.log.max_record_bytes + MESSAGE_FRAMING_BYTES:
+            raise ConfigError("service.max_message_bytes", f"must hold one record of log.max_record_bytes "
+                              f"({self.log.max_record_bytes}) plus framing: at least "
+                              f"{self.log.max_record_bytes + MESSAGE_FRAMING_BYTES}, or 0 for the default (ZeroMQ "
+                              "drops a longer message unanswered)")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The longest ingest message the writer takes (ZeroMQ MAXMSGSIZE): `[service] max_message_bytes`, or
+        one record of `max_record_bytes` plus room for framing.  With `ingest_hwm` it bounds the writer's
+        memory per connection (docs/PROTOCOL.md, "Input limits and the writer's memory")."""
+        return self.service.max_message_bytes or self.log.max_record_bytes + MESSAGE_ROOM_BYTES
 
 
 def load(path: str | Path | None = None, *, directory: str | Path | None = None, key: str = "--config") -> Config:

@@ -112,6 +112,7 @@ class Producer:
         self.ack_timeout = ack_timeout_s
         self.block_timeout = block_timeout_s
         self.max_record_bytes = max_record_bytes
+        self._fit_writer_limits()
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
@@ -153,6 +154,15 @@ class Producer:
                 f"the writer for {self.directory} cannot decode {record.compression} values (it decodes "
                 f"{', '.join(self.endpoints.codecs)}): install 'lz4' beside the writer, or compress with zstd")
         return self._add(encode(record, self.max_record_bytes))
+
+    def _fit_writer_limits(self) -> None:
+        """Stay within the limits the writer recorded: ZeroMQ drops a longer message unanswered (it would
+        be resent for ever), and a larger record would only be nacked; refused here, at `put`."""
+        eps = self.endpoints
+        self._max_payload = (eps.max_message_bytes - P.APPEND_HEADER_SIZE) if eps.max_message_bytes else 1 << 62
+        if eps.max_record_bytes:
+            self.max_record_bytes = min(self.max_record_bytes, eps.max_record_bytes)
+        self.batch_bytes = min(self.batch_bytes, self._max_payload)
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
             compression: str | None = None) -> RecordFuture:
@@ -219,6 +229,9 @@ class Producer:
         if self._buffered + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
+        if batch is not None and batch.size + len(data) > self._max_payload:
+            self._close_open_batch()  # together they would be longer than the writer takes
+            batch = None
         fresh = batch is None
         if fresh:
             batch = self._open = _Batch(self)

@@ -109,15 +109,18 @@ class Writer:
         else:
             eps = self._bind_ipc()
         self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key,
-                                   codecs())
+                                   codecs(), self.log.config.max_record_bytes, self.config.max_message_bytes)
         self.endpoints.save(self.directory)
 
     def _bind(self, eps: Endpoints) -> None:
         """Create the three service sockets and bind them; on failure close them again."""
         svc = self.config.service
+        # What ZeroMQ may hold for one connected producer before the writer sees it: RCVHWM messages queued
+        # plus one its I/O thread has read, each at most MAXMSGSIZE (docs/PROTOCOL.md, "Input limits and the
+        # writer's memory").
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, svc.ingest_hwm)
-        self.pull.setsockopt(zmq.MAXMSGSIZE, svc.max_message_bytes)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         # XPUB, not PUB: it hands us each subscription once applied, and we answer a producer's with READY on
         # its topic (`_confirm_subscriptions`); verbose, so a re-subscription after a reconnect shows too.
         self.pub = self.ctx.socket(zmq.XPUB)
