@@ -264,8 +264,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                               f"drop --from/--from-time, or move it with `walsvc cursors reset {args.name} --to LSN`")
     done = _stop_at(args)
     printed = 0
-    with Reader(cfg.directory, start, name=args.name, max_record_bytes=cfg.log.max_record_bytes,
-                max_batch_bytes=cfg.log.max_batch_bytes) as reader:
+    with Reader(cfg.directory, start, name=args.name, **cfg.log.read_limits) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)

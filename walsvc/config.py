@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from . import access
 from .errors import ConfigError
+from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -69,6 +70,13 @@ class LogConfig:
         if self.max_batch_bytes < self.max_record_bytes + 64:
             raise ConfigError("log.max_batch_bytes", f"must exceed max_record_bytes ({self.max_record_bytes}) "
                               "so that one record of the maximum size fits in a batch")
+
+    @property
+    def read_limits(self) -> dict[str, int]:
+        """The bounds a reader of this log applies: the write limits, but never below the reader defaults, so
+        records written under an older, larger default (16 MiB) still read."""
+        return {"max_record_bytes": max(self.max_record_bytes, DEFAULT_MAX_RECORD_BYTES),
+                "max_batch_bytes": max(self.max_batch_bytes, DEFAULT_MAX_BATCH_BYTES)}
 
     @classmethod
     def from_options(cls, options: dict[str, Any], *, where: str = "option") -> "LogConfig":

@@ -386,8 +386,7 @@ class Log:
         cheapest way to replay, with no generator step per record."""
         reader = LogReader(self.directory, start, bound=lambda: self.committed_lsn,
                            written_end=lambda: (self._active.header.base_lsn, self._active.end),
-                           max_record_bytes=self.config.max_record_bytes,
-                           max_batch_bytes=self.config.max_batch_bytes)
+                           **self.config.read_limits)
         try:
             while batch := reader.read_batch():
                 yield batch

@@ -25,6 +25,8 @@ from crc32c import crc32c
 from .errors import (ChecksumError, CompressionUnavailableError, DecompressionError, IncompleteRecordError,
                      InvalidRecordError, RecordError, RecordTooLargeError, VarintOverflowError)
 
+# What a reader accepts by default: the writer's default record limit is 1 MiB, but it was 16 MiB before, and a
+# reader must read every log it may meet (a writer raising max_record_bytes past this needs readers told).
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 # A batch, with every value decompressed, is at most this long (the log's `max_batch_bytes`): a few bytes of
 # zstd can claim gigabytes, and a reader materializes a whole batch at once.
