@@ -426,6 +426,91 @@ def encode_puts(items: list[tuple[bytes, bytes]], max_record_bytes: int = DEFAUL
                     else encode(Record.put(k, v), max_record_bytes) for k, v in items)
 
 
+class PutBufferPy:
+    """A producer's open batch: plain puts encoded into one growing buffer, with a handle per record (an
+    instance of `handle_type`, whose `_batch` slot is the batch's owner and `_index` the record's place).
+
+    The reference for the compiled twin (`_record_c.PutBuffer`), which makes `put` atomic under the GIL so
+    a producer needs no lock per record; this one is not atomic (`atomic` False), so its caller holds a lock
+    around every call.  `put` returns None where the caller must decide (not exact bytes, over
+    max_record_bytes, no open batch, no room below `limit`).
+    """
+
+    atomic = False
+
+    def __init__(self, handle_type: type, max_record_bytes: int) -> None:
+        self._handle_type = handle_type
+        self._max_record_bytes = max_record_bytes
+        self._parts: list[bytes] = []
+        self._owner: Any = None
+        self.size = 0
+        self.count = 0
+        self.limit = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._owner is not None
+
+    def _handle(self, owner: Any, index: int) -> Any:
+        handle = self._handle_type.__new__(self._handle_type)
+        handle._batch = owner
+        handle._index = index
+        return handle
+
+    def put(self, key: bytes, value: bytes) -> Any:
+        """Append a plain put; its handle, or None."""
+        if type(key) is not bytes or type(value) is not bytes or self._owner is None:
+            return None
+        if len(key) + len(value) > self._max_record_bytes:
+            return None
+        data = encode_put_py(key, value)
+        if self.size + len(data) >= self.limit:
+            return None
+        self._parts.append(data)
+        self.size += len(data)
+        self.count += 1
+        return self._handle(self._owner, self.count - 1)
+
+    def open(self, owner: Any, limit: int) -> None:
+        """Start a batch for `owner`; `put` takes a record while size + its bytes < limit."""
+        if self._owner is not None:
+            raise ValueError("a batch is already open")
+        self._owner = owner
+        self.size = self.count = 0
+        self.limit = limit
+
+    def add(self, data: bytes, count: int) -> int:
+        """Append `count` records already encoded end to end in `data`; the first one's index."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        first = self.count
+        self.count += count
+        return first
+
+    def take(self) -> tuple[bytes, int]:
+        """Close the batch: (payload, count)."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        out = (b"".join(self._parts), self.count)
+        self._parts = []
+        self._owner = None
+        self.size = self.count = 0
+        return out
+
+    def handles(self, owner: Any, first: int, n: int) -> list[Any]:
+        """Handles for `n` records of `owner` from index `first`."""
+        return [self._handle(owner, first + i) for i in range(n)]
+
+
+def put_buffer(handle_type: type, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Any:
+    """A producer's open-batch buffer: the compiled one when built (atomic puts), else PutBufferPy."""
+    if _c is not None:
+        return _c.PutBuffer(handle_type, max_record_bytes)
+    return PutBufferPy(handle_type, max_record_bytes)
+
+
 def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
     """The v1 bytes of several records laid end to end (a batch payload)."""
     parts = []
