@@ -223,6 +223,11 @@ static inline void set_field(PyObject *obj, int field, PyObject *value) {
 static PyObject *new_record(const unsigned char *buf, const header_t *h, PyObject *lsn, PyObject *timestamp) {
     PyObject *rec = record_type->tp_alloc(record_type, 0);
     if (!rec) return NULL;
+    /* Out of the cycle collector, as CPython does with a tuple of atomic values: the fields below are
+     * bytes, ints, None, a bool and a tuple of ints, so the record cannot be part of a cycle.  The class
+     * (record._ReadRecord) tracks it again before any field is set from Python.  Left tracked, a replay's
+     * records age through the collector's generations and trigger full collections over and over. */
+    PyObject_GC_UnTrack(rec);
     PyObject *key = PyBytes_FromStringAndSize((const char *)buf + h->key, h->value - h->key);
     PyObject *value = key ? PyBytes_FromStringAndSize((const char *)buf + h->value, h->vend - h->value) : NULL;
     PyObject *ttl = Py_None, *version = Py_None;
@@ -626,6 +631,16 @@ static PyTypeObject PutBufferType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* gc_track(obj): put an object the decoder left out of the cycle collector back in (before a field is set). */
+static PyObject *gc_track(PyObject *Py_UNUSED(self), PyObject *obj) {
+    if (!PyObject_IS_GC(obj)) {
+        PyErr_SetString(PyExc_TypeError, "gc_track takes an object of a garbage-collected type");
+        return NULL;
+    }
+    if (!PyObject_GC_IsTracked(obj)) PyObject_GC_Track(obj);
+    Py_RETURN_NONE;
+}
+
 /* crc32c(data, value=0) -> int: the same function as the crc32c package's, for the differential tests. */
 static PyObject *crc32c_py(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer view;
@@ -642,6 +657,7 @@ static PyMethodDef methods[] = {
     {"encode_puts", encode_puts, METH_VARARGS, "Plain puts laid end to end, or None."},
     {"encode_put", (PyCFunction)(void (*)(void))encode_put, METH_FASTCALL, "One plain put."},
     {"bind_record", bind_record, METH_O, "Tell the module the Record class to build."},
+    {"gc_track", gc_track, METH_O, "Track an object in the cycle collector again."},
     {"crc32c", crc32c_py, METH_VARARGS, "CRC32C of data, continuing from value."},
     {NULL, NULL, 0, NULL},
 };

@@ -107,8 +107,26 @@ class Record:
         return f"Record(key={self.key!r}, value={self.value!r}{extra})"
 
 
+class _ReadRecord(Record):
+    """A Record as the compiled decoder builds it (a Record to every caller: isinstance, ==, repr).
+
+    The decoder leaves it out of the cycle collector, as CPython leaves out a tuple of atomic values: it
+    holds only bytes, ints, None and a tuple of ints, so it cannot be part of a cycle.  Setting a field puts
+    it back first, so whatever a caller stores in it is collected as usual.  Why: a replay's records, kept
+    for a batch, age through the collector's generations and set off full collections again and again;
+    that was more than half of a replay's time (docs/PERFORMANCE.md, section 8).
+    """
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _c_gc_track(self)
+        object.__setattr__(self, name, value)
+
+
 if _c is not None:
-    _c.bind_record(Record)
+    _c.bind_record(_ReadRecord)
+    _c_gc_track = _c.gc_track
 
 
 def implementation() -> str:
