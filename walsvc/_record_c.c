@@ -516,6 +516,10 @@ static PyObject *putbuffer_open(PutBuffer *self, PyObject *args) {
     PyObject *owner;
     Py_ssize_t limit;
     if (!PyArg_ParseTuple(args, "On", &owner, &limit)) return NULL;
+    if (!self->handle_type) {
+        PyErr_SetString(PyExc_ValueError, "PutBuffer was not initialised");
+        return NULL;
+    }
     if (self->owner) {
         PyErr_SetString(PyExc_ValueError, "a batch is already open");
         return NULL;
@@ -578,6 +582,10 @@ static PyObject *putbuffer_handles(PutBuffer *self, PyObject *args) {
     PyObject *owner;
     Py_ssize_t first, n;
     if (!PyArg_ParseTuple(args, "Onn", &owner, &first, &n)) return NULL;
+    if (!self->handle_type) {
+        PyErr_SetString(PyExc_ValueError, "PutBuffer was not initialised");
+        return NULL;
+    }
     PyObject *out = PyList_New(n < 0 ? 0 : n);
     if (!out) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
