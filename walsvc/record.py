@@ -6,8 +6,8 @@ The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present,
 (0 none, 1 LZ4, 2 zstd), bit 4 version present; bits 5-7 must be zero.  This module is pure: bytes in,
 bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
 
-The hot loops (count_records, decode_payload, encode_put, encode_puts) have a compiled twin in
-walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
+The hot loops (count_records, decode_payload, encode_put, encode_puts, and a producer's PutBuffer) have a
+compiled twin in walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
 hands back None for anything but the common, valid case, and the Python code then decides, so there is one
 implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns the twin off.
 """
@@ -114,7 +114,7 @@ class _ReadRecord(Record):
     holds only bytes, ints, None and a tuple of ints, so it cannot be part of a cycle.  Setting a field puts
     it back first, so whatever a caller stores in it is collected as usual.  Why: a replay's records, kept
     for a batch, age through the collector's generations and set off full collections again and again;
-    that was more than half of a replay's time (docs/PERFORMANCE.md, section 8).
+    that was more than half of a replay's time (docs/PERFORMANCE.md, "Per-record cost, second pass").
     """
 
     __slots__ = ()
