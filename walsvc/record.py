@@ -445,13 +445,14 @@ def encode_puts(items: list[tuple[bytes, bytes]], max_record_bytes: int = DEFAUL
 
 
 class PutBufferPy:
-    """A producer's open batch: plain puts encoded into one growing buffer, with a handle per record (an
-    instance of `handle_type`, whose `_batch` slot is the batch's owner and `_index` the record's place).
+    """A producer's open batch: plain puts encoded into one growing buffer, with a handle per record
+    (`handle_type(owner, index)`: the batch's owner and the record's place in it).
 
     The reference for the compiled twin (`_record_c.PutBuffer`), which makes `put` atomic under the GIL so
-    a producer needs no lock per record; this one is not atomic (`atomic` False), so its caller holds a lock
-    around every call.  `put` returns None where the caller must decide (not exact bytes, over
-    max_record_bytes, no open batch, no room below `limit`).
+    a producer needs no lock per record, and fills the handle's `_batch` and `_index` slots without calling
+    the class; this one is not atomic (`atomic` False), so its caller holds a lock around every call.  `put`
+    returns None where the caller must decide (not exact bytes, over max_record_bytes, no open batch, no
+    room below `limit`).
     """
 
     atomic = False
@@ -469,25 +470,19 @@ class PutBufferPy:
     def is_open(self) -> bool:
         return self._owner is not None
 
-    def _handle(self, owner: Any, index: int) -> Any:
-        handle = self._handle_type.__new__(self._handle_type)
-        handle._batch = owner
-        handle._index = index
-        return handle
-
     def put(self, key: bytes, value: bytes) -> Any:
         """Append a plain put; its handle, or None."""
-        if type(key) is not bytes or type(value) is not bytes or self._owner is None:
-            return None
-        if len(key) + len(value) > self._max_record_bytes:
+        if (type(key) is not bytes or type(value) is not bytes or self._owner is None
+                or len(key) + len(value) > self._max_record_bytes):
             return None
         data = encode_put_py(key, value)
-        if self.size + len(data) >= self.limit:
+        size = self.size + len(data)
+        if size >= self.limit:
             return None
         self._parts.append(data)
-        self.size += len(data)
+        self.size = size
         self.count += 1
-        return self._handle(self._owner, self.count - 1)
+        return self._handle_type(self._owner, self.count - 1)
 
     def open(self, owner: Any, limit: int) -> None:
         """Start a batch for `owner`; `put` takes a record while size + its bytes < limit."""
@@ -519,7 +514,8 @@ class PutBufferPy:
 
     def handles(self, owner: Any, first: int, n: int) -> list[Any]:
         """Handles for `n` records of `owner` from index `first`."""
-        return [self._handle(owner, first + i) for i in range(n)]
+        make = self._handle_type
+        return [make(owner, first + i) for i in range(n)]
 
 
 def put_buffer(handle_type: type, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Any:
