@@ -387,8 +387,8 @@ class Log:
         return Records(self.read_batches(start))
 
     def read_batches(self, start: int | str = "earliest") -> Iterator[list[Record]]:
-        """The same records as `read`, a list at a time (a frame or more, up to 4 MiB of payload): the
-        cheapest way to replay, with no generator step per record."""
+        """The same records as `read`, a list at a time (a frame or more, up to 1,024 records or 1 MiB of
+        payload): the cheapest way to replay, with no step per record."""
         reader = LogReader(self.directory, start, bound=lambda: self.committed_lsn,
                            written_end=lambda: (self._active.header.base_lsn, self._active.end),
                            max_record_bytes=self.config.max_record_bytes,
