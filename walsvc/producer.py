@@ -5,7 +5,10 @@ lost replies, nacks, renumbering) lives in `ProducerSession` (walsvc/producer_se
 I/O; this module is the shell around it: client-side batching, the ZeroMQ sockets and one I/O thread.
 
 Threads: callers touch the open batch and the session under a lock, and send from their own thread while
-the pipeline has room; one I/O thread owns the reply socket, the clock and the linger.
+the pipeline has room; one I/O thread owns the reply socket, the clock and the linger.  The exception is the
+common `put` (a plain put of bytes into an open batch with room): with the compiled codec it is one call
+into the batch's buffer (`record.put_buffer`), atomic under the GIL, so it takes no lock and makes no
+future; the batch has one future, and each record's handle is that future plus the record's index.
 """
 
 from __future__ import annotations
@@ -25,17 +28,19 @@ from .endpoints import Endpoints, load as load_endpoints
 from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, LogClosedError,
                      RecordTooLargeError, ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts
+from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts, put_buffer
 
 EAGER_IN_FLIGHT = 8
 
 
 class _Batch:
-    __slots__ = ("parts", "size", "count", "future", "opened_at", "producer")
+    """One batch's future, shared by its records' handles.  While the batch is open its records are in the
+    producer's put buffer; `size` and `count` are set when it closes."""
+
+    __slots__ = ("size", "count", "future", "opened_at", "producer")
 
     def __init__(self, producer: "Producer") -> None:
         self.producer = producer  # for a timeout's message: which writer, and whether it runs
-        self.parts: list[bytes] = []
         self.size = 0
         self.count = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()
@@ -45,8 +50,9 @@ class _Batch:
 class RecordFuture:
     """The pending LSN of one appended record: `result(timeout)` blocks until the writer acked it.
 
-    The result is None only in the rare case the writer reports the batch as already stored but older
-    than its deduplication window, so it cannot say which LSNs it got.
+    A light handle (its batch's future and its index in the batch), made without `__init__` by the put
+    buffer.  The result is None only in the rare case the writer reports the batch as already stored but
+    older than its deduplication window, so it cannot say which LSNs it got.
     """
 
     __slots__ = ("_batch", "_index")
@@ -116,9 +122,12 @@ class Producer:
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
+        # The open batch's records: a plain put goes straight in, without the lock where the buffer is atomic.
+        self._pending = put_buffer(RecordFuture, max_record_bytes)
+        self._put_fast = self._pending.put if self._pending.atomic else None
+        self._buffered = 0  # bytes of closed batches not yet acked (the open batch's are in _pending.size)
         self._session = ProducerSession(self.producer_id, ack_timeout=ack_timeout_s, max_in_flight=max_in_flight,
                                         where=f"the writer for {self.directory}")
-        self._buffered = 0
         self._closed = False
         self.acked_records = 0
         self._ctx = zmq.Context()
@@ -166,21 +175,18 @@ class Producer:
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
             compression: str | None = None) -> RecordFuture:
-        if (ttl_ms is None and compression is None and type(key) is bytes and type(value) is bytes
-                and len(key) + len(value) <= self.max_record_bytes):
-            # The common case, kept short: no Record object, and straight into an open batch with room.
-            data = encode_put(key, value)
-            with self._lock:
-                batch = self._open
-                size = len(data)
-                if (batch is not None and batch.size + size < self.batch_bytes
-                        and self._buffered + size <= self.max_buffer_bytes and not self._closed):
-                    batch.parts.append(data)
-                    batch.size += size
-                    batch.count += 1
-                    self._buffered += size
-                    return RecordFuture(batch, batch.count - 1)
-                return RecordFuture(*self._add_locked(data))
+        if ttl_ms is None and compression is None:
+            # The common case, kept short: no Record object, straight into the open batch if it has room.
+            fast = self._put_fast
+            if fast is not None:
+                handle = fast(key, value)
+            else:
+                with self._lock:
+                    handle = self._pending.put(key, value)
+            if handle is not None:
+                return handle
+            if type(key) is bytes and type(value) is bytes and len(key) + len(value) <= self.max_record_bytes:
+                return self._add(encode_put(key, value))
         return self.append(Record.put(key, value, ttl_ms=ttl_ms, compression=compression))
 
     def delete(self, key: bytes | str) -> RecordFuture:
@@ -200,21 +206,16 @@ class Producer:
         if len(payload) < self.batch_bytes:
             with self._lock:
                 batch, first = self._add_locked(payload, len(items))
-            return [RecordFuture(batch, first + i) for i in range(len(items))]
+            return self._pending.handles(batch, first, len(items))
         return self._add_many([encode(Record.put(k, v), self.max_record_bytes) for k, v in items])
 
     def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
         total = sum(map(len, encoded))
         with self._lock:
             batch = self._open
-            if (batch is not None and batch.size + total < self.batch_bytes
-                    and self._buffered + total <= self.max_buffer_bytes and not self._closed):
-                first = batch.count
-                batch.parts.extend(encoded)
-                batch.size += total
-                batch.count += len(encoded)
-                self._buffered += total
-                return [RecordFuture(batch, i) for i in range(first, batch.count)]
+            if batch is not None and total < self._room() - self._pending.size and not self._closed:
+                first = self._pending.add(b"".join(encoded), len(encoded))
+                return self._pending.handles(batch, first, len(encoded))
             return [RecordFuture(*self._add_locked(data)) for data in encoded]
 
     def _add(self, data: bytes) -> RecordFuture:
@@ -226,7 +227,8 @@ class Producer:
         batch and the index of the first of them in it."""
         if self._closed:
             raise LogClosedError("producer is closed")
-        if self._buffered + len(data) > self.max_buffer_bytes:
+        pending = self._pending
+        if self._buffered + pending.size + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
         if batch is not None and batch.size + len(data) > self._max_payload:
@@ -235,12 +237,11 @@ class Producer:
         fresh = batch is None
         if fresh:
             batch = self._open = _Batch(self)
-        first = batch.count
-        batch.parts.append(data)
-        batch.size += len(data)
-        batch.count += count
-        self._buffered += len(data)
-        if batch.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
+            pending.open(batch, self._room())
+        else:
+            pending.limit = self._room()  # acks since it opened may have made room
+        first = pending.add(data, count)
+        if pending.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
             # Full, or the pipeline has room: send from this thread, no hop through the I/O thread.
             self._close_open_batch()
             self._send_now()
@@ -282,7 +283,7 @@ class Producer:
             return
         try:
             with self._lock:
-                unacked = sum(batch.count for batch in self._session.tokens()) + (self._open.count if self._open else 0)
+                unacked = sum(batch.count for batch in self._session.tokens()) + self._pending.count
             if unacked:
                 try:
                     running = load_endpoints(self.directory).writer_running()
@@ -295,6 +296,8 @@ class Producer:
         finally:
             with self._lock:
                 self._closed = True
+                if self._open is not None:
+                    self._close_open_batch()  # opened after the flush: its records fail below, none hang
                 self._poke()
             self._io.join()
             with self._lock:
@@ -323,13 +326,18 @@ class Producer:
             self._close_open_batch()
             self._send_now()
         deadline = time.monotonic() + self.block_timeout
-        while self._buffered + need > self.max_buffer_bytes:
+        while self._buffered + self._pending.size + need > self.max_buffer_bytes:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 raise BackpressureError(f"{self._buffered} bytes are waiting for acks (max_buffer_bytes "
                                         f"{self.max_buffer_bytes}) after {self.block_timeout} s: the writer for "
                                         f"{self.directory} is behind or not running")
             self._space.wait(remaining)
+
+    def _room(self) -> int:
+        """The open batch's put limit: a record goes in while size + its bytes < this (batch_bytes, and
+        max_buffer_bytes over everything unacked)."""
+        return min(self.batch_bytes, self.max_buffer_bytes - self._buffered + 1)
 
     def _pipeline_idle(self) -> bool:
         return len(self._session) < EAGER_IN_FLIGHT
@@ -343,8 +351,9 @@ class Producer:
     def _close_open_batch(self) -> None:
         batch = self._open
         self._open = None
-        payload = b"".join(batch.parts)
-        batch.parts = []
+        payload, batch.count = self._pending.take()  # one call: a lock-free put lands before or after it
+        batch.size = len(payload)
+        self._buffered += batch.size
         self._session.submit(batch, payload, batch.count)
 
     # -- I/O thread ------------------------------------------------------------------------------------

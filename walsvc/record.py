@@ -6,8 +6,8 @@ The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present,
 (0 none, 1 LZ4, 2 zstd), bit 4 version present; bits 5-7 must be zero.  This module is pure: bytes in,
 bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
 
-The hot loops (count_records, decode_payload, encode_put, encode_puts) have a compiled twin in
-walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
+The hot loops (count_records, decode_payload, encode_put, encode_puts, and a producer's PutBuffer) have a
+compiled twin in walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
 hands back None for anything but the common, valid case, and the Python code then decides, so there is one
 implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns the twin off.
 """
@@ -109,8 +109,26 @@ class Record:
         return f"Record(key={self.key!r}, value={self.value!r}{extra})"
 
 
+class _ReadRecord(Record):
+    """A Record as the compiled decoder builds it (a Record to every caller: isinstance, ==, repr).
+
+    The decoder leaves it out of the cycle collector, as CPython leaves out a tuple of atomic values: it
+    holds only bytes, ints, None and a tuple of ints, so it cannot be part of a cycle.  Setting a field puts
+    it back first, so whatever a caller stores in it is collected as usual.  Why: a replay's records, kept
+    for a batch, age through the collector's generations and set off full collections again and again;
+    that was more than half of a replay's time (docs/PERFORMANCE.md, "Per-record cost, second pass").
+    """
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _c_gc_track(self)
+        object.__setattr__(self, name, value)
+
+
 if _c is not None:
-    _c.bind_record(Record)
+    _c.bind_record(_ReadRecord)
+    _c_gc_track = _c.gc_track
 
 
 def implementation() -> str:
@@ -442,6 +460,87 @@ def encode_puts(items: list[tuple[bytes, bytes]], max_record_bytes: int = DEFAUL
             return payload
     return b"".join(encode_put_py(k, v) if type(k) is bytes and type(v) is bytes and len(k) + len(v) <= max_record_bytes
                     else encode(Record.put(k, v), max_record_bytes) for k, v in items)
+
+
+class PutBufferPy:
+    """A producer's open batch: plain puts encoded into one growing buffer, with a handle per record
+    (`handle_type(owner, index)`: the batch's owner and the record's place in it).
+
+    The reference for the compiled twin (`_record_c.PutBuffer`), which makes `put` atomic under the GIL so
+    a producer needs no lock per record, and fills the handle's `_batch` and `_index` slots without calling
+    the class; this one is not atomic (`atomic` False), so its caller holds a lock around every call.  `put`
+    returns None where the caller must decide (not exact bytes, over max_record_bytes, no open batch, no
+    room below `limit`).
+    """
+
+    atomic = False
+
+    def __init__(self, handle_type: type, max_record_bytes: int) -> None:
+        self._handle_type = handle_type
+        self._max_record_bytes = max_record_bytes
+        self._parts: list[bytes] = []
+        self._owner: Any = None
+        self.size = 0
+        self.count = 0
+        self.limit = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._owner is not None
+
+    def put(self, key: bytes, value: bytes) -> Any:
+        """Append a plain put; its handle, or None."""
+        if (type(key) is not bytes or type(value) is not bytes or self._owner is None
+                or len(key) + len(value) > self._max_record_bytes):
+            return None
+        data = encode_put_py(key, value)
+        size = self.size + len(data)
+        if size >= self.limit:
+            return None
+        self._parts.append(data)
+        self.size = size
+        self.count += 1
+        return self._handle_type(self._owner, self.count - 1)
+
+    def open(self, owner: Any, limit: int) -> None:
+        """Start a batch for `owner`; `put` takes a record while size + its bytes < limit."""
+        if self._owner is not None:
+            raise ValueError("a batch is already open")
+        self._owner = owner
+        self.size = self.count = 0
+        self.limit = limit
+
+    def add(self, data: bytes, count: int) -> int:
+        """Append `count` records already encoded end to end in `data`; the first one's index."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        first = self.count
+        self.count += count
+        return first
+
+    def take(self) -> tuple[bytes, int]:
+        """Close the batch: (payload, count)."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        out = (b"".join(self._parts), self.count)
+        self._parts = []
+        self._owner = None
+        self.size = self.count = 0
+        return out
+
+    def handles(self, owner: Any, first: int, n: int) -> list[Any]:
+        """Handles for `n` records of `owner` from index `first`."""
+        make = self._handle_type
+        return [make(owner, first + i) for i in range(n)]
+
+
+def put_buffer(handle_type: type, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Any:
+    """A producer's open-batch buffer: the compiled one when built (atomic puts), else PutBufferPy."""
+    if _c is not None:
+        return _c.PutBuffer(handle_type, max_record_bytes)
+    return PutBufferPy(handle_type, max_record_bytes)
 
 
 def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
