@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from walsvc.bench import sqlite_wal, walsvc_system  # noqa: E402
+from benchmarks.suite import sqlite_wal, walsvc_system  # noqa: E402
 
 
 def main() -> int:
