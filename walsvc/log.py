@@ -23,7 +23,7 @@ from crc32c import crc32c
 
 from . import frame as F
 from . import access, logid, retention
-from .config import LogConfig
+from .config import LogConfig, directory_path
 from .cursor import load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data, sync_dir
@@ -118,7 +118,7 @@ class Log:
             config = LogConfig.from_options(options)
         elif options:
             raise ConfigError("config", "pass either config= or keyword options, not both")
-        path = Path(directory)
+        path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
         return cls(path, config, on_commit, verify, first_lsn, on_stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import secrets
 import threading
@@ -20,14 +21,31 @@ from typing import Callable, Iterable
 import zmq
 
 from . import protocol as P
-from .config import Config, log_directory
+from .config import Config, ProducerConfig, client_config
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, LogClosedError,
+from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, ConfigError, LogClosedError,
                      RecordTooLargeError, ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts
+from .record import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_OVERHEAD, Record, encode,
+                     encode_put, encode_puts)
 
 EAGER_IN_FLIGHT = 8
+
+
+def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
+            batch_bytes: int) -> tuple[int, int]:
+    """(max_record_bytes, batch_bytes) that keep every batch within what the writer accepts: its limits from
+    ENDPOINTS (else the config's [log] section, else the defaults), `own_max_record` lowering the record limit.
+
+    An open batch takes records while it is under batch_bytes, then one more record or `put_many` payload
+    (itself under batch_bytes), so the largest batch is below twice batch_bytes, or batch_bytes plus the
+    largest record: both must fit the writer's max_batch_bytes, and one ZeroMQ message with its header."""
+    record = endpoints.max_record_bytes or (config.log.max_record_bytes if config else DEFAULT_MAX_RECORD_BYTES)
+    batch = endpoints.max_batch_bytes or (config.log.max_batch_bytes if config else DEFAULT_MAX_BATCH_BYTES)
+    if endpoints.max_message_bytes:
+        batch = min(batch, endpoints.max_message_bytes - P.APPEND_HEADER_SIZE)
+    record = min(record, batch - MAX_RECORD_OVERHEAD, own_max_record or record)
+    return record, max(1, min(batch_bytes, batch // 2, batch - record - MAX_RECORD_OVERHEAD))
 
 
 class _Batch:
@@ -84,7 +102,8 @@ class RecordFuture:
 
 class Producer:
     """Appends records to the log whose writer serves `directory` (its endpoints are read from there); a
-    Config or a TOML config file path names the directory too.
+    Config or a TOML config file path names the directory too, and then its `[producer]` section sets the
+    options below (a keyword argument wins over the file).
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
     batch.size).  While fewer than EAGER_IN_FLIGHT batches await acks, a batch goes out at once, so a lone
@@ -92,26 +111,39 @@ class Producer:
     (self-clocking, like Nagle's algorithm), and linger_ms bounds how long they gather.  max_buffer_bytes
     caps unacknowledged data; `append` blocks up to `block_timeout_s` for space, then raises
     BackpressureError.
+
+    The record and batch limits are the writer's, learned from its ENDPOINTS file: a record the writer would
+    refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
+    writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
-                 linger_ms: float = 1.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
-                 max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
-        self.directory = log_directory(directory)
+                 linger_ms: float | None = None, batch_bytes: int | None = None,
+                 max_buffer_bytes: int | None = None, max_in_flight: int | None = None,
+                 ack_timeout_s: float | None = None, block_timeout_s: float | None = None,
+                 max_record_bytes: int | None = None, producer_id: int | None = None) -> None:
+        self.directory, config = client_config(directory)
+        given = {"linger_ms": linger_ms, "batch_bytes": batch_bytes, "max_buffer_bytes": max_buffer_bytes,
+                 "max_in_flight": max_in_flight, "ack_timeout_s": ack_timeout_s, "block_timeout_s": block_timeout_s}
+        settings = dataclasses.replace(config.producer if config else ProducerConfig(),
+                                       **{k: v for k, v in given.items() if v is not None})
+        if max_record_bytes is not None and (type(max_record_bytes) is not int or max_record_bytes < 1):
+            raise ConfigError("max_record_bytes", f"must be a positive integer, got {max_record_bytes!r}")
+        if producer_id is not None and (type(producer_id) is not int or not 0 < producer_id < 1 << 64):
+            raise ConfigError("producer_id", f"must be an integer from 1 to 2**64-1, got {producer_id!r}")
         self.endpoints = endpoints or load_endpoints(self.directory)
         if endpoints is None and not self.endpoints.writer_running():
             raise ServiceUnavailableError(f"no writer is running for {self.directory} (pid {self.endpoints.pid}, "
                                           f"which recorded its endpoints, has exited); start one with "
                                           f"`walsvc serve --dir {self.directory}`")
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
-        self.linger = linger_ms / 1000.0
-        self.batch_bytes = batch_bytes
-        self.max_buffer_bytes = max_buffer_bytes
-        self.max_in_flight = max_in_flight
-        self.ack_timeout = ack_timeout_s
-        self.block_timeout = block_timeout_s
-        self.max_record_bytes = max_record_bytes
+        self.linger = settings.linger_ms / 1000.0
+        self.max_buffer_bytes = settings.max_buffer_bytes
+        self.max_in_flight = max_in_flight = settings.max_in_flight
+        self.ack_timeout = ack_timeout_s = settings.ack_timeout_s
+        self.block_timeout = settings.block_timeout_s
+        self.max_record_bytes, self.batch_bytes = _limits(self.endpoints, config, max_record_bytes,
+                                                          settings.batch_bytes)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None

@@ -25,7 +25,7 @@ from crc32c import crc32c
 
 from . import frame as F
 from .access import make_dir, open_file
-from .errors import CorruptionError, MissingSegmentError, RecordError
+from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
 from .head import load as load_head
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
@@ -57,7 +57,7 @@ class RecoveryInfo:
                  f"{self.records_valid} records", f"LSN {self.first_lsn}..{self.last_lsn}",
                  f"{self.duration_s * 1000:.1f} ms"]
         if self.torn_tail:
-            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {self.truncated_at}")
+            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {Location(*self.truncated_at)}")
         if self.corruption:
             parts.append(f"CORRUPTION repaired by truncation: {self.corruption}; quarantined {self.quarantined}")
         return "recovered " + ", ".join(parts)
@@ -287,7 +287,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 raise CorruptionError(f"{detail}; valid data follows, so this is not a torn tail (set "
                                       "on_corruption = \"truncate\" to cut here and quarantine later segments)",
                                       segment=path.name, offset=where, lsn=expected)
-            info.corruption = f"{detail} in {path.name} at offset {where}"
+            info.corruption = Location(path.name, where).after(detail)
             info.truncated_at = (path.name, where)
             info.bytes_truncated = size - where
             later = [p for _, p in segments[i + 1:]]
