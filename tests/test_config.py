@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import walsvc
+from helpers import run_cli
 from walsvc import Log, Record, errors
 from walsvc.config import SECTIONS, Config, LogConfig, RetentionConfig, load
 from walsvc.errors import ConfigError, RecordTooLargeError, WalError
@@ -189,7 +190,7 @@ def _config(tmp_path: Path, text: str) -> Path:
 def test_producer_and_reader_take_their_sections_from_the_file_and_keywords_win(tmp_path: Path, writers) -> None:
     path = _config(tmp_path, "[producer]\nlinger_ms = 7\nbatch_bytes = 65536\nmax_in_flight = 4\n"
                              "ack_timeout_s = 2.5\nblock_timeout_s = 3\n"
-                             '[reader]\nstart = "latest"\nrecheck_s = 0.2\n')
+                             '[reader]\nstart = "latest"\nrecheck_s = 0.2\nmax_records = 3\nlease_ms = 9000\n')
     writers(tmp_path / "wal", config=path).start()
     with walsvc.Producer(path) as producer:
         assert (producer.linger, producer.batch_bytes, producer.max_in_flight) == (0.007, 65536, 4)
@@ -205,9 +206,20 @@ def test_producer_and_reader_take_their_sections_from_the_file_and_keywords_win(
     with walsvc.Reader(path, "earliest", recheck_s=0.01) as reader:
         assert reader.recheck_s == 0.01
         assert [r.lsn for r in reader.poll(10)][:1] == [first]
+    with walsvc.Reader(path, group="g", consumer="a", start="earliest") as member:  # a group member too
+        assert (member.max_records, member.lease_ms, member.recheck_s) == (3, 9000, 0.2)
+        assert [r.lsn for r in member.poll(10)] == [first, first + 1]
+    with walsvc.Reader(path, group="h", consumer="a", max_records=1) as member:  # starts at "latest"
+        assert member.poll(0.3) == []  # the first claim makes the group, at the end of the log
+        with walsvc.Producer(path) as producer:
+            newest = producer.put(b"newest", b"v").result(10)
+        assert [r.lsn for r in member.poll(10)] == [newest]
     with pytest.raises(ConfigError) as info:
         walsvc.Producer(path, max_in_flight=0)
     assert info.value.key == "producer.max_in_flight"
+    # The command line reads the same sections: `tail` starts at [reader] start unless --from says otherwise.
+    assert run_cli("tail", "--config", str(path)).stdout == ""
+    assert run_cli("tail", "--config", str(path), "--from", "earliest").stdout.count("\n") == newest
 
 
 def test_a_producer_learns_the_writers_limits_and_refuses_a_too_large_record_itself(tmp_path: Path,
