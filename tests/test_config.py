@@ -38,7 +38,8 @@ def test_every_exception_class_derives_from_wal_error() -> None:
 def test_a_location_reads_one_way_in_every_error() -> None:
     where = errors.Location("00000000000000000001.wal", 4096, 17)
     assert str(where) == "segment 00000000000000000001.wal, offset 4096, LSN 17"
-    assert str(errors.CorruptionError("bad", segment=where.segment, offset=4096, lsn=17)) == f"corruption: bad ({where})"
+    corrupt = errors.CorruptionError("bad", segment=where.segment, offset=4096, lsn=17)
+    assert str(corrupt) == f"corruption: bad ({where})" and corrupt.location == where
     assert str(errors.ChecksumError("crc", offset=3)) == "crc (offset 3)"
     assert errors.ChecksumError("crc", offset=3).location == errors.Location(offset=3)
     assert errors.Location().after("plain") == "plain"

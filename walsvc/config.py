@@ -54,15 +54,9 @@ def _checked(key: str, value: Any, default: Any, check: Check) -> Any:
     """`value` if it has the type of `default` and passes `check`; an int is taken for a float (TOML
     `linger_ms = 5`), a bool never for a number."""
     typ = type(default)
-    if isinstance(default, Section):
-        if not isinstance(value, typ):
-            raise ConfigError(key, f"must be a {typ.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    if typ in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float) if typ is float else int)):
-        kind = "an integer" if typ is int else "a number"
+    if not isinstance(value, (int, float) if typ is float else typ) or (isinstance(value, bool) and typ is not bool):
+        kind = {int: "an integer", float: "a number"}.get(typ, f"a {typ.__name__}")
         raise ConfigError(key, f"must be {kind}, got {type(value).__name__} {value!r}")
-    if typ not in (int, float) and not isinstance(value, typ):
-        raise ConfigError(key, f"must be a {typ.__name__}, got {type(value).__name__} {value!r}")
     value = float(value) if typ is float else value
     problem = check(value)
     if problem:
@@ -93,7 +87,7 @@ class Section:
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The keys of this section's table (a nested section, such as `LogConfig.retention`, is a table of its own)."""
+        """The keys of this section's table (a nested section, `LogConfig.retention`, is a table of its own)."""
         return [f.name for f in fields(cls) if not isinstance(f.default, Section)]
 
 
