@@ -54,6 +54,7 @@ def _misuse(d: Path) -> dict:
         "Log.open: directory None": lambda: Log.open(None),
         "Log.open: directory a number": lambda: Log.open(5),
         "LogConfig: unknown key": lambda: LogConfig(colour="red"),
+        "Log.open: config a dict": lambda: Log.open(missing, config={"fsync": "os"}),
         "Record.put: key an int": lambda: Record.put(1, b"v"),
         "Record.put: negative TTL": lambda: Record.put(b"k", b"v", ttl_ms=-1),
         "Record.put: unknown compression": lambda: Record.put(b"k", b"v", compression="gzip"),

@@ -118,6 +118,8 @@ class Log:
             config = LogConfig.from_options(options)
         elif options:
             raise ConfigError("config", "pass either config= or keyword options, not both")
+        elif not isinstance(config, LogConfig):
+            raise ConfigError("config", f"must be a walsvc.LogConfig, not {type(config).__name__}")
         path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
