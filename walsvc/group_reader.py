@@ -29,7 +29,8 @@ REQUEST_TIMEOUT_S = 5.0
 class GroupReader(Reader):
     """One consumer of a group; see `walsvc.Reader` for the options it shares.  `max_records` bounds one
     claimed range; `lease_ms` is how long the group waits for its ack before giving the range to another.
-    Both, `start` and `recheck_s` default to the config's `[reader]` section when a Config or file is given."""
+    These two, `start` and `recheck_s` take their defaults from the `[reader]` section of a given Config or
+    config file."""
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str | None = None, *,
                  group: str, consumer: str, max_records: int | None = None, lease_ms: int | None = None,
