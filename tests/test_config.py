@@ -64,6 +64,9 @@ def _misuse(d: Path) -> dict:
         "read: bad start": lambda: log_read(d, "first"),
         "read: LSN 0": lambda: log_read(d, 0),
         "LogReader: bad start": lambda: walsvc.LogReader(d, -3),
+        "LogReader: directory None": lambda: walsvc.LogReader(None),
+        "Log.open: first_lsn a string": lambda: Log.open(missing, first_lsn="1"),
+        "import_nori: source None": lambda: walsvc.import_nori(None, missing),
         "lsn_at_time: a string": lambda: walsvc.lsn_at_time(d, "yesterday"),
         "lsn_at_time: directory None": lambda: walsvc.lsn_at_time(None, 0),
         "reset_cursor: bad name": lambda: walsvc.reset_cursor(d, "../x", 1),
@@ -121,6 +124,7 @@ def test_misuse_of_the_public_api_raises_walsvc_errors_only(tmp_path: Path) -> N
         else:
             leaked[name] = "no error at all"
     assert leaked == {}
+    assert not (tmp_path / "missing").exists()  # refused before anything touched a file
     with Log.open(d, fsync="os") as log:  # and the log is intact
         assert [r.key for r in log.read()] == [b"k"]
 
@@ -157,6 +161,7 @@ def test_an_unknown_key_in_any_section_is_refused_by_name(tmp_path: Path, sectio
     ("[reader]\nlease_ms = 0\n", "reader.lease_ms"),
     ("[retention]\nmax_age_s = 1.5\n", "retention.max_age_s"),
     ("[log]\nretention = 1\n", "log.retention"),
+    ("[log]\nmax_bytes = 1\n", "log.max_bytes"),  # a [retention] key, in its own section only
     ("producer = 1\n", "producer"),
 ])
 def test_bad_values_in_the_new_sections_name_the_key(tmp_path: Path, text: str, key: str) -> None:

@@ -298,12 +298,14 @@ def load(path: str | Path | None = None, *, directory: str | Path | None = None,
             raise ConfigError(name, f"unknown section; known: {', '.join(SECTIONS)}")
         if not isinstance(data[name], dict):
             raise ConfigError(name, f"must be a table ([{name}]), got {type(data[name]).__name__}")
+        known = SECTIONS[name].keys() + (["dir"] if name == "log" else [])
+        for key in data[name]:
+            if key not in known:
+                raise ConfigError(f"{name}.{key}", f"unknown key; known: {', '.join(sorted(known))}")
     log_table = dict(data.get("log", {}))
     dir_value = log_table.pop("dir", "./wal-data")
     if not isinstance(dir_value, str):
         raise ConfigError("log.dir", f"must be a string, got {type(dir_value).__name__}")
-    if "retention" in log_table:
-        raise ConfigError("log.retention", "unknown key: retention keys go in their own [retention] section")
     base = Path(path).parent if path is not None else Path(".")
     directory = Path(directory) if directory is not None else base / dir_value
     return Config(directory, LogConfig(**log_table, retention=RetentionConfig(**data.get("retention", {}))),

@@ -120,6 +120,8 @@ class Log:
             raise ConfigError("config", "pass either config= or keyword options, not both")
         elif not isinstance(config, LogConfig):
             raise ConfigError("config", f"must be a walsvc.LogConfig, not {type(config).__name__}")
+        if first_lsn is not None and (type(first_lsn) is not int or first_lsn < 1):
+            raise ConfigError("first_lsn", f"must be an LSN (an integer >= 1), not {first_lsn!r}")
         path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 from crc32c import crc32c
 
 from .access import replace_file
-from .config import LogConfig
+from .config import LogConfig, directory_path
 from .errors import (CompressionUnavailableError, ConfigError, Location, NoriDamageError, NoriFormatError,
                      NoriImportRefusedError, RecordError)
 from .frame import SEGMENT_MAGIC
@@ -494,7 +494,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
         config = LogConfig.from_options(options)
     elif options:
         raise ConfigError("config", "pass either config= or keyword options, not both")
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    src, dst = directory_path(src, "src").resolve(), directory_path(dst, "dst").resolve()
     if src == dst:
         raise NoriImportRefusedError(f"{src} is both the nori-wal source and the walsvc destination")
     list_nori_segments(src)  # a missing source fails here, before anything else
