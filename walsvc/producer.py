@@ -115,6 +115,7 @@ class Producer:
     The record and batch limits are the writer's, learned from its ENDPOINTS file: a record the writer would
     refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
     writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
+    They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
