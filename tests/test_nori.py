@@ -284,7 +284,7 @@ def test_damage_stops_the_import_with_segment_offset_and_reason(tmp_path: Path) 
     assert [json.loads(line)["key"] for line in dump.stdout.splitlines()] == ["a0", "a1", "a2", "a3"]
     dump = run_cli("dump", "--nori", str(src), "--skip-damaged")
     assert dump.returncode == 0 and len(dump.stdout.splitlines()) == 19
-    assert f"walsvc: note: 000001.wal offset {offsets[4]}: {len(older[4].raw)} damaged bytes" in dump.stderr
+    assert f"walsvc: note: segment 000001.wal, offset {offsets[4]}: {len(older[4].raw)} damaged bytes" in dump.stderr
 
     report = import_nori(src, dst, skip_damaged=True, **OPTIONS)
     assert_same(dst_records(dst), older[:4] + older[5:] + newest)

@@ -179,7 +179,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.delete and args.ttl_ms is not None:
         raise ConfigError("--ttl", "a tombstone (--delete) has no time to live; use one or the other")
-    producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+    producer = Producer(cfg, linger_ms=args.linger_ms)
     printer = _LsnPrinter()
     appended = 0
 
@@ -228,12 +228,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
             pass
 
 
-def _position(args: argparse.Namespace, directory: Path) -> int | str:
-    """Where tail/dump start: --from, --from-time or the default, checked against the log (never a silent skip)."""
+def _position(args: argparse.Namespace, directory: Path, default: str = "earliest") -> int | str:
+    """Where tail/dump start: --from, --from-time or `default`, checked against the log (never a silent skip)."""
     from .seek import committed_end, lsn_at_time
     if args.from_time is not None:
         return lsn_at_time(directory, args.from_time)
-    start = args.start if args.start is not None else "earliest"
+    start = args.start if args.start is not None else default
     if isinstance(start, int):
         end = committed_end(directory)
         if start > end + 1:
@@ -256,7 +256,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if args.name is not None:
         cursor.check_name(args.name)
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
-    start = _position(args, cfg.directory)
+    start = _position(args, cfg.directory, cfg.reader.start)
     if args.name and (args.start is not None or args.from_time is not None):
         stored = cursor.load(cfg.directory, cursor.check_name(args.name))
         if stored is not None:
@@ -264,7 +264,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                               f"drop --from/--from-time, or move it with `walsvc cursors reset {args.name} --to LSN`")
     done = _stop_at(args)
     printed = 0
-    with Reader(cfg.directory, start, name=args.name, **cfg.log.read_limits) as reader:
+    with Reader(cfg, start, name=args.name) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)
@@ -470,7 +470,8 @@ def _time(value: str) -> int:
 def _range_flags(p: argparse.ArgumentParser) -> None:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", type=_start,
-                       help="LSN, earliest (default) or latest; an LSN past the committed end is an error")
+                       help="LSN, earliest or latest (default: earliest; for tail [reader] start); an LSN past "
+                            "the committed end is an error")
     start.add_argument("--from-time", type=_time, metavar="ISO8601",
                        help="start at the first record written at or after this time")
     p.add_argument("--to", type=_lsn, metavar="LSN", help="stop after this LSN")
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("produce", "append one record per stdin line; print each LSN once durable")
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
-    p.add_argument("--linger-ms", type=float, default=5.0, help="batching delay (default 5)")
+    p.add_argument("--linger-ms", type=float, help="batching delay (default: [producer] linger_ms, 1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
     p.add_argument("--delete", action="store_true",
                    help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")

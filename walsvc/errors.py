@@ -1,13 +1,17 @@
 """Every exception walsvc raises, in one place.
 
 Each message says what went wrong and where (file, offset, LSN, config key, flag), so an operator can act on
-it without reading code.  Codec errors carry the location as attributes too, so callers can add it later:
-a record decoder knows the offset inside a payload; the segment scanner knows the file and the LSN.
+it without reading code.  A place in the log is a `Location` and reads one way everywhere ("segment
+00000000000000000001.wal, offset 4096, LSN 17").  Codec errors carry the location as attributes too, so
+callers can add it later: a record decoder knows the offset inside a payload; the segment scanner knows the
+file and the LSN.  Every class derives from `WalError`; where a standard class says the same thing it is a
+second base (`ConfigError` is a ValueError, `AckTimeoutError` a TimeoutError), so generic handlers still work.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from dataclasses import dataclass as _dataclass
 from os import PathLike as _PathLike
 
 
@@ -15,15 +19,35 @@ class WalError(Exception):
     """Base class of every walsvc error."""
 
 
+@_dataclass(frozen=True, slots=True)
+class Location:
+    """A place in the log: a segment file, a byte offset (in the segment, or in a payload when no segment is
+    known) and an LSN, any of them unknown.  `str()` gives the one form every message uses."""
+    segment: str | None = None
+    offset: int | None = None
+    lsn: int | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.segment is not None:
+            parts.append(f"segment {self.segment}")
+        if self.offset is not None:
+            parts.append(f"offset {self.offset}")
+        if self.lsn is not None:
+            parts.append(f"LSN {self.lsn}")
+        return ", ".join(parts)
+
+    def __bool__(self) -> bool:
+        return not (self.segment is None and self.offset is None and self.lsn is None)
+
+    def after(self, detail: str) -> str:
+        """`detail`, then this place in parentheses (if any is known): how an error message names it."""
+        return f"{detail} ({self})" if self else detail
+
+
 def _where(segment: str | None, offset: int | None, lsn: int | None) -> str:
-    parts = []
-    if segment is not None:
-        parts.append(f"segment {segment}")
-    if offset is not None:
-        parts.append(f"offset {offset}")
-    if lsn is not None:
-        parts.append(f"LSN {lsn}")
-    return f" ({', '.join(parts)})" if parts else ""
+    where = Location(segment, offset, lsn)
+    return f" ({where})" if where else ""
 
 
 class RecordError(WalError):
@@ -36,6 +60,10 @@ class RecordError(WalError):
         self.offset = offset
         self.lsn = lsn
         super().__init__(detail + _where(segment, offset, lsn))
+
+    @property
+    def location(self) -> Location:
+        return Location(self.segment, self.offset, self.lsn)
 
     def located(self, *, segment: str | None = None, offset: int | None = None,
                 lsn: int | None = None) -> "RecordError":
@@ -89,6 +117,10 @@ class CorruptionError(WalError):
         self.lsn = lsn
         super().__init__("corruption: " + detail + _where(segment, offset, lsn))
 
+    @property
+    def location(self) -> Location:
+        return Location(self.segment, self.offset, self.lsn)
+
 
 class MissingSegmentError(CorruptionError):
     """A segment in the middle of the log is gone: a hole in the LSNs that retention cannot have made
@@ -106,7 +138,7 @@ class LogLockedError(WalError):
                          "only one writer may own a log directory")
 
 
-class WriteStepError(OSError):
+class WriteStepError(WalError, OSError):
     """An OSError from one named step of the write path (`operation` on `filename`), so a stop reason can say
     what failed where: a bare "[Errno 5] Input/output error" from an fd-based call names no file."""
 
@@ -181,8 +213,9 @@ class TruncatedError(WalError):
         super().__init__(f"LSN {requested} was truncated by retention; oldest is {oldest}")
 
 
-class ConfigError(WalError):
-    """A configuration key or command-line flag has a bad name, type or value."""
+class ConfigError(WalError, ValueError):
+    """A configuration key, an argument or a command-line flag has a bad name, type or value.  `key` names it:
+    `log.segment_bytes`, `producer.linger_ms`, `start`, `--dir`."""
 
     def __init__(self, key: str, detail: str) -> None:
         self.key = key
@@ -208,7 +241,7 @@ class NackError(WalError):
         super().__init__(f"writer refused the batch ({code}): {detail}")
 
 
-class BackpressureError(WalError):
+class BackpressureError(WalError, TimeoutError):
     """The producer's buffer stayed full for longer than its timeout: the writer is behind or gone."""
 
 

@@ -24,7 +24,7 @@ from crc32c import crc32c
 
 from . import frame as F
 from . import access, logid, retention
-from .config import LogConfig
+from .config import LogConfig, directory_path
 from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data, sync_dir
@@ -119,7 +119,11 @@ class Log:
             config = LogConfig.from_options(options)
         elif options:
             raise ConfigError("config", "pass either config= or keyword options, not both")
-        path = Path(directory)
+        elif not isinstance(config, LogConfig):
+            raise ConfigError("config", f"must be a walsvc.LogConfig, not {type(config).__name__}")
+        if first_lsn is not None and (type(first_lsn) is not int or first_lsn < 1):
+            raise ConfigError("first_lsn", f"must be an LSN (an integer >= 1), not {first_lsn!r}")
+        path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
         return cls(path, config, on_commit, verify, first_lsn, on_stop)

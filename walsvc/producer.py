@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import secrets
 import threading
@@ -23,14 +24,30 @@ from typing import Callable, Iterable
 import zmq
 
 from . import protocol as P
-from .config import Config, log_directory
+from .config import Config, ProducerConfig, client_config
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, LogClosedError,
+from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, ConfigError, LogClosedError,
                      RecordTooLargeError, ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts, put_buffer
+from .record import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_OVERHEAD, Record, encode,
+                     encode_put, encode_puts, put_buffer)
 
 EAGER_IN_FLIGHT = 8
+
+
+def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
+            batch_bytes: int) -> tuple[int, int, int]:
+    """(max_record_bytes, batch_bytes, max_payload) within what the writer accepts: its limits from ENDPOINTS
+    (else the config's [log] section, else the defaults), `own_max_record` lowering the record limit.
+
+    max_payload is the longest batch the writer takes (max_batch_bytes, and one ZeroMQ message with its
+    header: a longer one is dropped unanswered); an open batch is closed before a record would take it past."""
+    record = endpoints.max_record_bytes or (config.log.max_record_bytes if config else DEFAULT_MAX_RECORD_BYTES)
+    payload = endpoints.max_batch_bytes or (config.log.max_batch_bytes if config else DEFAULT_MAX_BATCH_BYTES)
+    if endpoints.max_message_bytes:
+        payload = min(payload, endpoints.max_message_bytes - P.APPEND_HEADER_SIZE)
+    record = min(record, payload - MAX_RECORD_OVERHEAD, own_max_record or record)
+    return record, max(1, min(batch_bytes, payload)), payload
 
 
 class _Batch:
@@ -90,7 +107,8 @@ class RecordFuture:
 
 class Producer:
     """Appends records to the log whose writer serves `directory` (its endpoints are read from there); a
-    Config or a TOML config file path names the directory too.
+    Config or a TOML config file path names the directory too, and then its `[producer]` section sets the
+    options below (a keyword argument wins over the file).
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
     batch.size).  While fewer than EAGER_IN_FLIGHT batches await acks, a batch goes out at once, so a lone
@@ -98,27 +116,40 @@ class Producer:
     (self-clocking, like Nagle's algorithm), and linger_ms bounds how long they gather.  max_buffer_bytes
     caps unacknowledged data; `append` blocks up to `block_timeout_s` for space, then raises
     BackpressureError.
+
+    The record and batch limits are the writer's, learned from its ENDPOINTS file: a record the writer would
+    refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
+    writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
+    They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
-                 linger_ms: float = 1.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
-                 max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
-        self.directory = log_directory(directory)
+                 linger_ms: float | None = None, batch_bytes: int | None = None,
+                 max_buffer_bytes: int | None = None, max_in_flight: int | None = None,
+                 ack_timeout_s: float | None = None, block_timeout_s: float | None = None,
+                 max_record_bytes: int | None = None, producer_id: int | None = None) -> None:
+        self.directory, config = client_config(directory)
+        given = {"linger_ms": linger_ms, "batch_bytes": batch_bytes, "max_buffer_bytes": max_buffer_bytes,
+                 "max_in_flight": max_in_flight, "ack_timeout_s": ack_timeout_s, "block_timeout_s": block_timeout_s}
+        settings = dataclasses.replace(config.producer if config else ProducerConfig(),
+                                       **{k: v for k, v in given.items() if v is not None})
+        if max_record_bytes is not None and (type(max_record_bytes) is not int or max_record_bytes < 1):
+            raise ConfigError("max_record_bytes", f"must be a positive integer, got {max_record_bytes!r}")
+        if producer_id is not None and (type(producer_id) is not int or not 0 < producer_id < 1 << 64):
+            raise ConfigError("producer_id", f"must be an integer from 1 to 2**64-1, got {producer_id!r}")
         self.endpoints = endpoints or load_endpoints(self.directory)
         if endpoints is None and not self.endpoints.writer_running():
             raise ServiceUnavailableError(f"no writer is running for {self.directory} (pid {self.endpoints.pid}, "
                                           f"which recorded its endpoints, has exited); start one with "
                                           f"`walsvc serve --dir {self.directory}`")
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
-        self.linger = linger_ms / 1000.0
-        self.batch_bytes = batch_bytes
-        self.max_buffer_bytes = max_buffer_bytes
-        self.max_in_flight = max_in_flight
-        self.ack_timeout = ack_timeout_s
-        self.block_timeout = block_timeout_s
-        self.max_record_bytes = max_record_bytes
-        self._fit_writer_limits()
+        self.linger = settings.linger_ms / 1000.0
+        self.max_buffer_bytes = settings.max_buffer_bytes
+        self.max_in_flight = max_in_flight = settings.max_in_flight
+        self.ack_timeout = ack_timeout_s = settings.ack_timeout_s
+        self.block_timeout = settings.block_timeout_s
+        self.max_record_bytes, self.batch_bytes, self._max_payload = _limits(
+            self.endpoints, config, max_record_bytes, settings.batch_bytes)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
@@ -163,15 +194,6 @@ class Producer:
                 f"the writer for {self.directory} cannot decode {record.compression} values (it decodes "
                 f"{', '.join(self.endpoints.codecs)}): install 'lz4' beside the writer, or compress with zstd")
         return self._add(encode(record, self.max_record_bytes))
-
-    def _fit_writer_limits(self) -> None:
-        """Stay within the limits the writer recorded: ZeroMQ drops a longer message unanswered (it would
-        be resent for ever), and a larger record would only be nacked; refused here, at `put`."""
-        eps = self.endpoints
-        self._max_payload = (eps.max_message_bytes - P.APPEND_HEADER_SIZE) if eps.max_message_bytes else 1 << 62
-        if eps.max_record_bytes:
-            self.max_record_bytes = min(self.max_record_bytes, eps.max_record_bytes)
-        self.batch_bytes = min(self.batch_bytes, self._max_payload)
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
             compression: str | None = None) -> RecordFuture:
@@ -231,7 +253,7 @@ class Producer:
         if self._buffered + pending.size + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
-        if batch is not None and batch.size + len(data) > self._max_payload:
+        if batch is not None and pending.size + len(data) > self._max_payload:
             self._close_open_batch()  # together they would be longer than the writer takes
             batch = None
         fresh = batch is None

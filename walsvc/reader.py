@@ -7,6 +7,7 @@ only; a named reader keeps a durable cursor, and `Reader(group=...)` is a consum
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import os
 import time
@@ -16,7 +17,7 @@ from typing import AsyncIterator, Iterator
 import zmq
 
 from . import cursor
-from .config import Config, log_directory
+from .config import Config, ReaderConfig, client_config
 from .endpoints import load as load_endpoints
 from .errors import ConfigError, LogClosedError, ServiceUnavailableError
 from .head import Head, HeadReader
@@ -39,6 +40,30 @@ def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int
     return start
 
 
+def reader_settings(config: Config | None, **given: object) -> ReaderConfig:
+    """The `[reader]` section of `config` (or its defaults) with the keyword arguments given (not None)."""
+    return dataclasses.replace(config.reader if config else ReaderConfig(),
+                               **{k: v for k, v in given.items() if v is not None})
+
+
+def read_limits(directory: Path, config: Config | None, max_record_bytes: int | None,
+                max_batch_bytes: int | None) -> tuple[int, int]:
+    """The largest record and batch a reader accepts: as given, else the largest the writer (its ENDPOINTS),
+    the config's [log] section or the defaults allow, so that no record a writer took is refused."""
+    try:
+        endpoints = load_endpoints(directory)
+    except ServiceUnavailableError:
+        endpoints = None
+    limits = []
+    for key, given, default in (("max_record_bytes", max_record_bytes, DEFAULT_MAX_RECORD_BYTES),
+                                ("max_batch_bytes", max_batch_bytes, DEFAULT_MAX_BATCH_BYTES)):
+        if given is not None and (type(given) is not int or given < 1):
+            raise ConfigError(key, f"must be a positive integer, got {given!r}")
+        known = [default, getattr(endpoints, key, 0)] + ([getattr(config.log, key)] if config else [])
+        limits.append(given or max(known))
+    return limits[0], limits[1]
+
+
 def wait_for_commit(sub: zmq.Socket, wait_s: float) -> bool:
     """Sleep until the writer's next commit message or `wait_s`; drain what came (the messages only wake a
     reader: the bound is HEAD's).  True if any came."""
@@ -56,12 +81,14 @@ class Reader:
 
     `start` is an LSN, "earliest", "latest" or a datetime (the first record written at or after it); an LSN
     past the committed end is a ConfigError (never a silent skip to it: "latest" waits for new records).  A
+    Config or a TOML config file path names the directory too, and then its `[reader]` section gives the
+    defaults of `start` and `recheck_s` (a keyword argument wins over the file).  The record and batch
+    limits default to the largest the writer (ENDPOINTS), the config or the defaults allow.  A
     named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
     is the committed LSN from the HEAD file; PUB commit messages only wake the reader, and the HEAD file is
     reread at least every `recheck_s` (50 ms by default) while idle, so missed or late PUB messages cost at
-    most that.  With no writer running
-    `offline` is True and the reader reads what the next open will keep; damage short of that end raises
-    CorruptionError (see `LogReader._check_offline_stop`).
+    most that.  With no writer running `offline` is True and the reader reads what the next open will keep;
+    damage short of that end raises CorruptionError (see `LogReader._check_offline_stop`).
     """
 
     def __new__(cls, *args: object, group: str | None = None, **kwargs: object) -> "Reader":
@@ -73,14 +100,16 @@ class Reader:
         return super().__new__(cls)
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data",
-                 start: int | str | datetime.datetime = "earliest", *, name: str | None = None,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-                 recheck_s: float = 0.05) -> None:
-        self.directory = log_directory(directory)
-        start = _checked_start(self.directory, start)
+                 start: int | str | datetime.datetime | None = None, *, name: str | None = None,
+                 max_record_bytes: int | None = None, max_batch_bytes: int | None = None,
+                 recheck_s: float | None = None) -> None:
+        self.directory, config = client_config(directory)
+        settings = reader_settings(config, recheck_s=recheck_s)
+        start = _checked_start(self.directory, settings.start if start is None else start)
         self.name = cursor.check_name(name) if name is not None else None
+        max_record_bytes, max_batch_bytes = read_limits(self.directory, config, max_record_bytes, max_batch_bytes)
         self._head = HeadReader(self.directory)
-        self.recheck_s = recheck_s
+        self.recheck_s = settings.recheck_s
         self.offline = True
         self.last_head: Head | None = None
         self._bound()  # set `offline` now: it said True beside a live writer until the first poll

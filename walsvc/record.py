@@ -31,6 +31,9 @@ DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 # A batch, with every value decompressed, is at most this long (the log's `max_batch_bytes`): a few bytes of
 # zstd can claim gigabytes, and a reader materializes a whole batch at once.
 DEFAULT_MAX_BATCH_BYTES = 32 * 1024 * 1024
+# Bytes a record adds around its key and value: two length varints, flags, TTL and version varints, CRC (55 at
+# most).  A batch of max_batch_bytes must hold one record of max_record_bytes and this.
+MAX_RECORD_OVERHEAD = 64
 
 FLAG_TOMBSTONE = 0x01
 FLAG_TTL = 0x02
@@ -304,6 +307,8 @@ def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
     """The v1 bytes of `record`.  Compression is skipped (flag cleared) when it does not shrink the value."""
     key = record.key
     value = record.value
+    if type(key) is not bytes or type(value) is not bytes:
+        raise _not_bytes(record)
     if len(key) + len(value) > max_record_bytes:
         raise RecordTooLargeError(f"record of {len(key) + len(value)} bytes exceeds the {max_record_bytes}-byte "
                                   "maximum record size")
@@ -546,13 +551,25 @@ def put_buffer(handle_type: type, max_record_bytes: int = DEFAULT_MAX_RECORD_BYT
 def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
     """The v1 bytes of several records laid end to end (a batch payload)."""
     parts = []
-    for r in records:
-        if (r.compression is None and r.ttl_ms is None and not r.tombstone and r.version is None
-                and len(r.key) + len(r.value) <= max_record_bytes):
-            parts.append(encode_put(r.key, r.value))
-        else:
-            parts.append(encode(r, max_record_bytes))
+    try:
+        for r in records:
+            if (r.compression is None and r.ttl_ms is None and not r.tombstone and r.version is None
+                    and len(r.key) + len(r.value) <= max_record_bytes):
+                parts.append(encode_put(r.key, r.value))
+            else:
+                parts.append(encode(r, max_record_bytes))
+    except TypeError:
+        raise _not_bytes(records[len(parts)]) from None
     return b"".join(parts)
+
+
+def _not_bytes(record: Record) -> InvalidRecordError:
+    """A Record built directly (not by `Record.put`/`delete`, which check and convert) with a field of the
+    wrong type."""
+    if type(record.key) is bytes and type(record.value) is bytes:
+        return InvalidRecordError(f"a field of {record!r} has the wrong type; Record.put and Record.delete check them")
+    return InvalidRecordError(f"a record's key and value must be bytes, not {type(record.key).__name__} and "
+                              f"{type(record.value).__name__} (Record.put and Record.delete also take str)")
 
 
 def count_records(buf: bytes | memoryview, pos: int, end: int, *,

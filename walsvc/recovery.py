@@ -21,7 +21,7 @@ from crc32c import crc32c
 
 from . import frame as F
 from .access import make_dir, open_file
-from .errors import CorruptionError, MissingSegmentError, RecordError
+from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
 from .head import load as load_head
 from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, header_never_written, plan_segment
@@ -55,7 +55,7 @@ class RecoveryInfo:
                  f"{self.records_valid} records", f"LSN {self.first_lsn}..{self.last_lsn}",
                  f"{self.duration_s * 1000:.1f} ms"]
         if self.torn_tail:
-            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {self.truncated_at}")
+            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {Location(*self.truncated_at)}")
         if self.corruption:
             parts.append(f"CORRUPTION repaired by truncation: {self.corruption}; quarantined {self.quarantined}")
         return "recovered " + ", ".join(parts)
@@ -251,7 +251,7 @@ def _apply_cut(directory: Path, path: Path, seg: ActiveSegment, expected: int, p
     if plan.verdict is Verdict.TORN:
         info.torn_tail = True
     else:
-        info.corruption = f"{plan.detail} in {path.name} at offset {action.offset}"
+        info.corruption = Location(path.name, action.offset).after(plan.detail)
     if action.save is not None:
         _save_tail(directory, path, seg.fd, action.save[0], action.save[1], info)
     if action.quarantine_later:

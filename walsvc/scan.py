@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import frame as F
+from .config import directory_path
 from .errors import (ChecksumError, CompressionUnavailableError, ConfigError, CorruptionError, LogClosedError,
                      MissingSegmentError, RecordError, TruncatedError)
 from .head import load as load_head
@@ -196,7 +197,7 @@ class LogReader:
     def __init__(self, directory: str | os.PathLike, start: int | str = "earliest", *, bound: Bound | None = None,
                  written_end: WrittenEnd | None = None, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
                  max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
-        self.directory = Path(directory)
+        self.directory = directory_path(directory)
         self._bound = bound or (lambda: None)
         self._written_end = written_end
         self.max_record_bytes = max_record_bytes

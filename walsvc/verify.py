@@ -22,7 +22,7 @@ from . import cursor as C
 from . import frame as F
 from . import head as H
 from .config import GiB
-from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError
+from .errors import ConfigError, CorruptionError, Location, MissingSegmentError, RecordError
 from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment
 from .record import count_records, decode, record_dict
 from .recovery import QUARANTINE, verify_sealed
@@ -48,14 +48,8 @@ class Problem:
     lsn: int | None = None
 
     def __str__(self) -> str:
-        where = []
-        if self.segment is not None:
-            where.append(self.segment)
-        if self.offset is not None:
-            where.append(f"offset {self.offset}")
-        if self.lsn is not None:
-            where.append(f"(LSN {self.lsn})")
-        return (" ".join(where) + ": " if where else "") + self.detail
+        where = Location(self.segment, self.offset, self.lsn)
+        return f"{where}: {self.detail}" if where else self.detail
 
     def as_dict(self) -> dict[str, Any]:
         return {"segment": self.segment, "offset": self.offset, "lsn": self.lsn, "detail": self.detail}

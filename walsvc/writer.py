@@ -109,7 +109,8 @@ class Writer:
         else:
             eps = self._bind_ipc()
         self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key,
-                                   codecs(), self.log.config.max_record_bytes, self.config.max_message_bytes)
+                                   codecs(), self.log.config.max_record_bytes, self.log.config.max_batch_bytes,
+                                   self.config.max_message_bytes)
         self.endpoints.save(self.directory)
 
     def _bind(self, eps: Endpoints) -> None:
