@@ -236,10 +236,10 @@ def test_a_producer_learns_the_writers_limits_and_refuses_a_too_large_record_its
     writers(d, config=path).start()
     limits = json.loads((d / "ENDPOINTS").read_text())
     assert (limits["max_record_bytes"], limits["max_batch_bytes"], limits["max_message_bytes"]) == \
-        (4096, 16384, 64 * MiB)
+        (4096, 16384, 4096 + 64 * 1024)  # max_message_bytes 0: one record plus 64 KiB
     with walsvc.Producer(d) as producer:  # the directory only: nothing but ENDPOINTS says 4096
         assert producer.max_record_bytes == 4096
-        assert producer.batch_bytes <= 16384 // 2
+        assert producer.batch_bytes <= 16384  # and an open batch is closed before it would pass 16384
         with pytest.raises(RecordTooLargeError, match="4096"):
             producer.put(b"k", b"x" * 4096)  # refused here, at once, not nacked later
         with pytest.raises(RecordTooLargeError):

@@ -154,7 +154,7 @@ class Producer:
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
         # The open batch's records: a plain put goes straight in, without the lock where the buffer is atomic.
-        self._pending = put_buffer(RecordFuture, max_record_bytes)
+        self._pending = put_buffer(RecordFuture, self.max_record_bytes)
         self._put_fast = self._pending.put if self._pending.atomic else None
         self._buffered = 0  # bytes of closed batches not yet acked (the open batch's are in _pending.size)
         self._session = ProducerSession(self.producer_id, ack_timeout=ack_timeout_s, max_in_flight=max_in_flight,
