@@ -45,13 +45,11 @@ class Location:
         return f"{detail} ({self})" if self else detail
 
 
-def _where(segment: str | None, offset: int | None, lsn: int | None) -> str:
-    where = Location(segment, offset, lsn)
-    return f" ({where})" if where else ""
+class _Located(WalError):
+    """An error about bytes at a place: `segment`, `offset` and `lsn` say where, when known, and the message
+    ends with that place (`Location`); `PREFIX` starts it."""
 
-
-class RecordError(WalError):
-    """A record (or frame) could not be decoded.  `segment`, `offset` and `lsn` say where, when known."""
+    PREFIX = ""
 
     def __init__(self, detail: str, *, segment: str | None = None, offset: int | None = None,
                  lsn: int | None = None) -> None:
@@ -59,11 +57,15 @@ class RecordError(WalError):
         self.segment = segment
         self.offset = offset
         self.lsn = lsn
-        super().__init__(detail + _where(segment, offset, lsn))
+        super().__init__(self.PREFIX + self.location.after(detail))
 
     @property
     def location(self) -> Location:
         return Location(self.segment, self.offset, self.lsn)
+
+
+class RecordError(_Located):
+    """A record (or frame) could not be decoded.  `segment`, `offset` and `lsn` say where, when known."""
 
     def located(self, *, segment: str | None = None, offset: int | None = None,
                 lsn: int | None = None) -> "RecordError":
@@ -103,23 +105,13 @@ class CompressionUnavailableError(RecordError):
     """The record uses a codec whose Python package is not installed (LZ4 needs `pip install lz4`)."""
 
 
-class CorruptionError(WalError):
+class CorruptionError(_Located):
     """Damaged data somewhere other than a torn tail; never silently dropped.
 
     Raised by recovery (unless `on_corruption = "truncate"`), by readers and by `walsvc verify`.
     """
 
-    def __init__(self, detail: str, *, segment: str | None = None, offset: int | None = None,
-                 lsn: int | None = None) -> None:
-        self.detail = detail
-        self.segment = segment
-        self.offset = offset
-        self.lsn = lsn
-        super().__init__("corruption: " + detail + _where(segment, offset, lsn))
-
-    @property
-    def location(self) -> Location:
-        return Location(self.segment, self.offset, self.lsn)
+    PREFIX = "corruption: "
 
 
 class MissingSegmentError(CorruptionError):
@@ -213,32 +205,40 @@ class TruncatedError(WalError):
         super().__init__(f"LSN {requested} was truncated by retention; oldest is {oldest}")
 
 
-class ConfigError(WalError, ValueError):
+class _AboutOne(WalError):
+    """An error about one named thing (a key, a reason code, a group): `SUBJECT` names the attribute that
+    holds it, `detail` says what is wrong, and `FORMAT` joins the two into the message."""
+
+    SUBJECT = "subject"
+    FORMAT = "{0}: {1}"
+
+    def __init__(self, subject: str, detail: str) -> None:
+        setattr(self, self.SUBJECT, subject)
+        self.detail = detail
+        super().__init__(self.FORMAT.format(subject, detail))
+
+
+class ConfigError(_AboutOne, ValueError):
     """A configuration key, an argument or a command-line flag has a bad name, type or value.  `key` names it:
     `log.segment_bytes`, `producer.linger_ms`, `start`, `--dir`."""
 
-    def __init__(self, key: str, detail: str) -> None:
-        self.key = key
-        self.detail = detail
-        super().__init__(f"{key}: {detail}")
+    SUBJECT = "key"
+    key: str
 
 
-class ProtocolError(WalError):
+class ProtocolError(_AboutOne):
     """A wire message is malformed, too large, or of an unknown version.  `code` is the nack reason code."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{code}: {detail}")
+    SUBJECT = "code"
+    code: str
 
 
-class NackError(WalError):
+class NackError(_AboutOne):
     """The writer refused a batch; `code` is the reason code from the nack (see docs/PROTOCOL.md)."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"writer refused the batch ({code}): {detail}")
+    SUBJECT = "code"
+    FORMAT = "writer refused the batch ({0}): {1}"
+    code: str
 
 
 class BackpressureError(WalError, TimeoutError):
@@ -285,13 +285,12 @@ class NoriImportRefusedError(WalError):
     """`import-nori` will not run: the source was already imported, or an interrupted import cannot resume."""
 
 
-class GroupError(WalError):
+class GroupError(_AboutOne):
     """A consumer group refused a request: a bad argument, or a lease that is no longer the consumer's."""
 
-    def __init__(self, group: str, detail: str) -> None:
-        self.group = group
-        self.detail = detail
-        super().__init__(f"consumer group {group!r}: {detail}")
+    SUBJECT = "group"
+    FORMAT = "consumer group {0!r}: {1}"
+    group: str
 
 
 class UnsafePermissionsError(WalError):
