@@ -5,11 +5,17 @@ commit message takes the committed LSN it carries as its bound.  Real processes,
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
-from helpers import check_acked_exactly_once, collect_acks, finish, spawn_producer, status, verify_log
+import pytest
 
+from helpers import check_acked_exactly_once, collect_acks, finish, read_log, spawn_producer, status, verify_log
+
+import walsvc
+from walsvc.errors import AckTimeoutError, LogClosedError
 from walsvc.record import encode_put
 
 
@@ -46,3 +52,102 @@ def test_writer_loop_group_commits_four_producer_processes(tmp_path: Path, write
     assert 0 < st["fsyncs"] < batches, f"{st['fsyncs']} fsyncs for {batches} batches: no group commit"
     assert writer.stop() == 0
     check_acked_exactly_once(verify_log(d), collect_acks(outs))
+
+
+class _WatchedProducer(walsvc.Producer):
+    """Records which thread took each batch of replies off the reply socket (the code under test is
+    unchanged: this only notes the thread name, then receives as usual)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.receivers: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _receive_replies(self) -> None:
+        self.receivers.append(threading.current_thread().name)
+        super()._receive_replies()
+
+
+def test_a_caller_waiting_for_its_record_receives_the_reply_itself(tmp_path: Path, writers) -> None:
+    """put().result() in a loop: the waiting caller takes its ack off the socket itself, not the I/O thread
+    (one thread wake-up less per round trip); LSNs are consecutive and the log holds every record."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with _WatchedProducer(d) as producer:
+        producer.put(b"warm", b"up").result(30)  # READY and the first ack, whoever receives them
+        producer.receivers.clear()
+        lsns = [producer.put(b"k%d" % i, b"v").result(30) for i in range(200)]
+    assert lsns == list(range(2, 202))
+    by_caller = producer.receivers.count(threading.current_thread().name)
+    assert by_caller >= 150, f"only {by_caller} of {len(producer.receivers)} receives in the caller"
+    assert writer.stop() == 0
+    assert len(read_log(d)) == 201
+
+
+def test_futures_nobody_waits_on_resolve_and_waiting_threads_hand_over(tmp_path: Path, writers) -> None:
+    """Every way to look at a future gets it resolved, whoever receives: done() polling, a callback,
+    await, flush; and eight threads sharing one producer, each waiting on its own records, all get theirs
+    (the receiving caller hands the socket on when its own record is acked)."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="always").start()
+    with walsvc.Producer(d) as producer:
+        producer.put(b"warm", b"up").result(30)
+        polled = producer.put(b"polled", b"v")
+        deadline = time.monotonic() + 10
+        while not polled.done():
+            assert time.monotonic() < deadline, "a future polled with done() was never resolved"
+            time.sleep(0.001)
+        called = threading.Event()
+        producer.put(b"callback", b"v").add_done_callback(lambda f: called.set())
+        assert called.wait(10), "a done callback never ran"
+        assert asyncio.run(asyncio.wait_for(_awaited(producer), 10)) > 0
+        flushed = [producer.put(b"flushed%d" % i, b"v") for i in range(50)]
+        producer.flush(10)
+        assert all(f.done() for f in flushed)
+
+        lsns: list[list[int]] = [[] for _ in range(8)]
+
+        def work(i: int) -> None:
+            for n in range(40):
+                lsns[i].append(producer.put(b"t%d-%d" % (i, n), b"v").result(30))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(len(per) == 40 for per in lsns), [len(per) for per in lsns]
+        every = [lsn for per in lsns for lsn in per]
+        assert len(set(every)) == len(every)
+        assert all(per == sorted(per) for per in lsns)  # each thread's records in its order
+    assert writer.stop() == 0
+    assert len(read_log(d)) == 1 + 3 + 50 + 8 * 40
+
+
+async def _awaited(producer: walsvc.Producer) -> int:
+    return await producer.put(b"awaited", b"v")
+
+
+def test_close_while_a_caller_receives(tmp_path: Path, writers) -> None:
+    """A thread waiting in result() (receiving replies itself) when another thread closes the producer ends
+    with the ack or with LogClosedError, never with a ZeroMQ error from a socket closed under it."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    writer.pause()
+    producer = walsvc.Producer(d, ack_timeout_s=30)
+    outcome: list[object] = []
+
+    def wait() -> None:
+        try:
+            outcome.append(producer.put(b"k", b"v").result(60))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)  # the caller is receiving now (the writer is stopped, so no ack comes)
+    with pytest.raises(AckTimeoutError):
+        producer.close(timeout=0.5)
+    t.join(30)
+    assert not t.is_alive()
+    writer.resume()
+    assert len(outcome) == 1 and isinstance(outcome[0], LogClosedError), outcome
