@@ -15,6 +15,7 @@ import pytest
 from helpers import check_acked_exactly_once, collect_acks, finish, read_log, spawn_producer, status, verify_log
 
 import walsvc
+from walsvc import head as H
 from walsvc.errors import AckTimeoutError, LogClosedError
 from walsvc.record import encode_put
 
@@ -151,3 +152,50 @@ def test_close_while_a_caller_receives(tmp_path: Path, writers) -> None:
     assert not t.is_alive()
     writer.resume()
     assert len(outcome) == 1 and isinstance(outcome[0], LogClosedError), outcome
+
+
+class _BoundWatchingReader(walsvc.Reader):
+    """Notes every bound the reader reads up to, with HEAD's committed LSN read from the file right after,
+    and how many bounds came from HEAD itself (the code under test is unchanged)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.bounds: list[tuple[int, int]] = []
+        self.head_reads = 0
+        super().__init__(*args, **kwargs)
+
+    def _read_head(self) -> int | None:
+        self.head_reads += 1
+        return super()._read_head()
+
+    def _bound(self) -> int | None:
+        bound = super()._bound()
+        head = H.load(self.directory)
+        if bound is not None and head is not None:
+            self.bounds.append((bound, head.committed_lsn))
+        return bound
+
+
+def test_a_reader_woken_by_a_commit_reads_up_to_its_lsn_never_past_head(tmp_path: Path, writers) -> None:
+    """A tailing reader takes its bound from the COMMIT message that woke it (fewer HEAD reads than reads),
+    and no bound it reads up to is ever past the committed LSN HEAD holds; it sees every record once, in
+    order."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    total = 400
+    with _BoundWatchingReader(d, "earliest") as reader, walsvc.Producer(d) as producer:
+        got: list[int] = []
+        for i in range(total):
+            producer.put(b"k%d" % i, b"v").result(30)
+            if i % 2:
+                while len(got) < i + 1:
+                    batch = reader.poll(10)
+                    assert batch, f"no records within 10 s after {len(got)}"
+                    got.extend(r.lsn for r in batch)
+        while len(got) < total:
+            got.extend(r.lsn for r in reader.poll(10))
+    assert got == list(range(1, total + 1))
+    past = [(bound, head) for bound, head in reader.bounds if bound > head]
+    assert not past, f"bounds past HEAD's committed LSN: {past[:5]}"
+    from_commits = len(reader.bounds) - reader.head_reads
+    assert from_commits > len(reader.bounds) // 4, (len(reader.bounds), reader.head_reads)
+    assert writer.stop() == 0
