@@ -478,8 +478,17 @@ class Producer:
             session.sent(out, now)
 
     def _receive_replies(self) -> None:
-        while self._sub.poll(0):  # a poll(0) costs a fraction of the zmq.Again a recv would raise
-            msg = self._sub.recv(zmq.NOBLOCK)
+        received = 0
+        while True:
+            # After the first reply look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
+            # (~12 us in pyzmq): one reply per wake-up is the common case with records in flight.
+            if received == 1 and not self._sub.poll(0):
+                return
+            try:
+                msg = self._sub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            received += 1
             reply = P.decode_reply(msg)
             with self._lock:
                 self._apply(self._session.receive(reply, time.monotonic()))

@@ -47,14 +47,21 @@ def wait_for_commit(sub: zmq.Socket, wait_s: float) -> int | None:
     highest committed LSN the messages carry (0 if none was readable), None if none came."""
     if not sub.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
         return None
-    committed = 0
-    while True:  # poll(0) before each further recv: a recv finding nothing raises zmq.Again (~10 us in pyzmq)
+    committed, received = 0, 0
+    while True:
+        # After the first message look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
+        # (~12 us in pyzmq): one COMMIT per wake-up is the common case.
+        if received == 1 and not sub.poll(0):
+            return committed
         try:
-            committed = max(committed, P.decode_commit(sub.recv(zmq.NOBLOCK))[0])
+            msg = sub.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return committed
+        received += 1
+        try:
+            committed = max(committed, P.decode_commit(msg)[0])
         except ProtocolError:
             pass  # not ours to judge: it still woke us, and HEAD has the truth
-        if not sub.poll(0):
-            return committed
 
 
 class Reader:
