@@ -427,11 +427,8 @@ class Producer:
         idle.register(self._poke_rx, zmq.POLLIN)
         session = self._session
         while True:
-            with self._lock:
-                if self._receiver is None and not self._waiters:
-                    self._receiver = "io"
-                poller = receiving if self._receiver == "io" else idle
-            events = dict(poller.poll(self._poll_timeout()))
+            receives, timeout = self._next_turn()
+            events = dict((receiving if receives else idle).poll(timeout))
             if self._poke_rx in events:
                 while self._poke_rx.poll(0):  # a poll(0) costs a fraction of the zmq.Again a recv would raise
                     self._poke_rx.recv(zmq.NOBLOCK)
@@ -453,8 +450,13 @@ class Producer:
                     self._receiver = None  # a caller waits for a reply: it receives from now on
                     self._space.notify_all()
 
-    def _poll_timeout(self) -> int:
+    def _next_turn(self) -> tuple[bool, int]:
+        """For the I/O thread's next poll, under one lock round trip: whether it receives replies (it takes the
+        reply socket when nobody holds it and no caller waits), and the poll timeout in ms."""
         with self._lock:
+            if self._receiver is None and not self._waiters:
+                self._receiver = "io"
+            receives = self._receiver == "io"
             now = time.monotonic()
             deadlines = []
             if self._open is not None:
@@ -465,8 +467,8 @@ class Producer:
             if self._session.next_send() is not None:
                 deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
-            return 1000
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+            return receives, 1000
+        return receives, max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _send_ready(self, now: float) -> None:
         session = self._session
