@@ -64,7 +64,7 @@ class Log:
 
     def __init__(self, directory: Path, config: LogConfig, on_commit: Callable[[int], None] | None,
                  verify: bool, first_lsn: int | None = None,
-                 on_stop: Callable[[LogStoppedError], None] | None = None) -> None:
+                 on_stop: Callable[[LogStoppedError], None] | None = None, fsync_thread: bool = True) -> None:
         self.directory = directory
         self.config = config
         self._on_commit_cb = on_commit
@@ -98,7 +98,8 @@ class Log:
         self._publish_head(committed_end - 1, self._pid, committed_end - 1, durable=True)
         self._head_synced = time.monotonic()
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
-                              committed_end, publish=self._publish_committed, on_stop=on_stop)
+                              committed_end, publish=self._publish_committed, on_stop=on_stop,
+                              thread=fsync_thread)
         self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
@@ -107,13 +108,16 @@ class Log:
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
              on_commit: Callable[[int], None] | None = None, verify: bool = False, first_lsn: int | None = None,
-             on_stop: Callable[[LogStoppedError], None] | None = None, **options: Any) -> "Log":
+             on_stop: Callable[[LogStoppedError], None] | None = None, fsync_thread: bool = True,
+             **options: Any) -> "Log":
         """Open (creating if needed) and recover the log in `directory`.
 
         `on_commit(committed_lsn)` is called after each commit, and `on_stop(reason)` once if the log stops,
         each from the thread that made it.  `verify=True` also checks every sealed segment's checksum (reads
         the whole log).  `first_lsn` starts a log that has no segment yet at that LSN (restore rebuilds a log
-        whose start retention had deleted); it is an error for a log that has one.
+        whose start retention had deleted); it is an error for a log that has one.  `fsync_thread=False`:
+        under `always`, an `append_encoded(wait=False)` stays uncommitted until the caller's next `sync()`
+        (the writer service syncs once per loop turn), instead of a background thread syncing it.
         """
         if config is None:
             config = LogConfig.from_options(options)
@@ -126,7 +130,7 @@ class Log:
         path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
-        return cls(path, config, on_commit, verify, first_lsn, on_stop)
+        return cls(path, config, on_commit, verify, first_lsn, on_stop, fsync_thread)
 
     # -- state -----------------------------------------------------------------------------------------
 

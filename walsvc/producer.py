@@ -5,10 +5,13 @@ lost replies, nacks, renumbering) lives in `ProducerSession` (walsvc/producer_se
 I/O; this module is the shell around it: client-side batching, the ZeroMQ sockets and one I/O thread.
 
 Threads: callers touch the open batch and the session under a lock, and send from their own thread while
-the pipeline has room; one I/O thread owns the reply socket, the clock and the linger.  The exception is the
-common `put` (a plain put of bytes into an open batch with room): with the compiled codec it is one call
-into the batch's buffer (`record.put_buffer`), atomic under the GIL, so it takes no lock and makes no
-future; the batch has one future, and each record's handle is that future plus the record's index.
+the pipeline has room; one I/O thread owns the clock and the linger.  The reply socket belongs to one
+thread at a time (`Producer._receiver`): a caller waiting in `result()` receives its own reply when no
+other caller is receiving, so a record in flight costs no hand-off through the I/O thread (one thread
+wake-up less per round trip); otherwise the I/O thread receives, and resolves the futures.  The common
+`put` (a plain put of bytes into an open batch with room) is, with the compiled codec, one call into the
+batch's buffer (`record.put_buffer`), atomic under the GIL, so it takes no lock and makes no future; the
+batch has one future, and each record's handle is that future plus the record's index.
 """
 
 from __future__ import annotations
@@ -80,27 +83,39 @@ class RecordFuture:
 
     def result(self, timeout: float | None = None) -> int | None:
         """The LSN; AckTimeoutError (a TimeoutError) if no ack came within `timeout` seconds."""
+        future = self._batch.future
+        if not future.done():
+            self._batch.producer._await(future, timeout)
         try:
-            base = self._batch.future.result(timeout)
+            base = future.result(0)
         except concurrent.futures.TimeoutError:
             raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
         return None if base is None else base + self._index
 
     def done(self) -> bool:
-        return self._batch.future.done()
+        if self._batch.future.done():
+            return True
+        self._batch.producer._want_replies()
+        return False
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        future = self._batch.future
+        if not future.done():
+            self._batch.producer._await(future, timeout)
         try:
-            return self._batch.future.exception(timeout)
+            return future.exception(0)
         except concurrent.futures.TimeoutError:
             raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
 
     def add_done_callback(self, fn: "Callable[[RecordFuture], object]") -> None:
         """Call `fn(self)` once the record is acked or failed (at once if it already is), as
-        concurrent.futures.Future does; it runs in the producer's I/O thread, so keep it short."""
+        concurrent.futures.Future does; it runs in the thread that receives the ack (the producer's I/O
+        thread, or a caller waiting in `result()`) with the producer's lock held, so keep it short."""
         self._batch.future.add_done_callback(lambda _: fn(self))
+        self._batch.producer._want_replies()
 
     def __await__(self):
+        self._batch.producer._want_replies()
         base = yield from asyncio.wrap_future(self._batch.future).__await__()
         return None if base is None else base + self._index
 
@@ -160,6 +175,8 @@ class Producer:
         self._session = ProducerSession(self.producer_id, ack_timeout=ack_timeout_s, max_in_flight=max_in_flight,
                                         where=f"the writer for {self.directory}")
         self._closed = False
+        self._receiver: str | None = None  # who may use the reply socket now: "io", "caller" or nobody
+        self._waiters = 0  # callers inside `_await`
         self.acked_records = 0
         self._ctx = zmq.Context()
         self._poke_tx = self._ctx.socket(zmq.PAIR)
@@ -177,6 +194,8 @@ class Producer:
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
         self._sub.setsockopt(zmq.RCVHWM, 0)
         self._sub.connect(self.endpoints.publish)
+        self._sub_poller = zmq.Poller()  # a caller's, while it holds the reply socket
+        self._sub_poller.register(self._sub, zmq.POLLIN)
         self._io = threading.Thread(target=self._run, name="walsvc-producer-io", daemon=True)
         self._io.start()
 
@@ -283,6 +302,7 @@ class Producer:
                 self._close_open_batch()
                 self._send_now()
             pending = [batch.future for batch in self._session.tokens()]
+            self._want_replies_locked()
         _, waiting = concurrent.futures.wait(pending, timeout)
         if waiting:
             raise AckTimeoutError(f"records still unacknowledged after {timeout} s: {self.writer_state()}")
@@ -323,6 +343,8 @@ class Producer:
                 self._poke()
             self._io.join()
             with self._lock:
+                while self._receiver == "caller":  # it sees `_closed` within one poll slice
+                    self._space.wait(0.1)
                 self._apply(self._session.fail_all(
                     LogClosedError("producer closed before the writer acknowledged these records")))
             self._ctx.destroy(linger=0)
@@ -348,6 +370,7 @@ class Producer:
             self._close_open_batch()
             self._send_now()
         deadline = time.monotonic() + self.block_timeout
+        self._want_replies_locked()
         while self._buffered + self._pending.size + need > self.max_buffer_bytes:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
@@ -370,6 +393,66 @@ class Producer:
         if self._session.next_send() is not None:
             self._poke()
 
+    # -- waiting for an ack ------------------------------------------------------------------------------
+
+    def _want_replies(self) -> None:
+        with self._lock:
+            self._want_replies_locked()
+
+    def _want_replies_locked(self) -> None:
+        """Someone will look at a future without receiving (done, a callback, await, flush, a full buffer):
+        if nobody is receiving, wake the I/O thread to.  A batch that is only sent does not wake it: its
+        sender usually calls `result()` next and receives the reply itself (an unobserved batch is resolved
+        at the I/O thread's next turn, within a second)."""
+        if self._receiver is None and not self._waiters:
+            self._poke()
+
+    def _await(self, future: concurrent.futures.Future, timeout: float | None) -> None:
+        """Return once `future` is done or `timeout` passed.  If no thread is receiving replies, receive them
+        in this one (the I/O thread hands the socket over when asked), so the reply wakes this thread
+        directly; other waiters sleep until the receiver resolves their futures or hands the socket on."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._waiters += 1
+            try:
+                while not future.done():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    if self._receiver is None and not self._closed:
+                        self._receiver = "caller"
+                        self._lock.release()
+                        try:
+                            self._receive_until(future, deadline)
+                        finally:
+                            self._lock.acquire()
+                            self._receiver = None
+                            self._space.notify_all()  # another waiter may take the socket over
+                        continue
+                    if self._receiver == "io":
+                        self._poke()  # asks the I/O thread to hand the reply socket over
+                    self._space.wait(remaining)  # notified by every resolved batch and every hand-over
+            finally:
+                self._waiters -= 1
+                if not self._waiters and self._receiver is None and (len(self._session) or self._open is not None):
+                    self._poke()  # the I/O thread takes the replies of what is still unacked
+
+    def _receive_until(self, future: concurrent.futures.Future, deadline: float | None) -> None:
+        """As the receiver: take replies (and send what they let go out) until `future` is done, the deadline
+        passed or the producer closes (looked at every 100 ms)."""
+        while not future.done():
+            wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if wait <= 0:
+                return
+            if self._sub_poller.poll(int(wait * 1000) + 1):
+                self._receive_replies()
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                self._session.tick(now)
+                self._send_ready(now)
+
     def _close_open_batch(self) -> None:
         batch = self._open
         self._open = None
@@ -381,18 +464,18 @@ class Producer:
     # -- I/O thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sub, zmq.POLLIN)
-        poller.register(self._poke_rx, zmq.POLLIN)
+        receiving = zmq.Poller()  # while this thread holds the reply socket
+        receiving.register(self._sub, zmq.POLLIN)
+        receiving.register(self._poke_rx, zmq.POLLIN)
+        idle = zmq.Poller()  # while a caller holds it
+        idle.register(self._poke_rx, zmq.POLLIN)
         session = self._session
         while True:
-            events = dict(poller.poll(self._poll_timeout()))
+            receives, timeout = self._next_turn()
+            events = dict((receiving if receives else idle).poll(timeout))
             if self._poke_rx in events:
-                while True:
-                    try:
-                        self._poke_rx.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                while self._poke_rx.poll(0):  # a poll(0) costs a fraction of the zmq.Again a recv would raise
+                    self._poke_rx.recv(zmq.NOBLOCK)
             if self._sub in events:
                 self._receive_replies()
             with self._lock:
@@ -407,9 +490,17 @@ class Producer:
                     self._close_open_batch()
                 session.tick(now)
                 self._send_ready(now)
+                if self._receiver == "io" and self._waiters:
+                    self._receiver = None  # a caller waits for a reply: it receives from now on
+                    self._space.notify_all()
 
-    def _poll_timeout(self) -> int:
+    def _next_turn(self) -> tuple[bool, int]:
+        """For the I/O thread's next poll, under one lock round trip: whether it receives replies (it takes the
+        reply socket when nobody holds it and no caller waits), and the poll timeout in ms."""
         with self._lock:
+            if self._receiver is None and not self._waiters:
+                self._receiver = "io"
+            receives = self._receiver == "io"
             now = time.monotonic()
             deadlines = []
             if self._open is not None:
@@ -420,8 +511,8 @@ class Producer:
             if self._session.next_send() is not None:
                 deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
-            return 1000
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+            return receives, 1000
+        return receives, max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _send_ready(self, now: float) -> None:
         session = self._session
@@ -433,11 +524,17 @@ class Producer:
             session.sent(out, now)
 
     def _receive_replies(self) -> None:
+        received = 0
         while True:
+            # After the first reply look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
+            # (~12 us in pyzmq): one reply per wake-up is the common case with records in flight.
+            if received == 1 and not self._sub.poll(0):
+                return
             try:
                 msg = self._sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            received += 1
             reply = P.decode_reply(msg)
             with self._lock:
                 self._apply(self._session.receive(reply, time.monotonic()))
