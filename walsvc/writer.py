@@ -83,6 +83,9 @@ class Writer:
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
         self._sync_in_loop = config.log.fsync == "always"
+        # Load the optional codec modules (lz4 is a C extension: dlopen) before the log starts its threads: a
+        # dlopen racing another thread's file I/O deadlocks under LD_PRELOAD fault-injection shims.
+        self._codecs = codecs()
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit,
                             on_stop=self._on_stop, fsync_thread=not self._sync_in_loop)
         self.metrics_server = None
@@ -112,7 +115,7 @@ class Writer:
         else:
             eps = self._bind_ipc()
         self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key,
-                                   codecs(), self.log.config.max_record_bytes, self.log.config.max_batch_bytes,
+                                   self._codecs, self.log.config.max_record_bytes, self.log.config.max_batch_bytes,
                                    self.config.max_message_bytes)
         self.endpoints.save(self.directory)
 
