@@ -195,7 +195,7 @@ class ServiceConfig(Section):
     curve_secret_key: str = ""
     curve_public_key: str = ""
     max_message_bytes: int = 0  # 0: log.max_record_bytes + 64 KiB (Config.max_message_bytes)
-    ingest_hwm: int = 1
+    ingest_hwm: int = 4
     produce_group: bool = False  # members of log.group may also connect to the ingest socket
     metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0: off
 

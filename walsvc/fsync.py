@@ -3,9 +3,10 @@
 - `always`: an append is acknowledged only after an fsync covered it.  Callers that wait (`sync_through`)
   queue on one lock, and the first to get it syncs for all: N concurrent appends share one fsync (group
   commit, as PostgreSQL does it).  Appends that do not wait are fsynced by a background thread as soon as
-  anything is unsynced, or, with `thread=False`, by their owner's own `sync()`: the writer service fsyncs
-  in its loop after each drain, so whatever arrived during one fsync shares the next, with no thread
-  hand-off on the way to the ack (Redis's `appendfsync always` works the same way).
+  anything is unsynced, or, with `thread=False`, when their owner says: the writer service fsyncs in its
+  loop after a drain that left nothing waiting, so whatever arrived during one fsync shares the next, with
+  no thread hand-off on the way to the ack (Redis's `appendfsync always` works the same way); when more
+  input is waiting it hands the fsync to the thread (`sync_soon`), which overlaps with taking it in.
 - `batch`: at most one fsync per `window_ms`, and never later than `window_ms` after the first unsynced
   write, whether or not another write follows (nori-wal waited for the next append, so a burst's last write
   could stay unsynced).  After a quiet spell the first write is synced at once; under load, each fsync
@@ -99,8 +100,9 @@ class Syncer:
     counts as committed (the HEAD update), and `on_commit(end)` is told each new committed end after that.
     `on_stop(error)` is told the stop reason once, from the thread that failed.  The caller must hold `lock`
     while it swaps or closes the fd that `snapshot` returns, so an fsync never runs on a closed descriptor.
-    `thread=False` starts no fsync thread under `always` (the owner calls `sync()` after its writes);
-    `batch` keeps its thread either way, for the window's timer.
+    `thread=False`: under `always` a write does not wake the fsync thread; the owner calls `sync()` (the
+    fsync in its own thread) or `sync_soon()` (handed to the thread) after its writes.  `batch` wakes its
+    thread either way, for the window's timer.
     """
 
     def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int, object]],
@@ -128,7 +130,8 @@ class Syncer:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        if policy == "batch" or (policy == "always" and thread):
+        self._auto = thread or policy == "batch"  # each write wakes the thread (else the owner says when)
+        if policy != "os":
             self._thread = threading.Thread(target=self._flusher, name="walsvc-fsync", daemon=True)
             self._thread.start()
 
@@ -154,7 +157,14 @@ class Syncer:
         """Called after each write (write lock held): commit now (os), or wake the flusher."""
         if self.policy == "os":
             self._commit(end_lsn)
-        elif self._dirty_since is None and self._thread is not None:
+        elif self._auto:
+            self.sync_soon()
+
+    def sync_soon(self) -> None:
+        """Have the background thread fsync what is written, without waiting for it: the owner of a
+        `thread=False` syncer calls this instead of `sync()` when more input is waiting, so the fsync
+        overlaps with taking that input in."""
+        if self._dirty_since is None and self._thread is not None:
             with self._wake:
                 self._dirty_since = time.monotonic()
                 self._wake.notify()

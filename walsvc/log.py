@@ -117,7 +117,7 @@ class Log:
         the whole log).  `first_lsn` starts a log that has no segment yet at that LSN (restore rebuilds a log
         whose start retention had deleted); it is an error for a log that has one.  `fsync_thread=False`:
         under `always`, an `append_encoded(wait=False)` stays uncommitted until the caller's next `sync()`
-        (the writer service syncs once per loop turn), instead of a background thread syncing it.
+        or `sync_soon()` (the writer service syncs once per loop turn), instead of waking the fsync thread.
         """
         if config is None:
             config = LogConfig.from_options(options)
@@ -278,6 +278,11 @@ class Log:
         """Fsync everything written so far, whatever the policy; returns the committed LSN."""
         self._check_open()
         return self._syncer.sync() - 1
+
+    def sync_soon(self) -> None:
+        """Have the fsync thread make everything written so far durable, without waiting (see fsync.py)."""
+        self._check_open()
+        self._syncer.sync_soon()
 
     def wait_committed(self, lsn: int) -> None:
         """Block until `lsn` is durable (an fsync now, shared with concurrent callers)."""

@@ -225,11 +225,15 @@ class Writer:
 
     def _sync_appended(self) -> None:
         """Under `always`: make this turn's appends durable now, in this thread (one fdatasync for all of
-        them).  A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
+        them), or, when more input is already waiting, on the fsync thread while the loop takes that in.
+        A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
         if not self._sync_in_loop or self.log.stop_reason is not None:
             return
         try:
-            self.log.sync()
+            if self.pull.poll(0):
+                self.log.sync_soon()  # more is waiting: fsync on the thread while the loop takes it in
+            else:
+                self.log.sync()
         except LogStoppedError:
             pass
         except Exception as exc:  # a bug nobody named: stop with it as the reason, never end the loop
