@@ -11,6 +11,10 @@ segment is scanned frame by frame.  Where the scan stops, `classify` decides:
   bytes beyond the torn frame are kept in `quarantine/`, and LSNs named on disk are never reused;
 - `corrupt`: valid data follows the damage, or a sealed segment is damaged: open fails naming the place,
   unless `on_corruption = "truncate"`, which cuts there and moves every later segment to `quarantine/`.
+
+The writer renames the next segment into place before its rotation thread seals the old one (rotation.py),
+so a crash in between leaves an unsealed segment before the last one whose frames end exactly where the next
+segment begins: recovery finishes that seal (`seal_unfinished`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from .errors import CorruptionError, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
 from .head import load as load_head
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
-                      list_segments, now_us, read_header, read_seal, segment_name, truncate_and_reserve)
+                      list_segments, now_us, read_header, read_seal, seal_segment, seal_table, segment_name,
+                      truncate_and_reserve)
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -85,6 +90,10 @@ def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, 
     """
     if stop is None:
         return "end" if is_last else "corrupt"
+    if beyond_durable and not is_last:
+        # A rotation renames the next segment in before this one's frames are fsynced: a power cut may
+        # keep the name and lose the frames.  Later segments then hold only undurable LSNs too.
+        return "torn"
     if stop.header is None and zeros_after:
         return "end" if is_last else "corrupt"
     if not is_last:
@@ -96,6 +105,42 @@ def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, 
     if stop.header is not None and not zeros_after:
         return "corrupt"
     return "torn"
+
+
+def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,
+                          info: RecoveryInfo) -> bool:
+    """Delete (or, if it holds any bytes, quarantine) the newest segment when its header is lost
+    (`header_lost`); True if it was.  Done first, so the segment before it is judged as the last one."""
+    base, path = last
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            read_header(fd)
+            return False
+        except RecordError:
+            if not header_lost(fd, base, size, durable_lsn):
+                return False
+        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)
+    finally:
+        os.close(fd)
+    if empty:
+        os.unlink(path)
+        sync_dir(directory)
+    else:
+        _quarantine(directory, [path], info)
+    return True
+
+
+def header_lost(fd: int, base: int, size: int, durable_lsn: int | None) -> bool:
+    """Whether the newest segment, whose header does not decode, holds nothing a crash must keep.
+
+    Either nothing but zeros follows the header (created, its header never reached the disk whole), or
+    HEAD says nothing in it was durable: a rotation writes the header without an fsync (the next fsync covers
+    it before any record in the segment counts as durable), so a power cut may keep frames and lose the
+    header.  Such a file is moved to quarantine/, never silently dropped.
+    """
+    return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size) or (durable_lsn is not None and durable_lsn < base)
 
 
 def beyond_durable(expected: int, durable_lsn: int | None) -> bool:
@@ -169,10 +214,15 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     if not segments:
         info.duration_s = time.perf_counter() - started
         return info, state
-    info.first_lsn = segments[0][0]
-    expected = segments[0][0]
     head = load_head(directory)
     durable_lsn = head.durable_lsn if head is not None else None
+    if _drop_headerless_last(directory, segments[-1], durable_lsn, info):
+        segments.pop()
+        if not segments:
+            info.duration_s = time.perf_counter() - started
+            return info, state
+    info.first_lsn = segments[0][0]
+    expected = segments[0][0]
     for i, (base, path) in enumerate(segments):
         is_last = i == len(segments) - 1
         fd = os.open(path, os.O_RDWR)
@@ -183,15 +233,6 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             try:
                 header = read_header(fd)
             except RecordError as exc:
-                if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
-                    # Created, but its header never reached the disk whole (missing or torn by a power cut
-                    # before the fsync that follows it): no frame is written before that fsync, so the
-                    # segment holds nothing.
-                    os.close(fd)
-                    fd = -1
-                    os.unlink(path)
-                    sync_dir(directory)
-                    break
                 raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
             if header.base_lsn != base or base < expected:
                 raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
@@ -256,6 +297,10 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 expected = h.base_lsn
                 continue
             stop = scanner.stop
+            if not is_last and segments[i + 1][0] == expected and seal_unfinished(fd, stop, size):
+                seal_segment(seg, expected, seal_table(state.producers, cfg.max_producers))
+                info.sealed_segments += 1
+                continue
             verdict = examine_stop(fd, stop, size, expected, is_last, durable_lsn)
             if verdict == "end":
                 seg.end = stop.offset if stop is not None else size
@@ -275,11 +320,19 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                     # then frames).  Keep the bytes, and never reuse an LSN any of those frames names.
                     burned = max(burned, _max_end_lsn_after(fd, stop.offset, size))
                     _save_tail(directory, path, fd, stop.offset, cut_end, info)
+                later = [p for _, p in segments[i + 1:]]
+                if later:
+                    # Unsynced frames lost before a next segment whose name reached the disk (a rotation
+                    # renames it in before the old frames are fsynced): all of it lies past the durable LSN.
+                    burned = max([burned] + [_end_lsn(p) for p in later])
+                    _quarantine(directory, later, info)
                 if burned > expected:
                     info.skipped_lsns = (expected, burned)
                 expected = _cut(seg, stop.offset, expected, burned, cfg)
                 state.active = seg
                 keep_fd = True
+                if later:
+                    break
                 continue
             where = stop.offset if stop is not None else size
             detail = (stop.error.detail if stop is not None else "segment is not sealed but later segments exist")
@@ -306,6 +359,20 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     state.next_lsn = expected
     info.duration_s = time.perf_counter() - started
     return info, state
+
+
+def seal_unfinished(fd: int, stop: ScanStop | None, size: int) -> bool:
+    """Whether a segment's scan stopped where a seal was still to be written: at the end of the file, at
+    zeros (the preallocated tail), or at a seal cut short with only zeros after it (a power cut during the
+    seal write: a header's first bytes, or a SEAL frame with the preallocated tail still after it; the file
+    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).  The caller has checked that the next segment starts at the LSN
+    the frames end with, so nothing is missing."""
+    if stop is None:
+        return True
+    if stop.header is None:  # nothing, or the first bytes of a frame header (a seal's, cut short), then zeros
+        return is_zero_from(fd, min(stop.offset + F.FRAME_HEADER_SIZE, size), size)
+    extent = stop.offset + stop.header.size
+    return stop.header.kind == F.KIND_SEAL and extent < size and is_zero_from(fd, extent, size)
 
 
 def _cut(seg: ActiveSegment, offset: int, expected: int, burned: int, cfg: LogConfig) -> int:
