@@ -3,6 +3,7 @@ switches whose seals are not written yet, and kill -9 with a rotation in flight 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,7 +125,6 @@ def test_reader_tails_across_many_rotations_before_their_seals(open_log, monkeyp
     assert seen == list(range(1, total + 1))
     assert log.stats()["segments"] >= 20
     assert moved_on > 0, "the reader never got ahead of a seal: the test did not exercise the switch"
-    import json
     result = json.loads(out.read_text())
     assert result["seen"] == list(range(1, total + 1)) and result["bad"] == [] and result["errors"] == []
 

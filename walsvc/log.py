@@ -22,8 +22,8 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from crc32c import crc32c

@@ -217,8 +217,9 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     head = load_head(directory)
     durable_lsn = head.durable_lsn if head is not None else None
     if _drop_headerless_last(directory, segments[-1], durable_lsn, info):
-        segments.pop()
-        if not segments:
+        dropped, _ = segments.pop()
+        if not segments:  # the log starts again where that segment would have (retention may have run)
+            state.next_lsn = info.first_lsn = dropped
             info.duration_s = time.perf_counter() - started
             return info, state
     info.first_lsn = segments[0][0]
@@ -365,8 +366,8 @@ def seal_unfinished(fd: int, stop: ScanStop | None, size: int) -> bool:
     """Whether a segment's scan stopped where a seal was still to be written: at the end of the file, at
     zeros (the preallocated tail), or at a seal cut short with only zeros after it (a power cut during the
     seal write: a header's first bytes, or a SEAL frame with the preallocated tail still after it; the file
-    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).  The caller has checked that the next segment starts at the LSN
-    the frames end with, so nothing is missing."""
+    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).
+    The caller has checked that the next segment starts at the LSN the frames end with: nothing is missing."""
     if stop is None:
         return True
     if stop.header is None:  # nothing, or the first bytes of a frame header (a seal's, cut short), then zeros

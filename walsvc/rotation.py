@@ -12,13 +12,10 @@ only runs them, and turns any error into a stop of the log: no exception ends th
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 from typing import Callable
 
 from .errors import LogStoppedError
-
-logger = logging.getLogger("walsvc.log")
 
 WAIT_CHECK_S = 0.05  # a waiter re-checks the stop reason this often (the thread may die before it notifies)
 
@@ -26,8 +23,8 @@ WAIT_CHECK_S = 0.05  # a waiter re-checks the stop reason this often (the thread
 class Pipeline:
     """Keeps one spare segment file ready (`prepare()` returns its descriptor) and runs submitted jobs in
     order.  `fail(operation, exc)` stops the log and returns the stop reason; `failed()` is that reason or
-    None.  Jobs run before a new spare is prepared: sealing frees the old segment's memory and descriptor
-    first, and the spare is only needed one segment later."""
+    None.  A new spare is prepared before the jobs a switch leaves: it takes a few milliseconds, and an
+    append that fills a segment before it is ready waits for it, while no append waits for a seal."""
 
     def __init__(self, prepare: Callable[[], int], fail: Callable[[str, BaseException], LogStoppedError],
                  failed: Callable[[], LogStoppedError | None]) -> None:
@@ -101,7 +98,8 @@ class Pipeline:
                     self._cond.wait()
                 if self._stop or self._failed() is not None:
                     return
-                job = self._jobs.popleft() if self._jobs else None
+                want_spare = self._spare is None and not self._installing
+                job = self._jobs.popleft() if self._jobs and not want_spare else None
                 self._busy = job is not None
             if job is not None:
                 job()

@@ -20,7 +20,7 @@ from .errors import (CompressionUnavailableError, ConfigError, CorruptionError, 
 from .head import load as load_head
 from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
 from .recovery import examine_stop, header_lost, seal_unfinished
-from .segment import FrameScanner, ScanStop, is_zero_from, list_segments, read_header, read_seal, segment_name
+from .segment import FrameScanner, ScanStop, list_segments, read_header, read_seal, segment_name
 
 Bound = Callable[[], "int | None"]  # the committed LSN; None = no writer, read up to where recovery would end
 WrittenEnd = Callable[[], "tuple[int, int] | None"]  # (active segment's base LSN, end of its written frames)

@@ -1,4 +1,5 @@
-"""Segment files on disk: naming, creation with preallocation, sealing, and scanning their frames.
+"""Segment files on disk: naming, creation with preallocation (directly, or as a spare file that a rotation
+renames into place), sealing, and scanning their frames.
 
 A segment is named for the first LSN it may hold, zero-padded to 20 digits (`00000000000000000001.wal`),
 so names sort in log order and a reader finds the segment of any LSN from a directory listing.  Scanning
