@@ -420,7 +420,7 @@ class Log:
         sealed = retention.SealedSegment(old.header.base_lsn, old.last_lsn, size, now_us(), old.path)
         with self._segments_lock:
             self._sealed = [sealed if s.path == old.path else s for s in self._sealed]
-        self.apply_retention()
+        self._apply_retention(F.SEGMENT_HEADER_SIZE)  # as of the switch, whatever was appended since
 
     def _producer_table(self) -> dict[int, list[F.Appended]]:
         """Producer windows for the seal, keeping the `max_producers` most recently active."""
@@ -446,6 +446,10 @@ class Log:
 
         A failed delete or directory fsync stops the log: the directory may no longer say what the log
         holds, and retrying would only hide that."""
+        return self._apply_retention(self._active.end)
+
+    def _apply_retention(self, active_bytes: int) -> list[Path]:
+        """Retention with the active segment counted as `active_bytes` long."""
         self._check_open()
         self._syncer.check()
         cfg = self.config
@@ -455,7 +459,7 @@ class Log:
                 # Only segments already sealed: a pending one may still be written by the rotation thread.
                 with self._segments_lock:
                     sealed = self._sealed[:len(self._sealed) - len(self._rotations)]
-                doomed = retention.select(sealed, self._active.end, now_us(), max_bytes=cfg.max_bytes,
+                doomed = retention.select(sealed, active_bytes, now_us(), max_bytes=cfg.max_bytes,
                                           max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
                                           max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
                 for seg in doomed:
