@@ -367,9 +367,10 @@ def check_state(state: State, trace: Trace, target: Path, check_acked: bool = Tr
 
 
 def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int = 80, cuts: int = 80,
-            per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int]:
+            per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int | list[str]]:
     """Record, build states at `cuts` random cut points (at most `per_cut` each) plus every point near a
-    segment's creation or seal (all states there), check each; returns the counts.  States are
+    segment's creation, rename or seal (all states there), check each; returns the counts (and, under
+    "refusals", why each refused state was refused).  States are
     materialized under `scratch` (default: /dev/shm when it exists, where recovery's fsyncs cost nothing)."""
     rng = random.Random(seed)
     trace = record(work, policy=policy, threads=threads, batches=batches)

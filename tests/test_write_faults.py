@@ -68,14 +68,17 @@ class Site:
     tool: str  # "fiu": libfiu failure point `point`; "shim": walsvc_fault.c call `point`
     point: str
     operation: str  # the stop reason's operation
-    file: str  # what the stop reason's path ends with: ".wal", "HEAD" or "" (the log directory)
+    file: str | tuple[str, ...]  # what the stop reason's path ends with: ".wal", "HEAD" or "" (the directory)
     rotating: bool = False  # needs segment rotations (1 MiB segments, 1 KiB records)
     retention: bool = False  # needs retention to delete a segment at each rotation
     shim_options: str = ""
 
 
 FRAME_WRITE = Site("frame-write", "shim", "pwritev", "frame write at offset", ".wal")
-FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", ".wal", rotating=True)
+# Under `os` the first fdatasync after a switch may be the next spare's (the rotation thread prepares it
+# first) or the old segment's (the fsync thread under always/batch, or the seal).
+FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", (".wal", "next-segment.tmp"),
+                 rotating=True)
 HEAD_UPDATE = Site("head-update", "fiu", "posix/io/rw/pwrite", "HEAD update", "HEAD")
 RENAME_DIR_FSYNC = Site("rename-dir-fsync", "fiu", "posix/io/sync/fsync", "directory fsync after segment rename",
                         "", rotating=True)
@@ -329,8 +332,8 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     segment's header)."""
     d = small_disk / "wal"
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # leave about 3 MiB: the log fills it within a few thousand records
-        f.write(b"\xff" * (5 * MiB))
+    with open(filler, "wb") as f:  # leave about 4 MiB (the spare reserves a segment ahead): a few thousand records
+        f.write(b"\xff" * (4 * MiB))
     config = tmp_path / "walsvc.toml"
     config.write_text(f"[log]\nsegment_bytes = {MiB}\npreallocate = {'true' if preallocate else 'false'}\n")
     writer = writers(d, fsync="batch", config=config).start()
