@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import walsvc  # noqa: E402
-from walsvc.bench.walsvc_system import _writer  # noqa: E402
+from benchmarks.suite.walsvc_system import _writer  # noqa: E402
 
 from producers import produce  # noqa: E402
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import walsvc  # noqa: E402
-from walsvc.bench.walsvc_system import _tear_tail  # noqa: E402
+from benchmarks.suite.walsvc_system import _tear_tail  # noqa: E402
 
 RECORD = 64 * 1024
 PER_BATCH = 16

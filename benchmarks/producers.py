@@ -5,7 +5,8 @@
 
 `put`: one `Producer.put` per record (client-side batching does the rest); `put_many`: 64 records per call;
 `one`: `put(...).result()`, one record in flight per producer.  Starts its own writer (`walsvc serve`) on a
-temporary directory, prints acknowledged records per second and MiB/s, and checks the log holds them all.
+temporary directory, prints acknowledged records per second and MiB/s and the producers' CPU time per record
+(their own work, which a machine shared with other jobs disturbs less), and checks the log holds them all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import walsvc  # noqa: E402
-from walsvc.bench.walsvc_system import _writer  # noqa: E402
+from benchmarks.suite.walsvc_system import _writer  # noqa: E402
 from walsvc.scan import end_of_valid_data  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def produce(directory: str, index: int, size: int, api: str, seconds: float, out
     n = 0
     with walsvc.Producer(directory) as producer:
         start = time.perf_counter()
+        cpu = time.process_time()
         while time.perf_counter() - start < seconds:
             if api == "put":
                 for _ in range(1000):
@@ -43,7 +45,7 @@ def produce(directory: str, index: int, size: int, api: str, seconds: float, out
                 producer.put(b"p%02d-%012d" % (index, n), value).result(30)
                 n += 1
         producer.flush(120)
-        out.put((n, time.perf_counter() - start))
+        out.put((n, time.perf_counter() - start, time.process_time() - cpu))
 
 
 def main() -> int:
@@ -67,12 +69,14 @@ def main() -> int:
             results = [out.get(timeout=args.seconds + 180) for _ in procs]
             for p in procs:
                 p.join()
-        records = sum(n for n, _ in results)
-        wall = max(t for _, t in results)
+        records = sum(n for n, _, _ in results)
+        wall = max(t for _, t, _ in results)
+        cpu = sum(c for _, _, c in results)
         stored = end_of_valid_data(directory) - 1
         assert stored == records, f"acknowledged {records}, the log holds {stored}"
         print(f"{args.producers} producers, {args.size} B, fsync={args.fsync}, api={args.api}: "
-              f"{records / wall:,.0f} acked records/s, {records * args.size / wall / 2**20:,.1f} MiB/s")
+              f"{records / wall:,.0f} acked records/s, {records * args.size / wall / 2**20:,.1f} MiB/s, "
+              f"producers' CPU {cpu / records * 1e9:,.0f} ns per record")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -1,5 +1,8 @@
-"""Same as `python -m walsvc.bench.run` (options in README.md beside this file), runnable from a checkout."""
-import pathlib, sys
+"""The benchmark suite's entry point from a checkout (same as `walsvc bench`; options in README.md beside this file)."""
+import pathlib
+import sys
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from walsvc.bench.run import main  # noqa: E402
+from benchmarks.suite.run import main  # noqa: E402
+
 sys.exit(main())

@@ -254,10 +254,10 @@ def read_log(directory: Path) -> list[Record]:
 
 
 def verify_log(directory: Path) -> list[Record]:
-    """Check the whole log: `walsvc.inspect.verify` when that module exists, and always a full read in which
+    """Check the whole log: `walsvc.verify.verify` when that module exists, and always a full read in which
     every frame's CRC is checked and LSNs strictly increase.  Returns the records."""
     try:
-        from walsvc.inspect import verify  # type: ignore[import-not-found]
+        from walsvc.verify import verify  # type: ignore[import-not-found]
     except ImportError:
         verify = None
     if verify is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-PEERS_AVAILABLE = ("from walsvc.bench import harness; print(','.join(s.name for s in harness.load_systems() "
+PEERS_AVAILABLE = ("from benchmarks.suite import harness; print(','.join(s.name for s in harness.load_systems() "
                    "if s.unavailable is None and s.name != harness.SUBJECT))")
 
 
@@ -26,7 +26,7 @@ def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
                            text=True, timeout=60, check=True).stdout.split()[-1]
     peers = found.split(",")
     assert "sqlite" in peers  # always there: stdlib
-    proc = subprocess.run([sys.executable, "-m", "walsvc.bench.run", "--quick", "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.suite.run", "--quick", "--out", str(tmp_path),
                            "--only", ",".join(peers)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

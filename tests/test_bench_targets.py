@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from walsvc.bench import harness
-from walsvc.bench.harness import Cell, Scenario, SuiteResult, SystemEntry, Target
-from walsvc.bench.report import to_json, to_markdown
+from benchmarks.suite import harness
+from benchmarks.suite.harness import Cell, Scenario, SuiteResult, SystemEntry, Target
+from benchmarks.suite.report import to_json, to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 

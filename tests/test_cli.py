@@ -259,3 +259,36 @@ def test_up_runs_workers_and_exits_0(tmp_path: Path) -> None:
     records = read_log(d)
     assert len(records) == acked
     assert {r.key[:3] for r in records} == {b"w00", b"w01"}
+
+
+def test_bench_outside_a_checkout_says_where_the_suite_is(tmp_path: Path) -> None:
+    """The benchmark suite is not installed: an installed copy of the package (here: the package alone,
+    copied away from the checkout) refuses `walsvc bench` with the way to run it, instead of a traceback."""
+    import shutil
+    shutil.copytree(REPO_ROOT / "walsvc", tmp_path / "site" / "walsvc")
+    env = python_env()
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    proc = subprocess.run([*walsvc_cmd(), "bench", "--quick"], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "benchmark suite is in the source checkout" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bench-results").exists()
+
+
+def test_records_above_the_new_default_limit_still_read(tmp_path: Path) -> None:
+    """The writer's default record limit is 1 MiB (it was 16 MiB): a log holding a 2 MiB record, written
+    before or under a larger limit, still opens, reads and tails with the default config."""
+    from walsvc.record import Record
+    d = tmp_path / "w"
+    log = walsvc.Log.open(d, max_record_bytes=4 << 20, max_batch_bytes=8 << 20)
+    log.append(Record.put(b"big", b"v" * (2 << 20)))
+    log.append(Record.put(b"small", b"s"))
+    log.close()
+    log = walsvc.Log.open(d)
+    try:
+        assert [(r.key, len(r.value)) for r in log.read()] == [(b"big", 2 << 20), (b"small", 1)]
+    finally:
+        log.close()
+    proc = run_cli("tail", "--dir", str(d), "--from", "earliest", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["key"] for line in proc.stdout.splitlines()] == ["big", "small"]

@@ -1,6 +1,6 @@
 """Compressed values are refused unless whole (docs/FORMAT.md, "Value encodings"): one complete frame, nothing
 after it, a decompressed size within the limits known before anything is inflated.  The same checks run
-on ingest (record.count_records), in readers (decode_payload) and in `walsvc verify` (inspect)."""
+on ingest (record.count_records), in readers (decode_payload) and in `walsvc verify` (walsvc.verify)."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_readers_and_verify_raise_on_a_damaged_value_in_the_log(open_log, tmp_pa
     """A value that breaks the rules inside a log (another tool wrote it; its CRCs are valid) makes readers
     raise CorruptionError and `verify` report it: never b"" (which every reader returned before)."""
     from walsvc.errors import CorruptionError
-    from walsvc.inspect import verify
+    from walsvc.verify import verify
     from walsvc.scan import LogReader
 
     good = _record(_with_size(VALUE), key=b"good")

@@ -23,8 +23,11 @@ from walsvc import frame as F
 from walsvc import head as H
 from walsvc.errors import ChecksumError, CorruptionError, MissingSegmentError
 from walsvc.record import encode as encode_record
-from walsvc.recovery import QUARANTINE, classify, examine_stop
+from walsvc.recovery import QUARANTINE
+from walsvc.repair import classify
+from walsvc.scan import examine_stop
 from walsvc.segment import FrameScanner, ScanStop
+from walsvc.verify import verify
 
 
 def _drain(directory: Path, start: int | str = "earliest") -> list[Record]:
@@ -90,6 +93,11 @@ def test_missing_seal_before_the_next_segment_is_a_rotation_cut_short(tmp_path):
     seal_off, _ = frame_offsets(first)[-1]
     os.truncate(first, seal_off)
     assert [r.lsn for r in _drain(directory)] == list(range(1, lsns[-1] + 1))
+    report = verify(directory)  # the verdict recovery's plan gives: a seal still to be written, not corruption
+    assert report.ok, report.problems
+    assert any(first.name in n and "seal still to be written" in n for n in report.notes), report.notes
+    frames = run_cli("dump", "--dir", str(directory), "--frames")
+    assert frames.returncode == 0, frames.stderr
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         assert log.recovery.sealed_segments == len(segment_paths(directory)) - 1
         assert [r.lsn for r in log.read()] == list(range(1, lsns[-1] + 1))

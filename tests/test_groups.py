@@ -18,7 +18,7 @@ import pytest
 from helpers import finish, python_env, spawn_producer, status, wait_for
 
 import walsvc
-from walsvc.errors import GroupError, ServiceUnavailableError
+from walsvc.errors import ConfigError, GroupError, ServiceUnavailableError
 
 CONSUMER = r"""
 import sys, time
@@ -101,7 +101,7 @@ def test_a_new_group_starts_where_asked_and_bad_requests_are_refused(tmp_path: P
         assert [r.lsn for r in everything.poll(5)] == list(range(1, 12))
     with pytest.raises(GroupError, match="reader name"):
         walsvc.Reader(d, group="../etc", consumer="a").poll(1)
-    with pytest.raises(GroupError, match="lease_ms"):
+    with pytest.raises(ConfigError, match="reader.lease_ms"):  # refused before it is sent
         walsvc.Reader(d, group="g2", consumer="a", lease_ms=0).poll(1)
     assert status(d)["groups"]["all"]["position"] == 12
 

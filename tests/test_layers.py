@@ -13,11 +13,12 @@ PACKAGE = ROOT / "walsvc"
 
 # Module -> layer.  Codecs and pure decisions: bytes and values in and out, no files, sockets or threads.
 LAYERS = {
-    0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest"},
+    0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest",
+        "repair"},
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "rotation",
         "log", "logid", "seek", "nori"},
     2: {"endpoints", "writer", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
-    3: {"cli", "inspect", "status", "up", "__main__", "bench"},
+    3: {"cli", "verify", "status", "up", "__main__", "workers"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 NAMES = ["codecs", "storage", "service", "tools"]

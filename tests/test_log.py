@@ -433,3 +433,28 @@ def test_read_batches_gives_what_read_gives_a_list_at_a_time(tmp_path: Path) -> 
         flat = [r for b in batches for r in b]
         assert [(r.lsn, r.key, r.value) for r in flat] == [(r.lsn, r.key, r.value) for r in log.read(5)]
         assert [r.lsn for r in flat] == list(range(5, 211))
+
+
+def test_read_steps_like_a_generator_and_closes_early(tmp_path: Path) -> None:
+    """Log.read's iterator: next() and for-loops share one position, and close() releases the segment it
+    holds open before the end, as a generator's close would."""
+    with Log.open(tmp_path, fsync="os") as log:
+        log.append_batch([Record.put(b"k%d" % i, b"v") for i in range(10)])
+        records = log.read(3)
+        assert next(records).lsn == 3 and next(records).lsn == 4
+        assert [r.lsn for r in records] == list(range(5, 11))
+        assert next(records, None) is None
+        fds = len(os.listdir("/proc/self/fd"))
+        early = log.read()
+        assert next(early).lsn == 1
+        assert len(os.listdir("/proc/self/fd")) == fds + 1  # the segment it reads
+        early.close()
+        assert len(os.listdir("/proc/self/fd")) == fds
+        assert next(early, None) is None
+        seen = []
+        loop = log.read()
+        for r in loop:  # closed inside its own for-loop: the loop ends there, mid-batch
+            seen.append(r.lsn)
+            if r.lsn == 2:
+                loop.close()
+        assert seen == [1, 2]

@@ -395,7 +395,7 @@ def test_mirror_worker_program_stops_cleanly_on_sigterm(cluster, tmp_path):
         log_id = log.log_id
     out = tmp_path / "worker.out"
     with open(out, "wb") as f:
-        proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "workers" / "mirror_worker.py"), "--dir", str(d),
+        proc = subprocess.Popen([sys.executable, "-m", "walsvc.workers.mirror_worker", "--dir", str(d),
                                  "--servers", ",".join(cluster.urls), "--stream", "WORKER", "--create",
                                  "--replicas", "1", "--packed"], stdout=f, stderr=subprocess.STDOUT,
                                 cwd=REPO_ROOT, env=python_env())

@@ -30,12 +30,12 @@ from helpers import REPO_ROOT, python_env, run_cli, run_with_terminal_stderr
 import walsvc
 from walsvc import frame as F
 from walsvc.errors import LogLockedError, NoriDamageError, NoriFormatError, NoriImportRefusedError
-from walsvc.inspect import verify
+from walsvc.verify import verify
 from walsvc.nori import MARKER, NoriScanner, import_nori, list_nori_segments, load_imports
 from walsvc.scan import LogReader
 from walsvc.segment import list_segments
 
-OPTIONS = {"segment_bytes": MiB, "fsync": "os"}
+OPTIONS = {"segment_bytes": MiB, "fsync": "os", "max_record_bytes": 2 * MiB}  # "big" is above the 1 MiB default
 
 
 # -- a nori-wal writer for the tests -------------------------------------------------------------------------
@@ -158,7 +158,9 @@ def assert_same(got: list[walsvc.Record], expected: list[Rec], first_lsn: int = 
 
 def config_file(tmp_path: Path, **extra: object) -> Path:
     path = tmp_path / "cfg.toml"
-    lines = ["[log]", f"segment_bytes = {MiB}", 'fsync = "os"'] + [f"{k} = {v}" for k, v in extra.items()]
+    # The sources hold a 1.1 MiB record ("big"), above the default max_record_bytes (1 MiB).
+    lines = ["[log]", f"segment_bytes = {MiB}", 'fsync = "os"', f"max_record_bytes = {2 * MiB}"] + \
+        [f"{k} = {v}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -216,7 +218,7 @@ def test_progress_on_a_terminal(tmp_path: Path) -> None:
 def test_dump_nori_shows_records_by_segment_and_offset(tmp_path: Path, vectors: dict) -> None:
     src = tmp_path / "nori"
     segs = build_source(src, vectors)
-    run = run_cli("dump", "--nori", str(src))
+    run = run_cli("dump", "--nori", str(src), "--config", str(config_file(tmp_path)))
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     expected = [(name, r) for name in sorted(segs, key=lambda n: int(n[:-4])) for r in segs[name]]
@@ -282,7 +284,7 @@ def test_damage_stops_the_import_with_segment_offset_and_reason(tmp_path: Path) 
     assert [json.loads(line)["key"] for line in dump.stdout.splitlines()] == ["a0", "a1", "a2", "a3"]
     dump = run_cli("dump", "--nori", str(src), "--skip-damaged")
     assert dump.returncode == 0 and len(dump.stdout.splitlines()) == 19
-    assert f"walsvc: note: 000001.wal offset {offsets[4]}: {len(older[4].raw)} damaged bytes" in dump.stderr
+    assert f"walsvc: note: segment 000001.wal, offset {offsets[4]}: {len(older[4].raw)} damaged bytes" in dump.stderr
 
     report = import_nori(src, dst, skip_damaged=True, **OPTIONS)
     assert_same(dst_records(dst), older[:4] + older[5:] + newest)
@@ -375,8 +377,8 @@ def test_records_walsvc_does_not_store_are_reported(tmp_path: Path) -> None:
     offsets = write_segment(src / "000000.wal", layout)
 
     with pytest.raises(NoriDamageError, match="unknown flag bits 0x20"):
-        import_nori(src, dst, max_record_bytes=1024, **OPTIONS)
-    report = import_nori(src, dst, max_record_bytes=1024, skip_damaged=True, **OPTIONS)
+        import_nori(src, dst, **{**OPTIONS, "max_record_bytes": 1024})
+    report = import_nori(src, dst, skip_damaged=True, **{**OPTIONS, "max_record_bytes": 1024})
     assert_same(dst_records(dst), good)
     issues = [(i.kind, i.offset, i.length) for i in report.issues]
     idx = [1, 3, 4, 6]

@@ -359,3 +359,27 @@ def test_payload_cut_inside_a_record_is_rejected(recs, data):
     assert last_start <= info.value.offset <= cut  # the record, or the varint inside it
     with pytest.raises(RecordError):
         list(R.iter_decode(payload, 0, cut))
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except R.RecordError as exc:
+        return type(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(records, max_size=3), st.data())
+def test_one_header_parser_decode_and_validation_agree(recs, data):
+    """decode (record by record) and the writer's check (count_records_py) share `parse_header`: on any
+    payload, one damaged byte or none, they accept the same records or reject with the same error class."""
+    payload = bytearray(R.encode_many(recs))
+    if payload and data.draw(st.booleans(), label="damage"):
+        at = data.draw(st.integers(0, len(payload) - 1), label="at")
+        payload[at] = data.draw(st.integers(0, 255), label="byte")
+    payload = bytes(payload)
+    walked = _outcome(lambda: R.count_records_py(payload, 0, len(payload)))
+    decoded = _outcome(lambda: len(list(R.iter_decode(payload))))
+    assert walked == decoded
+    if isinstance(walked, int):
+        assert R.decode_payload_py(payload, 1, walked, 0) == list(R.iter_decode(payload))

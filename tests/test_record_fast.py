@@ -144,11 +144,41 @@ def test_vectors_agree(vectors) -> None:
 
 
 def test_decoded_records_are_ordinary_records() -> None:
+    import copy
+    import pickle
     payload = R.encode_puts([(b"k1", b"v1"), (b"k2", b"v2")])
     out = R.decode_payload(payload, 7, 2, 99)
-    assert type(out[0]) is Record and out[0] == Record(b"k1", b"v1") and out[1].lsn == 8
+    assert isinstance(out[0], Record) and out[0] == Record(b"k1", b"v1") and out[1].lsn == 8
     out[0].value = b"changed"  # a plain mutable Record, like the reference gives
+    assert out[0].value == b"changed"
     assert repr(out[1]) == "Record(key=b'k2', value=b'v2', lsn=8, timestamp=99)"
+    for twin in (copy.copy(out[1]), pickle.loads(pickle.dumps(out[1]))):
+        assert twin == out[1] and (twin.lsn, twin.timestamp) == (8, 99)
+    with pytest.raises(AttributeError):
+        out[1].color = "red"  # no new attributes, as on Record
+
+
+def test_decoded_records_rejoin_the_cycle_collector_when_changed() -> None:
+    """The compiled decoder leaves records out of the cycle collector (they hold only atomic values); once
+    a field is set they are tracked again, so a cycle made through a record is still collected."""
+    import gc
+    import weakref
+    payload = R.encode_puts([(b"k", b"v")] * 3)
+    out = R.decode_payload(payload, 1, 3, 0)
+    assert not any(gc.is_tracked(r) for r in out)
+    out[0].lsn = 5
+    assert gc.is_tracked(out[0]) and not gc.is_tracked(out[1])
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.record = out[2]
+    out[2].value = holder  # record -> holder -> record
+    watch = weakref.ref(holder)
+    del holder, out
+    gc.collect()
+    assert watch() is None, "a cycle through a decoded record was not collected"
 
 
 def test_version_and_status_name_the_codec(tmp_path) -> None:

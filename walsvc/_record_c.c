@@ -223,6 +223,11 @@ static inline void set_field(PyObject *obj, int field, PyObject *value) {
 static PyObject *new_record(const unsigned char *buf, const header_t *h, PyObject *lsn, PyObject *timestamp) {
     PyObject *rec = record_type->tp_alloc(record_type, 0);
     if (!rec) return NULL;
+    /* Out of the cycle collector, as CPython does with a tuple of atomic values: the fields below are
+     * bytes, ints, None, a bool and a tuple of ints, so the record cannot be part of a cycle.  The class
+     * (record._ReadRecord) tracks it again before any field is set from Python.  Left tracked, a replay's
+     * records age through the collector's generations and trigger full collections over and over. */
+    PyObject_GC_UnTrack(rec);
     PyObject *key = PyBytes_FromStringAndSize((const char *)buf + h->key, h->value - h->key);
     PyObject *value = key ? PyBytes_FromStringAndSize((const char *)buf + h->value, h->vend - h->value) : NULL;
     PyObject *ttl = Py_None, *version = Py_None;
@@ -395,6 +400,255 @@ static PyObject *encode_put(PyObject *Py_UNUSED(self), PyObject *const *args, Py
     return out;
 }
 
+/* ---- PutBuffer: the open batch of a producer, plain puts encoded straight into it ---- */
+
+/* Each put appends its record to one growing buffer and returns a handle: an instance of the class given at
+ * construction (walsvc.producer.RecordFuture) with its `_batch` and `_index` slots written directly.  The
+ * whole of `put` runs with the GIL held and calls no Python code after its one allocation that can collect
+ * garbage, so it is atomic for the producer's threads: no lock per record (the producer's lock still guards
+ * opening and closing, done by `open`, `add` and `take`).  On anything but the common case (not exact
+ * bytes, over max_record_bytes, no open batch, no room under `limit`) it returns None, and the producer takes
+ * its locked path.  record.PutBufferPy is the reference. */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *buf;
+    Py_ssize_t size, cap, count, limit;
+    unsigned long long max_bytes;
+    PyObject *owner;        /* the open batch's token (handles point at it); NULL while closed */
+    PyTypeObject *handle_type;
+    Py_ssize_t off_batch, off_index;
+} PutBuffer;
+
+static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *offset) {
+    PyObject *descr = PyObject_GetAttrString(cls, name);
+    if (!descr) return -1;
+    if (Py_TYPE(descr) != &PyMemberDescr_Type || ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX) {
+        Py_DECREF(descr);
+        PyErr_Format(PyExc_TypeError, "%s is not a plain slot of the handle class", name);
+        return -1;
+    }
+    *offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+    Py_DECREF(descr);
+    return 0;
+}
+
+static int putbuffer_init(PutBuffer *self, PyObject *args, PyObject *kwds) {
+    PyObject *cls;
+    unsigned long long max_bytes;
+    static char *kwlist[] = {"handle_type", "max_record_bytes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK", kwlist, &cls, &max_bytes)) return -1;
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "handle_type must be a class");
+        return -1;
+    }
+    if (slot_offset(cls, "_batch", &self->off_batch) < 0 || slot_offset(cls, "_index", &self->off_index) < 0) return -1;
+    Py_INCREF(cls);
+    Py_XSETREF(self->handle_type, (PyTypeObject *)cls);
+    self->max_bytes = max_bytes;
+    return 0;
+}
+
+static void putbuffer_dealloc(PutBuffer *self) {
+    PyMem_Free(self->buf);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->handle_type);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int putbuffer_reserve(PutBuffer *self, Py_ssize_t more) {
+    if (self->size + more <= self->cap) return 0;
+    Py_ssize_t cap = self->cap ? self->cap : 4096;
+    while (cap < self->size + more) cap *= 2;
+    unsigned char *grown = PyMem_Realloc(self->buf, (size_t)cap); /* no garbage collection in here */
+    if (!grown) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->buf = grown;
+    self->cap = cap;
+    return 0;
+}
+
+static PyObject *putbuffer_handle(PutBuffer *self, PyObject *handle, PyObject *owner, Py_ssize_t index) {
+    PyObject *index_obj = PyLong_FromSsize_t(index);
+    if (!index_obj) {
+        Py_DECREF(handle);
+        return NULL;
+    }
+    Py_INCREF(owner);
+    *(PyObject **)((char *)handle + self->off_batch) = owner;
+    *(PyObject **)((char *)handle + self->off_index) = index_obj;
+    return handle;
+}
+
+/* put(key, value) -> handle | None */
+static PyObject *putbuffer_put(PutBuffer *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "put takes a key and a value");
+        return NULL;
+    }
+    PyObject *key = args[0], *value = args[1];
+    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(value) || !self->owner) Py_RETURN_NONE;
+    Py_ssize_t kl = PyBytes_GET_SIZE(key), vl = PyBytes_GET_SIZE(value);
+    if ((unsigned long long)kl + (unsigned long long)vl > self->max_bytes) Py_RETURN_NONE;
+    Py_ssize_t n = varint_len((uint64_t)kl) + varint_len((uint64_t)vl) + 1 + kl + vl + 4;
+    if (self->size + n >= self->limit) Py_RETURN_NONE;
+    /* The one allocation that may collect garbage (and so run other threads) comes first; the state is
+     * looked at again after it. */
+    PyObject *handle = self->handle_type->tp_alloc(self->handle_type, 0);
+    if (!handle) return NULL;
+    if (!self->owner || self->size + n >= self->limit) {
+        Py_DECREF(handle);
+        Py_RETURN_NONE;
+    }
+    if (putbuffer_reserve(self, n) < 0) {
+        Py_DECREF(handle);
+        return NULL;
+    }
+    write_put(self->buf + self->size, PyBytes_AS_STRING(key), kl, PyBytes_AS_STRING(value), vl);
+    self->size += n;
+    return putbuffer_handle(self, handle, self->owner, self->count++);
+}
+
+/* open(owner, limit): start a batch; puts are taken while size + record < limit. */
+static PyObject *putbuffer_open(PutBuffer *self, PyObject *args) {
+    PyObject *owner;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "On", &owner, &limit)) return NULL;
+    if (!self->handle_type) {
+        PyErr_SetString(PyExc_ValueError, "PutBuffer was not initialised");
+        return NULL;
+    }
+    if (self->owner) {
+        PyErr_SetString(PyExc_ValueError, "a batch is already open");
+        return NULL;
+    }
+    Py_INCREF(owner);
+    self->owner = owner;
+    self->size = self->count = 0;
+    self->limit = limit;
+    Py_RETURN_NONE;
+}
+
+/* add(data, count) -> index of the first of `count` records already encoded end to end in `data` */
+static PyObject *putbuffer_add(PutBuffer *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &count)) return NULL;
+    if (!self->owner) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "no batch is open");
+        return NULL;
+    }
+    if (putbuffer_reserve(self, view.len) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    memcpy(self->buf + self->size, view.buf, (size_t)view.len);
+    self->size += view.len;
+    PyBuffer_Release(&view);
+    Py_ssize_t first = self->count;
+    self->count += count;
+    return PyLong_FromSsize_t(first);
+}
+
+/* take() -> (payload, count): close the batch. */
+static PyObject *putbuffer_take(PutBuffer *self, PyObject *Py_UNUSED(ignored)) {
+    if (!self->owner) {
+        PyErr_SetString(PyExc_ValueError, "no batch is open");
+        return NULL;
+    }
+    /* The bytes object is not garbage-collected, so making it runs no other thread: the batch is closed
+     * before anything that may (building the tuple, dropping the owner). */
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)self->buf, self->size);
+    if (!payload) return NULL;
+    Py_ssize_t count = self->count;
+    PyObject *owner = self->owner;
+    self->owner = NULL;
+    self->size = self->count = 0;
+    if (self->cap > (1 << 20)) { /* an oversized batch: do not keep its buffer */
+        PyMem_Free(self->buf);
+        self->buf = NULL;
+        self->cap = 0;
+    }
+    PyObject *out = Py_BuildValue("(Nn)", payload, count);
+    Py_DECREF(owner);
+    return out;
+}
+
+/* handles(owner, first, n) -> [handle(owner, first), ..., handle(owner, first + n - 1)] */
+static PyObject *putbuffer_handles(PutBuffer *self, PyObject *args) {
+    PyObject *owner;
+    Py_ssize_t first, n;
+    if (!PyArg_ParseTuple(args, "Onn", &owner, &first, &n)) return NULL;
+    if (!self->handle_type) {
+        PyErr_SetString(PyExc_ValueError, "PutBuffer was not initialised");
+        return NULL;
+    }
+    PyObject *out = PyList_New(n < 0 ? 0 : n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *handle = self->handle_type->tp_alloc(self->handle_type, 0);
+        if (!handle || !(handle = putbuffer_handle(self, handle, owner, first + i))) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, handle);
+    }
+    return out;
+}
+
+static PyObject *putbuffer_is_open(PutBuffer *self, void *Py_UNUSED(closure)) { return PyBool_FromLong(self->owner != NULL); }
+
+static PyMethodDef putbuffer_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))putbuffer_put, METH_FASTCALL, "Append a plain put: its handle, or None."},
+    {"open", (PyCFunction)putbuffer_open, METH_VARARGS, "Start a batch for owner, taking puts below limit."},
+    {"add", (PyCFunction)putbuffer_add, METH_VARARGS, "Append encoded records: the first one's index."},
+    {"take", (PyCFunction)putbuffer_take, METH_NOARGS, "Close the batch: (payload, count)."},
+    {"handles", (PyCFunction)putbuffer_handles, METH_VARARGS, "Handles for n records of owner from first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef putbuffer_members[] = {
+    {"size", T_PYSSIZET, offsetof(PutBuffer, size), READONLY, "Bytes in the open batch."},
+    {"count", T_PYSSIZET, offsetof(PutBuffer, count), READONLY, "Records in the open batch."},
+    {"limit", T_PYSSIZET, offsetof(PutBuffer, limit), 0, "put takes a record while size + its bytes < limit."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *putbuffer_atomic(PutBuffer *self, void *Py_UNUSED(closure)) { Py_RETURN_TRUE; }
+
+static PyGetSetDef putbuffer_getset[] = {
+    {"is_open", (getter)putbuffer_is_open, NULL, "Whether a batch is open.", NULL},
+    {"atomic", (getter)putbuffer_atomic, NULL, "put needs no lock (it runs whole under the GIL).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PutBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "walsvc._record_c.PutBuffer",
+    .tp_basicsize = sizeof(PutBuffer),
+    .tp_dealloc = (destructor)putbuffer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A producer's open batch: plain puts encoded into one buffer, one handle each.",
+    .tp_methods = putbuffer_methods,
+    .tp_members = putbuffer_members,
+    .tp_getset = putbuffer_getset,
+    .tp_init = (initproc)putbuffer_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* gc_track(obj): put an object the decoder left out of the cycle collector back in (before a field is set). */
+static PyObject *gc_track(PyObject *Py_UNUSED(self), PyObject *obj) {
+    if (!PyObject_IS_GC(obj)) {
+        PyErr_SetString(PyExc_TypeError, "gc_track takes an object of a garbage-collected type");
+        return NULL;
+    }
+    if (!PyObject_GC_IsTracked(obj)) PyObject_GC_Track(obj);
+    Py_RETURN_NONE;
+}
+
 /* crc32c(data, value=0) -> int: the same function as the crc32c package's, for the differential tests. */
 static PyObject *crc32c_py(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer view;
@@ -411,6 +665,7 @@ static PyMethodDef methods[] = {
     {"encode_puts", encode_puts, METH_VARARGS, "Plain puts laid end to end, or None."},
     {"encode_put", (PyCFunction)(void (*)(void))encode_put, METH_FASTCALL, "One plain put."},
     {"bind_record", bind_record, METH_O, "Tell the module the Record class to build."},
+    {"gc_track", gc_track, METH_O, "Track an object in the cycle collector again."},
     {"crc32c", crc32c_py, METH_VARARGS, "CRC32C of data, continuing from value."},
     {NULL, NULL, 0, NULL},
 };
@@ -432,8 +687,10 @@ PyMODINIT_FUNC PyInit__record_c(void) {
         cpu = "sse4.2";
     }
 #endif
+    if (PyType_Ready(&PutBufferType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddStringConstant(m, "CRC32C", cpu) < 0) {
+    if (m && (PyModule_AddStringConstant(m, "CRC32C", cpu) < 0 ||
+              PyModule_AddObjectRef(m, "PutBuffer", (PyObject *)&PutBufferType) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -69,24 +69,21 @@ def _lsn(value: str) -> int:
     return lsn
 
 
-def _seconds(value: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not 0 <= s < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return s
+def _not_negative(convert: Callable[[str], Any], noun: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, refusing what is not a `noun` and what is negative or infinite."""
+    def parse(value: str) -> Any:
+        try:
+            n = convert(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, not {value!r}") from None
+        if not 0 <= n < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+        return n
+    return parse
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {n}")
-    return n
+_seconds = _not_negative(float, "a number of seconds")
+_count = _not_negative(int, "a whole number")
 
 
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
@@ -182,7 +179,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.delete and args.ttl_ms is not None:
         raise ConfigError("--ttl", "a tombstone (--delete) has no time to live; use one or the other")
-    producer = Producer(cfg.directory, linger_ms=args.linger_ms)
+    producer = Producer(cfg, linger_ms=args.linger_ms)
     printer = _LsnPrinter()
     appended = 0
 
@@ -231,12 +228,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
             pass
 
 
-def _position(args: argparse.Namespace, directory: Path) -> int | str:
-    """Where tail/dump start: --from, --from-time or the default, checked against the log (never a silent skip)."""
+def _position(args: argparse.Namespace, directory: Path, default: str = "earliest") -> int | str:
+    """Where tail/dump start: --from, --from-time or `default`, checked against the log (never a silent skip)."""
     from .seek import committed_end, lsn_at_time
     if args.from_time is not None:
         return lsn_at_time(directory, args.from_time)
-    start = args.start if args.start is not None else "earliest"
+    start = args.start if args.start is not None else default
     if isinstance(start, int):
         end = committed_end(directory)
         if start > end + 1:
@@ -259,7 +256,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     if args.name is not None:
         cursor.check_name(args.name)
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
-    start = _position(args, cfg.directory)
+    start = _position(args, cfg.directory, cfg.reader.start)
     if args.name and (args.start is not None or args.from_time is not None):
         stored = cursor.load(cfg.directory, cursor.check_name(args.name))
         if stored is not None:
@@ -267,8 +264,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                               f"drop --from/--from-time, or move it with `walsvc cursors reset {args.name} --to LSN`")
     done = _stop_at(args)
     printed = 0
-    with Reader(cfg.directory, start, name=args.name, max_record_bytes=cfg.log.max_record_bytes,
-                max_batch_bytes=cfg.log.max_batch_bytes) as reader:
+    with Reader(cfg, start, name=args.name) as reader:
         if reader.offline:
             print(f"walsvc: note: no writer is running for {cfg.directory}; reading what is on disk",
                   file=sys.stderr)
@@ -327,7 +323,7 @@ def _progress_bar(what: str, unit: str = "segment") -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .inspect import verify
+    from .verify import verify
     cfg = _load(args)
     bar = _progress_bar(f"verify {cfg.directory}")
 
@@ -346,7 +342,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .inspect import dump
+    from .verify import dump
     cfg = _load(args)
     if args.nori is not None:
         return _dump_nori(args, cfg)
@@ -405,14 +401,14 @@ def cmd_import_nori(args: argparse.Namespace) -> int:
 
 
 def cmd_cursors(args: argparse.Namespace) -> int:
-    from .cursor import delete_cursor, list_cursors, reset_cursor
+    from .cursor import delete_cursor, lag_rows, list_cursors, reset_cursor
     from .seek import committed_end
     cfg = _load(args)
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     if args.action == "list":
         cursors = list_cursors(cfg.directory)
         end = committed_end(cfg.directory)
-        rows = {n: {"lsn": lsn, "lag_records": max(0, end - lsn)} for n, lsn in sorted(cursors.items())}
+        rows = lag_rows(dict(sorted(cursors.items())), end)
         if args.json:
             print(json.dumps(rows, indent=1))
         elif not rows:
@@ -442,8 +438,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                record_bytes=args.record_bytes, workers_dir=args.workers)
 
 
+def find_benchmarks() -> Path:
+    """The checkout holding `benchmarks/suite/`: the suite is not installed with the package (it needs Redis,
+    SQLite and a source tree to compare), so look in the working directory, its parents and beside the code."""
+    here = Path.cwd().resolve()
+    for root in (here, *here.parents, Path(__file__).resolve().parent.parent):
+        if (root / "benchmarks" / "suite" / "run.py").is_file():
+            return root
+    raise ConfigError("bench", "the benchmark suite is in the source checkout, not in the installed package: "
+                      "run `walsvc bench` inside a walsvc checkout (or `python benchmarks/run.py` there)")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.run import main as bench_main
+    sys.path.insert(0, str(find_benchmarks()))
+    from benchmarks.suite.run import main as bench_main
     argv = ["--out", args.out] + (["--quick"] if args.quick else []) + (["--runs", str(args.runs)] if args.runs else [])
     return bench_main(argv) or 0
 
@@ -462,11 +470,12 @@ def _time(value: str) -> int:
 def _range_flags(p: argparse.ArgumentParser) -> None:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--from", dest="start", type=_start,
-                       help="LSN, earliest (default) or latest; an LSN past the committed end is an error")
+                       help="LSN, earliest or latest (default: earliest; for tail [reader] start); an LSN past "
+                            "the committed end is an error")
     start.add_argument("--from-time", type=_time, metavar="ISO8601",
                        help="start at the first record written at or after this time")
     p.add_argument("--to", type=_lsn, metavar="LSN", help="stop after this LSN")
-    p.add_argument("--limit", type=_positive, help="stop after this many records (frames with --frames)")
+    p.add_argument("--limit", type=_count, help="stop after this many records (frames with --frames)")
 
 
 def _sink(args: argparse.Namespace) -> Any:
@@ -526,11 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("produce", "append one record per stdin line; print each LSN once durable")
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
-    p.add_argument("--linger-ms", type=float, default=5.0, help="batching delay (default 5)")
+    p.add_argument("--linger-ms", type=float, help="batching delay (default: [producer] linger_ms, 1)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
     p.add_argument("--delete", action="store_true",
                    help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
-    p.add_argument("--ttl", dest="ttl_ms", type=_positive, metavar="MS",
+    p.add_argument("--ttl", dest="ttl_ms", type=_count, metavar="MS",
                    help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
 
@@ -574,13 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cursors)
 
     p = command("up", "run the writer with N producer and M consumer workers; Ctrl-C stops everything")
-    p.add_argument("--producers", type=_positive, default=2)
-    p.add_argument("--consumers", type=_positive, default=1)
+    p.add_argument("--producers", type=_count, default=2)
+    p.add_argument("--consumers", type=_count, default=1)
     p.add_argument("--seconds", type=_seconds, default=0.0,
                    help="stop after this long, a hard bound (default: until Ctrl-C)")
-    p.add_argument("--record-bytes", type=_positive, default=100)
+    p.add_argument("--record-bytes", type=_count, default=100)
     p.add_argument("--fsync", choices=["always", "batch", "os"])
-    p.add_argument("--workers", help="directory of worker programs (default: ./workers or the installed copy)")
+    p.add_argument("--workers", help="a directory with your own producer_worker.py and consumer_worker.py "
+                   "(default: the built-in walsvc.workers)")
     p.set_defaults(func=cmd_up)
 
     def stream_flags(p: argparse.ArgumentParser) -> None:
@@ -593,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="mirror", help="the mirror's cursor name (default mirror)")
     p.add_argument("--packed", action="store_true", help="one message per walsvc batch instead of per record")
     p.add_argument("--create", action="store_true", help="create the stream if it does not exist")
-    p.add_argument("--replicas", type=_positive, default=3, help="replicas of a created stream (default 3)")
+    p.add_argument("--replicas", type=_count, default=3, help="replicas of a created stream (default 3)")
     p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
     p.add_argument("--max-age", type=float, default=0.0, help="created stream's max age in seconds (0: none)")
     p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
@@ -601,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
     p.add_argument("--open-timeout", type=float, default=60.0,
                    help="seconds to wait for NATS and the stream at start before giving up (default 60)")
-    p.add_argument("--window", type=_positive, default=256, help="publishes in flight (default 256)")
+    p.add_argument("--window", type=_count, default=256, help="publishes in flight (default 256)")
     p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
     p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")
     p.add_argument("--from", dest="start", type=_start, default="earliest", help="start of a new cursor")
@@ -613,10 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-id", help="restore only this log's records (when several share the subject)")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite")
+    p = sub.add_parser("bench", help="benchmark walsvc against Redis Streams and SQLite (from a source checkout)")
     p.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--runs", type=_positive, default=0)
+    p.add_argument("--runs", type=_count, default=0)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .access import make_dir, replace_file
+from .config import directory_path
 from .errors import ConfigError, CursorBusyError, CursorError
 from .fsync import sync_dir
 from .lock import PidLock
@@ -33,7 +34,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or name.startswith("."):
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("."):
         raise ConfigError("name", f"reader name {name!r} must be 1-100 letters, digits, '_', '-' or '.', "
                           "not starting with '.'")
     return name
@@ -89,9 +90,17 @@ class CursorLock(PidLock):
                          lambda pid: CursorBusyError(str(directory), name, pid))
 
 
+def lag_rows(cursors: dict[str, int], last_lsn: int) -> dict[str, dict[str, int]]:
+    """Each cursor as status, `walsvc cursors list` and `Log.cursors` show it: its LSN and how many records up
+    to `last_lsn` its reader has yet to process."""
+    return {name: {"lsn": lsn, "lag_records": max(0, last_lsn - lsn)} for name, lsn in cursors.items()}
+
+
 def advance(directory: Path, name: str, lsn: int) -> None:
     """A reader's commit: forward only.  The same LSN again is a no-op; an earlier one is an error, because
     storing it would make the reader process those records twice after a restart."""
+    if type(lsn) is not int or not 0 <= lsn < 1 << 64:
+        raise ConfigError("lsn", f"a cursor holds an LSN, an integer from 0 to 2**64-1, not {lsn!r}")
     stored = load(directory, name)
     if stored is not None and lsn <= stored:
         if lsn == stored:
@@ -103,7 +112,7 @@ def advance(directory: Path, name: str, lsn: int) -> None:
 
 def list_cursors(directory: str | os.PathLike) -> dict[str, int]:
     """Every named cursor of the log in `directory`: name -> last processed LSN."""
-    return load_all(Path(directory))
+    return load_all(directory_path(directory))
 
 
 def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> int:
@@ -112,7 +121,10 @@ def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> i
     Refused while a reader holds the cursor.  Returns the stored value (the LSN before `start`)."""
     from .seek import committed_end
     from .segment import list_segments
-    directory = Path(directory)
+    directory = directory_path(directory)
+    check_name(name)
+    if not directory.is_dir():
+        raise ConfigError("directory", f"{directory} is not a log directory (it does not exist)")
     end = committed_end(directory)
     if start == "earliest":
         segments = list_segments(directory)
@@ -135,7 +147,7 @@ def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> i
 def delete_cursor(directory: str | os.PathLike, name: str) -> bool:
     """Forget the reader `name` (retention stops protecting its records).  Refused while a reader holds it;
     False if there was no such cursor."""
-    directory = Path(directory)
+    directory = directory_path(directory)
     path = directory / DIRNAME / (check_name(name) + SUFFIX)
     if not path.exists():
         return False

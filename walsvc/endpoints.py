@@ -32,6 +32,7 @@ from .fsync import sync_dir
 FILENAME = "ENDPOINTS"
 SOCKET_SUBDIR = "sockets"
 MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux (104 on macOS); keep a margin
+LIMITS = ("max_record_bytes", "max_batch_bytes", "max_message_bytes")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Endpoints:
     pid: int = 0
     curve_server_key: str = ""  # Z85 public key when the writer requires CURVE (non-loopback binds)
     codecs: tuple[str, ...] = ()  # compressions the writer decodes; () from a writer too old to say
+    # The writer's limits ([log] max_record_bytes, max_batch_bytes, [service] max_message_bytes), so that a
+    # client refuses what the writer would refuse before sending it; 0 from a writer too old to say.
+    max_record_bytes: int = 0
+    max_batch_bytes: int = 0
+    max_message_bytes: int = 0
 
     def secure(self, sock: "zmq.Socket") -> "zmq.Socket":
         """Make a client socket speak CURVE to this writer (with a fresh key pair) when it requires it."""
@@ -79,7 +85,8 @@ def load(directory: str | os.PathLike) -> Endpoints:
     try:
         data = json.loads(path.read_text())
         return Endpoints(data["ingest"], data["publish"], data["control"], int(data.get("pid", 0)),
-                         str(data.get("curve_server_key", "")), tuple(map(str, data.get("codecs", ()))))
+                         str(data.get("curve_server_key", "")), tuple(map(str, data.get("codecs", ()))),
+                         *(int(data.get(key, 0)) for key in LIMITS))
     except FileNotFoundError:
         raise ServiceUnavailableError(f"no writer has run for {directory} ({path} is missing); start one with "
                                       f"`walsvc serve --dir {directory}`") from None

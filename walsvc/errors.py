@@ -1,13 +1,17 @@
 """Every exception walsvc raises, in one place.
 
 Each message says what went wrong and where (file, offset, LSN, config key, flag), so an operator can act on
-it without reading code.  Codec errors carry the location as attributes too, so callers can add it later:
-a record decoder knows the offset inside a payload; the segment scanner knows the file and the LSN.
+it without reading code.  A place in the log is a `Location` and reads one way everywhere ("segment
+00000000000000000001.wal, offset 4096, LSN 17").  Codec errors carry the location as attributes too, so
+callers can add it later: a record decoder knows the offset inside a payload; the segment scanner knows the
+file and the LSN.  Every class derives from `WalError`; where a standard class says the same thing it is a
+second base (`ConfigError` is a ValueError, `AckTimeoutError` a TimeoutError), so generic handlers still work.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from dataclasses import dataclass as _dataclass
 from os import PathLike as _PathLike
 
 
@@ -15,19 +19,37 @@ class WalError(Exception):
     """Base class of every walsvc error."""
 
 
-def _where(segment: str | None, offset: int | None, lsn: int | None) -> str:
-    parts = []
-    if segment is not None:
-        parts.append(f"segment {segment}")
-    if offset is not None:
-        parts.append(f"offset {offset}")
-    if lsn is not None:
-        parts.append(f"LSN {lsn}")
-    return f" ({', '.join(parts)})" if parts else ""
+@_dataclass(frozen=True, slots=True)
+class Location:
+    """A place in the log: a segment file, a byte offset (in the segment, or in a payload when no segment is
+    known) and an LSN, any of them unknown.  `str()` gives the one form every message uses."""
+    segment: str | None = None
+    offset: int | None = None
+    lsn: int | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.segment is not None:
+            parts.append(f"segment {self.segment}")
+        if self.offset is not None:
+            parts.append(f"offset {self.offset}")
+        if self.lsn is not None:
+            parts.append(f"LSN {self.lsn}")
+        return ", ".join(parts)
+
+    def __bool__(self) -> bool:
+        return not (self.segment is None and self.offset is None and self.lsn is None)
+
+    def after(self, detail: str) -> str:
+        """`detail`, then this place in parentheses (if any is known): how an error message names it."""
+        return f"{detail} ({self})" if self else detail
 
 
-class RecordError(WalError):
-    """A record (or frame) could not be decoded.  `segment`, `offset` and `lsn` say where, when known."""
+class _Located(WalError):
+    """An error about bytes at a place: `segment`, `offset` and `lsn` say where, when known, and the message
+    ends with that place (`Location`); `PREFIX` starts it."""
+
+    PREFIX = ""
 
     def __init__(self, detail: str, *, segment: str | None = None, offset: int | None = None,
                  lsn: int | None = None) -> None:
@@ -35,7 +57,15 @@ class RecordError(WalError):
         self.segment = segment
         self.offset = offset
         self.lsn = lsn
-        super().__init__(detail + _where(segment, offset, lsn))
+        super().__init__(self.PREFIX + self.location.after(detail))
+
+    @property
+    def location(self) -> Location:
+        return Location(self.segment, self.offset, self.lsn)
+
+
+class RecordError(_Located):
+    """A record (or frame) could not be decoded.  `segment`, `offset` and `lsn` say where, when known."""
 
     def located(self, *, segment: str | None = None, offset: int | None = None,
                 lsn: int | None = None) -> "RecordError":
@@ -75,19 +105,13 @@ class CompressionUnavailableError(RecordError):
     """The record uses a codec whose Python package is not installed (LZ4 needs `pip install lz4`)."""
 
 
-class CorruptionError(WalError):
+class CorruptionError(_Located):
     """Damaged data somewhere other than a torn tail; never silently dropped.
 
     Raised by recovery (unless `on_corruption = "truncate"`), by readers and by `walsvc verify`.
     """
 
-    def __init__(self, detail: str, *, segment: str | None = None, offset: int | None = None,
-                 lsn: int | None = None) -> None:
-        self.detail = detail
-        self.segment = segment
-        self.offset = offset
-        self.lsn = lsn
-        super().__init__("corruption: " + detail + _where(segment, offset, lsn))
+    PREFIX = "corruption: "
 
 
 class MissingSegmentError(CorruptionError):
@@ -106,7 +130,7 @@ class LogLockedError(WalError):
                          "only one writer may own a log directory")
 
 
-class WriteStepError(OSError):
+class WriteStepError(WalError, OSError):
     """An OSError from one named step of the write path (`operation` on `filename`), so a stop reason can say
     what failed where: a bare "[Errno 5] Input/output error" from an fd-based call names no file."""
 
@@ -181,34 +205,43 @@ class TruncatedError(WalError):
         super().__init__(f"LSN {requested} was truncated by retention; oldest is {oldest}")
 
 
-class ConfigError(WalError):
-    """A configuration key or command-line flag has a bad name, type or value."""
+class _AboutOne(WalError):
+    """An error about one named thing (a key, a reason code, a group): `SUBJECT` names the attribute that
+    holds it, `detail` says what is wrong, and `FORMAT` joins the two into the message."""
 
-    def __init__(self, key: str, detail: str) -> None:
-        self.key = key
+    SUBJECT = "subject"
+    FORMAT = "{0}: {1}"
+
+    def __init__(self, subject: str, detail: str) -> None:
+        setattr(self, self.SUBJECT, subject)
         self.detail = detail
-        super().__init__(f"{key}: {detail}")
+        super().__init__(self.FORMAT.format(subject, detail))
 
 
-class ProtocolError(WalError):
+class ConfigError(_AboutOne, ValueError):
+    """A configuration key, an argument or a command-line flag has a bad name, type or value.  `key` names it:
+    `log.segment_bytes`, `producer.linger_ms`, `start`, `--dir`."""
+
+    SUBJECT = "key"
+    key: str
+
+
+class ProtocolError(_AboutOne):
     """A wire message is malformed, too large, or of an unknown version.  `code` is the nack reason code."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"{code}: {detail}")
+    SUBJECT = "code"
+    code: str
 
 
-class NackError(WalError):
+class NackError(_AboutOne):
     """The writer refused a batch; `code` is the reason code from the nack (see docs/PROTOCOL.md)."""
 
-    def __init__(self, code: str, detail: str) -> None:
-        self.code = code
-        self.detail = detail
-        super().__init__(f"writer refused the batch ({code}): {detail}")
+    SUBJECT = "code"
+    FORMAT = "writer refused the batch ({0}): {1}"
+    code: str
 
 
-class BackpressureError(WalError):
+class BackpressureError(WalError, TimeoutError):
     """The producer's buffer stayed full for longer than its timeout: the writer is behind or gone."""
 
 
@@ -252,13 +285,12 @@ class NoriImportRefusedError(WalError):
     """`import-nori` will not run: the source was already imported, or an interrupted import cannot resume."""
 
 
-class GroupError(WalError):
+class GroupError(_AboutOne):
     """A consumer group refused a request: a bad argument, or a lease that is no longer the consumer's."""
 
-    def __init__(self, group: str, detail: str) -> None:
-        self.group = group
-        self.detail = detail
-        super().__init__(f"consumer group {group!r}: {detail}")
+    SUBJECT = "group"
+    FORMAT = "consumer group {0!r}: {1}"
+    group: str
 
 
 class UnsafePermissionsError(WalError):

@@ -1,9 +1,11 @@
 """Making bytes durable: the fsync calls of each platform and the three policies.
 
-- `always`: an append is acknowledged only after an fsync covered it.  A background thread fsyncs as soon
-  as anything is unsynced, while the writer keeps appending; the next fsync covers everything written
-  meanwhile.  Callers that wait (`sync_through`) queue on one lock, and the first to get it syncs for all:
-  N concurrent appends share one fsync (group commit, as PostgreSQL does it).
+- `always`: an append is acknowledged only after an fsync covered it.  Callers that wait (`sync_through`)
+  queue on one lock, and the first to get it syncs for all: N concurrent appends share one fsync (group
+  commit, as PostgreSQL does it).  Appends that do not wait are fsynced by a background thread as soon as
+  anything is unsynced, or, with `thread=False`, by their owner's own `sync()`: the writer service fsyncs
+  in its loop after each drain, so whatever arrived during one fsync shares the next, with no thread
+  hand-off on the way to the ack (Redis's `appendfsync always` works the same way).
 - `batch`: at most one fsync per `window_ms`, and never later than `window_ms` after the first unsynced
   write, whether or not another write follows (nori-wal waited for the next append, so a burst's last write
   could stay unsynced).  After a quiet spell the first write is synced at once; under load, each fsync
@@ -97,12 +99,14 @@ class Syncer:
     counts as committed (the HEAD update), and `on_commit(end)` is told each new committed end after that.
     `on_stop(error)` is told the stop reason once, from the thread that failed.  The caller must hold `lock`
     while it swaps or closes the fd that `snapshot` returns, so an fsync never runs on a closed descriptor.
+    `thread=False` starts no fsync thread under `always` (the owner calls `sync()` after its writes);
+    `batch` keeps its thread either way, for the window's timer.
     """
 
     def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int, object]],
                  on_commit: Callable[[int], None], committed_end: int, *,
                  publish: Callable[[int], None] | None = None,
-                 on_stop: Callable[[LogStoppedError], None] | None = None) -> None:
+                 on_stop: Callable[[LogStoppedError], None] | None = None, thread: bool = True) -> None:
         self.latency = Histogram()
         self.policy = policy
         self.window = window_ms / 1000.0 if policy == "batch" else 0.0
@@ -124,7 +128,7 @@ class Syncer:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        if policy != "os":
+        if policy == "batch" or (policy == "always" and thread):
             self._thread = threading.Thread(target=self._flusher, name="walsvc-fsync", daemon=True)
             self._thread.start()
 
@@ -150,7 +154,7 @@ class Syncer:
         """Called after each write (write lock held): commit now (os), or wake the flusher."""
         if self.policy == "os":
             self._commit(end_lsn)
-        elif self._dirty_since is None:
+        elif self._dirty_since is None and self._thread is not None:
             with self._wake:
                 self._dirty_since = time.monotonic()
                 self._wake.notify()

@@ -16,31 +16,36 @@ import time
 import zmq
 
 from . import protocol as P
-from .config import Config, log_directory
+from .config import Config, client_config
 from .endpoints import load as load_endpoints
 from .errors import GroupError, LogClosedError, ServiceUnavailableError
-from .reader import Reader, wait_for_commit
+from .reader import Reader, read_limits, reader_settings, wait_for_commit
 from .scan import LogReader
-from .record import DEFAULT_MAX_RECORD_BYTES, Record
+from .record import Record
 
 REQUEST_TIMEOUT_S = 5.0
 
 
 class GroupReader(Reader):
     """One consumer of a group; see `walsvc.Reader` for the options it shares.  `max_records` bounds one
-    claimed range; `lease_ms` is how long the group waits for its ack before giving the range to another."""
+    claimed range; `lease_ms` is how long the group waits for its ack before giving the range to another.
+    These two, `start` and `recheck_s` take their defaults from the `[reader]` section of a given Config or
+    config file."""
 
-    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str = "earliest", *,
-                 group: str, consumer: str, max_records: int = 1000, lease_ms: int = 30_000,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, recheck_s: float = 0.05) -> None:
-        self.directory = log_directory(directory)
+    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str | None = None, *,
+                 group: str, consumer: str, max_records: int | None = None, lease_ms: int | None = None,
+                 max_record_bytes: int | None = None, max_batch_bytes: int | None = None,
+                 recheck_s: float | None = None) -> None:
+        self.directory, config = client_config(directory)
+        settings = reader_settings(config, max_records=max_records, lease_ms=lease_ms, recheck_s=recheck_s)
         self.group = group
         self.consumer = consumer
-        self.start = start
-        self.max_records = max_records
-        self.lease_ms = lease_ms
-        self.max_record_bytes = max_record_bytes
-        self.recheck_s = recheck_s
+        self.start = settings.start if start is None else start
+        self.max_records = settings.max_records
+        self.lease_ms = settings.lease_ms
+        self.max_record_bytes, self.max_batch_bytes = read_limits(self.directory, config, max_record_bytes,
+                                                                  max_batch_bytes)
+        self.recheck_s = settings.recheck_s
         self.redelivered = 0
         self._lease: dict | None = None  # the range the last poll returned, acked by the next poll
         self._end = 0  # end of the range being read: the bound of the file reader
@@ -113,7 +118,7 @@ class GroupReader(Reader):
             if self._log is not None:
                 self._log.close()
             self._log = LogReader(self.directory, first, bound=lambda: self._end - 1,
-                                  max_record_bytes=self.max_record_bytes)
+                                  max_record_bytes=self.max_record_bytes, max_batch_bytes=self.max_batch_bytes)
         out: list[Record] = []
         while self._log.next_lsn < end:
             batch = self._log.read_batch()

@@ -6,7 +6,7 @@ before the writer, misses PUB messages or joins late still finds the truth withi
 
 Recovery reads one more thing from it: the durable LSN, how far the log was fsynced.  It is written only
 after the data it names is durable, so it never claims more than really reached the disk, and damage past
-it is an unsynced tail, not lost data (recovery.classify).  The writer fsyncs HEAD at open, at close and,
+it is an unsynced tail, not lost data (repair.classify).  The writer fsyncs HEAD at open, at close and,
 under `always` and `batch`, at most every `log.HEAD_SYNC_S` after a commit, so after a power cut the HEAD
 on disk lags the acks by about that much at most.
 

@@ -18,27 +18,28 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable, Iterator
 
 from crc32c import crc32c
 
 from . import frame as F
 from . import access, logid, retention
-from .config import LogConfig
-from .cursor import load_all as load_cursors
+from .config import LogConfig, directory_path
+from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .scan import LogReader, OpenSegment
 from .record import Record, encode_many, implementation
-from .recovery import Recovered, RecoveryInfo, recover
+from .recovery import Recovered, RecoveryInfo, recover, remember_batches
 from .rotation import Pipeline
 from .segment import (SPARE_NAME, ActiveSegment, create_segment, create_spare, install_spare, list_segments, now_us,
                       remove_spare, seal_segment, seal_table, unlink_segment)
@@ -84,7 +85,7 @@ class Log:
 
     def __init__(self, directory: Path, config: LogConfig, on_commit: Callable[[int], None] | None,
                  verify: bool, first_lsn: int | None = None,
-                 on_stop: Callable[[LogStoppedError], None] | None = None) -> None:
+                 on_stop: Callable[[LogStoppedError], None] | None = None, fsync_thread: bool = True) -> None:
         self.directory = directory
         self.config = config
         self._on_commit_cb = on_commit
@@ -122,7 +123,8 @@ class Log:
         self._publish_head(committed_end - 1, self._pid, committed_end - 1, durable=True)
         self._head_synced = time.monotonic()
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, self._sync_target, self._committed,
-                              committed_end, publish=self._publish_committed, on_stop=on_stop)
+                              committed_end, publish=self._publish_committed, on_stop=on_stop,
+                              thread=fsync_thread)
         self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
@@ -133,22 +135,29 @@ class Log:
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
              on_commit: Callable[[int], None] | None = None, verify: bool = False, first_lsn: int | None = None,
-             on_stop: Callable[[LogStoppedError], None] | None = None, **options: Any) -> "Log":
+             on_stop: Callable[[LogStoppedError], None] | None = None, fsync_thread: bool = True,
+             **options: Any) -> "Log":
         """Open (creating if needed) and recover the log in `directory`.
 
         `on_commit(committed_lsn)` is called after each commit, and `on_stop(reason)` once if the log stops,
         each from the thread that made it.  `verify=True` also checks every sealed segment's checksum (reads
         the whole log).  `first_lsn` starts a log that has no segment yet at that LSN (restore rebuilds a log
-        whose start retention had deleted); it is an error for a log that has one.
+        whose start retention had deleted); it is an error for a log that has one.  `fsync_thread=False`:
+        under `always`, an `append_encoded(wait=False)` stays uncommitted until the caller's next `sync()`
+        (the writer service syncs once per loop turn), instead of a background thread syncing it.
         """
         if config is None:
             config = LogConfig.from_options(options)
         elif options:
             raise ConfigError("config", "pass either config= or keyword options, not both")
-        path = Path(directory)
+        elif not isinstance(config, LogConfig):
+            raise ConfigError("config", f"must be a walsvc.LogConfig, not {type(config).__name__}")
+        if first_lsn is not None and (type(first_lsn) is not int or first_lsn < 1):
+            raise ConfigError("first_lsn", f"must be an LSN (an integer >= 1), not {first_lsn!r}")
+        path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
-        return cls(path, config, on_commit, verify, first_lsn, on_stop)
+        return cls(path, config, on_commit, verify, first_lsn, on_stop, fsync_thread)
 
     # -- state -----------------------------------------------------------------------------------------
 
@@ -197,9 +206,10 @@ class Log:
     def cursors(self) -> dict[str, dict[str, int]]:
         """Each named reader's cursor and how far it lags (records, and bytes to segment granularity)."""
         sealed = self._sealed_now()
-        return {name: {"lsn": lsn, "lag_records": max(0, self.committed_lsn - lsn),
-                       "lag_bytes": retention.cursor_lag_bytes(lsn, sealed, self._active.end)}
-                for name, lsn in load_cursors(self.directory).items()}
+        rows = lag_rows(load_cursors(self.directory), self.committed_lsn)
+        for row in rows.values():
+            row["lag_bytes"] = retention.cursor_lag_bytes(row["lsn"], sealed, self._active.end)
+        return rows
 
     def total_bytes(self) -> int:
         return sum(s.size for s in self._sealed_now()) + self._active.end
@@ -262,7 +272,8 @@ class Log:
             self.records_appended += count
             self.bytes_appended += size
             if producer_id:
-                self._remember(producer_id, F.Appended(producer_seq, base, count))
+                remember_batches(self._producers, producer_id, (F.Appended(producer_seq, base, count),),
+                                 self.config.producer_window)
             self._written = (seg.fd, end, seg.path)
             self._syncer.written(end)
         if wait or (wait is None and self.config.fsync == "always"):
@@ -294,12 +305,6 @@ class Log:
             self._syncer.written(lsn)
         self._syncer.sync_through(lsn)
 
-    def _remember(self, producer_id: int, appended: F.Appended) -> None:
-        q = self._producers.get(producer_id)
-        if q is None:
-            q = self._producers[producer_id] = collections.deque(maxlen=self.config.producer_window)
-        q.append(appended)
-
     def producer_batches(self, producer_id: int) -> collections.deque | None:
         """The last `producer_window` batches this producer got into the log (oldest first), or None."""
         return self._producers.get(producer_id)
@@ -321,7 +326,7 @@ class Log:
         """HEAD first: a commit counts only once readers can see it (so a failed update acks nothing).
 
         HEAD's durable LSN is written only after the data it names is durable, so it never claims too much;
-        recovery treats damage past it as an unsynced tail (recovery.classify).  Fsyncing HEAD on every
+        recovery treats damage past it as an unsynced tail (repair.classify).  Fsyncing HEAD on every
         commit would double the fsyncs (measured: about half the throughput under `always`), so under
         always/batch it is fsynced at most every HEAD_SYNC_S: on disk it lags the acks by that much."""
         now = time.monotonic()
@@ -476,18 +481,17 @@ class Log:
 
     # -- reading ---------------------------------------------------------------------------------------
 
-    def read(self, start: int | str = "earliest") -> Iterator[Record]:
-        """Committed records from `start` (an LSN, "earliest" or "latest") up to the committed LSN."""
-        for batch in self.read_batches(start):
-            yield from batch
+    def read(self, start: int | str = "earliest") -> "Records":
+        """Committed records from `start` (an LSN, "earliest" or "latest") up to the committed LSN: an
+        iterator that, like a generator, can be closed early (`close()`) to release the segment it reads."""
+        return Records(self.read_batches(start))
 
     def read_batches(self, start: int | str = "earliest") -> Iterator[list[Record]]:
-        """The same records as `read`, a list at a time (a frame or more, up to 4 MiB of payload): the
-        cheapest way to replay, with no generator step per record."""
+        """The same records as `read`, a list at a time (a frame or more, up to 1,024 records or 1 MiB of
+        payload): the cheapest way to replay, with no step per record."""
         reader = LogReader(self.directory, start, bound=lambda: self.committed_lsn,
                            written_end=lambda: (self._active.header.base_lsn, self._active.end),
-                           max_record_bytes=self.config.max_record_bytes,
-                           max_batch_bytes=self.config.max_batch_bytes)
+                           **self.config.read_limits)
         try:
             while batch := reader.read_batch():
                 yield batch
@@ -537,3 +541,31 @@ class Log:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Records:
+    """`Log.read`'s iterator.  A `for` loop steps through each batch in C (`itertools.chain`), with no
+    generator step per record; `close()` ends the reading early, as a generator's would."""
+
+    __slots__ = ("_batches", "_held", "_records")
+
+    def __init__(self, batches: Generator[list[Record], None, None]) -> None:
+        held: list[list[Record]] = [[]]  # the batch being stepped through, so close() can end it too
+
+        def hold(batch: list[Record]) -> list[Record]:
+            held[0] = batch
+            return batch
+
+        self._batches = batches
+        self._held = held
+        self._records = itertools.chain.from_iterable(map(hold, batches))
+
+    def __iter__(self) -> Iterator[Record]:
+        return self._records
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def close(self) -> None:
+        self._held[0].clear()
+        self._batches.close()

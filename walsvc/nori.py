@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterator
 from crc32c import crc32c
 
 from .access import replace_file
-from .config import LogConfig
-from .errors import (CompressionUnavailableError, ConfigError, NoriDamageError, NoriFormatError,
+from .config import LogConfig, directory_path
+from .errors import (CompressionUnavailableError, ConfigError, Location, NoriDamageError, NoriFormatError,
                      NoriImportRefusedError, RecordError)
 from .frame import SEGMENT_MAGIC
 from .log import Log
@@ -167,7 +167,7 @@ class NoriIssue:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.segment} offset {self.offset}: {self.length} {self.kind} bytes ({self.reason})"
+        return f"{Location(self.segment, self.offset)}: {self.length} {self.kind} bytes ({self.reason})"
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "segment": self.segment, "offset": self.offset, "length": self.length,
@@ -494,7 +494,7 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
         config = LogConfig.from_options(options)
     elif options:
         raise ConfigError("config", "pass either config= or keyword options, not both")
-    src, dst = Path(src).resolve(), Path(dst).resolve()
+    src, dst = directory_path(src, "src").resolve(), directory_path(dst, "dst").resolve()
     if src == dst:
         raise NoriImportRefusedError(f"{src} is both the nori-wal source and the walsvc destination")
     list_nori_segments(src)  # a missing source fails here, before anything else
@@ -555,7 +555,7 @@ def _append_all(log: Log, src: Path, dst: Path, entry: dict[str, Any], config: L
                     if have != item.record:
                         raise NoriImportRefusedError(
                             f"cannot resume the interrupted import of {src}: LSN {have.lsn} of {dst} is not the "
-                            f"record at {item.segment} offset {item.offset}; {dst} was written to since")
+                            f"record at {Location(item.segment, item.offset)}; {dst} was written to since")
                     report.resumed += 1
                     report.first_lsn = have.lsn if report.first_lsn is None else report.first_lsn
                     report.last_lsn = have.lsn

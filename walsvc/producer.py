@@ -5,13 +5,20 @@ lost replies, nacks, renumbering) lives in `ProducerSession` (walsvc/producer_se
 I/O; this module is the shell around it: client-side batching, the ZeroMQ sockets and one I/O thread.
 
 Threads: callers touch the open batch and the session under a lock, and send from their own thread while
-the pipeline has room; one I/O thread owns the reply socket, the clock and the linger.
+the pipeline has room; one I/O thread owns the clock and the linger.  The reply socket belongs to one
+thread at a time (`Producer._receiver`): a caller waiting in `result()` receives its own reply when no
+other caller is receiving, so a record in flight costs no hand-off through the I/O thread (one thread
+wake-up less per round trip); otherwise the I/O thread receives, and resolves the futures.  The common
+`put` (a plain put of bytes into an open batch with room) is, with the compiled codec, one call into the
+batch's buffer (`record.put_buffer`), atomic under the GIL, so it takes no lock and makes no future; the
+batch has one future, and each record's handle is that future plus the record's index.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import secrets
 import threading
@@ -20,22 +27,40 @@ from typing import Callable, Iterable
 import zmq
 
 from . import protocol as P
-from .config import Config, log_directory
+from .config import Config, ProducerConfig, client_config
 from .endpoints import Endpoints, load as load_endpoints
-from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, LogClosedError,
+from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, ConfigError, LogClosedError,
                      RecordTooLargeError, ServiceUnavailableError)
 from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
-from .record import DEFAULT_MAX_RECORD_BYTES, Record, encode, encode_put, encode_puts
+from .record import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_OVERHEAD, Record, encode,
+                     encode_put, encode_puts, put_buffer)
 
 EAGER_IN_FLIGHT = 8
 
 
+def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
+            batch_bytes: int) -> tuple[int, int, int]:
+    """(max_record_bytes, batch_bytes, max_payload) within what the writer accepts: its limits from ENDPOINTS
+    (else the config's [log] section, else the defaults), `own_max_record` lowering the record limit.
+
+    max_payload is the longest batch the writer takes (max_batch_bytes, and one ZeroMQ message with its
+    header: a longer one is dropped unanswered); an open batch is closed before a record would take it past."""
+    record = endpoints.max_record_bytes or (config.log.max_record_bytes if config else DEFAULT_MAX_RECORD_BYTES)
+    payload = endpoints.max_batch_bytes or (config.log.max_batch_bytes if config else DEFAULT_MAX_BATCH_BYTES)
+    if endpoints.max_message_bytes:
+        payload = min(payload, endpoints.max_message_bytes - P.APPEND_HEADER_SIZE)
+    record = min(record, payload - MAX_RECORD_OVERHEAD, own_max_record or record)
+    return record, max(1, min(batch_bytes, payload)), payload
+
+
 class _Batch:
-    __slots__ = ("parts", "size", "count", "future", "opened_at", "producer")
+    """One batch's future, shared by its records' handles.  While the batch is open its records are in the
+    producer's put buffer; `size` and `count` are set when it closes."""
+
+    __slots__ = ("size", "count", "future", "opened_at", "producer")
 
     def __init__(self, producer: "Producer") -> None:
         self.producer = producer  # for a timeout's message: which writer, and whether it runs
-        self.parts: list[bytes] = []
         self.size = 0
         self.count = 0
         self.future: concurrent.futures.Future = concurrent.futures.Future()
@@ -45,8 +70,9 @@ class _Batch:
 class RecordFuture:
     """The pending LSN of one appended record: `result(timeout)` blocks until the writer acked it.
 
-    The result is None only in the rare case the writer reports the batch as already stored but older
-    than its deduplication window, so it cannot say which LSNs it got.
+    A light handle (its batch's future and its index in the batch), made without `__init__` by the put
+    buffer.  The result is None only in the rare case the writer reports the batch as already stored but
+    older than its deduplication window, so it cannot say which LSNs it got.
     """
 
     __slots__ = ("_batch", "_index")
@@ -57,34 +83,47 @@ class RecordFuture:
 
     def result(self, timeout: float | None = None) -> int | None:
         """The LSN; AckTimeoutError (a TimeoutError) if no ack came within `timeout` seconds."""
+        future = self._batch.future
+        if not future.done():
+            self._batch.producer._await(future, timeout)
         try:
-            base = self._batch.future.result(timeout)
+            base = future.result(0)
         except concurrent.futures.TimeoutError:
             raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
         return None if base is None else base + self._index
 
     def done(self) -> bool:
-        return self._batch.future.done()
+        if self._batch.future.done():
+            return True
+        self._batch.producer._want_replies()
+        return False
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        future = self._batch.future
+        if not future.done():
+            self._batch.producer._await(future, timeout)
         try:
-            return self._batch.future.exception(timeout)
+            return future.exception(0)
         except concurrent.futures.TimeoutError:
             raise AckTimeoutError(f"no ack within {timeout} s: {self._batch.producer.writer_state()}") from None
 
     def add_done_callback(self, fn: "Callable[[RecordFuture], object]") -> None:
         """Call `fn(self)` once the record is acked or failed (at once if it already is), as
-        concurrent.futures.Future does; it runs in the producer's I/O thread, so keep it short."""
+        concurrent.futures.Future does; it runs in the thread that receives the ack (the producer's I/O
+        thread, or a caller waiting in `result()`) with the producer's lock held, so keep it short."""
         self._batch.future.add_done_callback(lambda _: fn(self))
+        self._batch.producer._want_replies()
 
     def __await__(self):
+        self._batch.producer._want_replies()
         base = yield from asyncio.wrap_future(self._batch.future).__await__()
         return None if base is None else base + self._index
 
 
 class Producer:
     """Appends records to the log whose writer serves `directory` (its endpoints are read from there); a
-    Config or a TOML config file path names the directory too.
+    Config or a TOML config file path names the directory too, and then its `[producer]` section sets the
+    options below (a keyword argument wins over the file).
 
     linger_ms / batch_bytes: how long a batch stays open and how big it may grow (Kafka's linger.ms and
     batch.size).  While fewer than EAGER_IN_FLIGHT batches await acks, a batch goes out at once, so a lone
@@ -92,33 +131,52 @@ class Producer:
     (self-clocking, like Nagle's algorithm), and linger_ms bounds how long they gather.  max_buffer_bytes
     caps unacknowledged data; `append` blocks up to `block_timeout_s` for space, then raises
     BackpressureError.
+
+    The record and batch limits are the writer's, learned from its ENDPOINTS file: a record the writer would
+    refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
+    writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
+    They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
-                 linger_ms: float = 1.0, batch_bytes: int = 256 * 1024, max_buffer_bytes: int = 64 * 1024 * 1024,
-                 max_in_flight: int = 16, ack_timeout_s: float = 5.0, block_timeout_s: float = 30.0,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, producer_id: int | None = None) -> None:
-        self.directory = log_directory(directory)
+                 linger_ms: float | None = None, batch_bytes: int | None = None,
+                 max_buffer_bytes: int | None = None, max_in_flight: int | None = None,
+                 ack_timeout_s: float | None = None, block_timeout_s: float | None = None,
+                 max_record_bytes: int | None = None, producer_id: int | None = None) -> None:
+        self.directory, config = client_config(directory)
+        given = {"linger_ms": linger_ms, "batch_bytes": batch_bytes, "max_buffer_bytes": max_buffer_bytes,
+                 "max_in_flight": max_in_flight, "ack_timeout_s": ack_timeout_s, "block_timeout_s": block_timeout_s}
+        settings = dataclasses.replace(config.producer if config else ProducerConfig(),
+                                       **{k: v for k, v in given.items() if v is not None})
+        if max_record_bytes is not None and (type(max_record_bytes) is not int or max_record_bytes < 1):
+            raise ConfigError("max_record_bytes", f"must be a positive integer, got {max_record_bytes!r}")
+        if producer_id is not None and (type(producer_id) is not int or not 0 < producer_id < 1 << 64):
+            raise ConfigError("producer_id", f"must be an integer from 1 to 2**64-1, got {producer_id!r}")
         self.endpoints = endpoints or load_endpoints(self.directory)
         if endpoints is None and not self.endpoints.writer_running():
             raise ServiceUnavailableError(f"no writer is running for {self.directory} (pid {self.endpoints.pid}, "
                                           f"which recorded its endpoints, has exited); start one with "
                                           f"`walsvc serve --dir {self.directory}`")
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
-        self.linger = linger_ms / 1000.0
-        self.batch_bytes = batch_bytes
-        self.max_buffer_bytes = max_buffer_bytes
-        self.max_in_flight = max_in_flight
-        self.ack_timeout = ack_timeout_s
-        self.block_timeout = block_timeout_s
-        self.max_record_bytes = max_record_bytes
+        self.linger = settings.linger_ms / 1000.0
+        self.max_buffer_bytes = settings.max_buffer_bytes
+        self.max_in_flight = max_in_flight = settings.max_in_flight
+        self.ack_timeout = ack_timeout_s = settings.ack_timeout_s
+        self.block_timeout = settings.block_timeout_s
+        self.max_record_bytes, self.batch_bytes, self._max_payload = _limits(
+            self.endpoints, config, max_record_bytes, settings.batch_bytes)
         self._lock = threading.Lock()
         self._space = threading.Condition(self._lock)
         self._open: _Batch | None = None
+        # The open batch's records: a plain put goes straight in, without the lock where the buffer is atomic.
+        self._pending = put_buffer(RecordFuture, self.max_record_bytes)
+        self._put_fast = self._pending.put if self._pending.atomic else None
+        self._buffered = 0  # bytes of closed batches not yet acked (the open batch's are in _pending.size)
         self._session = ProducerSession(self.producer_id, ack_timeout=ack_timeout_s, max_in_flight=max_in_flight,
                                         where=f"the writer for {self.directory}")
-        self._buffered = 0
         self._closed = False
+        self._receiver: str | None = None  # who may use the reply socket now: "io", "caller" or nobody
+        self._waiters = 0  # callers inside `_await`
         self.acked_records = 0
         self._ctx = zmq.Context()
         self._poke_tx = self._ctx.socket(zmq.PAIR)
@@ -136,6 +194,8 @@ class Producer:
         self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(self.producer_id))
         self._sub.setsockopt(zmq.RCVHWM, 0)
         self._sub.connect(self.endpoints.publish)
+        self._sub_poller = zmq.Poller()  # a caller's, while it holds the reply socket
+        self._sub_poller.register(self._sub, zmq.POLLIN)
         self._io = threading.Thread(target=self._run, name="walsvc-producer-io", daemon=True)
         self._io.start()
 
@@ -156,21 +216,18 @@ class Producer:
 
     def put(self, key: bytes | str, value: bytes | str, *, ttl_ms: int | None = None,
             compression: str | None = None) -> RecordFuture:
-        if (ttl_ms is None and compression is None and type(key) is bytes and type(value) is bytes
-                and len(key) + len(value) <= self.max_record_bytes):
-            # The common case, kept short: no Record object, and straight into an open batch with room.
-            data = encode_put(key, value)
-            with self._lock:
-                batch = self._open
-                size = len(data)
-                if (batch is not None and batch.size + size < self.batch_bytes
-                        and self._buffered + size <= self.max_buffer_bytes and not self._closed):
-                    batch.parts.append(data)
-                    batch.size += size
-                    batch.count += 1
-                    self._buffered += size
-                    return RecordFuture(batch, batch.count - 1)
-                return RecordFuture(*self._add_locked(data))
+        if ttl_ms is None and compression is None:
+            # The common case, kept short: no Record object, straight into the open batch if it has room.
+            fast = self._put_fast
+            if fast is not None:
+                handle = fast(key, value)
+            else:
+                with self._lock:
+                    handle = self._pending.put(key, value)
+            if handle is not None:
+                return handle
+            if type(key) is bytes and type(value) is bytes and len(key) + len(value) <= self.max_record_bytes:
+                return self._add(encode_put(key, value))
         return self.append(Record.put(key, value, ttl_ms=ttl_ms, compression=compression))
 
     def delete(self, key: bytes | str) -> RecordFuture:
@@ -190,21 +247,16 @@ class Producer:
         if len(payload) < self.batch_bytes:
             with self._lock:
                 batch, first = self._add_locked(payload, len(items))
-            return [RecordFuture(batch, first + i) for i in range(len(items))]
+            return self._pending.handles(batch, first, len(items))
         return self._add_many([encode(Record.put(k, v), self.max_record_bytes) for k, v in items])
 
     def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
         total = sum(map(len, encoded))
         with self._lock:
             batch = self._open
-            if (batch is not None and batch.size + total < self.batch_bytes
-                    and self._buffered + total <= self.max_buffer_bytes and not self._closed):
-                first = batch.count
-                batch.parts.extend(encoded)
-                batch.size += total
-                batch.count += len(encoded)
-                self._buffered += total
-                return [RecordFuture(batch, i) for i in range(first, batch.count)]
+            if batch is not None and total < self._room() - self._pending.size and not self._closed:
+                first = self._pending.add(b"".join(encoded), len(encoded))
+                return self._pending.handles(batch, first, len(encoded))
             return [RecordFuture(*self._add_locked(data)) for data in encoded]
 
     def _add(self, data: bytes) -> RecordFuture:
@@ -216,18 +268,21 @@ class Producer:
         batch and the index of the first of them in it."""
         if self._closed:
             raise LogClosedError("producer is closed")
-        if self._buffered + len(data) > self.max_buffer_bytes:
+        pending = self._pending
+        if self._buffered + pending.size + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
+        if batch is not None and pending.size + len(data) > self._max_payload:
+            self._close_open_batch()  # together they would be longer than the writer takes
+            batch = None
         fresh = batch is None
         if fresh:
             batch = self._open = _Batch(self)
-        first = batch.count
-        batch.parts.append(data)
-        batch.size += len(data)
-        batch.count += count
-        self._buffered += len(data)
-        if batch.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
+            pending.open(batch, self._room())
+        else:
+            pending.limit = self._room()  # acks since it opened may have made room
+        first = pending.add(data, count)
+        if pending.size >= self.batch_bytes or (fresh and self._pipeline_idle()):
             # Full, or the pipeline has room: send from this thread, no hop through the I/O thread.
             self._close_open_batch()
             self._send_now()
@@ -247,6 +302,7 @@ class Producer:
                 self._close_open_batch()
                 self._send_now()
             pending = [batch.future for batch in self._session.tokens()]
+            self._want_replies_locked()
         _, waiting = concurrent.futures.wait(pending, timeout)
         if waiting:
             raise AckTimeoutError(f"records still unacknowledged after {timeout} s: {self.writer_state()}")
@@ -269,7 +325,7 @@ class Producer:
             return
         try:
             with self._lock:
-                unacked = sum(batch.count for batch in self._session.tokens()) + (self._open.count if self._open else 0)
+                unacked = sum(batch.count for batch in self._session.tokens()) + self._pending.count
             if unacked:
                 try:
                     running = load_endpoints(self.directory).writer_running()
@@ -282,9 +338,13 @@ class Producer:
         finally:
             with self._lock:
                 self._closed = True
+                if self._open is not None:
+                    self._close_open_batch()  # opened after the flush: its records fail below, none hang
                 self._poke()
             self._io.join()
             with self._lock:
+                while self._receiver == "caller":  # it sees `_closed` within one poll slice
+                    self._space.wait(0.1)
                 self._apply(self._session.fail_all(
                     LogClosedError("producer closed before the writer acknowledged these records")))
             self._ctx.destroy(linger=0)
@@ -310,13 +370,19 @@ class Producer:
             self._close_open_batch()
             self._send_now()
         deadline = time.monotonic() + self.block_timeout
-        while self._buffered + need > self.max_buffer_bytes:
+        self._want_replies_locked()
+        while self._buffered + self._pending.size + need > self.max_buffer_bytes:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 raise BackpressureError(f"{self._buffered} bytes are waiting for acks (max_buffer_bytes "
                                         f"{self.max_buffer_bytes}) after {self.block_timeout} s: the writer for "
                                         f"{self.directory} is behind or not running")
             self._space.wait(remaining)
+
+    def _room(self) -> int:
+        """The open batch's put limit: a record goes in while size + its bytes < this (batch_bytes, and
+        max_buffer_bytes over everything unacked)."""
+        return min(self.batch_bytes, self.max_buffer_bytes - self._buffered + 1)
 
     def _pipeline_idle(self) -> bool:
         return len(self._session) < EAGER_IN_FLIGHT
@@ -327,28 +393,89 @@ class Producer:
         if self._session.next_send() is not None:
             self._poke()
 
+    # -- waiting for an ack ------------------------------------------------------------------------------
+
+    def _want_replies(self) -> None:
+        with self._lock:
+            self._want_replies_locked()
+
+    def _want_replies_locked(self) -> None:
+        """Someone will look at a future without receiving (done, a callback, await, flush, a full buffer):
+        if nobody is receiving, wake the I/O thread to.  A batch that is only sent does not wake it: its
+        sender usually calls `result()` next and receives the reply itself (an unobserved batch is resolved
+        at the I/O thread's next turn, within a second)."""
+        if self._receiver is None and not self._waiters:
+            self._poke()
+
+    def _await(self, future: concurrent.futures.Future, timeout: float | None) -> None:
+        """Return once `future` is done or `timeout` passed.  If no thread is receiving replies, receive them
+        in this one (the I/O thread hands the socket over when asked), so the reply wakes this thread
+        directly; other waiters sleep until the receiver resolves their futures or hands the socket on."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._waiters += 1
+            try:
+                while not future.done():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return
+                    if self._receiver is None and not self._closed:
+                        self._receiver = "caller"
+                        self._lock.release()
+                        try:
+                            self._receive_until(future, deadline)
+                        finally:
+                            self._lock.acquire()
+                            self._receiver = None
+                            self._space.notify_all()  # another waiter may take the socket over
+                        continue
+                    if self._receiver == "io":
+                        self._poke()  # asks the I/O thread to hand the reply socket over
+                    self._space.wait(remaining)  # notified by every resolved batch and every hand-over
+            finally:
+                self._waiters -= 1
+                if not self._waiters and self._receiver is None and (len(self._session) or self._open is not None):
+                    self._poke()  # the I/O thread takes the replies of what is still unacked
+
+    def _receive_until(self, future: concurrent.futures.Future, deadline: float | None) -> None:
+        """As the receiver: take replies (and send what they let go out) until `future` is done, the deadline
+        passed or the producer closes (looked at every 100 ms)."""
+        while not future.done():
+            wait = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if wait <= 0:
+                return
+            if self._sub_poller.poll(int(wait * 1000) + 1):
+                self._receive_replies()
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                self._session.tick(now)
+                self._send_ready(now)
+
     def _close_open_batch(self) -> None:
         batch = self._open
         self._open = None
-        payload = b"".join(batch.parts)
-        batch.parts = []
+        payload, batch.count = self._pending.take()  # one call: a lock-free put lands before or after it
+        batch.size = len(payload)
+        self._buffered += batch.size
         self._session.submit(batch, payload, batch.count)
 
     # -- I/O thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sub, zmq.POLLIN)
-        poller.register(self._poke_rx, zmq.POLLIN)
+        receiving = zmq.Poller()  # while this thread holds the reply socket
+        receiving.register(self._sub, zmq.POLLIN)
+        receiving.register(self._poke_rx, zmq.POLLIN)
+        idle = zmq.Poller()  # while a caller holds it
+        idle.register(self._poke_rx, zmq.POLLIN)
         session = self._session
         while True:
-            events = dict(poller.poll(self._poll_timeout()))
+            receives, timeout = self._next_turn()
+            events = dict((receiving if receives else idle).poll(timeout))
             if self._poke_rx in events:
-                while True:
-                    try:
-                        self._poke_rx.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
+                while self._poke_rx.poll(0):  # a poll(0) costs a fraction of the zmq.Again a recv would raise
+                    self._poke_rx.recv(zmq.NOBLOCK)
             if self._sub in events:
                 self._receive_replies()
             with self._lock:
@@ -363,9 +490,17 @@ class Producer:
                     self._close_open_batch()
                 session.tick(now)
                 self._send_ready(now)
+                if self._receiver == "io" and self._waiters:
+                    self._receiver = None  # a caller waits for a reply: it receives from now on
+                    self._space.notify_all()
 
-    def _poll_timeout(self) -> int:
+    def _next_turn(self) -> tuple[bool, int]:
+        """For the I/O thread's next poll, under one lock round trip: whether it receives replies (it takes the
+        reply socket when nobody holds it and no caller waits), and the poll timeout in ms."""
         with self._lock:
+            if self._receiver is None and not self._waiters:
+                self._receiver = "io"
+            receives = self._receiver == "io"
             now = time.monotonic()
             deadlines = []
             if self._open is not None:
@@ -376,8 +511,8 @@ class Producer:
             if self._session.next_send() is not None:
                 deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
-            return 1000
-        return max(0, int((min(deadlines) - now) * 1000) + 1)
+            return receives, 1000
+        return receives, max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _send_ready(self, now: float) -> None:
         session = self._session
@@ -389,11 +524,17 @@ class Producer:
             session.sent(out, now)
 
     def _receive_replies(self) -> None:
+        received = 0
         while True:
+            # After the first reply look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
+            # (~12 us in pyzmq): one reply per wake-up is the common case with records in flight.
+            if received == 1 and not self._sub.poll(0):
+                return
             try:
                 msg = self._sub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            received += 1
             reply = P.decode_reply(msg)
             with self._lock:
                 self._apply(self._session.receive(reply, time.monotonic()))

@@ -1,12 +1,15 @@
 """The service's tailing reader: reads the files itself (walsvc/scan.py), woken by the writer's commits.
 
-It takes its bound from HEAD (the committed LSN) and treats the writer's PUB commit messages as wake-ups
-only; a named reader keeps a durable cursor, and `Reader(group=...)` is a consumer of a group instead.
+Its bound is the committed LSN: from HEAD, or from the writer's COMMIT message that woke it (the writer
+updates HEAD before it publishes, so a COMMIT never names more than HEAD already says).  Missed or late
+COMMITs cost at most `recheck_s`, after which HEAD is read again.  A named reader keeps a durable cursor,
+and `Reader(group=...)` is a consumer of a group instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import os
 import time
@@ -16,9 +19,10 @@ from typing import AsyncIterator, Iterator
 import zmq
 
 from . import cursor
-from .config import Config, log_directory
+from . import protocol as P
+from .config import Config, ReaderConfig, client_config
 from .endpoints import load as load_endpoints
-from .errors import ConfigError, LogClosedError, ServiceUnavailableError
+from .errors import ConfigError, LogClosedError, ProtocolError, ServiceUnavailableError
 from .head import Head, HeadReader
 from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record
 from .scan import LogReader
@@ -39,16 +43,50 @@ def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int
     return start
 
 
-def wait_for_commit(sub: zmq.Socket, wait_s: float) -> bool:
-    """Sleep until the writer's next commit message or `wait_s`; drain what came (the messages only wake a
-    reader: the bound is HEAD's).  True if any came."""
-    if not sub.poll(int(wait_s * 1000) + 1):
-        return False
+def reader_settings(config: Config | None, **given: object) -> ReaderConfig:
+    """The `[reader]` section of `config` (or its defaults) with the keyword arguments given (not None)."""
+    return dataclasses.replace(config.reader if config else ReaderConfig(),
+                               **{k: v for k, v in given.items() if v is not None})
+
+
+def read_limits(directory: Path, config: Config | None, max_record_bytes: int | None,
+                max_batch_bytes: int | None) -> tuple[int, int]:
+    """The largest record and batch a reader accepts: as given, else the largest the writer (its ENDPOINTS),
+    the config's [log] section or the defaults allow, so that no record a writer took is refused."""
+    try:
+        endpoints = load_endpoints(directory)
+    except ServiceUnavailableError:
+        endpoints = None
+    limits = []
+    for key, given, default in (("max_record_bytes", max_record_bytes, DEFAULT_MAX_RECORD_BYTES),
+                                ("max_batch_bytes", max_batch_bytes, DEFAULT_MAX_BATCH_BYTES)):
+        if given is not None and (type(given) is not int or given < 1):
+            raise ConfigError(key, f"must be a positive integer, got {given!r}")
+        known = [default, getattr(endpoints, key, 0)] + ([getattr(config.log, key)] if config else [])
+        limits.append(given or max(known))
+    return limits[0], limits[1]
+
+
+def wait_for_commit(sub: zmq.Socket, wait_s: float) -> int | None:
+    """Sleep until the writer's next commit message or `wait_s` (0: only look); drain what came.  Returns the
+    highest committed LSN the messages carry (0 if none was readable), None if none came."""
+    if not sub.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
+        return None
+    committed, received = 0, 0
     while True:
+        # After the first message look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
+        # (~12 us in pyzmq): one COMMIT per wake-up is the common case.
+        if received == 1 and not sub.poll(0):
+            return committed
         try:
-            sub.recv(zmq.NOBLOCK)
+            msg = sub.recv(zmq.NOBLOCK)
         except zmq.Again:
-            return True
+            return committed
+        received += 1
+        try:
+            committed = max(committed, P.decode_commit(msg)[0])
+        except ProtocolError:
+            pass  # not ours to judge: it still woke us, and HEAD has the truth
 
 
 class Reader:
@@ -56,12 +94,15 @@ class Reader:
 
     `start` is an LSN, "earliest", "latest" or a datetime (the first record written at or after it); an LSN
     past the committed end is a ConfigError (never a silent skip to it: "latest" waits for new records).  A
+    Config or a TOML config file path names the directory too, and then its `[reader]` section gives the
+    defaults of `start` and `recheck_s` (a keyword argument wins over the file).  The record and batch
+    limits default to the largest the writer (ENDPOINTS), the config or the defaults allow.  A
     named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
-    is the committed LSN from the HEAD file; PUB commit messages only wake the reader, and the HEAD file is
-    reread at least every `recheck_s` (50 ms by default) while idle, so missed or late PUB messages cost at
-    most that.  With no writer running
-    `offline` is True and the reader reads what the next open will keep; damage short of that end raises
-    CorruptionError (see `LogReader._check_offline_stop`).
+    is the committed LSN: the one a COMMIT message carries when one woke the reader (HEAD said as much before
+    the writer sent it), else HEAD's, reread at least every `recheck_s` (50 ms by default) while idle, so
+    missed or late PUB messages cost at most that.  With no writer running `offline` is True and the reader
+    reads what the next open will keep; damage short of that end raises CorruptionError (see
+    `LogReader._check_offline_stop`).
     """
 
     def __new__(cls, *args: object, group: str | None = None, **kwargs: object) -> "Reader":
@@ -73,17 +114,22 @@ class Reader:
         return super().__new__(cls)
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data",
-                 start: int | str | datetime.datetime = "earliest", *, name: str | None = None,
-                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-                 recheck_s: float = 0.05) -> None:
-        self.directory = log_directory(directory)
-        start = _checked_start(self.directory, start)
+                 start: int | str | datetime.datetime | None = None, *, name: str | None = None,
+                 max_record_bytes: int | None = None, max_batch_bytes: int | None = None,
+                 recheck_s: float | None = None) -> None:
+        self.directory, config = client_config(directory)
+        settings = reader_settings(config, recheck_s=recheck_s)
+        start = _checked_start(self.directory, settings.start if start is None else start)
         self.name = cursor.check_name(name) if name is not None else None
+        max_record_bytes, max_batch_bytes = read_limits(self.directory, config, max_record_bytes, max_batch_bytes)
         self._head = HeadReader(self.directory)
-        self.recheck_s = recheck_s
+        self.recheck_s = settings.recheck_s
         self.offline = True
         self.last_head: Head | None = None
-        self._bound()  # set `offline` now: it said True beside a live writer until the first poll
+        self._woken = 0  # the highest committed LSN COMMIT messages carried, not yet used as a bound
+        self._known = 0  # the highest committed LSN seen, from HEAD or a COMMIT
+        self._checked_at = 0.0  # monotonic time of the last HEAD read
+        self._read_head()  # set `offline` now: it said True beside a live writer until the first poll
         self._cursor_lock = cursor.CursorLock(self.directory, self.name) if self.name is not None else None
         try:
             if self.name is not None:
@@ -117,15 +163,47 @@ class Reader:
             endpoints.secure(self._sub).connect(endpoints.publish)
             self._endpoint = endpoints.publish
 
-    def _bound(self) -> int | None:
+    def _read_head(self) -> int | None:
+        """HEAD's committed LSN, or None with no writer running (then `offline`)."""
         h = self._head.read()
         self.last_head = h
+        self._checked_at = time.monotonic()
         self.offline = h is None or not h.writer_alive()
-        return None if self.offline else h.committed_lsn
+        if self.offline:
+            return None
+        self._known = max(self._known, h.committed_lsn)
+        return h.committed_lsn
+
+    def _bound(self) -> int | None:
+        """The bound of one read: the committed LSN of the COMMIT that woke us, without reading HEAD (which
+        already said as much when the writer sent it), else HEAD's."""
+        woken, self._woken = self._woken, 0
+        if woken and not self.offline and woken >= self._log.next_lsn:
+            return woken
+        return self._read_head()
 
     def _written_end(self) -> tuple[int, int] | None:
+        """Where the writer's frames end in the active segment, for the scan limit: from HEAD, read again
+        if the one we have predates the commit we read up to (the writer updated HEAD before the COMMIT)."""
         h = self.last_head
+        if h is not None and not self.offline and h.committed_lsn < self._known:
+            h = self.last_head = self._head.read() or h
         return None if h is None or self.offline else (h.active_base_lsn, h.active_end)
+
+    def _caught_up(self) -> bool:
+        """True while nothing can be new for us: everything we know of is read, HEAD was read within
+        `recheck_s`, and no COMMIT is waiting (so a poll can go straight to sleep)."""
+        if self._log.next_lsn <= self._known or self.offline or time.monotonic() - self._checked_at >= self.recheck_s:
+            return False
+        committed = wait_for_commit(self._sub, 0)
+        return committed is None or not self._news(committed)
+
+    def _news(self, committed: int) -> bool:
+        """Note a COMMIT's LSN (0: unreadable); True if it names a record we have not read (or is unreadable)."""
+        self._known = max(self._known, committed)
+        if committed >= self._log.next_lsn:
+            self._woken = max(self._woken, committed)
+        return committed == 0 or committed >= self._log.next_lsn
 
     @property
     def next_lsn(self) -> int:
@@ -136,15 +214,21 @@ class Reader:
         if self._closed:
             raise LogClosedError("reader is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
+        read = not self._caught_up()
         while True:
-            batch = self._log.read_batch()
-            if batch:
-                return batch
+            if read:
+                batch = self._log.read_batch()
+                if batch:
+                    return batch
             wait = self.recheck_s if deadline is None else min(self.recheck_s, deadline - time.monotonic())
             if wait <= 0:
                 return []
-            if not wait_for_commit(self._sub, wait) and (self._endpoint is None or self.offline):
+            committed = wait_for_commit(self._sub, wait)
+            if committed is None and (self._endpoint is None or self.offline):
                 self._connect()
+            # HEAD is read again at least every recheck_s, whatever came: PUB may have dropped a COMMIT.
+            read = ((committed is not None and self._news(committed))
+                    or time.monotonic() - self._checked_at >= self.recheck_s)
 
     def __iter__(self) -> Iterator[Record]:
         """Every record from the start position, forever (waits for new ones)."""
@@ -168,7 +252,7 @@ class Reader:
 
     def lag(self) -> dict[str, int]:
         """How far behind the committed LSN this reader is, in records and (to segment granularity) bytes."""
-        committed = self._bound()
+        committed = self._read_head()
         h = self.last_head
         if committed is None or h is None:
             return {"records": 0, "bytes": 0, "committed_lsn": committed or 0}

@@ -6,8 +6,8 @@ The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present,
 (0 none, 1 LZ4, 2 zstd), bit 4 version present; bits 5-7 must be zero.  This module is pure: bytes in,
 bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
 
-The hot loops (count_records, decode_payload, encode_put, encode_puts) have a compiled twin in
-walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
+The hot loops (count_records, decode_payload, encode_put, encode_puts, and a producer's PutBuffer) have a
+compiled twin in walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
 hands back None for anything but the common, valid case, and the Python code then decides, so there is one
 implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns the twin off.
 """
@@ -25,10 +25,15 @@ from crc32c import crc32c
 from .errors import (ChecksumError, CompressionUnavailableError, DecompressionError, IncompleteRecordError,
                      InvalidRecordError, RecordError, RecordTooLargeError, VarintOverflowError)
 
+# What a reader accepts by default: the writer's default record limit is 1 MiB, but it was 16 MiB before, and a
+# reader must read every log it may meet (a writer raising max_record_bytes past this needs readers told).
 DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024
 # A batch, with every value decompressed, is at most this long (the log's `max_batch_bytes`): a few bytes of
 # zstd can claim gigabytes, and a reader materializes a whole batch at once.
 DEFAULT_MAX_BATCH_BYTES = 32 * 1024 * 1024
+# Bytes a record adds around its key and value: two length varints, flags, TTL and version varints, CRC (55 at
+# most).  A batch of max_batch_bytes must hold one record of max_record_bytes and this.
+MAX_RECORD_OVERHEAD = 64
 
 FLAG_TOMBSTONE = 0x01
 FLAG_TTL = 0x02
@@ -107,8 +112,26 @@ class Record:
         return f"Record(key={self.key!r}, value={self.value!r}{extra})"
 
 
+class _ReadRecord(Record):
+    """A Record as the compiled decoder builds it (a Record to every caller: isinstance, ==, repr).
+
+    The decoder leaves it out of the cycle collector, as CPython leaves out a tuple of atomic values: it
+    holds only bytes, ints, None and a tuple of ints, so it cannot be part of a cycle.  Setting a field puts
+    it back first, so whatever a caller stores in it is collected as usual.  Why: a replay's records, kept
+    for a batch, age through the collector's generations and set off full collections again and again;
+    that was more than half of a replay's time (docs/PERFORMANCE.md, "Per-record cost, second pass").
+    """
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _c_gc_track(self)
+        object.__setattr__(self, name, value)
+
+
 if _c is not None:
-    _c.bind_record(Record)
+    _c.bind_record(_ReadRecord)
+    _c_gc_track = _c.gc_track
 
 
 def implementation() -> str:
@@ -284,6 +307,8 @@ def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
     """The v1 bytes of `record`.  Compression is skipped (flag cleared) when it does not shrink the value."""
     key = record.key
     value = record.value
+    if type(key) is not bytes or type(value) is not bytes:
+        raise _not_bytes(record)
     if len(key) + len(value) > max_record_bytes:
         raise RecordTooLargeError(f"record of {len(key) + len(value)} bytes exceeds the {max_record_bytes}-byte "
                                   "maximum record size")
@@ -337,18 +362,18 @@ def encode_put_py(key: bytes, value: bytes) -> bytes:
     return b"".join((head, key, value, _U32.pack(crc32c(value, crc32c(key, crc32c(head))))))
 
 
-def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
-           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True,
-           max_inflate: int | None = None) -> tuple[Record, int]:
-    """Decode the record at `pos`; returns (record, position after it).
+def parse_header(buf: bytes | memoryview, pos: int, end: int,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> tuple[int, int, int, int | None,
+                                                                             tuple[int, int] | None, int]:
+    """The header of the record at `pos`: (key length, value length, flags, ttl_ms, version, key position).
 
-    `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
-    covered these bytes (one C call per frame instead of one per record).  A compressed value may grow by at
-    most `max_inflate` bytes when decompressed (what is left of its batch's budget), besides fitting with its
-    key in `max_record_bytes`.
+    The one header parser: `decode`, the writer's check (`count_records`) and the reader's batch decoder
+    (`decode_payload`) all use it.  It checks that the header ends before `end`, that key and value fit in
+    `max_record_bytes`, and that the flags are known and name a compression code that exists; errors are
+    located at `pos`.  The two batch loops recognize one form without calling it: the plain put whose
+    lengths are single bytes and whose flags are zero (bytes < 0x80, < 0x80, 0), whose lengths are those
+    bytes, which is what this parser returns for it too.
     """
-    if end is None:
-        end = len(buf)
     start = pos
     try:
         kl = buf[pos]
@@ -367,13 +392,12 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
     except IndexError:
         raise IncompleteRecordError("bytes end inside a record header", offset=start) from None
     pos += 1
-    if kl > max_record_bytes or vl > max_record_bytes or kl + vl > max_record_bytes:
+    if kl + vl > max_record_bytes:
         raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte maximum",
                                   offset=start)
     if flags & ~KNOWN_FLAGS:
         raise InvalidRecordError(f"unknown flag bits 0x{flags & ~KNOWN_FLAGS:02x}", offset=start)
-    code = (flags & FLAG_COMPRESSION_MASK) >> 2
-    if code == 3:
+    if flags & FLAG_COMPRESSION_MASK == FLAG_COMPRESSION_MASK:
         raise InvalidRecordError("invalid compression code 3", offset=start)
     ttl = None
     version = None
@@ -384,15 +408,32 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             term, pos = decode_varint(buf, pos, end)
             index, pos = decode_varint(buf, pos, end)
             version = (term, index)
+    return kl, vl, flags, ttl, version, pos
+
+
+def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
+           max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, verify_crc: bool = True,
+           max_inflate: int | None = None) -> tuple[Record, int]:
+    """Decode the record at `pos`; returns (record, position after it).
+
+    `verify_crc=False` skips the per-record CRC: readers use it inside a batch frame whose CRC already
+    covered these bytes (one C call per frame instead of one per record).  A compressed value may grow by at
+    most `max_inflate` bytes when decompressed (what is left of its batch's budget), besides fitting with its
+    key in `max_record_bytes`.
+    """
+    if end is None:
+        end = len(buf)
+    start = pos
+    kl, vl, flags, ttl, version, pos = parse_header(buf, pos, end, max_record_bytes)
+    code = (flags & FLAG_COMPRESSION_MASK) >> 2
     kend = pos + kl
     vend = kend + vl
     if vend + 4 > end:
         raise IncompleteRecordError(f"record needs {vend + 4 - start} bytes, only {end - start} remain",
                                     offset=start)
-    if verify_crc:
+    if verify_crc and crc32c(buf[start:vend + 4]) != CRC_RESIDUE:
         stored = _U32.unpack_from(buf, vend)[0]
-        if crc32c(buf[start:vend]) != stored:
-            raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
+        raise ChecksumError(f"record CRC32C mismatch (stored 0x{stored:08x})", offset=start)
     value = bytes(buf[kend:vend])
     if code:
         limit = max_record_bytes - kl
@@ -402,8 +443,8 @@ def decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
             value = _decompress(code, value, limit)
         except (DecompressionError, RecordTooLargeError, CompressionUnavailableError) as exc:
             raise exc.located(offset=start) from None
-    return Record(bytes(buf[pos:kend]), value, tombstone=bool(flags & FLAG_TOMBSTONE), ttl_ms=ttl,
-                  compression=COMPRESSION_NAMES[code], version=version), vend + 4
+    return Record(bytes(buf[pos:kend]), value, bool(flags & FLAG_TOMBSTONE), ttl, COMPRESSION_NAMES[code],
+                  version), vend + 4
 
 
 def iter_decode(buf: bytes | memoryview, pos: int = 0, end: int | None = None, *,
@@ -426,16 +467,109 @@ def encode_puts(items: list[tuple[bytes, bytes]], max_record_bytes: int = DEFAUL
                     else encode(Record.put(k, v), max_record_bytes) for k, v in items)
 
 
+class PutBufferPy:
+    """A producer's open batch: plain puts encoded into one growing buffer, with a handle per record
+    (`handle_type(owner, index)`: the batch's owner and the record's place in it).
+
+    The reference for the compiled twin (`_record_c.PutBuffer`), which makes `put` atomic under the GIL so
+    a producer needs no lock per record, and fills the handle's `_batch` and `_index` slots without calling
+    the class; this one is not atomic (`atomic` False), so its caller holds a lock around every call.  `put`
+    returns None where the caller must decide (not exact bytes, over max_record_bytes, no open batch, no
+    room below `limit`).
+    """
+
+    atomic = False
+
+    def __init__(self, handle_type: type, max_record_bytes: int) -> None:
+        self._handle_type = handle_type
+        self._max_record_bytes = max_record_bytes
+        self._parts: list[bytes] = []
+        self._owner: Any = None
+        self.size = 0
+        self.count = 0
+        self.limit = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._owner is not None
+
+    def put(self, key: bytes, value: bytes) -> Any:
+        """Append a plain put; its handle, or None."""
+        if (type(key) is not bytes or type(value) is not bytes or self._owner is None
+                or len(key) + len(value) > self._max_record_bytes):
+            return None
+        data = encode_put_py(key, value)
+        size = self.size + len(data)
+        if size >= self.limit:
+            return None
+        self._parts.append(data)
+        self.size = size
+        self.count += 1
+        return self._handle_type(self._owner, self.count - 1)
+
+    def open(self, owner: Any, limit: int) -> None:
+        """Start a batch for `owner`; `put` takes a record while size + its bytes < limit."""
+        if self._owner is not None:
+            raise ValueError("a batch is already open")
+        self._owner = owner
+        self.size = self.count = 0
+        self.limit = limit
+
+    def add(self, data: bytes, count: int) -> int:
+        """Append `count` records already encoded end to end in `data`; the first one's index."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        self._parts.append(bytes(data))
+        self.size += len(data)
+        first = self.count
+        self.count += count
+        return first
+
+    def take(self) -> tuple[bytes, int]:
+        """Close the batch: (payload, count)."""
+        if self._owner is None:
+            raise ValueError("no batch is open")
+        out = (b"".join(self._parts), self.count)
+        self._parts = []
+        self._owner = None
+        self.size = self.count = 0
+        return out
+
+    def handles(self, owner: Any, first: int, n: int) -> list[Any]:
+        """Handles for `n` records of `owner` from index `first`."""
+        make = self._handle_type
+        return [make(owner, first + i) for i in range(n)]
+
+
+def put_buffer(handle_type: type, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Any:
+    """A producer's open-batch buffer: the compiled one when built (atomic puts), else PutBufferPy."""
+    if _c is not None:
+        return _c.PutBuffer(handle_type, max_record_bytes)
+    return PutBufferPy(handle_type, max_record_bytes)
+
+
 def encode_many(records: list[Record], max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> bytes:
     """The v1 bytes of several records laid end to end (a batch payload)."""
     parts = []
-    for r in records:
-        if (r.compression is None and r.ttl_ms is None and not r.tombstone and r.version is None
-                and len(r.key) + len(r.value) <= max_record_bytes):
-            parts.append(encode_put(r.key, r.value))
-        else:
-            parts.append(encode(r, max_record_bytes))
+    try:
+        for r in records:
+            if (r.compression is None and r.ttl_ms is None and not r.tombstone and r.version is None
+                    and len(r.key) + len(r.value) <= max_record_bytes):
+                parts.append(encode_put(r.key, r.value))
+            else:
+                parts.append(encode(r, max_record_bytes))
+    except TypeError:
+        raise _not_bytes(records[len(parts)]) from None
     return b"".join(parts)
+
+
+def _not_bytes(record: Record) -> InvalidRecordError:
+    """A Record built directly (not by `Record.put`/`delete`, which check and convert) with a field of the
+    wrong type."""
+    if type(record.key) is bytes and type(record.value) is bytes:
+        return InvalidRecordError(f"a field of {record!r} has the wrong type; Record.put and Record.delete check them")
+    return InvalidRecordError(f"a record's key and value must be bytes, not {type(record.key).__name__} and "
+                              f"{type(record.value).__name__} (Record.put and Record.delete also take str)")
 
 
 def count_records(buf: bytes | memoryview, pos: int, end: int, *,
@@ -485,22 +619,7 @@ def count_records_py(buf: bytes | memoryview, pos: int, end: int, *,
             vend = pos + 3 + buf[pos] + buf[pos + 1]
         else:
             try:
-                kl, pos = decode_varint(buf, pos, end)
-                vl, pos = decode_varint(buf, pos, end)
-                if pos >= end:
-                    raise IncompleteRecordError("bytes end inside a record header")
-                flags = buf[pos]
-                pos += 1
-                if kl + vl > max_record_bytes:
-                    raise RecordTooLargeError(f"record claims {kl}+{vl} bytes, above the {max_record_bytes}-byte "
-                                              "maximum")
-                if flags & ~KNOWN_FLAGS or flags & FLAG_COMPRESSION_MASK == FLAG_COMPRESSION_MASK:
-                    raise InvalidRecordError(f"invalid flags 0x{flags:02x}")
-                if flags & FLAG_TTL:
-                    _, pos = decode_varint(buf, pos, end)
-                if flags & FLAG_VERSION:
-                    _, pos = decode_varint(buf, pos, end)
-                    _, pos = decode_varint(buf, pos, end)
+                kl, vl, flags, _, _, pos = parse_header(buf, pos, end, max_record_bytes)
             except RecordError as exc:
                 raise type(exc)(exc.detail, offset=record_start - start) from None
             vend = pos + kl + vl

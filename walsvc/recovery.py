@@ -1,20 +1,16 @@
 """Recovery at open: find where the log ends, cut a torn tail, refuse to hide corruption.
 
 Sealed segments are trusted from their seal frame (header and seal CRCs, LSN continuity) and not rescanned,
-so open time is bounded by the active segment, not the size of the log.  The active (last, unsealed)
-segment is scanned frame by frame.  Where the scan stops, `classify` decides:
-
-- `end`: nothing but zeros (the preallocated tail) or end of file follows: a clean end, nothing to cut;
-- `torn`: the last frame is incomplete or fails its CRC and no valid frame follows: a write cut short by a
-  crash; or any damage past the durable LSN that HEAD records (nothing there was fsynced or acked, so a
-  power cut may have kept a later write and lost an earlier one).  It is truncated in place (ftruncate),
-  bytes beyond the torn frame are kept in `quarantine/`, and LSNs named on disk are never reused;
-- `corrupt`: valid data follows the damage, or a sealed segment is damaged: open fails naming the place,
-  unless `on_corruption = "truncate"`, which cuts there and moves every later segment to `quarantine/`.
+so open time is bounded by the active segment, not the size of the log.  An unsealed segment goes through
+scan -> plan -> apply: `scan.scan_segment` reports its frames and where and how the valid data stops,
+`repair.plan_segment` decides (a clean end, a torn tail to cut, corruption to refuse or, with
+`on_corruption = "truncate"`, to cut with every later segment moved to `quarantine/`; see repair.py for
+the rules), and the small functions here carry the plan out.  `walsvc verify` reports the same plan.
 
 The writer renames the next segment into place before its rotation thread seals the old one (rotation.py),
 so a crash in between leaves an unsealed segment before the last one whose frames end exactly where the next
-segment begins: recovery finishes that seal (`seal_unfinished`).
+segment begins: recovery writes that seal (`repair.WriteSeal`).  A newest segment whose header a power cut
+lost, with nothing durable in it, is dropped first (`_drop_headerless_last`, `repair.header_lost`).
 """
 
 from __future__ import annotations
@@ -24,17 +20,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from crc32c import crc32c
 
 from . import frame as F
 from .access import make_dir, open_file
-from .errors import CorruptionError, MissingSegmentError, RecordError
+from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
 from .head import load as load_head
-from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, ScanStop, data_end, find_valid_header, is_zero_from,
-                      list_segments, now_us, read_header, read_seal, seal_segment, seal_table, segment_name,
-                      truncate_and_reserve)
+from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, WriteSeal, header_lost, plan_segment
+from .scan import scan_segment
+from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, is_zero_from, list_segments, now_us, read_header,
+                      read_seal, seal_segment, seal_table, segment_name, truncate_and_reserve)
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -62,7 +60,7 @@ class RecoveryInfo:
                  f"{self.records_valid} records", f"LSN {self.first_lsn}..{self.last_lsn}",
                  f"{self.duration_s * 1000:.1f} ms"]
         if self.torn_tail:
-            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {self.truncated_at}")
+            parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {Location(*self.truncated_at)}")
         if self.corruption:
             parts.append(f"CORRUPTION repaired by truncation: {self.corruption}; quarantined {self.quarantined}")
         return "recovered " + ", ".join(parts)
@@ -77,97 +75,10 @@ class Recovered:
     producers: dict[int, collections.deque] = field(default_factory=dict)
 
 
-def classify(stop: ScanStop | None, zeros_after: bool, valid_frame_after: bool, is_last: bool,
-             beyond_durable: bool = False) -> str:
-    """The recovery decision for a scan that stopped at `stop`: "end", "torn" or "corrupt".
-
-    zeros_after: only zero bytes follow the damaged frame (its declared extent when its header is valid,
-    else its start); valid_frame_after: a frame with a valid header lies somewhere after the damage;
-    beyond_durable: every LSN the HEAD file calls durable lies before the stop (see `beyond_durable`).
-    Nothing past the durable LSN was ever fsynced or acked, and a power cut may leave any mix of such
-    writes (a later one kept, an earlier one lost as zeros), so damage there is a torn tail whatever
-    follows it.  Damage before it is damage to durable data.
-    """
-    if stop is None:
-        return "end" if is_last else "corrupt"
-    if beyond_durable and not is_last:
-        # A rotation renames the next segment in before this one's frames are fsynced: a power cut may
-        # keep the name and lose the frames.  Later segments then hold only undurable LSNs too.
-        return "torn"
-    if stop.header is None and zeros_after:
-        return "end" if is_last else "corrupt"
-    if not is_last:
-        return "corrupt"
-    if beyond_durable:
-        return "torn"
-    if valid_frame_after:
-        return "corrupt"
-    if stop.header is not None and not zeros_after:
-        return "corrupt"
-    return "torn"
-
-
-def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,
-                          info: RecoveryInfo) -> bool:
-    """Delete (or, if it holds any bytes, quarantine) the newest segment when its header is lost
-    (`header_lost`); True if it was.  Done first, so the segment before it is judged as the last one."""
-    base, path = last
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            read_header(fd)
-            return False
-        except RecordError:
-            if not header_lost(fd, base, size, durable_lsn):
-                return False
-        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)
-    finally:
-        os.close(fd)
-    if empty:
-        os.unlink(path)
-        sync_dir(directory)
-    else:
-        _quarantine(directory, [path], info)
-    return True
-
-
-def header_lost(fd: int, base: int, size: int, durable_lsn: int | None) -> bool:
-    """Whether the newest segment, whose header does not decode, holds nothing a crash must keep.
-
-    Either nothing but zeros follows the header (created, its header never reached the disk whole), or
-    HEAD says nothing in it was durable: a rotation writes the header without an fsync (the next fsync covers
-    it before any record in the segment counts as durable), so a power cut may keep frames and lose the
-    header.  Such a file is moved to quarantine/, never silently dropped.
-    """
-    return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size) or (durable_lsn is not None and durable_lsn < base)
-
-
-def beyond_durable(expected: int, durable_lsn: int | None) -> bool:
-    """Whether a scan stop whose next expected LSN is `expected` lies past every durable LSN.
-
-    `durable_lsn` comes from HEAD (None when HEAD is missing or damaged: then nothing is known to be
-    unsynced, and the stricter rules apply).  The stop is past it when every LSN up to it was read intact.
-    """
-    return durable_lsn is not None and expected > durable_lsn
-
-
-def examine_stop(fd: int, stop: ScanStop | None, size: int, expected: int, is_last: bool,
-                 durable_lsn: int | None = None) -> str:
-    """Gather what `classify` needs about the bytes after a scan stop (I/O), and return its verdict."""
-    if stop is None:
-        return classify(None, True, False, is_last)
-    extent = stop.offset + stop.header.size if stop.header is not None else None
-    zeros = is_zero_from(fd, min(extent, size) if extent is not None else stop.offset, size)
-    valid_after = False
-    if not zeros:
-        search_from = extent if extent is not None and extent <= size else stop.offset + 1
-        valid_after = find_valid_header(fd, search_from, size, expected) is not None
-    return classify(stop, zeros, valid_after, is_last, beyond_durable(expected, durable_lsn))
-
-
-def _merge_window(producers: dict[int, collections.deque], pid: int, entries: list[F.Appended],
-                  window: int) -> None:
+def remember_batches(producers: dict[int, collections.deque], pid: int, entries: Iterable[F.Appended],
+                     window: int) -> None:
+    """Add batches to a producer's deduplication window: its last `window` batches, oldest first (the log
+    keeps it on append, recovery rebuilds it from seals and frames)."""
     q = producers.get(pid)
     if q is None:
         q = producers[pid] = collections.deque(maxlen=window)
@@ -224,6 +135,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             return info, state
     info.first_lsn = segments[0][0]
     expected = segments[0][0]
+    truncate = cfg.on_corruption == "truncate"
     for i, (base, path) in enumerate(segments):
         is_last = i == len(segments) - 1
         fd = os.open(path, os.O_RDWR)
@@ -235,125 +147,62 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 header = read_header(fd)
             except RecordError as exc:
                 raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
-            if header.base_lsn != base or base < expected:
-                raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
-                                      f"(>= {expected})", segment=path.name, offset=0)
-            if i and base != expected:
-                # Each seal names the next segment's base exactly and retention deletes only the oldest:
-                # a later base means a segment in the middle is missing.
-                raise MissingSegmentError(f"LSNs {expected}..{base - 1} are missing: the previous segment ends "
-                                      f"before LSN {expected} (segment {segment_name(expected)} is gone)",
-                                      segment=path.name, offset=0, lsn=expected)
+            _check_base(header, base, expected, i, path)
             state.next_segment_id = header.segment_id + 1
             sealed = read_seal(fd, size)
             if sealed is not None and verify:
                 try:
                     verify_sealed(fd, sealed[0], sealed[1])
                 except RecordError as exc:
-                    if cfg.on_corruption != "truncate":
+                    if not truncate:
                         raise CorruptionError(f"{exc.detail}; set on_corruption = \"truncate\" to cut at the "
                                               "damage and quarantine later segments", segment=path.name) from None
                     sealed = None  # scan it frame by frame below: the damaged frame decides where to cut
             if sealed is not None:
-                seal, seal_offset = sealed
-                info.sealed_segments += 1
-                info.records_valid += seal.record_count
-                for pid, entries in seal.producers.items():
-                    _merge_window(state.producers, pid, entries, cfg.producer_window)
-                expected = seal.next_lsn
-                if seal.record_count:
-                    info.last_lsn = seal.last_lsn
+                expected = _trust_seal(sealed[0], info, state, cfg)
                 continue
-            # Unsealed: scan frame by frame.
+            # Unsealed: scan, plan, apply.
             seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
-            scanner = FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size)
-            sealed_at = None
-            for off, h, data in scanner:
-                if h.base_lsn < expected:
-                    scanner.stop = ScanStop(off, RecordError(f"frame LSN {h.base_lsn} goes backwards (expected "
-                                                             f">= {expected})", offset=off, lsn=h.base_lsn), h)
-                    break
-                if h.kind == F.KIND_SEAL:
-                    sealed_at = (off, h)
-                    break
-                if h.base_lsn > expected:
-                    info.skipped_lsns = (expected, h.base_lsn)
-                info.bytes_scanned += h.size
-                seg.note_frame(off, (data,), h.base_lsn, h.count, cfg.index_interval_bytes)
-                info.records_valid += h.count
-                expected = h.end_lsn
-                if h.producer_id:
-                    _merge_window(state.producers, h.producer_id, [F.Appended(h.producer_seq, h.base_lsn, h.count)],
-                                  cfg.producer_window)
+            scan = scan_segment(fd, size, expected, on_frame=lambda off, h, data: _note_frame(seg, state, cfg, off,
+                                                                                             h, data))
+            info.bytes_scanned += scan.frame_bytes
+            info.records_valid += scan.records
+            if scan.gaps:
+                info.skipped_lsns = scan.gaps[-1]
             if seg.record_count:
                 info.last_lsn = seg.last_lsn
-            if sealed_at is not None:
-                # Crashed between writing the seal and cutting the file after it: finish the seal.
-                off, h = sealed_at
-                if not is_zero_from(fd, off + h.size, size):
-                    raise CorruptionError("data follows a seal frame", segment=path.name, offset=off + h.size)
-                os.ftruncate(fd, off + h.size)
-                os.fsync(fd)
-                info.sealed_segments += 1
-                expected = h.base_lsn
-                continue
-            stop = scanner.stop
-            if not is_last and segments[i + 1][0] == expected and seal_unfinished(fd, stop, size):
-                seal_segment(seg, expected, seal_table(state.producers, cfg.max_producers))
-                info.sealed_segments += 1
-                continue
-            verdict = examine_stop(fd, stop, size, expected, is_last, durable_lsn)
-            if verdict == "end":
-                seg.end = stop.offset if stop is not None else size
-                state.active = seg
-                keep_fd = True
-                continue
-            if verdict == "torn":
-                info.torn_tail = True
-                info.truncated_at = (path.name, stop.offset)
-                cut_end = data_end(fd, stop.offset, size)
-                info.bytes_truncated = cut_end - stop.offset
-                burned = expected
-                if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
-                    burned = stop.header.end_lsn
-                if cut_end > stop.offset + (stop.header.size if stop.header is not None else 0):
-                    # More than one torn frame: an unsynced tail that a power cut left in pieces (zeros,
-                    # then frames).  Keep the bytes, and never reuse an LSN any of those frames names.
-                    burned = max(burned, _max_end_lsn_after(fd, stop.offset, size))
-                    _save_tail(directory, path, fd, stop.offset, cut_end, info)
-                later = [p for _, p in segments[i + 1:]]
-                if later:
-                    # Unsynced frames lost before a next segment whose name reached the disk (a rotation
-                    # renames it in before the old frames are fsynced): all of it lies past the durable LSN.
-                    burned = max([burned] + [_end_lsn(p) for p in later])
-                    _quarantine(directory, later, info)
-                if burned > expected:
-                    info.skipped_lsns = (expected, burned)
-                expected = _cut(seg, stop.offset, expected, burned, cfg)
-                state.active = seg
-                keep_fd = True
-                if later:
-                    break
-                continue
-            where = stop.offset if stop is not None else size
-            detail = (stop.error.detail if stop is not None else "segment is not sealed but later segments exist")
-            if cfg.on_corruption != "truncate":
-                raise CorruptionError(f"{detail}; valid data follows, so this is not a torn tail (set "
-                                      "on_corruption = \"truncate\" to cut here and quarantine later segments)",
-                                      segment=path.name, offset=where, lsn=expected)
-            info.corruption = f"{detail} in {path.name} at offset {where}"
-            info.truncated_at = (path.name, where)
-            info.bytes_truncated = size - where
             later = [p for _, p in segments[i + 1:]]
-            burned = max([_end_lsn(p) for p in later] + [_max_end_lsn_after(fd, where, size), expected])
-            _save_tail(directory, path, fd, where, size, info)
-            _quarantine(directory, later, info)
-            if burned > expected:
-                info.skipped_lsns = (expected, burned)
-            expected = _cut(seg, where, expected, burned, cfg)
+            next_base = segments[i + 1][0] if later else None
+            plan = plan_segment(scan, is_last=is_last, durable_lsn=durable_lsn, truncate=truncate,
+                                next_base_lsn=next_base)
+            if isinstance(plan.action, Cut) and plan.action.quarantine_later:
+                # The later segments go to quarantine/ and their LSNs are never reused: read how far they go
+                # (only now, as it may scan them).
+                plan = plan_segment(scan, is_last=is_last, durable_lsn=durable_lsn, truncate=truncate,
+                                    later_end_lsn=max(_end_lsn(p) for p in later), next_base_lsn=next_base)
+            action = plan.action
+            if isinstance(action, FinishSeal):
+                _finish_seal(fd, action)
+                info.sealed_segments += 1
+                expected = action.next_lsn
+                continue
+            if isinstance(action, WriteSeal):
+                seg.end = action.end
+                seal_segment(seg, action.next_lsn, seal_table(state.producers, cfg.max_producers))
+                info.sealed_segments += 1
+                expected = action.next_lsn
+                continue
+            if isinstance(action, Refuse):
+                raise _refusal(plan, action, path)
+            if isinstance(action, Cut):
+                expected = _apply_cut(directory, path, seg, scan.expected, plan, action, later, info, cfg)
+            else:
+                seg.end = action.end
+                expected = scan.expected
             state.active = seg
             keep_fd = True
-            break
+            if isinstance(action, Cut) and action.quarantine_later:
+                break
         finally:
             if fd >= 0 and not keep_fd:
                 os.close(fd)
@@ -362,18 +211,96 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     return info, state
 
 
-def seal_unfinished(fd: int, stop: ScanStop | None, size: int) -> bool:
-    """Whether a segment's scan stopped where a seal was still to be written: at the end of the file, at
-    zeros (the preallocated tail), or at a seal cut short with only zeros after it (a power cut during the
-    seal write: a header's first bytes, or a SEAL frame with the preallocated tail still after it; the file
-    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).
-    The caller has checked that the next segment starts at the LSN the frames end with: nothing is missing."""
-    if stop is None:
-        return True
-    if stop.header is None:  # nothing, or the first bytes of a frame header (a seal's, cut short), then zeros
-        return is_zero_from(fd, min(stop.offset + F.FRAME_HEADER_SIZE, size), size)
-    extent = stop.offset + stop.header.size
-    return stop.header.kind == F.KIND_SEAL and extent < size and is_zero_from(fd, extent, size)
+def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,
+                          info: RecoveryInfo) -> bool:
+    """Delete (or, if it holds any bytes, quarantine) the newest segment when its header is lost and nothing
+    in it was durable (`repair.header_lost`); True if it was.  Done first, so the segment before it is
+    judged as the last one."""
+    base, path = last
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            read_header(fd)
+            return False
+        except RecordError:
+            if not header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size), durable_lsn):
+                return False
+        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)
+    finally:
+        os.close(fd)
+    if empty:
+        os.unlink(path)
+        sync_dir(directory)
+    else:
+        _quarantine(directory, [path], info)
+    return True
+
+
+def _check_base(header: F.SegmentHeader, base: int, expected: int, i: int, path: Path) -> None:
+    """The segment starts where the log so far ends (its name, its header and the previous seal agree)."""
+    if header.base_lsn != base or base < expected:
+        raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
+                              f"(>= {expected})", segment=path.name, offset=0)
+    if i and base != expected:
+        # Each seal names the next segment's base exactly and retention deletes only the oldest:
+        # a later base means a segment in the middle is missing.
+        raise MissingSegmentError(f"LSNs {expected}..{base - 1} are missing: the previous segment ends "
+                                  f"before LSN {expected} (segment {segment_name(expected)} is gone)",
+                                  segment=path.name, offset=0, lsn=expected)
+
+
+def _trust_seal(seal: F.Seal, info: RecoveryInfo, state: Recovered, cfg: LogConfig) -> int:
+    """Take a sealed segment's summary from its seal; returns the next LSN."""
+    info.sealed_segments += 1
+    info.records_valid += seal.record_count
+    for pid, entries in seal.producers.items():
+        remember_batches(state.producers, pid, entries, cfg.producer_window)
+    if seal.record_count:
+        info.last_lsn = seal.last_lsn
+    return seal.next_lsn
+
+
+def _note_frame(seg: ActiveSegment, state: Recovered, cfg: LogConfig, off: int, h: F.FrameHeader,
+                data: memoryview) -> None:
+    """An intact frame of the segment being recovered: its checksum, index entry and producer window."""
+    seg.note_frame(off, (data,), h.base_lsn, h.count, cfg.index_interval_bytes)
+    if h.producer_id:
+        remember_batches(state.producers, h.producer_id, (F.Appended(h.producer_seq, h.base_lsn, h.count),),
+                         cfg.producer_window)
+
+
+def _finish_seal(fd: int, action: FinishSeal) -> None:
+    """Crashed between writing the seal and cutting the file after it: finish the seal."""
+    os.ftruncate(fd, action.end)
+    os.fsync(fd)
+
+
+def _refusal(plan: Plan, action: Refuse, path: Path) -> CorruptionError:
+    if action.repairable:
+        return CorruptionError(f"{action.detail}; valid data follows, so this is not a torn tail (set "
+                               "on_corruption = \"truncate\" to cut here and quarantine later segments)",
+                               segment=path.name, offset=action.offset, lsn=action.lsn)
+    return CorruptionError(action.detail, segment=path.name, offset=action.offset)
+
+
+def _apply_cut(directory: Path, path: Path, seg: ActiveSegment, expected: int, plan: Plan, action: Cut,
+               later: list[Path], info: RecoveryInfo, cfg: LogConfig) -> int:
+    """Carry out a cut: save the bytes, quarantine later segments, write the skip marker, truncate.
+    Returns the next LSN to hand out."""
+    info.truncated_at = (path.name, action.offset)
+    info.bytes_truncated = action.data_end - action.offset
+    if plan.verdict is Verdict.TORN:
+        info.torn_tail = True
+    else:
+        info.corruption = Location(path.name, action.offset).after(plan.detail)
+    if action.save is not None:
+        _save_tail(directory, path, seg.fd, action.save[0], action.save[1], info)
+    if action.quarantine_later:
+        _quarantine(directory, later, info)
+    if action.next_lsn > expected:
+        info.skipped_lsns = (expected, action.next_lsn)
+    return _cut(seg, action.offset, expected, action.next_lsn, cfg)
 
 
 def _cut(seg: ActiveSegment, offset: int, expected: int, burned: int, cfg: LogConfig) -> int:
@@ -393,16 +320,6 @@ def _cut(seg: ActiveSegment, offset: int, expected: int, burned: int, cfg: LogCo
         seg.end = offset
     truncate_and_reserve(seg.fd, seg.end, cfg.segment_bytes, cfg.preallocate)
     return expected
-
-
-def _max_end_lsn_after(fd: int, start: int, size: int) -> int:
-    """One past the highest LSN of any frame header still valid after `start` (so none is ever reused)."""
-    end = 0
-    pos = start
-    while (found := find_valid_header(fd, pos, size, 0)) is not None:
-        end = max(end, F.decode_frame_header(os.pread(fd, F.FRAME_HEADER_SIZE, found)).end_lsn)
-        pos = found + 1
-    return end
 
 
 def _save_tail(directory: Path, path: Path, fd: int, start: int, size: int, info: RecoveryInfo) -> None:

@@ -11,6 +11,8 @@ import datetime
 import os
 from pathlib import Path
 
+from .config import directory_path
+from .errors import ConfigError
 from .head import HeadReader
 from .scan import LogReader, end_of_valid_data
 from .segment import list_segments
@@ -18,7 +20,7 @@ from .segment import list_segments
 
 def committed_end(directory: str | os.PathLike) -> int:
     """The last LSN a reader may see now: the writer's committed LSN, or the last valid one with no writer."""
-    directory = Path(directory)
+    directory = directory_path(directory)
     head = HeadReader(directory).read()
     if head is not None and head.writer_alive():
         return head.committed_lsn
@@ -37,8 +39,14 @@ def _first_timestamp(directory: Path, base: int, bound: int) -> int | None:
 def lsn_at_time(directory: str | os.PathLike, when: datetime.datetime | int) -> int:
     """The first LSN written at or after `when` (a datetime, naive = local time, or µs since the epoch); one
     past the committed end if none.  `Reader(directory, start=lsn_at_time(directory, when))` seeks by time."""
-    when_us = when if isinstance(when, int) else int(when.timestamp() * 1_000_000)
-    directory = Path(directory)
+    if isinstance(when, datetime.datetime):
+        when_us = int(when.timestamp() * 1_000_000)
+    elif type(when) is int:
+        when_us = when
+    else:
+        raise ConfigError("when", f"must be a datetime or an integer of µs since the epoch, not "
+                                  f"{type(when).__name__} {when!r}")
+    directory = directory_path(directory)
     bound = committed_end(directory)
     segments = [base for base, _ in list_segments(directory) if base <= bound]
     if not segments:

@@ -9,11 +9,12 @@ checked with one CRC32C call over its whole payload.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from crc32c import crc32c
 
@@ -25,6 +26,20 @@ from .fsync import preallocate, sync_data, sync_dir, write_step
 SUFFIX = ".wal"
 SCAN_CHUNK = 1 << 20
 SPARE_NAME = "next-segment.tmp"  # the spare segment file being prepared; not a segment name, so never listed
+
+# Where scanning reads its bytes: an open file descriptor, or a pread-shaped function (n, offset) -> bytes
+# (up to n bytes, fewer at the end), so the same scan runs over a file or over bytes in memory.
+Read = Callable[[int, int], bytes]
+
+
+def reader_of(src: "int | Read") -> Read:
+    """The pread-shaped function for a descriptor (os.pread on it) or a function already of that shape."""
+    return functools.partial(os.pread, src) if isinstance(src, int) else src
+
+
+def bytes_reader(buf: bytes | bytearray) -> Read:
+    """Read from bytes in memory as from a file of that length (tests and in-memory checks)."""
+    return lambda n, offset: bytes(buf[offset:offset + n])
 
 
 def segment_name(base_lsn: int) -> str:
@@ -171,21 +186,22 @@ def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.
         sync_data(seg.fd)
 
 
-def read_header(fd: int) -> F.SegmentHeader:
-    return F.decode_segment_header(os.pread(fd, F.SEGMENT_HEADER_SIZE, 0))
+def read_header(fd: "int | Read") -> F.SegmentHeader:
+    return F.decode_segment_header(reader_of(fd)(F.SEGMENT_HEADER_SIZE, 0))
 
 
-def read_seal(fd: int, size: int) -> tuple[F.Seal, int] | None:
+def read_seal(fd: "int | Read", size: int) -> tuple[F.Seal, int] | None:
     """The seal and its offset if this file ends with a valid SEAL frame, else None (not sealed)."""
     if size < F.SEGMENT_HEADER_SIZE + F.FRAME_HEADER_SIZE + 8:
         return None
-    trailer = os.pread(fd, 8, size - 8)
+    pread = reader_of(fd)
+    trailer = pread(8, size - 8)
     if len(trailer) != 8:
         return None  # the file shrank since `size` was taken (the writer sealed it): not sealed as seen
     offset = F.seal_offset_from_trailer(trailer)
     if not F.SEGMENT_HEADER_SIZE <= offset <= size - F.FRAME_HEADER_SIZE - 8:
         return None
-    data = os.pread(fd, size - offset, offset)
+    data = pread(size - offset, offset)
     try:
         h = F.decode_frame_header(data)
         if h.kind != F.KIND_SEAL or h.size != len(data):
@@ -212,8 +228,8 @@ class FrameScanner:
     The caller decides whether a stop is a clean end, a torn tail or corruption (see recovery.py).
     """
 
-    def __init__(self, fd: int, offset: int, limit: int, chunk: int = SCAN_CHUNK) -> None:
-        self.fd = fd
+    def __init__(self, fd: "int | Read", offset: int, limit: int, chunk: int = SCAN_CHUNK) -> None:
+        self._pread = reader_of(fd)
         self.offset = offset
         self.limit = limit
         self.chunk = chunk
@@ -227,7 +243,7 @@ class FrameScanner:
         rel = offset - self._buf_at
         if rel < 0 or rel + n > len(self._buf):
             want = max(n, self.chunk)
-            self._buf = os.pread(self.fd, min(want, max(self.limit - offset, n)), offset)
+            self._buf = self._pread(min(want, max(self.limit - offset, n)), offset)
             self._buf_at = offset
             rel = 0
         self.view_buf, self.view_pos = self._buf, rel
@@ -260,10 +276,11 @@ class FrameScanner:
 _ZEROS = bytes(SCAN_CHUNK * 8)
 
 
-def is_zero_from(fd: int, offset: int, size: int) -> bool:
+def is_zero_from(fd: "int | Read", offset: int, size: int) -> bool:
     """True if the file holds only zero bytes from `offset` to `size` (chunked memcmp, no Python loop)."""
+    pread = reader_of(fd)
     while offset < size:
-        chunk = os.pread(fd, min(len(_ZEROS), size - offset), offset)
+        chunk = pread(min(len(_ZEROS), size - offset), offset)
         if not chunk:
             return True
         if chunk != (_ZEROS if len(chunk) == len(_ZEROS) else bytes(len(chunk))):
@@ -272,32 +289,31 @@ def is_zero_from(fd: int, offset: int, size: int) -> bool:
     return True
 
 
-def data_end(fd: int, offset: int, size: int) -> int:
+def data_end(fd: "int | Read", offset: int, size: int) -> int:
     """One past the last non-zero byte at or after `offset` (`offset` itself if there is none).
 
     Scans backwards from `size`: a torn tail's garbage sits just before a long preallocated zero tail.
     """
+    pread = reader_of(fd)
     end = size
     while end > offset:
         start = max(offset, end - len(_ZEROS))
-        chunk = os.pread(fd, end - start, start)
+        chunk = pread(end - start, start)
         if chunk != (_ZEROS if len(chunk) == len(_ZEROS) else bytes(len(chunk))):
             return start + len(chunk.rstrip(b"\0"))
         end = start
     return offset
 
 
-def find_valid_header(fd: int, start: int, size: int, min_lsn: int) -> int | None:
-    """Offset of the first valid frame header at or after `start` with base LSN >= min_lsn, else None.
-
-    Recovery uses this to tell a torn tail (nothing valid after the damage) from corruption (valid frames
-    follow the damage).  The magic number lets bytes.find do the search in C.
-    """
+def valid_headers(fd: "int | Read", start: int, size: int, min_lsn: int) -> Iterator[tuple[int, F.FrameHeader]]:
+    """(offset, header) of every valid frame header at or after `start` with base LSN >= min_lsn, in order,
+    in one pass.  The magic number lets bytes.find do the search in C."""
+    pread = reader_of(fd)
     overlap = F.FRAME_HEADER_SIZE
     pos = start
     while pos < size:
         n = min(SCAN_CHUNK * 8, size - pos)
-        chunk = os.pread(fd, n + overlap, pos)
+        chunk = pread(n + overlap, pos)
         i = chunk.find(F.FRAME_MAGIC)
         while 0 <= i < n:
             try:
@@ -305,10 +321,18 @@ def find_valid_header(fd: int, start: int, size: int, min_lsn: int) -> int | Non
             except RecordError:
                 h = None
             if h is not None and h.base_lsn >= min_lsn:
-                return pos + i
+                yield pos + i, h
             i = chunk.find(F.FRAME_MAGIC, i + 1)
         pos += n
-    return None
+
+
+def find_valid_header(fd: "int | Read", start: int, size: int, min_lsn: int) -> int | None:
+    """Offset of the first valid frame header at or after `start` with base LSN >= min_lsn, else None.
+
+    Recovery uses this to tell a torn tail (nothing valid after the damage) from corruption (valid frames
+    follow the damage).
+    """
+    return next((off for off, _ in valid_headers(fd, start, size, min_lsn)), None)
 
 
 def truncate_and_reserve(seg_fd: int, offset: int, size: int, prealloc: bool) -> None:

@@ -41,7 +41,7 @@ def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | No
 
 def offline_status(directory: Path) -> dict[str, Any]:
     """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer)."""
-    from .cursor import load_all
+    from .cursor import lag_rows, load_all
     from .head import HeadReader
     from .logid import load as load_log_id
     from .scan import end_of_valid_data
@@ -53,7 +53,7 @@ def offline_status(directory: Path) -> dict[str, Any]:
             "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
             "head_committed_lsn": head.committed_lsn if head else None,
             "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
-            "cursors": {n: {"lsn": lsn, "lag_records": max(0, last - lsn)} for n, lsn in load_all(directory).items()}}
+            "cursors": lag_rows(load_all(directory), last)}
 
 
 def collect(directory: Path) -> dict[str, Any]:

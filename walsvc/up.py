@@ -1,7 +1,7 @@
 """`walsvc up`: the writer plus N producer and M consumer workers, with a live throughput line.
 
-The workers are the programs in `workers/` (loaded by path, so a checkout, an installed copy or your own
-directory all work), each in its own process started with the `multiprocess` package.
+The workers are the `walsvc.workers` modules, or with `--workers DIR` your own programs of the same names
+loaded from DIR, each in its own process started with the `multiprocess` package.
 
 `up` always ends, and takes its children with it:
 - `--seconds`, the first Ctrl-C, SIGTERM, SIGHUP or a closed stdout (`walsvc up | head`) start an orderly stop
@@ -17,6 +17,7 @@ Flags shared with children are plain shared integers, never locks: a SIGKILLed c
 from __future__ import annotations
 
 import ctypes
+import importlib
 import importlib.util
 import os
 import signal
@@ -41,18 +42,20 @@ WRITER_STOP_S = 10.0      # SIGTERM: drain, fsync, close
 KILL_WAIT_S = 5.0
 
 
-def find_workers(explicit: str | None) -> Path:
-    """The directory holding the worker programs: --workers, ./workers, or the copy installed with walsvc."""
-    here = Path(__file__).resolve().parent
-    candidates = [Path(explicit)] if explicit else [Path.cwd() / "workers", here / "workers", here.parent / "workers"]
-    for c in candidates:
-        if all((c / f).is_file() for f in WORKER_FILES):
-            return c
-    raise ConfigError("--workers", f"no worker programs ({', '.join(WORKER_FILES)}) in "
-                      f"{', '.join(map(str, candidates))}")
+def find_workers(explicit: str | None) -> Path | None:
+    """The directory of the user's own worker programs (--workers), or None for the built-in `walsvc.workers`."""
+    if explicit is None:
+        return None
+    directory = Path(explicit)
+    missing = [f for f in WORKER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise ConfigError("--workers", f"no worker program {', '.join(missing)} in {directory}")
+    return directory
 
 
-def load_worker(directory: Path, filename: str) -> ModuleType:
+def load_worker(directory: Path | None, filename: str) -> ModuleType:
+    if directory is None:
+        return importlib.import_module(f"walsvc.workers.{filename[:-3]}")
     spec = importlib.util.spec_from_file_location(f"walsvc_worker_{filename[:-3]}", directory / filename)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -99,9 +102,9 @@ def _serve(cfg: Config, parent_pid: int, conn: Any) -> None:
     writer.serve()
 
 
-def _worker(parent_pid: int, path: str, filename: str, kwargs: dict) -> None:
+def _worker(parent_pid: int, directory: Path | None, filename: str, kwargs: dict) -> None:
     _die_with_parent(parent_pid, signal.SIGKILL)
-    load_worker(Path(path), filename).run(**kwargs)
+    load_worker(directory, filename).run(**kwargs)
 
 
 class Supervisor:
@@ -210,7 +213,7 @@ def run(cfg: Config, *, producers: int, consumers: int, seconds: float, record_b
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
 
 
-def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path, producers: int, consumers: int,
+def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path | None, producers: int, consumers: int,
          seconds: float, record_bytes: int) -> int:
     ctx = mp.get_context("fork")
     me = os.getpid()
@@ -240,10 +243,10 @@ def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path, producers: in
     produced = [ctx.RawValue("q", 0) for _ in range(producers)]
     consumed = [ctx.RawValue("q", 0) for _ in range(consumers)]
     lags = [ctx.RawValue("q", 0) for _ in range(consumers)]
-    procs = [ctx.Process(target=_worker, name=f"producer-{i}", args=(me, str(workers), "producer_worker.py", {
+    procs = [ctx.Process(target=_worker, name=f"producer-{i}", args=(me, workers, "producer_worker.py", {
         "directory": str(cfg.directory), "record_bytes": record_bytes, "stop": stop_producers,
         "counter": produced[i], "worker": i})) for i in range(producers)]
-    procs += [ctx.Process(target=_worker, name=f"consumer-{i}", args=(me, str(workers), "consumer_worker.py", {
+    procs += [ctx.Process(target=_worker, name=f"consumer-{i}", args=(me, workers, "consumer_worker.py", {
         "directory": str(cfg.directory), "name": f"consumer-{i}", "stop": stop_consumers,
         "counter": consumed[i], "lag": lags[i]})) for i in range(consumers)]
     for p in procs:

@@ -4,7 +4,7 @@ Copy this to start your own: open a `walsvc.Producer` on the log directory, `app
 records, keep the returned futures only if you need each LSN, and `flush()` before exiting so that
 everything you appended is acknowledged (durable under the writer's fsync policy).
 
-    python workers/producer_worker.py --dir wal-data --records 100000 --record-bytes 100
+    python -m walsvc.workers.producer_worker --dir wal-data --records 100000 --record-bytes 100
 """
 
 from __future__ import annotations

@@ -151,10 +151,11 @@ def _fill(path: str, records: int, record_size: int) -> None:
         conn.close()
 
 
-def _replay_reader(barrier: Any, path: str) -> tuple[int, int, float]:
-    """SELECT by rowid ranges from the start; returns (records, payload bytes, end time)."""
+def _replay_reader(barrier: Any, path: str) -> tuple[int, int, float, float]:
+    """SELECT by rowid ranges from the start; returns (records, payload bytes, end time, CPU seconds)."""
     conn = _connect(path, "batch")
     barrier.wait()
+    cpu = time.process_time()
     records = nbytes = 0
     last = 0
     while rows := conn.execute("SELECT id, data FROM log WHERE id > ? ORDER BY id LIMIT ?",
@@ -163,13 +164,14 @@ def _replay_reader(barrier: Any, path: str) -> tuple[int, int, float]:
         records += len(rows)
         last = rows[-1][0]
     conn.close()
-    return records, nbytes, time.monotonic()
+    return records, nbytes, time.monotonic(), time.process_time() - cpu
 
 
 def replay(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
     path = _create(tmpdir)
     _fill(path, records, record_size)
-    start, ((count, nbytes, end),) = run_workers(_replay_reader, [(path,)], timeout=600)
+    start, ((count, nbytes, end, cpu),) = run_workers(_replay_reader, [(path,)], timeout=600)
     if count != records:
         raise RuntimeError(f"replay read {count} records, expected {records}")
-    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20}
+    return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20,
+            "records_per_cpu_s": count / cpu}

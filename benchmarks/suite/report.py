@@ -105,7 +105,7 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
     lines += ["", "## Systems", ""]
     lines += [f"- {e.name}: {'ran' if e.unavailable is None else 'skipped: ' + e.unavailable}" for e in result.systems]
     if all(e.name != SUBJECT for e in result.systems):
-        lines.append(f"- {SUBJECT}: not benchmarked (walsvc.bench.walsvc_system does not exist yet)")
+        lines.append(f"- {SUBJECT}: not benchmarked (benchmarks.suite.walsvc_system does not exist yet)")
     lines.append("")
     summary = [(s, *result.ratio(s)) for s in result.scenarios]
     if any(r is not None for _s, r, _b in summary):

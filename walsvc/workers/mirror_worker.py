@@ -5,7 +5,7 @@ Copy this to run the mirror inside your own supervisor: a `walsvc.mirror.Mirror`
 again: it resumes from its named cursor and JetStream drops the resent messages by id.  Another sink (Kafka)
 is another class with the `walsvc.mirror.Sink` shape passed here instead.
 
-    python workers/mirror_worker.py --dir wal-data --servers nats://127.0.0.1:4222 --stream WAL --create
+    python -m walsvc.workers.mirror_worker --dir wal-data --servers nats://127.0.0.1:4222 --stream WAL --create
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Offline inspection: `verify` checks a log directory, `dump` lists its records or frames.
+"""Offline checks: `verify` checks a log directory, `dump` lists its records or frames.
 
 Both are read-only and safe on a live log: they never take the LOCK, never write, rename or delete a file, and
 open everything with O_RDONLY.  The committed LSN they respect comes from the HEAD file (see docs/FORMAT.md).
 
-`verify` reuses the engine's own rules: `segment.FrameScanner` to walk frames, `segment.read_seal` for seals,
-`recovery.verify_sealed` for a seal's data checksum and `recovery.classify` for the end of the last segment.
-So "torn" and "corrupt" mean exactly what the next `Log.open` will decide.
+`verify` runs the engine's own scan model: `scan.scan_segment` walks the frames (the walk recovery makes),
+`repair.plan_segment` judges where an unsealed segment's valid data ends (the plan recovery carries out),
+`segment.read_seal` reads seals and `recovery.verify_sealed` checks a seal's data checksum.  So "torn" and
+"corrupt" mean exactly what the next `Log.open` will decide.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from . import cursor as C
 from . import frame as F
 from . import head as H
 from .config import GiB
-from .errors import ConfigError, CorruptionError, MissingSegmentError, RecordError, TruncatedError
-from .scan import LogReader, OpenSegment, end_of_valid_data
+from .errors import ConfigError, CorruptionError, Location, MissingSegmentError, RecordError
+from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment, stop_facts
 from .record import count_records, decode, record_dict
-from .recovery import QUARANTINE, examine_stop, seal_unfinished, verify_sealed
-from .segment import (SUFFIX, FrameScanner, ScanStop, find_valid_header, is_zero_from, list_segments, read_header,
-                      read_seal, segment_name)
+from .recovery import QUARANTINE, verify_sealed
+from .repair import (NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, WriteSeal, header_lost, plan_segment,
+                     seal_unfinished)
+from .segment import (SUFFIX, ScanStop, find_valid_header, is_zero_from, list_segments, read_header, read_seal,
+                      segment_name)
 
 # The largest record any config allows: verify and dump check structure, they do not enforce a config.
 MAX_RECORD_BYTES = 1 * GiB
@@ -46,14 +49,8 @@ class Problem:
     lsn: int | None = None
 
     def __str__(self) -> str:
-        where = []
-        if self.segment is not None:
-            where.append(self.segment)
-        if self.offset is not None:
-            where.append(f"offset {self.offset}")
-        if self.lsn is not None:
-            where.append(f"(LSN {self.lsn})")
-        return (" ".join(where) + ": " if where else "") + self.detail
+        where = Location(self.segment, self.offset, self.lsn)
+        return f"{where}: {self.detail}" if where else self.detail
 
     def as_dict(self) -> dict[str, Any]:
         return {"segment": self.segment, "offset": self.offset, "lsn": self.lsn, "detail": self.detail}
@@ -164,6 +161,32 @@ class _SegmentResult:
     retry: bool = False  # live log: the scan may have raced the writer, check again
 
 
+class _IndexCheck:
+    """A seal's sparse index, checked frame by frame: each entry must name a frame start and its first LSN."""
+
+    def __init__(self, res: _SegmentResult, name: str, index: list[tuple[int, int]]) -> None:
+        self.res, self.name, self.index, self.pos = res, name, list(index), 0
+
+    def frame(self, off: int, base_lsn: int) -> None:
+        index = self.index
+        while self.pos < len(index) and index[self.pos][1] < off:
+            lsn, ioff = index[self.pos]
+            self.res.issues.append(Problem(f"seal index entry (LSN {lsn}, offset {ioff}) does not point at the "
+                                           "start of a frame", self.name, ioff, lsn))
+            self.pos += 1
+        if self.pos < len(index) and index[self.pos][1] == off:
+            if index[self.pos][0] != base_lsn:
+                self.res.issues.append(Problem(f"seal index entry says LSN {index[self.pos][0]}, the frame there "
+                                               f"starts at LSN {base_lsn}", self.name, off, base_lsn))
+            self.pos += 1
+
+    def rest(self) -> None:
+        """Entries past the last frame reached."""
+        for lsn, ioff in self.index[self.pos:]:
+            self.res.issues.append(Problem(f"seal index entry (LSN {lsn}, offset {ioff}) does not point at the "
+                                           "start of a data frame", self.name, ioff, lsn))
+
+
 class _Verifier:
     def __init__(self, directory: Path, max_record_bytes: int, max_batch_bytes: int,
                  progress: Callable[[int, int], None] | None = None) -> None:
@@ -197,7 +220,8 @@ class _Verifier:
             if self.progress is not None:
                 self.progress(i, len(segments))
             is_last = i == len(segments) - 1
-            res, seg_id = self.check_segment(base, path, is_last, expected, prev_id)
+            next_base = None if is_last else segments[i + 1][0]
+            res, seg_id = self.check_segment(base, path, next_base, expected, prev_id)
             if seg_id is not None:
                 prev_id = seg_id
             r.segments += 1
@@ -226,8 +250,9 @@ class _Verifier:
 
     # One segment -------------------------------------------------------------------------------------
 
-    def check_segment(self, base: int, path: Path, is_last: bool, expected: int | None,
+    def check_segment(self, base: int, path: Path, next_base: int | None, expected: int | None,
                       prev_id: int | None) -> tuple[_SegmentResult, int | None]:
+        """Check one segment; `next_base`: the base LSN of the segment after it (None for the newest)."""
         name = path.name
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -239,7 +264,7 @@ class _Verifier:
                 res.issues.append(Problem("segment file vanished while verify ran", name))
             return res, None
         try:
-            return self._check_open_segment(fd, base, name, is_last, expected, prev_id)
+            return self._check_open_segment(fd, base, name, next_base, expected, prev_id)
         except (OSError, RecordError, struct.error) as exc:  # report, never a traceback
             res = _SegmentResult()
             res.issues.append(Problem(f"could not be checked: {exc}", name))
@@ -247,16 +272,17 @@ class _Verifier:
         finally:
             os.close(fd)
 
-    def _check_open_segment(self, fd: int, base: int, name: str, is_last: bool, expected: int | None,
+    def _check_open_segment(self, fd: int, base: int, name: str, next_base: int | None, expected: int | None,
                             prev_id: int | None) -> tuple[_SegmentResult, int | None]:
         res = _SegmentResult()
+        is_last = next_base is None
         size = os.fstat(fd).st_size
         try:
             header = read_header(fd)
         except RecordError as exc:
-            if is_last and is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size):
-                res.notes.append(f"{name} has no whole header yet (being created, or created just before a crash: "
-                                 "the next open deletes it)")
+            if is_last and header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size), self._durable_lsn()):
+                res.notes.append(f"{name} has no whole header and holds nothing durable (being created, or a "
+                                 "power cut lost it: the next open deletes it, or moves it to quarantine/)")
                 res.next_lsn = expected
                 res.tail, res.tail_offset = "end", 0
                 return res, None
@@ -278,7 +304,7 @@ class _Verifier:
                                       "was removed?)", name, 0, expected))
         attempts = LIVE_RETRIES if (is_last and self.report.live) else 1
         for attempt in range(attempts):
-            res_try = self._scan_segment(fd, name, header, is_last)
+            res_try = self._scan_segment(fd, name, header, next_base)
             if not res_try.retry or attempt == attempts - 1:
                 break
             time.sleep(0.01 * (attempt + 1))
@@ -286,66 +312,42 @@ class _Verifier:
         res_try.notes[:0] = res.notes
         return res_try, header.segment_id
 
-    def _scan_segment(self, fd: int, name: str, header: F.SegmentHeader, is_last: bool) -> _SegmentResult:
+    def _scan_segment(self, fd: int, name: str, header: F.SegmentHeader, next_base: int | None) -> _SegmentResult:
+        """The segment's frames through the scan recovery uses (`scan.scan_segment`), each record decoded; a
+        sealed segment is read to its seal, past any damage, and its seal checked against the frames."""
         res = _SegmentResult()
         size, sealed = _read_seal(fd)
-        seal_offset = sealed[1] if sealed else None
-        index = list(sealed[0].index) if sealed else []
-        index_pos = 0
-        expected = header.base_lsn
+        index = _IndexCheck(res, name, sealed[0].index if sealed else [])
+
+        def on_frame(off: int, h: F.FrameHeader, data: memoryview) -> None:
+            index.frame(off, h.base_lsn)
+            self._check_records(res, name, off, h, data)
+
+        offset, expected = F.SEGMENT_HEADER_SIZE, header.base_lsn
         seg_records = 0
         seg_last = 0
-        seal_at: tuple[int, F.FrameHeader, F.Seal] | None = None
-        offset = F.SEGMENT_HEADER_SIZE
-        stop: ScanStop | None = None
         while True:
-            scanner = FrameScanner(fd, offset, size)
-            for off, h, data in scanner:
-                # Sparse index entries must name frame starts, with the frame's first LSN.
-                while index_pos < len(index) and index[index_pos][1] < off:
-                    lsn, ioff = index[index_pos]
-                    res.issues.append(Problem(f"seal index entry (LSN {lsn}, offset {ioff}) does not point at "
-                                              "the start of a frame", name, ioff, lsn))
-                    index_pos += 1
-                if index_pos < len(index) and index[index_pos][1] == off:
-                    if index[index_pos][0] != h.base_lsn:
-                        res.issues.append(Problem(f"seal index entry says LSN {index[index_pos][0]}, the frame "
-                                                  f"there starts at LSN {h.base_lsn}", name, off, h.base_lsn))
-                    index_pos += 1
-                if h.kind == F.KIND_SEAL:
-                    try:
-                        seal_at = (off, h, F.decode_seal(h, data[F.FRAME_HEADER_SIZE:]))
-                    except RecordError as exc:
-                        scanner.stop = ScanStop(off, exc.located(offset=off), h)
-                    break
-                if h.base_lsn < expected:
-                    # Recovery treats a backwards LSN as a stop at this frame (header valid); so do we.
-                    scanner.stop = ScanStop(off, RecordError(f"frame LSN {h.base_lsn} goes backwards (expected "
-                                                             f">= {expected})", offset=off, lsn=h.base_lsn), h)
-                    break
-                if h.base_lsn > expected:
-                    res.gaps.append((expected, h.base_lsn))
-                self._check_records(res, name, off, h, data)
-                res.frames += 1
-                if h.count:
-                    seg_records += h.count
-                    seg_last = h.end_lsn - 1
-                    if res.first_lsn is None:
-                        res.first_lsn = h.base_lsn
-                    res.last_lsn = seg_last
-                expected = h.end_lsn
-            stop = scanner.stop
-            if seal_at is not None or stop is None:
-                break
-            if sealed is None:
-                break  # unsealed: the end is classified below, like recovery does
+            scan = scan_segment(fd, size, expected, start=offset, on_frame=on_frame)
+            res.frames += scan.frames
+            res.gaps.extend(scan.gaps)
+            seg_records += scan.records
+            if scan.last_lsn is not None:
+                seg_last = scan.last_lsn
+                res.first_lsn = scan.first_lsn if res.first_lsn is None else res.first_lsn
+                res.last_lsn = seg_last
+            expected = scan.expected
+            stop = scan.stop
+            if scan.seal_at is not None:
+                index.frame(scan.seal_at[0], scan.seal_at[1].base_lsn)
+            if scan.seal_at is not None or stop is None or sealed is None:
+                break  # an unsealed segment's end is planned below, as recovery plans it
             # Sealed segment damaged before its seal: report, then carry on after the damage.
-            res.issues.append(Problem(stop.error.detail, name, stop.offset, stop.header.base_lsn if stop.header
+            res.issues.append(Problem(stop.detail, name, stop.offset, stop.header.base_lsn if stop.header
                                       else expected))
             if stop.header is not None and stop.header.kind == F.KIND_DATA and stop.header.base_lsn >= expected:
                 seg_records += stop.header.count  # unreadable, but the seal still counts them
                 seg_last = stop.header.end_lsn - 1 if stop.header.count else seg_last
-            resumed = self._resume_after(fd, stop, seal_offset)
+            resumed = self._resume_after(fd, stop, sealed[1])
             if resumed is None:
                 break
             offset, expected = resumed[0], max(expected, resumed[1])
@@ -353,34 +355,36 @@ class _Verifier:
             seal, seal_off = sealed
             res.sealed = True
             res.data_end = size
-            if seal_at is None or seal_at[0] != seal_off:
+            if scan.seal_at is None or scan.seal_at[0] != seal_off:
                 res.issues.append(Problem("the scan did not reach the seal frame the file's last 8 bytes point at",
                                           name, seal_off))
-            for lsn, ioff in index[index_pos:]:
-                res.issues.append(Problem(f"seal index entry (LSN {lsn}, offset {ioff}) does not point at the "
-                                          "start of a data frame", name, ioff, lsn))
+            index.rest()
             self._check_seal(res, fd, name, seal, seal_off, seg_records, seg_last, expected)
             res.next_lsn = seal.next_lsn
             res.tail, res.tail_offset = "end", size
             return res
-        if seal_at is not None:
+        plan = self._plan(scan, next_base)
+        if scan.seal_at is not None:
             # A seal frame the trailer does not point at: the writer sealed this segment while we read it, or
             # crashed between writing the seal and cutting the file after it (recovery finishes that).
-            off, h, seal = seal_at
+            off, h = scan.seal_at
             res.sealed = True
             res.data_end = off + h.size
-            if not is_zero_from(fd, off + h.size, os.fstat(fd).st_size):
-                res.issues.append(Problem("data follows a seal frame", name, off + h.size))
+            if isinstance(plan.action, Refuse):
+                res.issues.append(Problem(plan.detail, name, plan.offset))
             elif not self.report.live:
                 res.notes.append(f"{name} ends with a seal that was not cut after (the next open finishes it)")
-            self._check_seal(res, fd, name, seal, off, seg_records, seg_last, expected)
-            res.next_lsn = seal.next_lsn
+            if scan.seal is None:
+                res.issues.append(Problem(f"seal frame does not decode: {scan.seal_error}", name, off, h.base_lsn))
+            else:
+                self._check_seal(res, fd, name, scan.seal, off, seg_records, seg_last, expected)
+            res.next_lsn = h.base_lsn
             res.tail, res.tail_offset = "end", res.data_end
             return res
-        self._classify_tail(res, fd, name, stop, size, expected, is_last)
+        self._report_tail(res, name, scan, plan, next_base)
         return res
 
-    def _resume_after(self, fd: int, stop: ScanStop, limit: int) -> tuple[int, int] | None:
+    def _resume_after(self, fd: int, stop: Stop, limit: int) -> tuple[int, int] | None:
         """(offset, next expected LSN) where scanning can go on after damage inside a sealed segment: after the
         damaged frame when its header is valid, else at the next valid frame header (at or before `limit`)."""
         if stop.header is not None and stop.offset + stop.header.size <= limit:
@@ -439,27 +443,36 @@ class _Verifier:
         except RecordError as exc:
             res.issues.append(Problem(exc.detail, name, F.SEGMENT_HEADER_SIZE))
 
-    def _classify_tail(self, res: _SegmentResult, fd: int, name: str, stop: ScanStop | None, size: int,
-                       expected: int, is_last: bool) -> None:
-        """The end of an unsealed segment, decided exactly as recovery.recover decides it."""
-        durable = None
-        if not self.report.live:
-            head = _read_head(self.directory)
-            durable = head.durable_lsn if head is not None else None
-        verdict = examine_stop(fd, stop, size, expected, is_last, durable)
-        where = stop.offset if stop is not None else size
+    def _durable_lsn(self) -> int | None:
+        """HEAD's durable LSN when no writer runs (None while one does: its tail is a write in progress)."""
+        if self.report.live:
+            return None
+        head = _read_head(self.directory)
+        return head.durable_lsn if head is not None else None
+
+    def _plan(self, scan: SegmentScan, next_base: int | None) -> Plan:
+        """What the next open would do with this unsealed segment: the plan recovery carries out."""
+        return plan_segment(scan, is_last=next_base is None, durable_lsn=self._durable_lsn(), truncate=False,
+                            next_base_lsn=next_base)
+
+    def _report_tail(self, res: _SegmentResult, name: str, scan: SegmentScan, plan: Plan,
+                     next_base: int | None) -> None:
+        """The end of an unsealed segment, as the plan judges it: nothing, a note, or a problem."""
+        where = plan.offset
+        expected = scan.expected
+        is_last = next_base is None
         res.next_lsn = expected
         res.data_end = where
-        res.tail, res.tail_offset = verdict, where
-        if verdict == "end":
-            return
-        nexts = {b for b, _ in list_segments(self.directory)} if not is_last else set()
-        if expected in nexts and (self.report.live or seal_unfinished(fd, stop, size)):
-            # The writer switches segments before its rotation thread seals the old one (recovery finishes a
-            # seal a crash cut short): every LSN is here, only the seal is still to come (being written, if
-            # the writer runs).
+        res.tail, res.tail_offset = plan.verdict.value, where
+        if isinstance(plan.action, WriteSeal) or (self.report.live and next_base == expected):
+            # The writer switches segments before its rotation thread seals the old one (recovery writes a
+            # seal a crash kept from being written): every LSN is here, only the seal is still to come (being
+            # written, if the writer runs).
             res.tail = "end"
-            res.notes.append(f"{name} is not sealed yet; the next segment starts right after its last LSN")
+            res.notes.append(f"{name} is not sealed yet (seal still to be written); the next segment starts "
+                             "right after its last LSN")
+            return
+        if plan.verdict is Verdict.END:
             return
         live = self.report.live and is_last
         committed = self.report.committed_lsn
@@ -473,20 +486,20 @@ class _Verifier:
                                  f"{committed}) was not checked")
                 return
             res.retry = True  # our bytes may predate the writer's: the caller scans again
-        if verdict == "torn":
+        if isinstance(plan.action, Cut):
             burned = ""
-            if stop.header is not None and stop.header.base_lsn == expected and stop.header.count:
-                burned = f"; its LSNs {expected}..{stop.header.end_lsn - 1} will never be reused"
-                res.next_lsn = stop.header.end_lsn
-            detail = f"torn tail: {stop.error.detail}; recovery cuts it at offset {where}{burned}"
+            if plan.action.next_lsn > expected:
+                burned = f"; its LSNs {expected}..{plan.action.next_lsn - 1} will never be reused"
+                res.next_lsn = plan.action.next_lsn
+            detail = f"torn tail: {plan.detail}; recovery cuts it at offset {where}{burned}"
             if committed is not None and committed >= expected:
                 res.issues.append(Problem(f"{detail}, but HEAD says LSN {committed} was committed", name, where,
                                           expected))
             else:
                 res.notes.append(f"{name} offset {where}: {detail}")
             return
-        detail = stop.error.detail if stop is not None else "segment is not sealed but later segments exist"
-        if stop is not None:
+        detail = plan.detail
+        if detail != NOT_SEALED:
             detail += "; valid data follows, so this is corruption, not a torn tail"
         res.issues.append(Problem(detail, name, where, expected))
 
@@ -580,22 +593,9 @@ def _frame_dict(segment: str, off: int, h: F.FrameHeader, data: memoryview) -> d
     return out
 
 
-def _resolve_start(start: int | str, segments: list[tuple[int, Path]], bound: int | None,
-                   directory: Path) -> int:
-    if start == "earliest":
-        return segments[0][0] if segments else 1
-    if start == "latest":
-        return bound + 1 if bound is not None else end_of_valid_data(directory)
-    if isinstance(start, int) and not isinstance(start, bool) and start >= 1:
-        if segments and start < segments[0][0]:
-            raise TruncatedError(start, segments[0][0])
-        return start
-    raise ConfigError("start", f"must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
-
-
 def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterator[dict[str, Any]]:
+    first = resolve_start(directory, start, bound)
     segments = list_segments(directory)
-    first = _resolve_start(start, segments, bound, directory)
     next_base = None  # the base LSN the previous segment's seal names
     for i, (base, path) in enumerate(segments):
         if i + 1 < len(segments) and segments[i + 1][0] <= first:
@@ -626,7 +626,7 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
             else:
                 stop = seg.scanner.stop
                 if (seg.seal is None and i + 1 < len(segments) and segments[i + 1][0] == expected
-                        and seal_unfinished(seg.fd, stop, seg.size)):
+                        and seal_unfinished(stop_facts(seg.fd, seg.size, stop, expected), seg.size)):
                     next_base = expected  # not sealed yet (or a crash cut the seal short): nothing is missing
                     continue
                 if stop is not None and (seg.seal is not None or i + 1 < len(segments)):

@@ -4,7 +4,7 @@ nori-wal's key-value recipe, done right: it reads every segment (not just the fi
 its key, a TTL expires relative to the record's write timestamp (stored in the log, so expiry survives
 restarts), and it keeps following new records instead of stopping at the end.
 
-    python workers/kv_view.py --dir wal-data            # replay, then print stats as it follows
+    python -m walsvc.workers.kv_view --dir wal-data            # replay, then print stats as it follows
 """
 
 from __future__ import annotations

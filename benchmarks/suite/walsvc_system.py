@@ -210,28 +210,30 @@ def _fill(directory: Path, records: int, record_size: int) -> int:
     return records * record_size
 
 
-def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float, float]:
+def _replay_reader(barrier: Any, directory: str) -> tuple[int, int, float, float, float]:
     import resource
 
     import walsvc
     count = nbytes = 0
     with walsvc.Reader(directory, "earliest") as reader:
         barrier.wait()
+        cpu = time.process_time()
         while batch := reader.poll(0):
             count += len(batch)
             nbytes += sum(len(r.value) for r in batch)
-    return count, nbytes, time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cpu = time.process_time() - cpu
+    return count, nbytes, time.monotonic(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, cpu
 
 
 def replay(tmpdir: str, records: int, record_size: int) -> dict[str, float]:
     directory = Path(tmpdir) / "log"
     _fill(directory, records, record_size)
-    start, ((count, nbytes, end, peak_mib),) = run_workers(_replay_reader, [(str(directory),)], timeout=600,
-                                                          context="spawn")
+    start, ((count, nbytes, end, peak_mib, cpu),) = run_workers(_replay_reader, [(str(directory),)], timeout=600,
+                                                               context="spawn")
     if count != records:
         raise RuntimeError(f"replay read {count} records, expected {records}")
     return {"records_per_s": count / (end - start), "mib_per_s": nbytes / (end - start) / 2**20,
-            "reader_peak_rss_mib": peak_mib}
+            "reader_peak_rss_mib": peak_mib, "records_per_cpu_s": count / cpu}
 
 
 def _tear_tail(directory: Path) -> None:

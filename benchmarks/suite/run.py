@@ -1,4 +1,4 @@
-"""Entry point: python -m walsvc.bench.run [--quick] [--out DIR] [--runs N] [--only SYSTEM,...] [--scenarios TEXT,...]
+"""Entry point: python benchmarks/run.py [--quick] [--out DIR] [--runs N] [--only SYSTEM,...] [--scenarios TEXT,...]
 
 Runs every scenario on every available system (interleaved run by run), printing one line per step, then
 writes report.md and report.json into --out.  Scratch data (Redis AOFs, SQLite files, walsvc segments) goes into
@@ -19,7 +19,7 @@ from . import harness, machine, report
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m walsvc.bench.run", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true",
                         help="1 run per step, ~1 s durations and small logs: a smoke test of the suite (< 60 s)")
     parser.add_argument("--out", default="bench-results", help="folder for report.md/report.json and scratch data")
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
+    args.out = os.path.abspath(args.out)  # peers run in their own working directories (redis-server's log)
     os.makedirs(args.out, exist_ok=True)
     facts = machine.describe(args.out)
     scratch = tempfile.mkdtemp(prefix="scratch-", dir=args.out)

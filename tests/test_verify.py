@@ -1,4 +1,4 @@
-"""walsvc.inspect: verify and dump, on healthy, damaged, torn and live logs."""
+"""walsvc.verify: verify and dump, on healthy, damaged, torn and live logs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from crc32c import crc32c
 from walsvc import Log, LogLockedError, Record
 from walsvc import frame as F
 from walsvc.errors import ConfigError, CorruptionError
-from walsvc.inspect import dump, verify
+from walsvc.verify import dump, verify
 from walsvc.record import encode_many, encode_put
 from walsvc.segment import list_segments
 
@@ -99,7 +99,8 @@ def test_verify_reports_flipped_bit_in_sealed_segment(healthy):
     report = verify(d)
     assert not report.ok
     text = "\n".join(report.problems)
-    assert f"{first.name} offset {victim['offset']} (LSN {victim['base_lsn']}): frame payload CRC32C mismatch" in text
+    assert (f"segment {first.name}, offset {victim['offset']}, LSN {victim['base_lsn']}: "
+            "frame payload CRC32C mismatch") in text
     assert any(first.name in p and "does not match the seal" in p for p in report.problems)
     # The rest of the log is still checked: only the damaged batch is missing from the count.
     assert report.records == len(written) - victim["count"]
@@ -112,7 +113,7 @@ def test_verify_reports_flipped_bit_in_sealed_segment_header(healthy):
     _flip(second, 30)
     report = verify(d)
     assert not report.ok
-    assert any(p.startswith(f"{second.name} offset 0: bad segment header") for p in report.problems)
+    assert any(p.startswith(f"segment {second.name}, offset 0: bad segment header") for p in report.problems)
 
 
 def test_verify_reports_flipped_bit_mid_log_in_active_segment(healthy):
@@ -125,7 +126,7 @@ def test_verify_reports_flipped_bit_mid_log_in_active_segment(healthy):
     report = verify(d)
     assert not report.ok
     assert report.tail == "corrupt" and report.tail_offset == victim["offset"]
-    assert any(p.startswith(f"{active.name} offset {victim['offset']} (LSN {victim['base_lsn']})") and
+    assert any(p.startswith(f"segment {active.name}, offset {victim['offset']}, LSN {victim['base_lsn']}") and
                "corruption, not a torn tail" in p for p in report.problems)
     # Recovery agrees: valid data follows the damage, so the log refuses to open.
     with pytest.raises(CorruptionError):
@@ -139,7 +140,7 @@ def test_verify_reports_flipped_bit_in_active_frame_header(healthy):
     _flip(active, victim["offset"] + 20)  # inside the count field: the header CRC fails
     report = verify(d)
     assert report.tail == "corrupt"
-    assert any(p.startswith(f"{active.name} offset {victim['offset']}") and "header CRC32C" in p
+    assert any(p.startswith(f"segment {active.name}, offset {victim['offset']}") and "header CRC32C" in p
                for p in report.problems)
 
 
@@ -193,8 +194,8 @@ def test_verify_missing_middle_segment(healthy):
     os.unlink(segments[1][1])
     report = verify(d)
     assert not report.ok
-    assert any(p.startswith(segments[2][1].name) and f"LSNs {segments[1][0]}..{segments[2][0] - 1} are missing" in p
-               for p in report.problems)
+    gap = f"LSNs {segments[1][0]}..{segments[2][0] - 1} are missing"
+    assert any(p.startswith(f"segment {segments[2][1].name}") and gap in p for p in report.problems)
 
 
 def _crafted(d: Path, frames: list[bytes], seal: F.Seal | None = None, base: int = 1) -> Path:
@@ -219,9 +220,10 @@ def test_verify_checks_records_inside_a_frame_with_a_good_crc(tmp_path):
     report = verify(tmp_path)
     second = 64 + len(frames[0])
     third = second + len(frames[1])
-    assert any(p.startswith(f"{path.name} offset {second + 56 + len(good)} (LSN 3): record 1 of the batch does "
-                            "not decode: record CRC32C mismatch") for p in report.problems)
-    assert f"{path.name} offset {third} (LSN 4): frame header says 3 records, its payload holds 1" in report.problems
+    assert any(p.startswith(f"segment {path.name}, offset {second + 56 + len(good)}, LSN 3: record 1 of the batch "
+                            "does not decode: record CRC32C mismatch") for p in report.problems)
+    assert (f"segment {path.name}, offset {third}, LSN 4: frame header says 3 records, its payload holds 1"
+            in report.problems)
 
 
 def test_verify_checks_seal_contents(tmp_path):
@@ -231,8 +233,8 @@ def test_verify_checks_seal_contents(tmp_path):
     report = verify(tmp_path)
     seal_at = 64 + len(frame)
     assert report.sealed_segments == 1
-    assert f"{path.name} offset {seal_at}: seal counts 2 records, the frames hold 1" in report.problems
-    assert any(p.startswith(f"{path.name} offset 70 (LSN 1): seal index entry") for p in report.problems)
+    assert f"segment {path.name}, offset {seal_at}: seal counts 2 records, the frames hold 1" in report.problems
+    assert any(p.startswith(f"segment {path.name}, offset 70, LSN 1: seal index entry") for p in report.problems)
     assert any("does not match the seal's 0x00001234" in p for p in report.problems)
 
 

@@ -51,7 +51,7 @@ Durability levels (what an acknowledged record survives):
   SQLite WAL synchronous=NORMAL (commits not fsynced until a checkpoint), walsvc's group commit policy.
 - "always": fsync before acknowledging (Redis appendfsync always, SQLite synchronous=FULL).
 
-The walsvc module is `walsvc.bench.walsvc_system`; `load_systems` imports it only if it exists, so the suite
+The walsvc module is `benchmarks.suite.walsvc_system`; `load_systems` imports it only if it exists, so the suite
 runs without it.  The helpers below (run_workers, proc_cpu_seconds, percentiles_us, throughput_result) are
 for system modules, so all systems count time, CPU and percentiles the same way.
 """
@@ -74,8 +74,8 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 SUBJECT = "walsvc"
-PEER_MODULES = ("walsvc.bench.redis_streams", "walsvc.bench.sqlite_wal")
-SUBJECT_MODULE = "walsvc.bench.walsvc_system"
+PEER_MODULES = ("benchmarks.suite.redis_streams", "benchmarks.suite.sqlite_wal")
+SUBJECT_MODULE = "benchmarks.suite.walsvc_system"
 DEFAULT_DURABILITIES = ("batch", "always")
 WARMUP_FRACTION = 0.05
 LATENCY_RECORD_SIZE = 100

@@ -4,7 +4,7 @@ Copy this to start your own: `walsvc.Reader(directory, name=...)` resumes after 
 process a batch, then `commit(last_lsn)` (one fsync per call, so commit per batch, not per record).
 Retention keeps what a named reader still needs, within `max_cursor_lag_bytes`.
 
-    python workers/consumer_worker.py --dir wal-data --name billing
+    python -m walsvc.workers.consumer_worker --dir wal-data --name billing
 """
 
 from __future__ import annotations
