@@ -367,3 +367,72 @@ def test_recovery_and_verify_follow_the_same_plan(tmp_path_factory, sizes, data)
                                                           else F.FRAME_HEADER_SIZE)
     with LogReader(directory) as r:
         assert [x.lsn for x in r] == list(range(1, _scan(img).records + 1))
+
+
+def _two_segments(directory: Path) -> tuple[Path, Path, int, int]:
+    """A log of two segments whose first one's seal is then cut off, as if a crash came between the
+    rotation's switch and the seal: (first, second, the second's base LSN, the first's last frame offset)."""
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        while len(list(directory.glob("*.wal"))) < 2:
+            log.append_batch([Record.put(key_for(lsn), value_for(lsn, 4000)) for lsn in range(log.next_lsn,
+                                                                                            log.next_lsn + 20)])
+        log.append_batch(_records(log.next_lsn, 3))
+    first, second = sorted(directory.glob("*.wal"))
+    data = first.read_bytes()
+    pos, last = HEADER, HEADER
+    while pos < len(data):
+        h = F.decode_frame_header(data, pos)
+        if h.kind == F.KIND_SEAL:
+            break
+        last = pos
+        pos += h.size
+    os.truncate(first, pos)  # the seal is not written yet
+    return first, second, int(second.name[:20]), last
+
+
+def _set_durable(directory: Path, durable: int) -> None:
+    head = H.load(directory)
+    (directory / H.NAME).write_bytes(H.encode(H.Head(durable, 0, head.active_base_lsn, head.active_end, durable)))
+
+
+def test_power_cut_after_a_switch_torn_old_tail_quarantines_the_new_segment(tmp_path):
+    """The old segment's last frames were not fsynced when the next segment's name reached the disk: past
+    the durable LSN the old one ends torn, so recovery cuts it, moves the new one to quarantine/ and never
+    hands out its LSNs again; verify reports the same torn tail."""
+    directory = tmp_path / "wal"
+    first, second, next_base, last = _two_segments(directory)
+    with open(first, "r+b") as f:  # the last frame of the old segment lost its payload
+        f.seek(last + F.FRAME_HEADER_SIZE + 3)
+        f.write(b"\xff\xfe")
+    lost_from = F.decode_frame_header(first.read_bytes(), last).base_lsn
+    _set_durable(directory, lost_from - 1)
+    end_of_second = _scan(second.read_bytes(), next_base).expected
+    report = verify(directory)
+    assert report.ok, report.problems
+    assert any(first.name in n and "torn tail" in n for n in report.notes), report.notes
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        assert log.recovery.torn_tail and str(directory / "quarantine" / second.name) in log.recovery.quarantined
+        assert log.next_lsn >= end_of_second > lost_from
+        assert [r.lsn for r in log.read()] == list(range(1, lost_from))
+        assert log.append(Record.put(b"k", b"v")) == log.next_lsn - 1 >= end_of_second
+
+
+def test_power_cut_after_a_switch_lost_header_quarantines_the_new_segment(tmp_path):
+    """The new segment's header (written without an fsync) lost, its frames kept, nothing in it durable:
+    recovery moves it to quarantine/ and appends on in the old segment; readers and verify see the old one
+    as the newest (nothing is missing, nothing is corrupt)."""
+    directory = tmp_path / "wal"
+    first, second, next_base, _ = _two_segments(directory)
+    with open(second, "r+b") as f:
+        f.write(bytes(HEADER))
+    _set_durable(directory, next_base - 1)
+    with LogReader(directory) as r:
+        assert [x.lsn for x in r] == list(range(1, next_base))
+    report = verify(directory)  # judged as recovery judges it: the old segment is the newest, its end the end
+    assert report.ok, report.problems
+    assert (report.tail, report.tail_segment) == ("end", first.name)
+    assert not any("seal still to be written" in n for n in report.notes), report.notes
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        assert str(directory / "quarantine" / second.name) in log.recovery.quarantined
+        assert log.next_lsn == next_base and log.recovery.sealed_segments == 0
+        assert [r.lsn for r in log.read()] == list(range(1, next_base))

@@ -179,7 +179,8 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 # The later segments go to quarantine/ and their LSNs are never reused: read how far they go
                 # (only now, as it may scan them).
                 plan = plan_segment(scan, is_last=is_last, durable_lsn=durable_lsn, truncate=truncate,
-                                    later_end_lsn=max(_end_lsn(p) for p in later), next_base_lsn=next_base)
+                                    later_end_lsn=max((_end_lsn(p) for p in later), default=0),
+                                    next_base_lsn=next_base)
             action = plan.action
             if isinstance(action, FinishSeal):
                 _finish_seal(fd, action)

@@ -214,12 +214,17 @@ class _Verifier:
         elif (self.directory / H.NAME).exists():
             r.notes.append("HEAD is unreadable (a writer rewrites it when it opens the log)")
         segments = list_segments(self.directory)
+        # Recovery drops a newest segment whose header a power cut lost before it judges the others: the one
+        # before it is then the newest.
+        newest = len(segments) - 1
+        if newest > 0 and self._header_lost(*segments[-1]):
+            newest -= 1
         expected: int | None = None
         prev_id: int | None = None
         for i, (base, path) in enumerate(segments):
             if self.progress is not None:
                 self.progress(i, len(segments))
-            is_last = i == len(segments) - 1
+            is_last = i >= newest
             next_base = None if is_last else segments[i + 1][0]
             res, seg_id = self.check_segment(base, path, next_base, expected, prev_id)
             if seg_id is not None:
@@ -237,7 +242,7 @@ class _Verifier:
             if res.last_lsn is not None:
                 r.last_lsn = res.last_lsn
             expected = res.next_lsn  # None: unknown (damaged header), the next segment is not compared
-            if is_last and res.tail is not None:
+            if i == newest and res.tail is not None:
                 r.tail, r.tail_segment, r.tail_offset = res.tail, path.name, res.tail_offset
         r.next_lsn = expected if segments else 1
         if head is not None and expected is not None and head.committed_lsn >= expected:
@@ -247,6 +252,20 @@ class _Verifier:
         self.check_other_files()
         r.duration_s = time.perf_counter() - started
         return r
+
+    def _header_lost(self, base: int, path: Path) -> bool:
+        """Whether the newest segment's header does not decode and it holds nothing durable (`repair.header_lost`)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            read_header(fd)
+            return False
+        except RecordError:
+            return header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size), self._durable_lsn())
+        finally:
+            os.close(fd)
 
     # One segment -------------------------------------------------------------------------------------
 
