@@ -108,7 +108,8 @@ def open_log(tmp_path: Path) -> Iterator[Callable[..., Log]]:
 
 
 def fill(log: Log, count: int, size: int = 100, per_batch: int = 1) -> list[int]:
-    """Append `count` records whose key and value derive from the LSN they will get."""
+    """Append `count` records whose key and value derive from the LSN they will get; then wait for the
+    rotation thread (seals, retention), so the caller sees the directory as it settles."""
     lsns: list[int] = []
     while len(lsns) < count:
         n = min(per_batch, count - len(lsns))
@@ -116,6 +117,7 @@ def fill(log: Log, count: int, size: int = 100, per_batch: int = 1) -> list[int]
         got = log.append_batch([Record.put(key_for(base + i), value_for(base + i, size)) for i in range(n)])
         assert got == list(range(base, base + n))
         lsns.extend(got)
+    log._pipeline.drain()
     return lsns
 
 

@@ -15,8 +15,11 @@
    with recovery: it raises exactly when the open refuses, and otherwise reads the LSNs recovery keeps.
 
 A sync covers the writes that completed before the sync call began, and takes effect when it returns.
-Not modelled: rename and unlink (the workload stores no cursor and retention deletes nothing), and writes
-torn other than as a prefix.
+Files are tracked as inodes (a name may be reused: the spare segment file), and a rename (the spare becoming
+a segment) survives if a directory fsync began after it; else "unsynced names lost" keeps the old name.
+Directory entries persist in order, so that state loses every later create and rename too.
+Not modelled: unlink (the workload stores no cursor and retention deletes nothing), and writes torn other
+than as a prefix.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from walsvc import Log, LogReader
 from walsvc.errors import CorruptionError
 
 REPO = Path(__file__).resolve().parents[1]
-SYSCALLS = "openat,pwrite64,pwritev,pwritev2,fsync,fdatasync,ftruncate,fallocate,newfstatat"
+SYSCALLS = "openat,write,pwrite64,pwritev,pwritev2,fsync,fdatasync,ftruncate,fallocate,newfstatat,rename,renameat,renameat2"
 ACK = "/WALSVC-ACK/"
 
 _WORKLOAD = r"""
@@ -76,8 +79,9 @@ def value_of(key: bytes) -> bytes:
 
 @dataclass
 class Op:
-    kind: str  # "write", "trunc", "alloc", "sync", "create", "dirsync", "ack"
-    path: str = ""
+    kind: str  # "write", "trunc", "alloc", "sync", "create", "rename", "dirsync", "ack"
+    path: str = ""  # the file's inode key: the name it was created with (+ "#n" when that name is reused)
+    target: str = ""  # rename: the new name
     offset: int = 0
     data: bytes = b""
     size: int = 0  # write: bytes written; trunc, alloc: the file size after
@@ -120,7 +124,9 @@ def parse(text: str, directory: str) -> list[Op]:
     pending: dict[str, tuple[str, str, int]] = {}  # pid -> (syscall, args so far, start index)
     last_write: Op | None = None
     prefix = directory.rstrip("/") + "/"
-    created: set[str] = set()
+    inode_of: dict[str, str] = {}  # current name -> inode key
+    seen: set[str] = set()  # every name a file was created with
+    position: dict[str, int] = {}  # inode -> file offset of plain write()s (files written that way: log-id)
     for line in text.splitlines():
         if line.startswith(" | "):
             if last_write is not None:
@@ -159,16 +165,32 @@ def parse(text: str, directory: str) -> list[Op]:
             target = re.search(r'= \d+<([^>]*)>', args)
             fm = re.match(r'[^,]*, "[^"]*", (0x[0-9a-f]+|\d+)', args)
             flags = int(fm.group(1), 0) if fm else 0
-            if target and target.group(1).startswith(prefix) and flags & 0x40 and target.group(1) not in created:
-                created.add(target.group(1))
-                ops.append(Op("create", target.group(1), start=start))
+            name = target.group(1) if target else ""
+            if name.startswith(prefix) and flags & 0x40 and (name not in inode_of or flags & 0x80):  # O_CREAT, O_EXCL
+                key = name if name not in seen else f"{name}#{len(seen)}"
+                seen.add(name)
+                inode_of[name] = key
+                ops.append(Op("create", key, start=start))
+            continue
+        if name in ("rename", "renameat", "renameat2"):
+            old, new = re.findall(r'"([^"]*)"', args)[:2]
+            if old in inode_of and new.startswith(prefix):
+                key = inode_of.pop(old)
+                inode_of[new] = key
+                ops.append(Op("rename", key, target=new, start=start))
             continue
         if path == directory.rstrip("/") and name in ("fsync", "fdatasync"):
             ops.append(Op("dirsync", path, start=start))
             continue
         if not path.startswith(prefix):
             continue
-        if name in ("pwrite64", "pwritev", "pwritev2"):
+        path = inode_of.get(path, path)
+        if name == "write":
+            offset = position.get(path, 0)
+            position[path] = offset + int(ret.group(1))
+            last_write = Op("write", path, offset=offset, size=int(ret.group(1)), start=start)
+            ops.append(last_write)
+        elif name in ("pwrite64", "pwritev", "pwritev2"):
             numbers = re.search(r"((?:, \d+)+)\)\s+= \d+$", args).group(1).split(", ")
             offset = int(numbers[-2] if name == "pwritev2" else numbers[-1])  # pwritev2 ends with its flags
             last_write = Op("write", path, offset=offset, size=int(ret.group(1)), start=start)
@@ -221,10 +243,13 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
         file_ops: dict[str, list[tuple[int, Op]]] = {}
         durable_upto: dict[str, int] = {}  # per file: ops with index below this are durable
         created: dict[str, int] = {}
+        renamed: dict[str, tuple[int, str]] = {}  # inode -> (index, new name) of its last rename
         dir_synced_before = -1
         for i, op in enumerate(done):
             if op.kind == "create":
                 created[op.path] = i
+            elif op.kind == "rename":
+                renamed[op.path] = (i, op.target)
             elif op.kind == "dirsync":
                 dir_synced_before = op.start
             elif op.kind == "sync":
@@ -236,7 +261,12 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
         for path, items in file_ops.items():
             base[path] = [op for i, op in items if i < durable_upto.get(path, 0)]
             later[path] = [op for i, op in items if i >= durable_upto.get(path, 0)]
+        # Directory entries persist in order: losing the unsynced ones loses every create and rename after
+        # the last directory fsync (a renamed file keeps its old name).
         volatile_names = {p for p, i in created.items() if i >= dir_synced_before}
+        durable_name = {p: (renamed[p][1] if p in renamed and renamed[p][0] < dir_synced_before else p.split("#")[0])
+                        for p in created}
+        final_name = {p: renamed[p][1] if p in renamed else p.split("#")[0] for p in created}
         choices: list[tuple[str, dict[str, list[Op]], set[str]]] = []
         everything = {p: base.get(p, []) + later.get(p, []) for p in created}
         choices.append(("all written", everything, set()))
@@ -244,10 +274,10 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
         if volatile_names:
             choices.append(("unsynced names lost", everything, volatile_names))
         for path, rest in later.items():
-            if not rest or not path.endswith((".wal", "/HEAD")):  # LOCK only names the writer's PID
+            if not rest or not final_name.get(path, path).endswith((".wal", "/HEAD")):  # LOCK: the writer's PID
                 continue
             others = {p: base.get(p, []) for p in created}
-            name, synced = Path(path).name, base.get(path, [])
+            name, synced = Path(final_name.get(path, path)).name, base.get(path, [])
             lose = range(len(rest) - 1) if len(rest) <= 8 else [rng.randrange(len(rest) - 1)]
             for j in lose:
                 choices.append((f"{name}: op {j} of {len(rest)} lost, later kept",
@@ -263,7 +293,8 @@ def crash_states(ops: list[Op], cuts: list[int], rng: random.Random, per_cut: in
         names_lost = [c for c in choices if c[0] == "unsynced names lost"]
         choices = [c for c in choices if c[0] != "unsynced names lost"] + names_lost
         for label, files, lost in (choices if cut in thorough else choices[:per_cut]):
-            states.append(State(cut, {p: o for p, o in files.items() if p not in lost}, acked, label))
+            names = durable_name if lost else final_name
+            states.append(State(cut, {names[p]: o for p, o in files.items() if p not in lost}, acked, label))
     return states
 
 
@@ -336,13 +367,15 @@ def check_state(state: State, trace: Trace, target: Path, check_acked: bool = Tr
 
 
 def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int = 80, cuts: int = 80,
-            per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int]:
+            per_cut: int = 6, seed: int = 1, scratch: Path | None = None) -> dict[str, int | list[str]]:
     """Record, build states at `cuts` random cut points (at most `per_cut` each) plus every point near a
-    segment's creation or seal (all states there), check each; returns the counts.  States are
+    segment's creation, rename or seal (all states there), check each; returns the counts (and, under
+    "refusals", why each refused state was refused).  States are
     materialized under `scratch` (default: /dev/shm when it exists, where recovery's fsyncs cost nothing)."""
     rng = random.Random(seed)
     trace = record(work, policy=policy, threads=threads, batches=batches)
-    rotation = [i for i, op in enumerate(trace.ops) if op.path.endswith(".wal") and op.kind in ("create", "trunc")]
+    rotation = [i for i, op in enumerate(trace.ops)
+                if op.kind == "rename" or (op.kind in ("create", "trunc") and ".wal" in op.path)]
     near = {i + d for i in rotation for d in range(-3, 6) if 0 < i + d <= len(trace.ops)}
     chosen = sorted(near | set(rng.sample(range(1, len(trace.ops) + 1), min(cuts, len(trace.ops)))))
     counts = {"operations": len(trace.ops), "cut_points": len(chosen), "states": 0, "opened": 0, "refused": 0,
@@ -353,6 +386,8 @@ def explore(work: Path, *, policy: str = "batch", threads: int = 3, batches: int
     try:
         for state in crash_states(trace.ops, chosen, rng, per_cut, frozenset(near)):
             outcome = check_state(state, trace, target / "state", check_acked=policy != "os")
+            if not outcome.opened:
+                counts.setdefault("refusals", []).append(f"{state.label}, cut {state.cut}: {outcome.refused}")
             counts["states"] += 1
             counts["opened" if outcome.opened else "refused"] += 1
             counts["acked_records_checked"] += outcome.acked_checked

@@ -38,12 +38,12 @@ def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
     assert report["machine"]["cores"] >= 1 and report["machine"]["filesystem"]
     scenarios = {s["name"]: s for s in report["scenarios"]}
     kinds = {s["kind"] for s in scenarios.values()}
-    assert kinds == {"throughput", "latency", "replay", "recovery"}
+    assert kinds == {"throughput", "latency", "rotation", "replay", "recovery"}
     for name, scenario in scenarios.items():
         for peer in peers:
             cell = scenario["systems"][peer]
             assert not cell["errors"], (name, peer, cell["errors"])
-            if scenario["kind"] == "recovery":  # only walsvc provides it
+            if scenario["kind"] in ("recovery", "rotation"):  # only walsvc provides them
                 assert cell["na"], (name, peer)
                 continue
             assert cell["median"] > 0, (name, peer)

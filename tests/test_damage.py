@@ -27,6 +27,7 @@ from walsvc.recovery import QUARANTINE
 from walsvc.repair import classify
 from walsvc.scan import examine_stop
 from walsvc.segment import FrameScanner, ScanStop
+from walsvc.verify import verify
 
 
 def _drain(directory: Path, start: int | str = "earliest") -> list[Record]:
@@ -71,15 +72,37 @@ def test_damaged_seal_stops_offline_readers_with_an_error(tmp_path):
     _cli_fails_naming(directory, first.name)
 
 
-def test_cut_off_seal_is_damage_not_the_end(tmp_path):
+def test_cut_off_seal_and_last_frame_is_damage_not_the_end(tmp_path):
     directory = tmp_path / "wal"
     _sealed_log(directory)
     first = segment_paths(directory)[0]
-    seal_off, _ = frame_offsets(first)[-1]
-    os.truncate(first, seal_off)  # every frame intact, the seal gone, later segments still there
+    last_off, _ = frame_offsets(first)[-2]
+    os.truncate(first, last_off)  # the seal and the last frame gone, later segments still there: a hole
     with pytest.raises(CorruptionError, match="later segments"):
         _drain(directory)
     _cli_fails_naming(directory, first.name)
+
+
+def test_missing_seal_before_the_next_segment_is_a_rotation_cut_short(tmp_path):
+    """The writer renames the next segment in before its rotation thread seals the old one: a crash in
+    between leaves every frame of the old one, no seal, and the next segment starting right after its last
+    LSN.  Readers read on; recovery writes the seal."""
+    directory = tmp_path / "wal"
+    lsns = _sealed_log(directory)
+    first = segment_paths(directory)[0]
+    seal_off, _ = frame_offsets(first)[-1]
+    os.truncate(first, seal_off)
+    assert [r.lsn for r in _drain(directory)] == list(range(1, lsns[-1] + 1))
+    report = verify(directory)  # the verdict recovery's plan gives: a seal still to be written, not corruption
+    assert report.ok, report.problems
+    assert any(first.name in n and "seal still to be written" in n for n in report.notes), report.notes
+    frames = run_cli("dump", "--dir", str(directory), "--frames")
+    assert frames.returncode == 0, frames.stderr
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.sealed_segments == len(segment_paths(directory)) - 1
+        assert [r.lsn for r in log.read()] == list(range(1, lsns[-1] + 1))
+    off, h = frame_offsets(first)[-1]
+    assert h.kind == F.KIND_SEAL and off == seal_off
 
 
 @pytest.mark.parametrize("where", ["payload", "header"])
@@ -301,7 +324,9 @@ def test_classify_table():
     assert classify(bad, False, True, True, beyond_durable=True) == "torn"
     assert classify(garbage, False, True, True, beyond_durable=True) == "torn"
     assert classify(garbage, True, False, True, beyond_durable=True) == "end"
-    assert classify(bad, False, True, False, beyond_durable=True) == "corrupt"  # not the newest segment
+    assert classify(bad, False, True, False) == "corrupt"  # not the newest segment
+    # ... unless past the durable LSN: a rotation's next segment may reach the disk before this one's frames
+    assert classify(bad, False, True, False, beyond_durable=True) == "torn"
     assert classify(None, True, False, False, beyond_durable=True) == "corrupt"
 
 

@@ -13,14 +13,14 @@ import zstandard
 from walsvc import Log, Record
 from walsvc import record as R
 from walsvc.errors import DecompressionError, LogStoppedError
-from walsvc.segment import list_segments, read_seal, segment_name
+from walsvc.segment import SPARE_NAME, list_segments, read_seal, segment_name
 
 MiB = 1 << 20
 
 
 def test_rotation_that_cannot_create_the_next_segment_stops_the_log(tmp_path):
-    """A real fault: the file name the next segment needs is taken (a directory), so creating it fails as a
-    full disk would.  That append fails, every later one gets LogStoppedError (nothing is retried), and a
+    """A real fault: the file name the next segment needs is taken (a directory), so renaming the prepared
+    spare file into place fails as a full disk would.  That append fails, every later one gets LogStoppedError (nothing is retried), and a
     restart finishes the rotation and keeps every record written before the failure."""
     batch = [Record.put(b"k", b"v" * 1000)] * 100
     written = 0
@@ -34,7 +34,7 @@ def test_rotation_that_cannot_create_the_next_segment_stops_the_log(tmp_path):
                 log.append_batch(batch)
                 written += 100
             except LogStoppedError as exc:
-                assert (exc.operation, exc.errno, exc.path) == ("segment create", errno.EEXIST, str(blocker))
+                assert (exc.operation, exc.errno, exc.path) == ("segment rename", errno.EISDIR, str(blocker))
                 assert "during rotation" in exc.detail and "restart" in str(exc)
                 break
             finally:
@@ -43,9 +43,10 @@ def test_rotation_that_cannot_create_the_next_segment_stops_the_log(tmp_path):
             assert written < 10_000, "the log never rotated"
         with pytest.raises(LogStoppedError):
             log.append(Record.put(b"k", b"v"))
-        assert log.stats()["stopped"]["operation"] == "segment create"
+        assert log.stats()["stopped"]["operation"] == "segment rename"
         with pytest.raises(LogStoppedError):
             log.sync()
+    assert (tmp_path / SPARE_NAME).exists()  # the spare it could not rename: the next open deletes it
     with Log.open(tmp_path, segment_bytes=MiB) as log:
         assert sum(1 for _ in log.read()) == written
         assert log.append(Record.put(b"after", b"restart")) == written + 1
@@ -57,6 +58,7 @@ def test_a_stray_file_in_cursors_does_not_break_rotation(tmp_path):
     with Log.open(tmp_path, segment_bytes=MiB, fsync="os", max_bytes=2 * MiB) as log:
         for _ in range(40):
             log.append_batch([Record.put(b"k", b"v" * 1000)] * 100)
+        log._pipeline.drain()  # retention runs on the rotation thread
         assert log.stats()["segments_deleted"] > 0
 
 

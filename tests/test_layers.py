@@ -15,8 +15,8 @@ PACKAGE = ROOT / "walsvc"
 LAYERS = {
     0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest",
         "repair"},
-    1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "log", "logid",
-        "seek", "nori"},
+    1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "rotation",
+        "log", "logid", "seek", "nori"},
     2: {"endpoints", "writer", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
     3: {"cli", "verify", "status", "up", "__main__", "workers"},
 }

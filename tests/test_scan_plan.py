@@ -16,8 +16,8 @@ from walsvc import frame as F
 from walsvc import head as H
 from walsvc.errors import CorruptionError
 from walsvc.record import decode_payload, encode_many
-from walsvc.repair import (NOT_SEALED, Cut, FinishSeal, Keep, Refuse, SegmentScan, StopKind, Verdict,
-                           header_never_written, plan_segment)
+from walsvc.repair import (NOT_SEALED, Cut, FinishSeal, Keep, Refuse, SegmentScan, StopKind, Verdict, WriteSeal,
+                           header_lost, plan_segment)
 from walsvc.scan import scan_segment
 from walsvc.segment import bytes_reader, segment_name, valid_headers
 from walsvc.verify import verify
@@ -64,9 +64,9 @@ def _scan(image: bytes | bytearray, expected: int = 1, records: list[Record] | N
 
 
 def _plan(image: bytes | bytearray, *, durable: int | None = None, is_last: bool = True, truncate: bool = False,
-          later_end_lsn: int = 0):
+          later_end_lsn: int = 0, next_base: int | None = None):
     return plan_segment(_scan(image), is_last=is_last, durable_lsn=durable, truncate=truncate,
-                        later_end_lsn=later_end_lsn)
+                        later_end_lsn=later_end_lsn, next_base_lsn=next_base)
 
 
 def _seal(frames: list[bytes], next_lsn: int) -> bytes:
@@ -196,8 +196,66 @@ def test_seal_met_by_the_scan_is_finished_or_refused():
 def test_empty_segment_and_unwritten_header():
     plan = _plan(_segment([]))
     assert plan.verdict is Verdict.END and plan.action == Keep(HEADER)
-    assert header_never_written(True, True) and not header_never_written(False, True)
-    assert not header_never_written(True, False)
+
+
+
+@pytest.mark.parametrize("zeros_after,durable,lost", [
+    (True, None, True),  # created, its header never reached the disk whole
+    (True, 50, True),
+    (False, None, False),  # frames and nothing known about durability: refused
+    (False, 9, True),  # a rotation's unsynced header lost, nothing in the segment durable
+    (False, 10, False),  # LSN 10 durable: the segment held durable data
+])
+def test_header_lost_table(zeros_after, durable, lost):
+    assert header_lost(10, zeros_after, durable) is lost
+
+
+# -- a rotation cut short: the old segment is unsealed, the next one already in place --------------------
+
+def _seal_cut(keep: int) -> bytearray:
+    """FRAMES, then the first `keep` bytes of their seal, then the preallocated zeros."""
+    img = _segment(FRAMES)
+    seal = _seal(FRAMES, 8)
+    img[END:END + keep] = seal[:keep]
+    return img
+
+
+def _seal_flipped(tail: int) -> bytearray:
+    """FRAMES and their seal with a payload bit flipped, then `tail` zero bytes."""
+    seal = bytearray(_seal(FRAMES, 8))
+    seal[F.FRAME_HEADER_SIZE + 3] ^= 0x01
+    return _segment(FRAMES + [bytes(seal)], tail=tail)
+
+
+@pytest.mark.parametrize("image", [
+    _image("none"), _image("no tail"), _seal_cut(20), _seal_cut(F.FRAME_HEADER_SIZE - 1), _seal_cut(80),
+    _seal_flipped(64),
+], ids=["zeros", "end of file", "seal header cut", "seal header cut at its last byte", "seal payload cut",
+        "seal damaged, zeros after"])
+def test_seal_still_to_be_written_when_the_next_segment_starts_right_after(image):
+    plan = _plan(image, is_last=False, next_base=8)
+    assert plan.verdict is Verdict.END and plan.action == WriteSeal(END, 8) and plan.offset == END
+    # The same bytes when the next segment does not start at LSN 8: a hole, never sealed over.
+    assert _plan(image, is_last=False, next_base=9).verdict is Verdict.CORRUPT
+    assert _plan(image, is_last=False).verdict is Verdict.CORRUPT
+
+
+@pytest.mark.parametrize("image", [_seal_flipped(0), _image("bit flip in last frame"), _image("garbage in the tail")],
+                         ids=["damaged seal at the end of the file", "damaged data frame", "bytes past a header"])
+def test_damage_before_the_next_segment_is_not_a_seal_still_to_be_written(image):
+    plan = _plan(image, is_last=False, next_base=8)
+    assert plan.verdict is Verdict.CORRUPT and isinstance(plan.action, Refuse)
+
+
+def test_torn_tail_past_durable_before_the_newest_quarantines_later_segments():
+    """A rotation renames the next segment in before the old one's frames are fsynced: past the durable LSN
+    a segment that is not the newest may end torn; later segments hold only undurable LSNs, never reused."""
+    plan = _plan(_image("bit flip in frame 1"), durable=2, is_last=False, next_base=8, later_end_lsn=30)
+    assert plan.verdict is Verdict.TORN and plan.action == Cut(OFFS[1], END, 30, (OFFS[1], END), True)
+    plan = _plan(_image("last frame cut at EOF"), durable=6, is_last=False, next_base=8, later_end_lsn=12)
+    assert plan.verdict is Verdict.TORN and plan.action == Cut(OFFS[3], END - 5, 12, None, True)
+    # Inside the durable part it stays corruption.
+    assert _plan(_image("bit flip in frame 1"), durable=3, is_last=False, next_base=8).verdict is Verdict.CORRUPT
 
 
 # -- properties -----------------------------------------------------------------------------------------
@@ -309,3 +367,72 @@ def test_recovery_and_verify_follow_the_same_plan(tmp_path_factory, sizes, data)
                                                           else F.FRAME_HEADER_SIZE)
     with LogReader(directory) as r:
         assert [x.lsn for x in r] == list(range(1, _scan(img).records + 1))
+
+
+def _two_segments(directory: Path) -> tuple[Path, Path, int, int]:
+    """A log of two segments whose first one's seal is then cut off, as if a crash came between the
+    rotation's switch and the seal: (first, second, the second's base LSN, the first's last frame offset)."""
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        while len(list(directory.glob("*.wal"))) < 2:
+            log.append_batch([Record.put(key_for(lsn), value_for(lsn, 4000)) for lsn in range(log.next_lsn,
+                                                                                            log.next_lsn + 20)])
+        log.append_batch(_records(log.next_lsn, 3))
+    first, second = sorted(directory.glob("*.wal"))
+    data = first.read_bytes()
+    pos, last = HEADER, HEADER
+    while pos < len(data):
+        h = F.decode_frame_header(data, pos)
+        if h.kind == F.KIND_SEAL:
+            break
+        last = pos
+        pos += h.size
+    os.truncate(first, pos)  # the seal is not written yet
+    return first, second, int(second.name[:20]), last
+
+
+def _set_durable(directory: Path, durable: int) -> None:
+    head = H.load(directory)
+    (directory / H.NAME).write_bytes(H.encode(H.Head(durable, 0, head.active_base_lsn, head.active_end, durable)))
+
+
+def test_power_cut_after_a_switch_torn_old_tail_quarantines_the_new_segment(tmp_path):
+    """The old segment's last frames were not fsynced when the next segment's name reached the disk: past
+    the durable LSN the old one ends torn, so recovery cuts it, moves the new one to quarantine/ and never
+    hands out its LSNs again; verify reports the same torn tail."""
+    directory = tmp_path / "wal"
+    first, second, next_base, last = _two_segments(directory)
+    with open(first, "r+b") as f:  # the last frame of the old segment lost its payload
+        f.seek(last + F.FRAME_HEADER_SIZE + 3)
+        f.write(b"\xff\xfe")
+    lost_from = F.decode_frame_header(first.read_bytes(), last).base_lsn
+    _set_durable(directory, lost_from - 1)
+    end_of_second = _scan(second.read_bytes(), next_base).expected
+    report = verify(directory)
+    assert report.ok, report.problems
+    assert any(first.name in n and "torn tail" in n for n in report.notes), report.notes
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        assert log.recovery.torn_tail and str(directory / "quarantine" / second.name) in log.recovery.quarantined
+        assert log.next_lsn >= end_of_second > lost_from
+        assert [r.lsn for r in log.read()] == list(range(1, lost_from))
+        assert log.append(Record.put(b"k", b"v")) == log.next_lsn - 1 >= end_of_second
+
+
+def test_power_cut_after_a_switch_lost_header_quarantines_the_new_segment(tmp_path):
+    """The new segment's header (written without an fsync) lost, its frames kept, nothing in it durable:
+    recovery moves it to quarantine/ and appends on in the old segment; readers and verify see the old one
+    as the newest (nothing is missing, nothing is corrupt)."""
+    directory = tmp_path / "wal"
+    first, second, next_base, _ = _two_segments(directory)
+    with open(second, "r+b") as f:
+        f.write(bytes(HEADER))
+    _set_durable(directory, next_base - 1)
+    with LogReader(directory) as r:
+        assert [x.lsn for x in r] == list(range(1, next_base))
+    report = verify(directory)  # judged as recovery judges it: the old segment is the newest, its end the end
+    assert report.ok, report.problems
+    assert (report.tail, report.tail_segment) == ("end", first.name)
+    assert not any("seal still to be written" in n for n in report.notes), report.notes
+    with Log.open(directory, segment_bytes=1 << 20, fsync="os", preallocate=False) as log:
+        assert str(directory / "quarantine" / second.name) in log.recovery.quarantined
+        assert log.next_lsn == next_base and log.recovery.sealed_segments == 0
+        assert [r.lsn for r in log.read()] == list(range(1, next_base))

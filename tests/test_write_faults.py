@@ -68,25 +68,35 @@ class Site:
     tool: str  # "fiu": libfiu failure point `point`; "shim": walsvc_fault.c call `point`
     point: str
     operation: str  # the stop reason's operation
-    file: str  # what the stop reason's path ends with: ".wal", "HEAD" or "" (the log directory)
+    file: str | tuple[str, ...]  # what the stop reason's path ends with: ".wal", "HEAD" or "" (the directory)
     rotating: bool = False  # needs segment rotations (1 MiB segments, 1 KiB records)
     retention: bool = False  # needs retention to delete a segment at each rotation
     shim_options: str = ""
 
 
 FRAME_WRITE = Site("frame-write", "shim", "pwritev", "frame write at offset", ".wal")
-FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", ".wal", rotating=True)
+# Under `os` the first fdatasync after a switch may be the next spare's (the rotation thread prepares it
+# first) or the old segment's (the fsync thread under always/batch, or the seal).
+FDATASYNC = Site("fdatasync", "fiu", "posix/io/sync/fdatasync", "fdatasync", (".wal", "next-segment.tmp"),
+                 rotating=True)
 HEAD_UPDATE = Site("head-update", "fiu", "posix/io/rw/pwrite", "HEAD update", "HEAD")
-CREATE_DIR_FSYNC = Site("create-dir-fsync", "fiu", "posix/io/sync/fsync", "directory fsync after segment create",
+RENAME_DIR_FSYNC = Site("rename-dir-fsync", "fiu", "posix/io/sync/fsync", "directory fsync after segment rename",
                         "", rotating=True)
-PREALLOCATE = Site("preallocate", "shim", "fallocate", "preallocate", ".wal", rotating=True)
+# The rotation thread prepares the next segment's file (next-segment.tmp) ahead of time, and seals the old
+# segment while appends go on in the new one: faults there stop the log just the same.
+PREALLOCATE = Site("preallocate", "shim", "fallocate", "preallocate", "next-segment.tmp", rotating=True)
+SPARE_FDATASYNC = Site("spare-fdatasync", "shim", "fdatasync", "fdatasync", "next-segment.tmp", rotating=True,
+                       shim_options="path=next-segment.tmp")
+# Under `os` only the rotation thread fdatasyncs a segment: the old one's frames, before its seal.
+SEAL_FDATASYNC = Site("seal-fdatasync", "shim", "fdatasync", "fdatasync", ".wal", rotating=True,
+                      shim_options="path=.wal")
 SEAL_TRUNCATE = Site("seal-truncate", "fiu", "posix/io/rw/ftruncate", "seal truncate", ".wal", rotating=True)
 RETENTION_UNLINK = Site("retention-unlink", "fiu", "posix/io/dir/unlink", "retention unlink", ".wal",
                         rotating=True, retention=True)
 # The first directory fsync once armed is the next rotation's segment create: skip it, fail the retention one.
 RETENTION_DIR_FSYNC = Site("retention-dir-fsync", "shim", "fsync", "directory fsync after retention delete", "",
                            rotating=True, retention=True, shim_options="after=1")
-SITES = [FRAME_WRITE, FDATASYNC, HEAD_UPDATE, CREATE_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK,
+SITES = [FRAME_WRITE, FDATASYNC, HEAD_UPDATE, RENAME_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK,
          RETENTION_DIR_FSYNC]
 
 
@@ -212,14 +222,16 @@ def _case(site: Site, err: int, once: bool, policy: str) -> pytest.param:
 
 POLICIES = ("always", "batch", "os")
 THREADED = [FRAME_WRITE, FDATASYNC, HEAD_UPDATE]  # where the policy decides which thread meets the fault
-ROTATION = [CREATE_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK, RETENTION_DIR_FSYNC]  # main thread
+ROTATION = [RENAME_DIR_FSYNC, PREALLOCATE, SEAL_TRUNCATE, RETENTION_UNLINK, RETENTION_DIR_FSYNC]  # rotation thread
 # Every site under every policy, once and persistently, EIO and (where a disk can report it) ENOSPC; not the
 # full cross product, to stay within the suite's time budget.
 CASES = ([_case(site, errno.EIO, False, policy) for site in THREADED for policy in POLICIES]
          + [_case(site, errno.EIO, False, POLICIES[i % 3]) for i, site in enumerate(ROTATION)]
          + [_case(site, errno.EIO, True, POLICIES[(i + 1) % 3]) for i, site in enumerate(SITES)]
          + [_case(site, errno.ENOSPC, i % 2 == 0, POLICIES[(i + 2) % 3])
-            for i, site in enumerate(s for s in SITES if s is not RETENTION_UNLINK)])
+            for i, site in enumerate(s for s in SITES if s is not RETENTION_UNLINK)]
+         + [_case(SPARE_FDATASYNC, errno.EIO, False, "batch"), _case(SPARE_FDATASYNC, errno.ENOSPC, True, "os"),
+            _case(SEAL_FDATASYNC, errno.EIO, False, "os"), _case(SEAL_FDATASYNC, errno.EIO, True, "os")])
 
 
 @pytest.mark.parametrize("site,err,once,policy", CASES)
@@ -245,6 +257,9 @@ def test_write_path_fault_stops_the_log(tmp_path: Path, writers, shim: Path, sit
                 assert n < 20_000, "retention never deleted a segment"
         # From here on a resend would take minutes: every answer within the test's waits is the writer's own.
         producer.ack_timeout = 600.0
+        # A rotation's seal and retention run on the rotation thread: arm between rotations, as the shim's
+        # `after` counts calls from there.
+        wait_for(lambda: status(d)["rotation_backlog"] == 0, 30, "the rotation thread to go idle")
         fault.arm(writer.pid)
         more_acked, failed = _append_until_stopped(producer, value, len(acked))
         acked.update(more_acked)
@@ -313,11 +328,12 @@ def small_disk(tmp_path: Path):
 @pytest.mark.parametrize("preallocate", [True, False], ids=["preallocated", "not-preallocated"])
 def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, preallocate: bool) -> None:
     """The log fills a real (small) file system.  Preallocated, ENOSPC comes from posix_fallocate when a
-    rotation creates the next segment; not preallocated, from the frame write (or the new segment's header)."""
+    rotation thread prepares the next segment's file; not preallocated, from the frame write (or the new
+    segment's header)."""
     d = small_disk / "wal"
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # leave about 3 MiB: the log fills it within a few thousand records
-        f.write(b"\xff" * (5 * MiB))
+    with open(filler, "wb") as f:  # leave about 4 MiB (the spare reserves a segment ahead): a few thousand records
+        f.write(b"\xff" * (4 * MiB))
     config = tmp_path / "walsvc.toml"
     config.write_text(f"[log]\nsegment_bytes = {MiB}\npreallocate = {'true' if preallocate else 'false'}\n")
     writer = writers(d, fsync="batch", config=config).start()
@@ -336,7 +352,8 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     stopped = st["stopped"]
     assert stopped["errno"] == errno.ENOSPC and stopped["errno_name"] == "ENOSPC", stopped
     if preallocate:
-        assert stopped["operation"] == "preallocate" and stopped["path"].endswith(".wal"), stopped
+        # The rotation thread preallocates the next segment's file ahead of time: the disk fills up there.
+        assert stopped["operation"] == "preallocate" and stopped["path"].endswith("next-segment.tmp"), stopped
     else:
         assert stopped["operation"].startswith(("frame write at offset", "segment header write")), stopped
     _new_client_is_nacked(d)

@@ -6,6 +6,12 @@ encoded outside the lock, written with one pwritev under it, and made durable by
 publishes in the head file after each commit.  Any I/O error while writing (a frame, an fsync, HEAD, a
 rotation, a retention delete) stops the log for good, whichever thread meets it (Syncer.fail; docs/GUARANTEES.md,
 "Fail-stop").
+
+Rotation stays off the append path (rotation.py): the append that fills a segment renames a prepared spare
+into place and carries on; the rotation thread seals the old segment and applies retention.  Until that
+thread (or the fsync thread, whichever comes first) has fdatasynced the old segment and fsynced the
+directory, nothing past the switch counts as durable: `_sync_target` settles pending rotations before every
+fsync, so an ack under `always`/`batch` still means what it meant (docs/FORMAT.md, "Rotation").
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
@@ -33,7 +40,9 @@ from .lock import DirectoryLock
 from .scan import LogReader, OpenSegment
 from .record import Record, encode_many, implementation
 from .recovery import Recovered, RecoveryInfo, recover, remember_batches
-from .segment import ActiveSegment, create_segment, list_segments, now_us, seal_segment, unlink_segment
+from .rotation import Pipeline
+from .segment import (SPARE_NAME, ActiveSegment, create_segment, create_spare, install_spare, list_segments, now_us,
+                      remove_spare, seal_segment, seal_table, unlink_segment)
 
 logger = logging.getLogger("walsvc.log")
 
@@ -59,6 +68,18 @@ def _write_rest(fd: int, frame: bytes, offset: int, done: int) -> None:
         done += n
 
 
+@dataclass(eq=False)
+class _Rotation:
+    """A segment switch whose old segment is not yet sealed.  Records from `end` on live in the new segment;
+    before any of them counts as durable, the old segment's frames must be fdatasynced and the new name's
+    directory entry fsynced (the flags say which is done; both are only touched under the syncer's lock)."""
+    old: ActiveSegment
+    end: int
+    producers: dict[int, list[F.Appended]]
+    frames_synced: bool = False
+    dir_synced: bool = False
+
+
 class Log:
     """An open, writable log.  Use `Log.open(directory, **options)`; options are LogConfig fields."""
 
@@ -75,6 +96,7 @@ class Log:
             if first_lsn is not None:
                 _start_empty_at(directory, state, self.recovery, first_lsn)
             self.log_id = logid.ensure(directory)
+            remove_spare(directory)  # a crash left it half prepared, or unused: it never held a record
         except BaseException:
             self._lock_file.release()
             raise
@@ -86,6 +108,9 @@ class Log:
         self._next_segment_id = state.next_segment_id
         self._head = HeadWriter(directory)
         self._active: ActiveSegment = state.active or self._new_segment()
+        self._rotations: list[_Rotation] = []  # in order; the rotation thread removes each once it is sealed
+        self._segments_lock = threading.Lock()  # guards _sealed and _rotations together
+        self._retention_lock = threading.Lock()  # one retention pass at a time (rotation thread, or a caller)
         # Recovery may have kept frames that were written but never fsynced (a kill -9 under `batch`):
         # make them durable before HEAD calls them committed.
         sync_data(self._active.fd)
@@ -97,13 +122,15 @@ class Log:
         self._written = (self._active.fd, committed_end, self._active.path)
         self._publish_head(committed_end - 1, self._pid, committed_end - 1, durable=True)
         self._head_synced = time.monotonic()
-        self._syncer = Syncer(config.fsync, config.fsync_window_ms, lambda: self._written, self._committed,
+        self._syncer = Syncer(config.fsync, config.fsync_window_ms, self._sync_target, self._committed,
                               committed_end, publish=self._publish_committed, on_stop=on_stop,
                               thread=fsync_thread)
         self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
         self.segments_deleted = 0
+        self._pipeline = Pipeline(self._prepare_spare, lambda op, exc: self._syncer.fail(op, None, exc),
+                                  lambda: self._syncer.failed)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,
@@ -146,7 +173,8 @@ class Log:
     @property
     def first_lsn(self) -> int:
         """The oldest LSN still stored (retention deletes below it)."""
-        return self._sealed[0].base_lsn if self._sealed else self._active.header.base_lsn
+        with self._segments_lock:
+            return self._sealed[0].base_lsn if self._sealed else self._active.header.base_lsn
 
     @property
     def fsync_policy(self) -> str:
@@ -170,19 +198,26 @@ class Log:
             "segments": len(self._sealed) + 1, "bytes": self.total_bytes(), "fsync": self.config.fsync,
             "records_appended": self.records_appended, "bytes_appended": self.bytes_appended,
             "fsyncs": s.latency.count, "fsync_latency": s.latency.summary(),
-            "segments_deleted": self.segments_deleted, "producers": len(self._producers),
+            "segments_deleted": self.segments_deleted, "rotation_backlog": self._pipeline.backlog(),
+            "producers": len(self._producers),
             "stopped": s.failed.as_dict() if s.failed else None, "codec": implementation(),
         }
 
     def cursors(self) -> dict[str, dict[str, int]]:
         """Each named reader's cursor and how far it lags (records, and bytes to segment granularity)."""
+        sealed = self._sealed_now()
         rows = lag_rows(load_cursors(self.directory), self.committed_lsn)
         for row in rows.values():
-            row["lag_bytes"] = retention.cursor_lag_bytes(row["lsn"], self._sealed, self._active.end)
+            row["lag_bytes"] = retention.cursor_lag_bytes(row["lsn"], sealed, self._active.end)
         return rows
 
     def total_bytes(self) -> int:
-        return sum(s.size for s in self._sealed) + self._active.end
+        return sum(s.size for s in self._sealed_now()) + self._active.end
+
+    def _sealed_now(self) -> list[retention.SealedSegment]:
+        """A copy of the list of segments before the active one (the rotation thread trims it)."""
+        with self._segments_lock:
+            return list(self._sealed)
 
     # -- appending -------------------------------------------------------------------------------------
 
@@ -321,36 +356,88 @@ class Log:
         return seg
 
     def _rotate(self) -> ActiveSegment:
-        """Seal the active segment and start the next one (write lock held)."""
+        """Switch to the next segment (write lock held): header and rename of the spare, no fsync; the
+        rotation thread seals the old segment (`_finish_rotation`)."""
         old = self._active
-        with self._syncer.lock:
+        end = self._next_lsn
+        rot = _Rotation(old, end, self._producer_table())
+        fd = self._pipeline.take_spare()
+        try:
+            new = install_spare(self.directory, fd, self._next_segment_id, end)
+        except OSError as exc:
+            os.close(fd)
+            raise self._syncer.fail("rotation", self.directory / SPARE_NAME, exc) from exc
+        self._next_segment_id += 1
+        # The rotation is pending before the fsync thread can see the new descriptor (_sync_target).
+        with self._segments_lock:
+            self._rotations.append(rot)
+            self._sealed.append(retention.SealedSegment(old.header.base_lsn, old.last_lsn, old.end, now_us(),
+                                                        old.path))
+        self._active = new
+        self._written = (new.fd, end, new.path)
+        self._pipeline.submit(lambda: self._finish_rotation(rot))
+        return new
+
+    def _prepare_spare(self) -> int:
+        """Rotation thread: the next segment's file, created, preallocated and fsynced before it is needed."""
+        try:
+            return create_spare(self.directory, self.config.segment_bytes, self.config.preallocate)
+        except OSError as exc:
+            # No room for the next segment shows up here, ahead of time, thanks to preallocation.
+            raise self._syncer.fail("rotation", self.directory / SPARE_NAME, exc) from exc
+
+    def _sync_target(self) -> tuple[int, int, object]:
+        """What the syncer fsyncs (it holds its lock): the file written last, once every pending rotation
+        before it is settled, so a durable end never covers a segment whose frames are not on disk."""
+        written = self._written
+        for rot in list(self._rotations):
+            self._settle(rot)
+        return written
+
+    def _settle(self, rot: _Rotation) -> None:
+        """Make the old segment's frames and the new segment's name durable (syncer lock held)."""
+        if not rot.frames_synced:
             try:
-                seal_segment(old, self._next_lsn, self._producer_table())
-                sealed = retention.SealedSegment(old.header.base_lsn, old.last_lsn, os.fstat(old.fd).st_size,
-                                                 now_us(), old.path)
-                self._syncer.mark_durable(self._next_lsn)
-                new = self._new_segment()
-                # Only now: after a failure above, the list still matches the files (status counts them).
-                self._sealed.append(sealed)
-                self._active = new
-                self._written = (self._active.fd, self._next_lsn, self._active.path)
-                os.close(old.fd)
+                sync_data(rot.old.fd)
             except OSError as exc:
-                # A seal that did not reach the disk, or no room for the next segment (ENOSPC shows up
-                # here, at creation, thanks to preallocation): stop, never retry an fsync.  Recovery
-                # finishes the seal at the next start.
-                raise self._syncer.fail("rotation", old.path, exc) from exc
-        self.apply_retention()
-        return self._active
+                raise self._syncer.fail("fdatasync", rot.old.path, exc) from exc
+            rot.frames_synced = True
+        if not rot.dir_synced:
+            try:
+                sync_dir(self.directory, "directory fsync after segment rename")
+            except OSError as exc:
+                raise self._syncer.fail("rotation", self.directory, exc) from exc
+            rot.dir_synced = True
+
+    def _finish_rotation(self, rot: _Rotation) -> None:
+        """Rotation thread: seal the old segment, then apply retention, while appends go on in the new one.
+
+        A failure stops the log; recovery finishes the seal at the next start (the segment ends exactly
+        where the next one begins)."""
+        old = rot.old
+        with self._syncer.lock:
+            self._settle(rot)
+        try:
+            seal_segment(old, rot.end, rot.producers)
+            size = os.fstat(old.fd).st_size
+        except OSError as exc:
+            raise self._syncer.fail("rotation", old.path, exc) from exc
+        with self._syncer.lock:
+            self._syncer.mark_durable(rot.end)
+            with self._segments_lock:
+                self._rotations.remove(rot)
+            os.close(old.fd)  # under the lock: a fsync that snapshotted it before the switch has finished
+        sealed = retention.SealedSegment(old.header.base_lsn, old.last_lsn, size, now_us(), old.path)
+        with self._segments_lock:
+            self._sealed = [sealed if s.path == old.path else s for s in self._sealed]
+        self._apply_retention(F.SEGMENT_HEADER_SIZE)  # as of the switch, whatever was appended since
 
     def _producer_table(self) -> dict[int, list[F.Appended]]:
         """Producer windows for the seal, keeping the `max_producers` most recently active."""
-        items = self._producers.items()
-        if len(self._producers) > self.config.max_producers:
-            keep = sorted(items, key=lambda kv: kv[1][-1].base_lsn)[-self.config.max_producers:]
-            self._producers = dict(keep)
-            items = self._producers.items()
-        return {pid: list(q) for pid, q in items}
+        table = seal_table(self._producers, self.config.max_producers)
+        if len(table) < len(self._producers):
+            self._producers = {pid: self._producers[pid] for pid in table}
+        return table
 
     def _load_sealed(self) -> list[retention.SealedSegment]:
         out = []
@@ -369,23 +456,32 @@ class Log:
 
         A failed delete or directory fsync stops the log: the directory may no longer say what the log
         holds, and retrying would only hide that."""
+        return self._apply_retention(self._active.end)
+
+    def _apply_retention(self, active_bytes: int) -> list[Path]:
+        """Retention with the active segment counted as `active_bytes` long."""
         self._check_open()
         self._syncer.check()
         cfg = self.config
         deleted: list[Path] = []
-        try:
-            doomed = retention.select(self._sealed, self._active.end, now_us(), max_bytes=cfg.max_bytes,
-                                      max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
-                                      max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
-            for seg in doomed:
-                unlink_segment(seg.path)
-                self._sealed.pop(0)  # gone from the directory: gone from the list, whatever happens next
-                self.segments_deleted += 1
-                deleted.append(seg.path)
-            if deleted:
-                sync_dir(self.directory, "directory fsync after retention delete")
-        except OSError as exc:
-            raise self._syncer.fail("retention", self.directory, exc) from exc
+        with self._retention_lock:
+            try:
+                # Only segments already sealed: a pending one may still be written by the rotation thread.
+                with self._segments_lock:
+                    sealed = self._sealed[:len(self._sealed) - len(self._rotations)]
+                doomed = retention.select(sealed, active_bytes, now_us(), max_bytes=cfg.max_bytes,
+                                          max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
+                                          max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
+                for seg in doomed:
+                    unlink_segment(seg.path)
+                    with self._segments_lock:  # gone from the directory: gone from the list, whatever follows
+                        self._sealed.pop(0)
+                    self.segments_deleted += 1
+                    deleted.append(seg.path)
+                if deleted:
+                    sync_dir(self.directory, "directory fsync after retention delete")
+            except OSError as exc:
+                raise self._syncer.fail("retention", self.directory, exc) from exc
         return deleted
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -420,8 +516,10 @@ class Log:
             return
         try:
             if self._syncer.failed is None:
+                self._pipeline.drain()  # every rotation sealed (or the log stopped doing it)
                 self._syncer.sync()
         finally:
+            spare = self._pipeline.close()
             self._syncer.close()
             with self._write_lock:
                 self._closed = True
@@ -430,11 +528,17 @@ class Log:
                                        durable=self._syncer.failed is None)
                 except OSError as exc:  # HEAD is advisory; readers see the PID is gone without it
                     logger.warning("could not mark the log closed in HEAD (%s)", exc)
-                for fd in (self._head.fd, self._active.fd):
+                fds = [self._head.fd, self._active.fd, *(r.old.fd for r in self._rotations)]
+                for fd in fds + ([spare] if spare is not None else []):
                     try:
                         os.close(fd)
                     except OSError as exc:
                         logger.warning("closing the log: %s", exc)
+                if spare is not None:
+                    try:
+                        remove_spare(self.directory)
+                    except OSError as exc:  # the next open deletes it
+                        logger.warning("closing the log: could not delete the spare segment file: %s", exc)
                 self._lock_file.release()
 
     def __enter__(self) -> "Log":

@@ -6,6 +6,11 @@ scan -> plan -> apply: `scan.scan_segment` reports its frames and where and how 
 `repair.plan_segment` decides (a clean end, a torn tail to cut, corruption to refuse or, with
 `on_corruption = "truncate"`, to cut with every later segment moved to `quarantine/`; see repair.py for
 the rules), and the small functions here carry the plan out.  `walsvc verify` reports the same plan.
+
+The writer renames the next segment into place before its rotation thread seals the old one (rotation.py),
+so a crash in between leaves an unsealed segment before the last one whose frames end exactly where the next
+segment begins: recovery writes that seal (`repair.WriteSeal`).  A newest segment whose header a power cut
+lost, with nothing durable in it, is dropped first (`_drop_headerless_last`, `repair.header_lost`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from .access import make_dir, open_file
 from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import sync_data, sync_dir
 from .head import load as load_head
-from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, header_never_written, plan_segment
+from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, WriteSeal, header_lost, plan_segment
 from .scan import scan_segment
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, is_zero_from, list_segments, now_us, read_header,
-                      read_seal, segment_name, truncate_and_reserve)
+                      read_seal, seal_segment, seal_table, segment_name, truncate_and_reserve)
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -120,10 +125,16 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     if not segments:
         info.duration_s = time.perf_counter() - started
         return info, state
-    info.first_lsn = segments[0][0]
-    expected = segments[0][0]
     head = load_head(directory)
     durable_lsn = head.durable_lsn if head is not None else None
+    if _drop_headerless_last(directory, segments[-1], durable_lsn, info):
+        dropped, _ = segments.pop()
+        if not segments:  # the log starts again where that segment would have (retention may have run)
+            state.next_lsn = info.first_lsn = dropped
+            info.duration_s = time.perf_counter() - started
+            return info, state
+    info.first_lsn = segments[0][0]
+    expected = segments[0][0]
     truncate = cfg.on_corruption == "truncate"
     for i, (base, path) in enumerate(segments):
         is_last = i == len(segments) - 1
@@ -135,12 +146,6 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             try:
                 header = read_header(fd)
             except RecordError as exc:
-                if header_never_written(is_last, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)):
-                    os.close(fd)
-                    fd = -1
-                    os.unlink(path)
-                    sync_dir(directory)
-                    break
                 raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
             _check_base(header, base, expected, i, path)
             state.next_segment_id = header.segment_id + 1
@@ -167,12 +172,24 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if seg.record_count:
                 info.last_lsn = seg.last_lsn
             later = [p for _, p in segments[i + 1:]]
-            later_end = max((_end_lsn(p) for p in later), default=0) if truncate else 0
+            next_base = segments[i + 1][0] if later else None
             plan = plan_segment(scan, is_last=is_last, durable_lsn=durable_lsn, truncate=truncate,
-                                later_end_lsn=later_end)
+                                next_base_lsn=next_base)
+            if isinstance(plan.action, Cut) and plan.action.quarantine_later:
+                # The later segments go to quarantine/ and their LSNs are never reused: read how far they go
+                # (only now, as it may scan them).
+                plan = plan_segment(scan, is_last=is_last, durable_lsn=durable_lsn, truncate=truncate,
+                                    later_end_lsn=max((_end_lsn(p) for p in later), default=0),
+                                    next_base_lsn=next_base)
             action = plan.action
             if isinstance(action, FinishSeal):
                 _finish_seal(fd, action)
+                info.sealed_segments += 1
+                expected = action.next_lsn
+                continue
+            if isinstance(action, WriteSeal):
+                seg.end = action.end
+                seal_segment(seg, action.next_lsn, seal_table(state.producers, cfg.max_producers))
                 info.sealed_segments += 1
                 expected = action.next_lsn
                 continue
@@ -193,6 +210,32 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     state.next_lsn = expected
     info.duration_s = time.perf_counter() - started
     return info, state
+
+
+def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,
+                          info: RecoveryInfo) -> bool:
+    """Delete (or, if it holds any bytes, quarantine) the newest segment when its header is lost and nothing
+    in it was durable (`repair.header_lost`); True if it was.  Done first, so the segment before it is
+    judged as the last one."""
+    base, path = last
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            read_header(fd)
+            return False
+        except RecordError:
+            if not header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size), durable_lsn):
+                return False
+        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)
+    finally:
+        os.close(fd)
+    if empty:
+        os.unlink(path)
+        sync_dir(directory)
+    else:
+        _quarantine(directory, [path], info)
+    return True
 
 
 def _check_base(header: F.SegmentHeader, base: int, expected: int, i: int, path: Path) -> None:

@@ -4,7 +4,8 @@
 frame met on the way, and a `Stop`: where and how the valid data stops and what lies after it).
 `plan_segment` turns those facts, HEAD's durable LSN, whether this is the newest segment and the
 `on_corruption` policy into a `Plan`: a `Verdict` ("end", "torn", "corrupt") and one action (keep
-appending at, finish the seal, cut with a skip marker and quarantined bytes, or refuse).  Recovery carries
+appending at, finish the seal, write a seal a rotation did not get to, cut with a skip marker and quarantined
+bytes, or refuse).  Recovery carries
 the plan out; `walsvc verify` reports it; a reader with no writer ends where it says.  So "torn" and
 "corrupt" mean one thing everywhere.  No I/O here: the tests build segment bytes in memory.
 
@@ -16,6 +17,12 @@ The rules (`classify`):
   are kept in `quarantine/`, and LSNs named on disk are never reused;
 - `corrupt`: valid data follows the damage, or a segment that is not the newest has no seal: refused,
   unless `on_corruption = "truncate"`, which cuts there and moves every later segment to `quarantine/`.
+
+The writer renames the next segment into place before its rotation thread seals the old one (rotation.py)
+and before the old one's last frames are fsynced.  So a segment that is not the newest may lack its seal
+(`seal_unfinished`: its frames end exactly where the next segment begins, the seal is still to be written:
+`WriteSeal`), or, past the durable LSN, end in a torn tail (cut; every later segment holds only undurable
+LSNs and is quarantined, its LSNs never reused).
 """
 
 from __future__ import annotations
@@ -88,6 +95,14 @@ class FinishSeal:
 
 
 @dataclass(frozen=True, slots=True)
+class WriteSeal:
+    """A crash came between a rotation's switch to the next segment and the seal of this one: every LSN is
+    here (the next segment starts at `next_lsn`), only the seal is missing.  Cut at `end` and seal."""
+    end: int
+    next_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
 class Cut:
     """Cut the segment at `offset` (the bytes up to `data_end` are what is lost; zeros follow).  LSNs up
     to `next_lsn` were named on disk: when it is above the scan's expected LSN a skip marker (an empty DATA
@@ -113,7 +128,7 @@ class Refuse:
 @dataclass(frozen=True, slots=True)
 class Plan:
     verdict: Verdict
-    action: Keep | FinishSeal | Cut | Refuse
+    action: Keep | FinishSeal | WriteSeal | Cut | Refuse
     offset: int  # where the valid data stops
     detail: str  # what stopped it ("" at a clean end)
 
@@ -134,6 +149,10 @@ def classify(stop: Stop | None, zeros_after: bool, valid_frame_after: bool, is_l
     """
     if stop is None:
         return Verdict.END if is_last else Verdict.CORRUPT
+    if beyond_durable and not is_last:
+        # A rotation renames the next segment in before this one's frames are fsynced: a power cut may
+        # keep the name and lose the frames.  Later segments then hold only undurable LSNs too.
+        return Verdict.TORN
     if stop.header is None and zeros_after:
         return Verdict.END if is_last else Verdict.CORRUPT
     if not is_last:
@@ -163,19 +182,38 @@ def verdict(stop: Stop | None, expected: int, is_last: bool, durable_lsn: int | 
     return classify(stop, stop.zeros_after, stop.valid_frame_after, is_last, beyond_durable(expected, durable_lsn))
 
 
-def header_never_written(is_last: bool, zeros_after_header: bool) -> bool:
-    """A segment whose header does not decode holds nothing, and is deleted, when it is the newest and only
-    zeros follow the header: it was created but its header never reached the disk whole (a power cut before
-    the fsync that follows it), and no frame is written before that fsync."""
-    return is_last and zeros_after_header
+def header_lost(base_lsn: int, zeros_after_header: bool, durable_lsn: int | None) -> bool:
+    """Whether the newest segment, whose header does not decode, holds nothing a crash must keep (recovery
+    then deletes it, or quarantines it if it holds any bytes; readers treat it as absent).
+
+    Either nothing but zeros follows the header (created, its header never reached the disk whole), or
+    HEAD says nothing in it was durable: a rotation writes the header without an fsync (the next fsync covers
+    it before any record in the segment counts as durable), so a power cut may keep frames and lose the
+    header.
+    """
+    return zeros_after_header or (durable_lsn is not None and durable_lsn < base_lsn)
+
+
+def seal_unfinished(stop: Stop | None, size: int) -> bool:
+    """Whether a segment's scan stopped where a seal was still to be written: at the end of the file, at
+    zeros (the preallocated tail), or at a seal cut short with only zeros after it (a power cut during the
+    seal write: a header's first bytes, or a SEAL frame with the preallocated tail still after it; the file
+    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).
+    The caller checks that the next segment starts at the LSN the frames end with: nothing is missing."""
+    if stop is None:
+        return True
+    if stop.header is None:  # nothing, or the first bytes of a frame header (a seal's, cut short), then zeros
+        return stop.data_end <= stop.offset + F.FRAME_HEADER_SIZE
+    return (stop.header.kind == F.KIND_SEAL and stop.offset + stop.header.size < size and stop.zeros_after)
 
 
 def plan_segment(scan: SegmentScan, *, is_last: bool, durable_lsn: int | None, truncate: bool,
-                 later_end_lsn: int = 0) -> Plan:
+                 later_end_lsn: int = 0, next_base_lsn: int | None = None) -> Plan:
     """What to do with an unsealed segment, from its scan.
 
     `truncate`: `on_corruption = "truncate"`; `later_end_lsn`: one past the highest LSN the later segments
-    hold (they are quarantined by a truncate-mode repair, and their LSNs are never reused).
+    hold (they are quarantined by a truncate-mode repair or behind a torn tail, and their LSNs are never
+    reused); `next_base_lsn`: the base LSN of the segment after this one (None for the newest).
     """
     expected = scan.expected
     if scan.seal_at is not None:
@@ -186,6 +224,8 @@ def plan_segment(scan: SegmentScan, *, is_last: bool, durable_lsn: int | None, t
         return Plan(Verdict.END, FinishSeal(off + h.size, h.base_lsn), off + h.size, "")
     stop = scan.stop
     where = stop.offset if stop is not None else scan.size
+    if not is_last and next_base_lsn == expected and seal_unfinished(stop, scan.size):
+        return Plan(Verdict.END, WriteSeal(scan.end, expected), scan.end, "")
     found = verdict(stop, expected, is_last, durable_lsn)
     if found is Verdict.END:
         return Plan(found, Keep(where), where, "")
@@ -200,7 +240,11 @@ def plan_segment(scan: SegmentScan, *, is_last: bool, durable_lsn: int | None, t
             # frames).  Keep the bytes, and never reuse an LSN any of those frames names.
             next_lsn = max(next_lsn, stop.max_end_lsn_after)
             save = (stop.offset, stop.data_end)
-        return Plan(found, Cut(stop.offset, stop.data_end, next_lsn, save, False), where, stop.detail)
+        if not is_last:
+            # Unsynced frames lost before a next segment whose name reached the disk (a rotation renames it
+            # in before the old frames are fsynced): every later LSN lies past the durable one too.
+            next_lsn = max(next_lsn, later_end_lsn)
+        return Plan(found, Cut(stop.offset, stop.data_end, next_lsn, save, not is_last), where, stop.detail)
     clean = stop is None or (stop.header is None and stop.zeros_after)  # the data ends well, but no seal
     detail = NOT_SEALED if clean else stop.detail
     if not truncate:

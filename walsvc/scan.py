@@ -24,7 +24,7 @@ from .errors import (ChecksumError, CompressionUnavailableError, ConfigError, Co
                      MissingSegmentError, RecordError, TruncatedError)
 from .head import load as load_head
 from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record, decode_payload
-from .repair import SegmentScan, Stop, StopKind, Verdict, verdict
+from .repair import SegmentScan, Stop, StopKind, Verdict, header_lost, seal_unfinished, verdict
 from .segment import (FrameScanner, Read, ScanStop, data_end, find_valid_header, is_zero_from, list_segments,
                       read_header, read_seal, reader_of, segment_name, valid_headers)
 
@@ -165,9 +165,8 @@ class OpenSegment:
 
 
 def _header_pending(path: Path) -> bool:
-    """True while the newest segment has no valid header and nothing after it: the writer creates and
-    preallocates the file before writing its header, so a reader listing the directory may see it between
-    (and after a power cut, recovery drops such a file: it never held a frame)."""
+    """True while the newest segment has no valid header and holds nothing recovery would keep
+    (`repair.header_lost`): after a power cut recovery drops such a file, so a reader treats it as absent."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -180,7 +179,9 @@ def _header_pending(path: Path) -> bool:
             F.decode_segment_header(head)
             return False
         except RecordError:
-            return is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
+            head_file = load_head(path.parent)
+            return header_lost(int(path.name[:20]), is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size),
+                               head_file.durable_lsn if head_file is not None else None)
     finally:
         os.close(fd)
 
@@ -318,6 +319,8 @@ class LogReader:
         if seg.seal is not None and stop is not None:
             raise CorruptionError(stop.error.detail, segment=seg.path.name, offset=stop.offset, lsn=self.next_lsn)
         if bound is None and seg.seal is None:
+            if self._moved_on(seg, stop):
+                return []
             self._check_offline_stop(seg, stop, resume)
         if bound is None or self.next_lsn > bound or not self._retried:
             # End of what is visible: no writer (read what is valid), or our buffer or size is older than
@@ -326,8 +329,28 @@ class LogReader:
             seg.refresh()
             seg.scanner.offset = resume
             return [] if self._retried else None
+        if seg.seal is None and self._moved_on(seg, None):
+            return []
         raise CorruptionError(f"{stop.error.detail if stop else 'data ends'} below the committed LSN {bound}",
                               segment=seg.path.name, offset=resume, lsn=self.next_lsn)
+
+    def _moved_on(self, seg: OpenSegment, stop: ScanStop | None) -> bool:
+        """Move to the next segment if it starts exactly at `next_lsn`: this one then holds nothing more.
+
+        The writer switches segments before its rotation thread seals the old one, so a reader can reach
+        the end of a full segment before its seal (and a crash may come in between: recovery finishes the
+        seal).  With a writer (`stop` None) every committed record is there, so whatever follows (zeros, a
+        seal being written) is not data.  Without one, recovery's rule decides (`repair.seal_unfinished`:
+        a damaged seal stays damage).
+        """
+        if stop is not None and not seal_unfinished(stop_facts(seg.fd, seg.size, stop, self.next_lsn), seg.size):
+            return False
+        if not any(base == self.next_lsn > seg.base_lsn for base, _ in list_segments(self.directory)):
+            return False
+        if not self._next_segment(self.next_lsn):
+            return False
+        self._retried = False
+        return True
 
     def _check_offline_stop(self, seg: OpenSegment, stop: ScanStop | None, resume: int) -> None:
         """With no writer, the log ends where recovery would end it: raise unless this stop is that end.
@@ -337,6 +360,8 @@ class LogReader:
         with later segments after it (a damaged or missing seal).
         """
         segments = list_segments(self.directory)
+        if len(segments) > 1 and _header_pending(segments[-1][1]):
+            segments.pop()  # a segment switch whose header a power cut lost: recovery deletes that file
         newest = segments[-1][0] if segments and seg.path.exists() else seg.base_lsn
         seg.size = os.fstat(seg.fd).st_size
         if read_seal(seg.fd, seg.size) is not None:

@@ -1,4 +1,5 @@
-"""Segment files on disk: naming, creation with preallocation, sealing, and scanning their frames.
+"""Segment files on disk: naming, creation with preallocation (directly, or as a spare file that a rotation
+renames into place), sealing, and scanning their frames.
 
 A segment is named for the first LSN it may hold, zero-padded to 20 digits (`00000000000000000001.wal`),
 so names sort in log order and a reader finds the segment of any LSN from a directory listing.  Scanning
@@ -13,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from crc32c import crc32c
 
@@ -24,6 +25,7 @@ from .fsync import preallocate, sync_data, sync_dir, write_step
 
 SUFFIX = ".wal"
 SCAN_CHUNK = 1 << 20
+SPARE_NAME = "next-segment.tmp"  # the spare segment file being prepared; not a segment name, so never listed
 
 # Where scanning reads its bytes: an open file descriptor, or a pread-shaped function (n, offset) -> bytes
 # (up to n bytes, fewer at the end), so the same scan runs over a file or over bytes in memory.
@@ -114,6 +116,55 @@ def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, p
             pass  # the error that got us here is the one to report; recovery handles a leftover file
         raise
     return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
+
+
+def create_spare(directory: Path, size: int, prealloc: bool) -> int:
+    """Create the spare file the next rotation turns into a segment: preallocated and fsynced ahead of time,
+    so a rotation only writes a header and renames it (etcd's file_pipeline).  Returns its descriptor."""
+    path = directory / SPARE_NAME
+    with write_step("spare create", path):
+        fd = open_file(path, os.O_RDWR | os.O_EXCL)
+    try:
+        if prealloc:
+            with write_step("preallocate", path):
+                preallocate(fd, size)
+        with write_step("fdatasync", path):
+            sync_data(fd)
+    except BaseException:
+        os.close(fd)
+        remove_spare(directory)
+        raise
+    return fd
+
+
+def install_spare(directory: Path, fd: int, segment_id: int, base_lsn: int) -> ActiveSegment:
+    """Make the spare the segment starting at `base_lsn`: write its header, rename it into place.
+
+    Neither is fsynced here: the caller makes the header (fdatasync) and the name (directory fsync) durable
+    before any record in the segment is acknowledged under `always`/`batch` (docs/FORMAT.md, "Rotation")."""
+    path = directory / segment_name(base_lsn)
+    header = F.SegmentHeader(segment_id, base_lsn, now_us())
+    with write_step("segment header write", path):
+        os.pwrite(fd, F.encode_segment_header(header), 0)
+    with write_step("segment rename", path):
+        os.rename(directory / SPARE_NAME, path)
+    return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
+
+
+def remove_spare(directory: Path) -> None:
+    """Delete a spare file if there is one (left by a crash or a failed preparation): it never held a record."""
+    try:
+        os.unlink(directory / SPARE_NAME)
+    except FileNotFoundError:
+        pass
+
+
+def seal_table(producers: dict[int, Iterable[F.Appended]], max_producers: int) -> dict[int, list[F.Appended]]:
+    """The producer windows a seal records: those of the `max_producers` most recently active producers."""
+    items = [(pid, list(q)) for pid, q in producers.items()]
+    if len(items) > max_producers:
+        items = sorted(items, key=lambda kv: kv[1][-1].base_lsn)[-max_producers:]
+    return dict(items)
 
 
 def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.Appended]]) -> None:

@@ -23,10 +23,11 @@ from . import frame as F
 from . import head as H
 from .config import GiB
 from .errors import ConfigError, CorruptionError, Location, MissingSegmentError, RecordError
-from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment
+from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment, stop_facts
 from .record import count_records, decode, record_dict
 from .recovery import QUARANTINE, verify_sealed
-from .repair import NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, header_never_written, plan_segment
+from .repair import (NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, WriteSeal, header_lost, plan_segment,
+                     seal_unfinished)
 from .segment import (SUFFIX, ScanStop, find_valid_header, is_zero_from, list_segments, read_header, read_seal,
                       segment_name)
 
@@ -213,13 +214,19 @@ class _Verifier:
         elif (self.directory / H.NAME).exists():
             r.notes.append("HEAD is unreadable (a writer rewrites it when it opens the log)")
         segments = list_segments(self.directory)
+        # Recovery drops a newest segment whose header a power cut lost before it judges the others: the one
+        # before it is then the newest.
+        newest = len(segments) - 1
+        if newest > 0 and self._header_lost(*segments[-1]):
+            newest -= 1
         expected: int | None = None
         prev_id: int | None = None
         for i, (base, path) in enumerate(segments):
             if self.progress is not None:
                 self.progress(i, len(segments))
-            is_last = i == len(segments) - 1
-            res, seg_id = self.check_segment(base, path, is_last, expected, prev_id)
+            is_last = i >= newest
+            next_base = None if is_last else segments[i + 1][0]
+            res, seg_id = self.check_segment(base, path, next_base, expected, prev_id)
             if seg_id is not None:
                 prev_id = seg_id
             r.segments += 1
@@ -235,7 +242,7 @@ class _Verifier:
             if res.last_lsn is not None:
                 r.last_lsn = res.last_lsn
             expected = res.next_lsn  # None: unknown (damaged header), the next segment is not compared
-            if is_last and res.tail is not None:
+            if i == newest and res.tail is not None:
                 r.tail, r.tail_segment, r.tail_offset = res.tail, path.name, res.tail_offset
         r.next_lsn = expected if segments else 1
         if head is not None and expected is not None and head.committed_lsn >= expected:
@@ -246,10 +253,25 @@ class _Verifier:
         r.duration_s = time.perf_counter() - started
         return r
 
+    def _header_lost(self, base: int, path: Path) -> bool:
+        """Whether the newest segment's header does not decode and it holds nothing durable (`repair.header_lost`)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            read_header(fd)
+            return False
+        except RecordError:
+            return header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size), self._durable_lsn())
+        finally:
+            os.close(fd)
+
     # One segment -------------------------------------------------------------------------------------
 
-    def check_segment(self, base: int, path: Path, is_last: bool, expected: int | None,
+    def check_segment(self, base: int, path: Path, next_base: int | None, expected: int | None,
                       prev_id: int | None) -> tuple[_SegmentResult, int | None]:
+        """Check one segment; `next_base`: the base LSN of the segment after it (None for the newest)."""
         name = path.name
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -261,7 +283,7 @@ class _Verifier:
                 res.issues.append(Problem("segment file vanished while verify ran", name))
             return res, None
         try:
-            return self._check_open_segment(fd, base, name, is_last, expected, prev_id)
+            return self._check_open_segment(fd, base, name, next_base, expected, prev_id)
         except (OSError, RecordError, struct.error) as exc:  # report, never a traceback
             res = _SegmentResult()
             res.issues.append(Problem(f"could not be checked: {exc}", name))
@@ -269,16 +291,17 @@ class _Verifier:
         finally:
             os.close(fd)
 
-    def _check_open_segment(self, fd: int, base: int, name: str, is_last: bool, expected: int | None,
+    def _check_open_segment(self, fd: int, base: int, name: str, next_base: int | None, expected: int | None,
                             prev_id: int | None) -> tuple[_SegmentResult, int | None]:
         res = _SegmentResult()
+        is_last = next_base is None
         size = os.fstat(fd).st_size
         try:
             header = read_header(fd)
         except RecordError as exc:
-            if header_never_written(is_last, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)):
-                res.notes.append(f"{name} has no whole header yet (being created, or created just before a crash: "
-                                 "the next open deletes it)")
+            if is_last and header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size), self._durable_lsn()):
+                res.notes.append(f"{name} has no whole header and holds nothing durable (being created, or a "
+                                 "power cut lost it: the next open deletes it, or moves it to quarantine/)")
                 res.next_lsn = expected
                 res.tail, res.tail_offset = "end", 0
                 return res, None
@@ -300,7 +323,7 @@ class _Verifier:
                                       "was removed?)", name, 0, expected))
         attempts = LIVE_RETRIES if (is_last and self.report.live) else 1
         for attempt in range(attempts):
-            res_try = self._scan_segment(fd, name, header, is_last)
+            res_try = self._scan_segment(fd, name, header, next_base)
             if not res_try.retry or attempt == attempts - 1:
                 break
             time.sleep(0.01 * (attempt + 1))
@@ -308,7 +331,7 @@ class _Verifier:
         res_try.notes[:0] = res.notes
         return res_try, header.segment_id
 
-    def _scan_segment(self, fd: int, name: str, header: F.SegmentHeader, is_last: bool) -> _SegmentResult:
+    def _scan_segment(self, fd: int, name: str, header: F.SegmentHeader, next_base: int | None) -> _SegmentResult:
         """The segment's frames through the scan recovery uses (`scan.scan_segment`), each record decoded; a
         sealed segment is read to its seal, past any damage, and its seal checked against the frames."""
         res = _SegmentResult()
@@ -359,7 +382,7 @@ class _Verifier:
             res.next_lsn = seal.next_lsn
             res.tail, res.tail_offset = "end", size
             return res
-        plan = self._plan(scan, is_last)
+        plan = self._plan(scan, next_base)
         if scan.seal_at is not None:
             # A seal frame the trailer does not point at: the writer sealed this segment while we read it, or
             # crashed between writing the seal and cutting the file after it (recovery finishes that).
@@ -377,7 +400,7 @@ class _Verifier:
             res.next_lsn = h.base_lsn
             res.tail, res.tail_offset = "end", res.data_end
             return res
-        self._report_tail(res, name, scan, plan, is_last)
+        self._report_tail(res, name, scan, plan, next_base)
         return res
 
     def _resume_after(self, fd: int, stop: Stop, limit: int) -> tuple[int, int] | None:
@@ -439,21 +462,35 @@ class _Verifier:
         except RecordError as exc:
             res.issues.append(Problem(exc.detail, name, F.SEGMENT_HEADER_SIZE))
 
-    def _plan(self, scan: SegmentScan, is_last: bool) -> Plan:
-        """What the next open would do with this unsealed segment: the plan recovery carries out."""
-        durable = None
-        if not self.report.live:
-            head = _read_head(self.directory)
-            durable = head.durable_lsn if head is not None else None
-        return plan_segment(scan, is_last=is_last, durable_lsn=durable, truncate=False)
+    def _durable_lsn(self) -> int | None:
+        """HEAD's durable LSN when no writer runs (None while one does: its tail is a write in progress)."""
+        if self.report.live:
+            return None
+        head = _read_head(self.directory)
+        return head.durable_lsn if head is not None else None
 
-    def _report_tail(self, res: _SegmentResult, name: str, scan: SegmentScan, plan: Plan, is_last: bool) -> None:
+    def _plan(self, scan: SegmentScan, next_base: int | None) -> Plan:
+        """What the next open would do with this unsealed segment: the plan recovery carries out."""
+        return plan_segment(scan, is_last=next_base is None, durable_lsn=self._durable_lsn(), truncate=False,
+                            next_base_lsn=next_base)
+
+    def _report_tail(self, res: _SegmentResult, name: str, scan: SegmentScan, plan: Plan,
+                     next_base: int | None) -> None:
         """The end of an unsealed segment, as the plan judges it: nothing, a note, or a problem."""
         where = plan.offset
         expected = scan.expected
+        is_last = next_base is None
         res.next_lsn = expected
         res.data_end = where
         res.tail, res.tail_offset = plan.verdict.value, where
+        if isinstance(plan.action, WriteSeal) or (self.report.live and next_base == expected):
+            # The writer switches segments before its rotation thread seals the old one (recovery writes a
+            # seal a crash kept from being written): every LSN is here, only the seal is still to come (being
+            # written, if the writer runs).
+            res.tail = "end"
+            res.notes.append(f"{name} is not sealed yet (seal still to be written); the next segment starts "
+                             "right after its last LSN")
+            return
         if plan.verdict is Verdict.END:
             return
         live = self.report.live and is_last
@@ -607,6 +644,10 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
                     break
             else:
                 stop = seg.scanner.stop
+                if (seg.seal is None and i + 1 < len(segments) and segments[i + 1][0] == expected
+                        and seal_unfinished(stop_facts(seg.fd, seg.size, stop, expected), seg.size)):
+                    next_base = expected  # not sealed yet (or a crash cut the seal short): nothing is missing
+                    continue
                 if stop is not None and (seg.seal is not None or i + 1 < len(segments)):
                     raise CorruptionError(stop.error.detail, segment=path.name, offset=stop.offset)
                 if i + 1 < len(segments):

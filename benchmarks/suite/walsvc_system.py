@@ -9,6 +9,7 @@ Interface: see harness.py.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import struct
@@ -31,9 +32,12 @@ def available() -> str | None:
 
 
 @contextmanager
-def _writer(directory: Path, policy: str) -> Iterator[int]:
-    """A writer process on `directory`; yields its pid; SIGTERM (drain, fsync) afterwards."""
-    proc = subprocess.Popen([sys.executable, "-m", "walsvc", "serve", "--dir", str(directory), "--fsync", policy],
+def _writer(directory: Path, policy: str, config: Path | None = None) -> Iterator[int]:
+    """A writer process on `directory` (with the TOML `config` if given); yields its pid; SIGTERM (drain,
+    fsync) afterwards."""
+    extra = ["--config", str(config)] if config is not None else []
+    proc = subprocess.Popen([sys.executable, "-m", "walsvc", "serve", *extra, "--dir", str(directory),
+                             "--fsync", policy],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
@@ -146,6 +150,53 @@ def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str
             _latency_role, [(role, str(directory), rate, count, seconds + 30) for role in ("producer", "reader")],
             timeout=seconds + 60)
     return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+
+
+def _acked_producer(barrier: Any, directory: str, rate: int, count: int) -> tuple[float, list[int]]:
+    """Paced `put`s, each timed from the call to its ack (the callback runs in the producer's I/O thread)."""
+    import walsvc
+    latencies = [0] * count
+    sent = [0] * count
+    done = 0
+
+    def acked(i: int) -> None:
+        nonlocal done
+        latencies[i] = time.monotonic_ns() - sent[i]
+        done += 1
+
+    with walsvc.Producer(directory) as producer:
+        i = 0
+
+        def send(_payload: bytes) -> None:
+            nonlocal i
+            n = i
+            i += 1
+            sent[n] = time.monotonic_ns()
+            producer.put(b"", _payload).add_done_callback(lambda f: (f.result(), acked(n)))
+
+        rate_sent = paced_send(barrier, rate, count, send)
+        producer.flush(60)
+    if done != count:
+        raise RuntimeError(f"{count - done} of {count} records were not acked")
+    return rate_sent, latencies
+
+
+def rotation(tmpdir: str, rate: int, seconds: float, segment_bytes: int, durability: str) -> dict[str, float]:
+    """Append-to-ack latency of one paced producer while the writer rotates `segment_bytes` segments."""
+    from walsvc.segment import list_segments
+    count = int(rate * seconds)
+    directory = Path(tmpdir) / "log"
+    config = Path(tmpdir) / "walsvc.toml"
+    config.write_text(f"[log]\nsegment_bytes = {segment_bytes}\n")
+    with _writer(directory, durability, config):
+        _start, ((sent_per_s, latencies),) = run_workers(
+            _acked_producer, [(str(directory), rate, count)], timeout=seconds + 60)
+    kept = sorted(latencies)
+    rank = {q: kept[min(len(kept) - 1, max(0, math.ceil(q * len(kept)) - 1))] / 1000.0
+            for q in (0.5, 0.99, 0.999)}
+    return {"p50_us": rank[0.5], "p99_us": rank[0.99], "p999_us": rank[0.999], "max_us": kept[-1] / 1000.0,
+            "rotations": float(len(list_segments(directory)) - 1), "samples": float(len(kept)),
+            "sent_per_s": sent_per_s}
 
 
 def _fill(directory: Path, records: int, record_size: int) -> int:
