@@ -94,6 +94,17 @@ def preallocate(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+def fail_stop(body: Callable[[], None], fail: Callable[[BaseException], object]) -> None:
+    """Run a storage thread's `body`: whatever ends it early, other than the log's own stop, is handed to
+    `fail`, which stops the log with it as the reason (a thread never dies silently)."""
+    try:
+        body()
+    except LogStoppedError:
+        pass
+    except BaseException as exc:
+        fail(exc)
+
+
 class Syncer:
     """Applies an fsync policy.  Positions here are *ends*: one past the last LSN covered.  The log supplies
     `snapshot()` -> (fd, end written so far, path of that file); `publish(end)` must succeed before an end
@@ -216,13 +227,7 @@ class Syncer:
         self._commit(end_lsn)
 
     def _flusher(self) -> None:
-        """The thread body: whatever ends it early stops the log, with the reason (never a silent death)."""
-        try:
-            self._flush_until_stopped()
-        except LogStoppedError:
-            return
-        except BaseException as exc:
-            self.fail("fsync thread", None, exc)
+        fail_stop(self._flush_until_stopped, lambda exc: self.fail("fsync thread", None, exc))
 
     def _flush_until_stopped(self) -> None:
         while True:

@@ -16,6 +16,7 @@ import threading
 from typing import Callable
 
 from .errors import LogStoppedError
+from .fsync import fail_stop
 
 WAIT_CHECK_S = 0.05  # a waiter re-checks the stop reason this often (the thread may die before it notifies)
 
@@ -81,11 +82,7 @@ class Pipeline:
     def _run(self) -> None:
         """The thread body: whatever ends it early stops the log, with the reason (never a silent death)."""
         try:
-            self._serve()
-        except LogStoppedError:
-            pass
-        except BaseException as exc:
-            self._fail("rotation thread", exc)
+            fail_stop(self._serve, lambda exc: self._fail("rotation thread", exc))
         finally:
             with self._cond:
                 self._busy = False

@@ -176,6 +176,25 @@ def paced_send(barrier: Any, rate: int, count: int, send: Callable[[bytes], Any]
     return count * 1e9 / (time.monotonic_ns() - t0)
 
 
+def _latency_role(barrier: Any, role: str, produce: Callable[..., float], tail: Callable[..., list[int]],
+                  target: tuple, rate: int, count: int, timeout: float) -> Any:
+    if role == "producer":
+        return produce(barrier, *target, rate, count)
+    return tail(barrier, *target, count, timeout)
+
+
+def measure_latency(produce: Callable[..., float], tail: Callable[..., list[int]], target: tuple, rate: int,
+                    seconds: float) -> dict[str, float]:
+    """The latency scenario's two workers: `produce(barrier, *target, rate, count)` sends paced records (see
+    `paced_send`) and returns the rate it sent, `tail(barrier, *target, count, timeout)` reads them and returns
+    one latency (ns) each.  Returns the percentiles and the rate sent."""
+    count = int(rate * seconds)
+    _start, (sent_per_s, latencies) = run_workers(
+        _latency_role, [(role, produce, tail, target, rate, count, seconds + 30) for role in ("producer", "reader")],
+        timeout=seconds + 60)
+    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+
+
 def percentiles_us(latencies_ns: Sequence[int]) -> dict[str, float]:
     """p50/p99/p99.9 (nearest rank) in microseconds of latencies in ns, after dropping the warm-up records."""
     kept = sorted(latencies_ns[int(len(latencies_ns) * WARMUP_FRACTION):])

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .harness import paced_send, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+from .harness import measure_latency, paced_send, proc_cpu_seconds, run_workers, throughput_result
 
 NAME = "redis"
 DURABILITIES = ("os", "batch", "always")
@@ -148,19 +148,9 @@ def _tail_reader(barrier: Any, port: int, count: int, timeout: float) -> list[in
     return latencies
 
 
-def _latency_role(barrier: Any, role: str, port: int, rate: int, count: int, timeout: float) -> Any:
-    if role == "producer":
-        return _paced_producer(barrier, port, rate, count)
-    return _tail_reader(barrier, port, count, timeout)
-
-
 def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
-    count = int(rate * seconds)
     with _server(tmpdir, durability) as (port, _pid):
-        _start, (sent_per_s, latencies) = run_workers(
-            _latency_role, [(role, port, rate, count, seconds + 30) for role in ("producer", "reader")],
-            timeout=seconds + 60)
-    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+        return measure_latency(_paced_producer, _tail_reader, (port,), rate, seconds)
 
 
 def _fill(port: int, records: int, record_size: int) -> None:

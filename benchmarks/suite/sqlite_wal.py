@@ -16,7 +16,7 @@ import struct
 import time
 from typing import Any
 
-from .harness import paced_send, percentiles_us, run_workers, throughput_result
+from .harness import measure_latency, paced_send, run_workers, throughput_result
 
 NAME = "sqlite"
 DURABILITIES = ("os", "batch", "always")
@@ -123,20 +123,10 @@ def _tail_reader(barrier: Any, path: str, count: int, timeout: float) -> list[in
     return latencies
 
 
-def _latency_role(barrier: Any, role: str, path: str, durability: str, rate: int, count: int,
-                  timeout: float) -> Any:
-    if role == "producer":
-        return _paced_producer(barrier, path, durability, rate, count)
-    return _tail_reader(barrier, path, count, timeout)
-
-
 def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
     path = _create(tmpdir)
-    count = int(rate * seconds)
-    _start, (sent_per_s, latencies) = run_workers(
-        _latency_role, [(role, path, durability, rate, count, seconds + 30) for role in ("producer", "reader")],
-        timeout=seconds + 60)
-    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+    return measure_latency(lambda barrier, at, rate, count: _paced_producer(barrier, at, durability, rate, count),
+                           _tail_reader, (path,), rate, seconds)
 
 
 def _fill(path: str, records: int, record_size: int) -> None:

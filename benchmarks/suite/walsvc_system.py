@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .harness import paced_send, percentiles_us, proc_cpu_seconds, run_workers, throughput_result
+from .harness import measure_latency, paced_send, proc_cpu_seconds, run_workers, throughput_result
 
 NAME = "walsvc"
 DURABILITIES = ("os", "batch", "always")
@@ -136,20 +136,10 @@ def _tail_reader(barrier: Any, directory: str, count: int, timeout: float) -> li
     return latencies
 
 
-def _latency_role(barrier: Any, role: str, directory: str, rate: int, count: int, timeout: float) -> Any:
-    if role == "producer":
-        return _paced_producer(barrier, directory, rate, count)
-    return _tail_reader(barrier, directory, count, timeout)
-
-
 def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
-    count = int(rate * seconds)
     directory = Path(tmpdir) / "log"
     with _writer(directory, durability):
-        _start, (sent_per_s, latencies) = run_workers(
-            _latency_role, [(role, str(directory), rate, count, seconds + 30) for role in ("producer", "reader")],
-            timeout=seconds + 60)
-    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+        return measure_latency(_paced_producer, _tail_reader, (str(directory),), rate, seconds)
 
 
 def _acked_producer(barrier: Any, directory: str, rate: int, count: int) -> tuple[float, list[int]]:
