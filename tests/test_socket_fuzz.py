@@ -196,6 +196,17 @@ def _send(sock: zmq.Socket, frames: list[bytes]) -> bool:
         return False
 
 
+def _drain(sock: zmq.Socket) -> int:
+    """Receive every reply waiting on `sock`; returns how many there were."""
+    n = 0
+    while True:
+        try:
+            sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return n
+        n += 1
+
+
 def test_socket_fuzzer_against_a_live_writer(tmp_path: Path, writers) -> None:
     d = tmp_path / "wal"
     config = tmp_path / "walsvc.toml"
@@ -263,23 +274,13 @@ def test_socket_fuzzer_against_a_live_writer(tmp_path: Path, writers) -> None:
             else:
                 blocked += 1
                 time.sleep(0.0005)
-            while True:
-                try:
-                    sockets["control"].recv_multipart(zmq.NOBLOCK)
-                    control_replies += 1
-                except zmq.Again:
-                    break
+            control_replies += _drain(sockets["control"])
             if now >= next_check:
                 assert writer.running(), f"writer died after {dict(fuzz.sent)}: {writer.stderr()[-3000:]}"
                 ack_progress.append((now - started, len(read_acks(acks_out)) - acks_before))
                 next_check = now + 0.5
         time.sleep(0.5)
-        while True:
-            try:
-                sockets["control"].recv_multipart(zmq.NOBLOCK)
-                control_replies += 1
-            except zmq.Again:
-                break
+        control_replies += _drain(sockets["control"])
     finally:
         ctx.destroy(linger=0)
 
