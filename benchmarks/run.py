@@ -2,7 +2,7 @@
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from benchmarks.suite.run import main  # noqa: E402
-
-sys.exit(main())
+if __name__ == "__main__":  # the guard: scenarios that spawn workers import this module again
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    from benchmarks.suite.run import main
+    sys.exit(main())

@@ -121,9 +121,15 @@ def run_workers(target: Callable[..., Any], arglists: Sequence[tuple], timeout: 
         deadline = start + timeout
         while len(out) < len(procs):
             try:
-                index, ok, value = results.get(timeout=max(0.01, deadline - time.monotonic()))
+                index, ok, value = results.get(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
             except queue.Empty as exc:
-                raise RuntimeError(f"benchmark workers did not finish within {timeout:.0f} s") from exc
+                dead = [i for i, p in enumerate(procs) if i not in out and p.exitcode is not None]
+                if dead and results.empty():  # died without a word (a crash, or no __main__ guard)
+                    raise RuntimeError(f"benchmark worker {dead[0]} exited with {procs[dead[0]].exitcode} "
+                                       "and no result") from exc
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"benchmark workers did not finish within {timeout:.0f} s") from exc
+                continue
             if not ok:
                 raise RuntimeError(_first_cause(index, value, results))
             out[index] = value
