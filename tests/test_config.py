@@ -91,7 +91,23 @@ def _misuse(d: Path) -> dict:
         "Producer: batch_bytes a string": lambda: walsvc.Producer(d, batch_bytes="1M"),
         "Producer: directory None": lambda: walsvc.Producer(None),
         "Producer: not a TOML file": lambda: walsvc.Producer(__file__),
+        "Log.append_batch: None": lambda: log_call(d, lambda log: log.append_batch(None)),
+        "Log.append_batch: a Record, not a list": lambda: log_call(d, lambda log: log.append_batch(Record.put(b"k", b"v"))),
+        "Log.skip_to: a string": lambda: log_call(d, lambda log: log.skip_to("x")),
+        "Log.wait_committed: a string": lambda: log_call(d, lambda log: log.wait_committed("x")),
+        "Reader.poll: timeout a string": lambda: reader_call(d, lambda reader: reader.poll(timeout="x")),
+        "Reader.poll: negative timeout": lambda: reader_call(d, lambda reader: reader.poll(timeout=-1)),
     }
+
+
+def log_call(d: Path, call: object) -> None:
+    with Log.open(d, fsync="os") as log:
+        call(log)
+
+
+def reader_call(d: Path, call: object) -> None:
+    with walsvc.Reader(d) as reader:
+        call(reader)
 
 
 def log_append(d: Path, record: object) -> None:

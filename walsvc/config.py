@@ -336,6 +336,20 @@ def load(path: str | Path | None = None, *, directory: str | Path | None = None,
                   ReaderConfig(**data.get("reader", {})))
 
 
+def check_lsn(key: str, value: Any, lowest: int = 1) -> int:
+    """`value` if it is an LSN (an integer from `lowest` to 2**64-1), else ConfigError naming `key`."""
+    if type(value) is not int or not lowest <= value < 1 << 64:
+        raise ConfigError(key, f"must be an LSN, an integer from {lowest} to 2**64-1, not {value!r}")
+    return value
+
+
+def check_timeout(value: Any) -> float | None:
+    """A wait in seconds: None (for ever) or a number >= 0, else ConfigError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+        raise ConfigError("timeout", f"must be None or a number of seconds >= 0, not {value!r}")
+    return value
+
+
 def directory_path(value: "str | os.PathLike", key: str = "directory") -> Path:
     """A path argument as a Path; ConfigError naming `key` for anything else (None, a number)."""
     if not isinstance(value, (str, os.PathLike)):

@@ -21,7 +21,7 @@ from pathlib import Path
 from crc32c import crc32c
 
 from .access import make_dir, replace_file
-from .config import directory_path
+from .config import check_lsn, directory_path
 from .errors import ConfigError, CursorBusyError, CursorError
 from .fsync import sync_dir
 from .lock import PidLock
@@ -99,8 +99,7 @@ def lag_rows(cursors: dict[str, int], last_lsn: int) -> dict[str, dict[str, int]
 def advance(directory: Path, name: str, lsn: int) -> None:
     """A reader's commit: forward only.  The same LSN again is a no-op; an earlier one is an error, because
     storing it would make the reader process those records twice after a restart."""
-    if type(lsn) is not int or not 0 <= lsn < 1 << 64:
-        raise ConfigError("lsn", f"a cursor holds an LSN, an integer from 0 to 2**64-1, not {lsn!r}")
+    check_lsn("lsn", lsn, lowest=0)
     stored = load(directory, name)
     if stored is not None and lsn <= stored:
         if lsn == stored:

@@ -16,7 +16,7 @@ import time
 import zmq
 
 from . import protocol as P
-from .config import Config, client_config
+from .config import Config, check_timeout, client_config
 from .endpoints import load as load_endpoints
 from .errors import GroupError, LogClosedError, ServiceUnavailableError
 from .reader import Reader, read_limits, reader_settings, wait_for_commit
@@ -94,6 +94,7 @@ class GroupReader(Reader):
         Calling poll again tells the group the previous records are processed."""
         if self._closed:
             raise LogClosedError("group reader is closed")
+        check_timeout(timeout)
         self._ack_previous()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -31,7 +31,7 @@ from crc32c import crc32c
 
 from . import frame as F
 from . import access, logid, retention
-from .config import LogConfig, directory_path
+from .config import LogConfig, check_lsn, directory_path
 from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, sync_data, sync_dir
@@ -152,8 +152,8 @@ class Log:
             raise ConfigError("config", "pass either config= or keyword options, not both")
         elif not isinstance(config, LogConfig):
             raise ConfigError("config", f"must be a walsvc.LogConfig, not {type(config).__name__}")
-        if first_lsn is not None and (type(first_lsn) is not int or first_lsn < 1):
-            raise ConfigError("first_lsn", f"must be an LSN (an integer >= 1), not {first_lsn!r}")
+        if first_lsn is not None:
+            check_lsn("first_lsn", first_lsn)
         path = directory_path(directory)
         if path.exists() and not path.is_dir():  # else a bare FileExistsError from mkdir
             raise ConfigError("directory", f"{path} is a file, not a log directory")
@@ -227,6 +227,9 @@ class Log:
 
     def append_batch(self, records: Iterable[Record]) -> list[int]:
         """Append records as one atomic batch: after a crash either all of them are there or none."""
+        if not isinstance(records, Iterable) or isinstance(records, (bytes, str, Record)):
+            raise InvalidRecordError(f"append_batch takes an iterable of walsvc.Record objects, not "
+                                     f"{type(records).__name__}")
         records = list(records)
         for r in records:
             if not isinstance(r, Record):
@@ -283,6 +286,7 @@ class Log:
     def skip_to(self, lsn: int) -> None:
         """Hand out no LSN below `lsn`: restore reproduces the gaps of the log it rebuilds (LSNs a torn
         batch burned).  Durable like recovery's skip: an empty frame (count 0) based at `lsn`."""
+        check_lsn("lsn", lsn)
         with self._write_lock:
             self._check_open()
             self._syncer.check()
@@ -321,6 +325,7 @@ class Log:
 
     def wait_committed(self, lsn: int) -> None:
         """Block until `lsn` is durable (an fsync now, shared with concurrent callers)."""
+        check_lsn("lsn", lsn, lowest=0)
         self._syncer.sync_through(lsn + 1)
 
     def _publish_head(self, committed_lsn: int, pid: int, durable_lsn: int, durable: bool = False) -> None:

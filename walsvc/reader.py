@@ -20,7 +20,7 @@ import zmq
 
 from . import cursor
 from . import protocol as P
-from .config import Config, ReaderConfig, client_config
+from .config import Config, ReaderConfig, check_timeout, client_config
 from .endpoints import load as load_endpoints
 from .errors import ConfigError, LogClosedError, ProtocolError, ServiceUnavailableError
 from .head import Head, HeadReader
@@ -213,7 +213,7 @@ class Reader:
         """The next records (a batch), waiting up to `timeout` seconds (None: forever); [] on timeout."""
         if self._closed:
             raise LogClosedError("reader is closed")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if check_timeout(timeout) is None else time.monotonic() + timeout
         read = not self._caught_up()
         while True:
             if read:
