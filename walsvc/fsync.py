@@ -4,9 +4,10 @@
   queue on one lock, and the first to get it syncs for all: N concurrent appends share one fsync (group
   commit, as PostgreSQL does it).  Appends that do not wait are fsynced by a background thread as soon as
   anything is unsynced, or, with `thread=False`, when their owner says: the writer service fsyncs in its
-  loop after a drain that left nothing waiting, so whatever arrived during one fsync shares the next, with
-  no thread hand-off on the way to the ack (Redis's `appendfsync always` works the same way); when more
-  input is waiting it hands the fsync to the thread (`sync_soon`), which overlaps with taking it in.
+  loop after a drain that took one batch and left nothing waiting, so whatever arrived during one fsync
+  shares the next, with no thread hand-off on the way to the ack (Redis's `appendfsync always` works the
+  same way); when it took several or more is waiting (pipelined producers) it hands the fsync to the
+  thread (`sync_soon`), which overlaps with taking the next batches in.
 - `batch`: at most one fsync per `window_ms`, and never later than `window_ms` after the first unsynced
   write, whether or not another write follows (nori-wal waited for the next append, so a burst's last write
   could stay unsynced).  After a quiet spell the first write is synced at once; under load, each fsync

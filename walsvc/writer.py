@@ -83,6 +83,7 @@ class Writer:
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
         self._sync_in_loop = config.log.fsync == "always"
+        self._drained = 0  # messages the last drain took
         # Load the optional codec modules (lz4 is a C extension: dlopen) before the log starts its threads: a
         # dlopen racing another thread's file I/O deadlocks under LD_PRELOAD fault-injection shims.
         self._codecs = codecs()
@@ -225,13 +226,16 @@ class Writer:
 
     def _sync_appended(self) -> None:
         """Under `always`: make this turn's appends durable now, in this thread (one fdatasync for all of
-        them), or, when more input is already waiting, on the fsync thread while the loop takes that in.
+        them), or, when the turn took several batches or more input is already waiting, on the fsync thread
+        while the loop takes that in.
         A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
         if not self._sync_in_loop or self.log.stop_reason is not None:
             return
         try:
-            if self.pull.poll(0):
-                self.log.sync_soon()  # more is waiting: fsync on the thread while the loop takes it in
+            if self._drained > 1 or self.pull.poll(0):
+                # Pipelined producers (several batches a turn, or more waiting): fsync on the thread while
+                # the loop takes the next ones in.  One batch and nothing after it: fsync here, ack at once.
+                self.log.sync_soon()
             else:
                 self.log.sync()
         except LogStoppedError:
@@ -346,6 +350,7 @@ class Writer:
                 except Exception as exc:  # a bug or an I/O error nobody named: stop with it as the reason
                     self._reject_stopped(self.log.stop("handling a batch in the writer loop", exc), frame.bytes)
             handled += 1
+        self._drained = handled
         return handled
 
     def _reject_multipart(self, first: bytes) -> None:
