@@ -20,11 +20,11 @@ import zmq
 
 from . import cursor
 from . import protocol as P
-from .config import Config, ReaderConfig, check_timeout, client_config
+from .config import Config, LogConfig, ReaderConfig, check_timeout, client_config
 from .endpoints import load as load_endpoints
 from .errors import ConfigError, LogClosedError, ProtocolError, ServiceUnavailableError
 from .head import Head, HeadReader
-from .record import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, Record
+from .record import Record
 from .scan import LogReader
 from .segment import list_segments
 
@@ -57,13 +57,12 @@ def read_limits(directory: Path, config: Config | None, max_record_bytes: int | 
         endpoints = load_endpoints(directory)
     except ServiceUnavailableError:
         endpoints = None
+    own = (config.log if config else LogConfig()).read_limits  # the config's, never below the defaults
     limits = []
-    for key, given, default in (("max_record_bytes", max_record_bytes, DEFAULT_MAX_RECORD_BYTES),
-                                ("max_batch_bytes", max_batch_bytes, DEFAULT_MAX_BATCH_BYTES)):
+    for key, given in (("max_record_bytes", max_record_bytes), ("max_batch_bytes", max_batch_bytes)):
         if given is not None and (type(given) is not int or given < 1):
             raise ConfigError(key, f"must be a positive integer, got {given!r}")
-        known = [default, getattr(endpoints, key, 0)] + ([getattr(config.log, key)] if config else [])
-        limits.append(given or max(known))
+        limits.append(given or max(own[key], getattr(endpoints, key, 0)))
     return limits[0], limits[1]
 
 
