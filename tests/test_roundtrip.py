@@ -18,6 +18,7 @@ import walsvc
 from walsvc import head as H
 from walsvc.errors import AckTimeoutError, LogClosedError
 from walsvc.record import encode_put
+from walsvc.writer import Pipelining
 
 
 def test_log_without_fsync_thread_commits_only_on_sync(open_log) -> None:
@@ -199,3 +200,41 @@ def test_a_reader_woken_by_a_commit_reads_up_to_its_lsn_never_past_head(tmp_path
     from_commits = len(reader.bounds) - reader.head_reads
     assert from_commits > len(reader.bounds) // 4, (len(reader.bounds), reader.head_reads)
     assert writer.stop() == 0
+
+
+@pytest.mark.parametrize("turns, expected", [
+    # each inner list is one drain's producer ids; expected: whether the drain counts as pipelined
+    ([[1], [2], [1, 2, 3]], [False, False, False]),           # one batch in flight each: the loop fsyncs
+    ([[1, 1], [1], [2]], [True, True, False]),                 # producer 1 sent twice: its later drains too
+    ([[2, 1, 1, 3]], [True]),                                  # the repeat is not first in the drain
+    ([[1, 1]] + [[2]] * 3 + [[1]], [True, False, False, False, True]),  # remembered across other drains
+])
+def test_pipelining_marks_the_drains_of_a_producer_that_sent_two_batches_in_one(turns, expected) -> None:
+    p = Pipelining(turns=8)
+    got = []
+    for producers in turns:
+        p.new_turn()
+        for pid in producers:
+            p.note(pid)
+        got.append(p.turn_pipelined)
+    assert got == expected
+
+
+def test_pipelining_is_forgotten_after_its_turns() -> None:
+    p = Pipelining(turns=3)
+    p.new_turn()
+    p.note(7)
+    p.note(7)
+    for _ in range(3):  # within the window: still pipelining
+        p.new_turn()
+        p.note(7)
+        assert p.turn_pipelined
+    p = Pipelining(turns=3)
+    p.new_turn()
+    p.note(7)
+    p.note(7)
+    for _ in range(3):
+        p.new_turn()  # drains without producer 7
+    p.new_turn()
+    p.note(7)
+    assert not p.turn_pipelined

@@ -3,7 +3,9 @@
 One thread does all socket work.  Each turn of its loop drains every waiting ingest message and appends each
 valid batch as one frame.  Under `always` the loop then fsyncs them itself and acks at once: whatever
 arrives during that fsync waits in the socket and shares the next one (group commit across producers, with
-no thread hand-off between the write, the fsync and the ack).  Under `batch` the log's fsync thread makes
+no thread hand-off between the write, the fsync and the ack).  When a producer of the turn is pipelining
+(`Pipelining`), the fsync goes to the log's thread instead, so the loop takes its next batches in while the
+disk works.  Under `batch` the log's fsync thread makes
 them durable within the window while this loop goes on appending, and pokes this loop through an inproc
 socket.
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
@@ -66,6 +68,39 @@ class RateLimitedLog:
             self._suppressed[kind] += 1
 
 
+class Pipelining:
+    """Which drains carry a pipelining producer, for where the `always` fsync runs.
+
+    A producer that sent two batches in one drain is pipelining, and counts as such for the next `turns`
+    drains: its fsync goes to the fsync thread so that the loop takes its next batches in meanwhile.  A drain
+    of producers with one batch in flight each is fsynced by the loop itself (no hand-off on their path)."""
+
+    def __init__(self, turns: int = 64) -> None:
+        self.turns = turns
+        self.turn = 0
+        self.turn_pipelined = False
+        self._seen: set[int] = set()
+        self._until: dict[int, int] = {}
+
+    def new_turn(self) -> None:
+        self.turn += 1
+        self.turn_pipelined = False
+        self._seen.clear()
+
+    def note(self, producer_id: int) -> None:
+        if producer_id in self._seen:
+            self._until[producer_id] = self.turn + self.turns
+            self.turn_pipelined = True
+            return
+        self._seen.add(producer_id)
+        until = self._until.get(producer_id)
+        if until is not None:
+            if until >= self.turn:
+                self.turn_pipelined = True
+            else:
+                del self._until[producer_id]
+
+
 class Writer:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -83,7 +118,7 @@ class Writer:
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
         self._sync_in_loop = config.log.fsync == "always"
-        self._drained = 0  # messages the last drain took
+        self._pipelining = Pipelining()
         # Load the optional codec modules (lz4 is a C extension: dlopen) before the log starts its threads: a
         # dlopen racing another thread's file I/O deadlocks under LD_PRELOAD fault-injection shims.
         self._codecs = codecs()
@@ -226,15 +261,14 @@ class Writer:
 
     def _sync_appended(self) -> None:
         """Under `always`: make this turn's appends durable now, in this thread (one fdatasync for all of
-        them), or, when the turn took several batches or more input is already waiting, on the fsync thread
-        while the loop takes that in.
+        them), or, when a producer of this turn is pipelining, on the fsync thread while the loop takes its
+        next batches in.  Producers with one batch in flight each are acked soonest by the loop itself: none
+        of them can send again before its ack, and whatever the others send meanwhile shares the next fsync.
         A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
         if not self._sync_in_loop or self.log.stop_reason is not None:
             return
         try:
-            if self._drained > 1 or self.pull.poll(0):
-                # Pipelined producers (several batches a turn, or more waiting): fsync on the thread while
-                # the loop takes the next ones in.  One batch and nothing after it: fsync here, ack at once.
+            if self._pipelining.turn_pipelined:
                 self.log.sync_soon()
             else:
                 self.log.sync()
@@ -327,9 +361,12 @@ class Writer:
             return
         self.metrics.counters["batches"] += 1
         self.metrics.counters["records"] += n
+        if self._sync_in_loop:
+            self._pipelining.note(a.producer_id)
         self._pending.append((base + n - 1, time.perf_counter(), P.Reply(a.producer_id, P.ACK, a.seq, base, n)))
 
     def _drain(self) -> int:
+        self._pipelining.new_turn()
         recv = self.pull.recv
         handled = 0
         while handled < DRAIN_LIMIT:
@@ -350,7 +387,6 @@ class Writer:
                 except Exception as exc:  # a bug or an I/O error nobody named: stop with it as the reason
                     self._reject_stopped(self.log.stop("handling a batch in the writer loop", exc), frame.bytes)
             handled += 1
-        self._drained = handled
         return handled
 
     def _reject_multipart(self, first: bytes) -> None:
