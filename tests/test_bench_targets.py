@@ -1,10 +1,11 @@
 """The benchmark suite's judgement: targets met or missed against the right peer, stalled runs flagged.
 
-Pure: results are built by hand, nothing is run.  Plus one run of benchmarks/limits.py in its quick form.
+Pure: results are built by hand, nothing is run.  Plus one run of benchmarks/limits.py in its quick form, every section.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,11 @@ def test_every_issue_target_names_a_scenario_of_the_suite() -> None:
     assert set(harness.TARGETS) <= names
 
 
-def test_limits_script_prints_the_bound(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "benchmarks/limits.py", "--quick", "--dir", str(tmp_path)], cwd=ROOT,
+def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:
+    """The one-in-flight bound, then the skeleton's rate, CPU and wake-ups per record (every transport, each
+    producer count) and its append-to-reader latency, with every record of the latency run read back."""
+    proc = subprocess.run([sys.executable, "benchmarks/limits.py", "--quick", "--dir", str(tmp_path),
+                           "--architecture", "--producers", "1,2", "--latency"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -70,3 +74,20 @@ def test_limits_script_prints_the_bound(tmp_path: Path) -> None:
     assert lines[1].startswith("one-way ZeroMQ ipc hop")
     rate = int(lines[2].split(" us, ")[1].split(" rec/s")[0].replace(",", ""))
     assert rate > 0
+    shapes = []
+    for line in lines[3:7]:
+        found = re.fullmatch(r"architecture (\w+) (\d+)p always x1: ([\d,]+) rec/s; per record CPU us server "
+                             r"([\d.]+) \+ producers ([\d.]+) = [\d.]+; wake-ups server ([\d.]+), producers "
+                             r"([\d.]+)", line)
+        assert found, line
+        shapes.append((found[1], int(found[2])))
+        assert int(found[3].replace(",", "")) > 0 and float(found[4]) > 0 and float(found[5]) > 0, line
+    assert shapes == [("zmq", 1), ("unix", 1), ("zmq", 2), ("unix", 2)]
+    for transport, line in zip(("zmq", "unix"), lines[7:9]):
+        found = re.fullmatch(rf"latency {transport} 10,000/s os: p50 ([\d,]+) us, p99 ([\d,]+) us, "
+                             r"p99.9 ([\d,]+) us \(([\d,]+) records, sent [\d,]+/s\)", line)
+        assert found, line
+        p50, p99, p999, records = (int(g.replace(",", "")) for g in found.groups())
+        assert 0 < p50 <= p99 <= p999
+        assert records == 1_900  # 2,000 sent, the first 5 % dropped as warm-up: none lost
+    assert not list(tmp_path.iterdir()), "scratch files left behind"
