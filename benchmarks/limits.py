@@ -21,8 +21,8 @@ transport, and what libzmq's I/O threads cost.
 --latency runs the append-to-reader path under `os` (no fsync): one producer paced like the suite's latency
 scenario (benchmarks/suite/harness.py), 100 B records carrying their send time; the server writes each drain
 and publishes the committed end offset; a reader process receives it, preads the new bytes from the file and
-counts receive time - send time.  It prints p50/p99/p99.9.  PERFORMANCE.md compares the suite's figures with
-these.
+counts receive time - send time.  It prints p50/p99/p99.9.  PERFORMANCE.md (7.3, 11.1) compares the suite's
+figures with these.
 """
 
 from __future__ import annotations
@@ -127,12 +127,16 @@ def zmq_hop_us(directory: str, samples: int, size: int) -> tuple[float, float]:
 
 
 class Server(Protocol):
+    """The server loop's view of a transport: take in what is waiting, answer one producer, tell readers."""
+
     def drain(self) -> list[tuple[Any, bytes]]: ...
     def reply(self, origin: Any, head: bytes) -> None: ...
     def publish(self, message: bytes) -> None: ...
 
 
 class Client(Protocol):
+    """A producer's or reader's view: send a message, wait (bounded) for the next one addressed to it."""
+
     def send(self, message: bytes) -> None: ...
     def recv(self, timeout_s: float) -> bytes | None: ...
 
