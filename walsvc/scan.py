@@ -280,6 +280,8 @@ class LogReader:
             if records is None:
                 break
             out.extend(records)
+            if bound is not None and self.next_lsn > bound:
+                break  # all that is committed is read: looking further would only re-read the file's end
         return out
 
     def _step(self, bound: int | None) -> list[Record] | None:
