@@ -64,9 +64,9 @@ class _WatchedProducer(walsvc.Producer):
         self.receivers: list[str] = []
         super().__init__(*args, **kwargs)
 
-    def _receive_replies(self) -> None:
+    def _receive_replies(self, *args) -> None:
         self.receivers.append(threading.current_thread().name)
-        super()._receive_replies()
+        super()._receive_replies(*args)
 
 
 def test_a_caller_waiting_for_its_record_receives_the_reply_itself(tmp_path: Path, writers) -> None:

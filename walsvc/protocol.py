@@ -145,13 +145,19 @@ def encode_reply(r: Reply) -> bytes:
         r.detail.encode()
 
 
+def encode_ack(producer_id: int, seq: int, base_lsn: int, count: int) -> bytes:
+    """encode_reply(Reply(producer_id, ACK, seq, base_lsn, count)) without the Reply: the writer's every ack."""
+    return REPLY.pack(TOPIC_REPLY, producer_id, VERSION, ACK, seq, base_lsn, count)
+
+
 def decode_reply(msg: bytes) -> Reply:
     if len(msg) < REPLY.size or msg[:1] != TOPIC_REPLY:
         raise ProtocolError(MALFORMED, "not a reply message")
     _, pid, version, status, seq, base, count = REPLY.unpack_from(msg)
     if version != VERSION:
         raise ProtocolError(UNKNOWN_VERSION, f"reply version {version}")
-    return Reply(pid, status, seq, base, count, bytes(msg[REPLY.size:]).decode(errors="replace"))
+    detail = "" if len(msg) == REPLY.size else bytes(msg[REPLY.size:]).decode(errors="replace")
+    return Reply(pid, status, seq, base, count, detail)
 
 
 def encode_request(op: str, **args: Any) -> bytes:
