@@ -593,8 +593,10 @@ class Producer:
         while True:
             if msg is None:
                 # After the first reply look once (zmq_poll, ~1 us) instead of letting a recv raise zmq.Again
-                # (~12 us in pyzmq): one reply per wake-up is the common case with records in flight.
-                if received == 1 and not zmq.zmq_poll(self._sub_in, 0):
+                # (~12 us in pyzmq): one reply per wake-up is the common case with records in flight.  With
+                # nothing unacked, do not look at all (one record in flight): what may still come (a READY
+                # again after a reconnect, a late duplicate) is as well taken at the next receive.
+                if received == 1 and (not len(self._session) or not zmq.zmq_poll(self._sub_in, 0)):
                     return
                 try:
                     msg = self._sub.recv(zmq.NOBLOCK)

@@ -18,7 +18,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ProtocolError
 
@@ -55,8 +55,8 @@ MAX_CONTROL_DEPTH = 16
 CONTROL_SOCKET_MAX_BYTES = 4 * MAX_CONTROL_BYTES
 
 
-@dataclass(frozen=True, slots=True)
-class Append:
+class Append(NamedTuple):
+    """A decoded APPEND (a NamedTuple, not a frozen dataclass: made for every batch, and half the cost)."""
     producer_id: int
     seq: int
     count: int
