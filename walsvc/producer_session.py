@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import protocol as P
 from .errors import LogStoppedError, NackError
@@ -54,9 +54,9 @@ class Outgoing:
         self.message = self.message[:SEQ_OFFSET] + seq.to_bytes(8, "little") + self.message[SEQ_OFFSET + 8:]
 
 
-@dataclass(frozen=True, slots=True)
-class Resolve:
-    """The batch is in the log: its first record got `base_lsn` (None: stored, LSNs unknown)."""
+class Resolve(NamedTuple):
+    """The batch is in the log: its first record got `base_lsn` (None: stored, LSNs unknown).  A NamedTuple:
+    one is made for every batch."""
     token: Any
     base_lsn: int | None
 

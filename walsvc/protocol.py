@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .errors import ProtocolError
@@ -126,8 +125,8 @@ def encode_ready(producer_id: int) -> bytes:
     return encode_reply(Reply(producer_id, READY, 0, 0, 0))
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
+    """A decoded REPLY (a NamedTuple, as Append: a producer decodes one per batch)."""
     producer_id: int
     status: int
     seq: int
