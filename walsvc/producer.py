@@ -95,8 +95,9 @@ class _Batch:
 class RecordFuture:
     """The pending LSN of one appended record: `result(timeout)` blocks until the writer acked it.
 
-    A light handle (its batch and its index in the batch), made without `__init__` by the put buffer.  The result is None only in the rare case the writer reports the batch as already stored but
-    older than its deduplication window, so it cannot say which LSNs it got.
+    A light handle (its batch and its index in the batch), made without `__init__` by the put buffer.  The
+    result is None only in the rare case the writer reports the batch as already stored but older than its
+    deduplication window, so it cannot say which LSNs it got.
     """
 
     __slots__ = ("_batch", "_index")
@@ -493,9 +494,10 @@ class Producer:
         while not batch.done:
             wait_ms = RECEIVE_SLICE_MS
             if deadline is not None:
-                wait_ms = min(wait_ms, int((deadline - time.monotonic()) * 1000) + 1)
-                if wait_ms <= 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return
+                wait_ms = min(wait_ms, int(remaining * 1000) + 1)
             if wait_ms != self._sub_timeout:
                 sub.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._sub_timeout = wait_ms
