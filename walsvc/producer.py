@@ -506,9 +506,7 @@ class Producer:
             except zmq.Again:
                 msg = None
             if msg is not None:
-                self._receive_replies(msg)  # which also ticks the session and sends what may go out
-                if not self._closed:
-                    continue
+                self._receive_replies(msg)
             with self._lock:
                 if self._closed:
                     return
@@ -589,8 +587,9 @@ class Producer:
         return False
 
     def _receive_replies(self, msg: bytes | None = None) -> None:
-        """Handle `msg` (a reply this thread already took) and every reply waiting; after each, tick the
-        session and send what it lets go out."""
+        """Handle `msg` (a reply this thread already took) and every reply waiting.  The caller (or the I/O
+        thread) sends what they let go out after the last, in one burst, so that a pipelining producer's
+        batches reach the writer together (`writer.Pipelining` looks for two in one drain)."""
         received = 0
         while True:
             if msg is None:
@@ -608,11 +607,7 @@ class Producer:
             reply = P.decode_reply(msg)
             msg = None
             with self._lock:
-                now = time.monotonic()
-                session = self._session
-                self._apply(session.receive(reply, now))
-                session.tick(now)
-                self._send_ready(now)
+                self._apply(self._session.receive(reply, time.monotonic()))
 
     def _apply(self, actions: list[Action]) -> None:
         """Carry out the session's decisions (lock held)."""
