@@ -26,7 +26,6 @@ import collections
 import json
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -484,57 +483,32 @@ class Writer:
         self._stop.set()
 
     def serve(self) -> None:
-        """Run until stop() (or SIGTERM/SIGINT via `install_signal_handlers`), then drain, fsync, close.
-
-        The loop sleeps in one poll(2) on the four sockets' ZMQ_FDs, not in zmq_poll, which looks at every
-        socket (ZMQ_EVENTS: two system calls each) before it sleeps and again after it wakes: about 18 system
-        calls per turn, against 4 (strace, one record in flight: 33 per round trip in this thread before, 20
-        after).  A ZMQ_FD is edge-triggered: it signals commands for the socket (a message arriving in an
-        empty pipe), not messages waiting, so the loop sleeps on it only once every socket was last seen with
-        nothing to read: the drains read until there is nothing, and the sockets this turn sent on (whose
-        send may have taken in a signal) are looked at before the next sleep.  A poll that times out looks
-        at every socket, as zmq_poll would."""
-        pull, rep, wake_rx, pub = self.pull, self.rep, self.wake_rx, self.pub
-        everything = [(pull, zmq.POLLIN), (rep, zmq.POLLIN), (wake_rx, zmq.POLLIN), (pub, zmq.POLLIN)]
-        wake_in, rep_in = [(wake_rx, zmq.POLLIN)], [(rep, zmq.POLLIN)]
-        sent_on = [(pub, zmq.POLLIN)]
-        signals = select.poll()
-        by_fd = {}
-        for sock, _ in everything:
-            fd = sock.getsockopt(zmq.FD)
-            signals.register(fd, select.POLLIN)
-            by_fd[fd] = sock
+        """Run until stop() (or SIGTERM/SIGINT via `install_signal_handlers`), then drain, fsync, close."""
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        poller.register(self.rep, zmq.POLLIN)
+        poller.register(self.wake_rx, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         self._publish_commits()
-        events = [sock for sock, _ in zmq.zmq_poll(everything, 0)]
         try:
             while not self._stop.is_set():
-                if not events:
-                    signalled = signals.poll(100)
-                    if signalled:
-                        events = [by_fd[fd] for fd, _ in signalled]
-                    else:
-                        events = [sock for sock, _ in zmq.zmq_poll(everything, 0)]
-                if wake_rx in events:
-                    while zmq.zmq_poll(wake_in, 0):
-                        wake_rx.recv(zmq.NOBLOCK)
+                events = dict(poller.poll(100))
+                if self.wake_rx in events:
+                    while self.wake_rx.poll(0):
+                        self.wake_rx.recv(zmq.NOBLOCK)
                     self._flusher_poke.clear()
-                if pull in events:  # a signal without a message costs one recv that finds nothing
+                if self.pull in events:
                     while self._drain() == DRAIN_LIMIT:
                         self._sync_appended()
                         self._publish_commits()
                     self._sync_appended()
-                control = rep in events and zmq.zmq_poll(rep_in, 0)  # its recv blocks: look first
-                if control:
+                if self.rep in events:
                     self._control()
                 self._publish_commits()
-                now = time.monotonic()
-                if now - self._groups_stored_at >= GROUP_STORE_S:
-                    self._store_group_positions()
-                if now >= self._next_watch:
-                    self._watch()
-                if pub in events:
+                self._store_group_positions()
+                self._watch()
+                if self.pub in events:
                     self._confirm_subscriptions()
-                events = [sock for sock, _ in zmq.zmq_poll(everything if control else sent_on, 0)]
             while self._drain():
                 pass
             if self.log.stop_reason is None:
