@@ -47,7 +47,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
-LOOK_BEFORE_RECV = 16  # see _drain
+LOOK_BEFORE_RECV = 5  # see _drain: a drain of one batch from each of up to 4 producers ends on a look, not an Again
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
 CONTROL_HWM = 16
 
