@@ -71,6 +71,13 @@ def test_reply_round_trip_and_topic(pid, status, seq, base, count, detail):
     assert P.decode_reply(msg) == reply
 
 
+@given(U64, U64, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_encode_ack_is_encode_reply_of_an_ack(pid, seq, base, count):
+    msg = P.encode_ack(pid, seq, base, count)
+    assert msg == P.encode_reply(P.Reply(pid, P.ACK, seq, base, count))
+    assert P.decode_reply(msg) == P.Reply(pid, P.ACK, seq, base, count, "")
+
+
 def test_nack_code_is_the_text_before_the_colon():
     assert P.Reply(1, P.NACK, 5, 0, 0, "out_of_sequence: expected sequence 4, got 5").code == P.OUT_OF_SEQUENCE
 

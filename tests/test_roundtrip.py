@@ -6,6 +6,8 @@ commit message takes the committed LSN it carries as its bound.  Real processes,
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -64,9 +66,9 @@ class _WatchedProducer(walsvc.Producer):
         self.receivers: list[str] = []
         super().__init__(*args, **kwargs)
 
-    def _receive_replies(self) -> None:
+    def _receive_replies(self, *args) -> None:
         self.receivers.append(threading.current_thread().name)
-        super()._receive_replies()
+        super()._receive_replies(*args)
 
 
 def test_a_caller_waiting_for_its_record_receives_the_reply_itself(tmp_path: Path, writers) -> None:
@@ -238,3 +240,74 @@ def test_pipelining_is_forgotten_after_its_turns() -> None:
     p.new_turn()
     p.note(7)
     assert not p.turn_pipelined
+
+
+def test_cancelling_one_await_leaves_the_batch_and_the_producer_alone(tmp_path: Path, writers) -> None:
+    """Two tasks await two records of one batch; the first is cancelled before the ack (the writer is
+    stopped with SIGSTOP meanwhile).  The other still gets its LSN, the batch's outcome is intact for
+    result() and flush(), and the producer's I/O thread lives on to ack the next record."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="always").start()
+    with walsvc.Producer(d) as producer:
+        producer.put(b"warm", b"up").result(30)
+        os.kill(writer.pid, signal.SIGSTOP)
+        try:
+            first, second = producer.put_many([(b"a", b"1"), (b"b", b"2")])
+            assert first._batch is second._batch  # one batch: the case where a shared outcome could suffer
+
+            async def scenario() -> tuple[bool, int]:
+                cancelled = asyncio.ensure_future(_await(first))
+                kept = asyncio.ensure_future(_await(second))
+                await asyncio.sleep(0.2)
+                cancelled.cancel()
+                os.kill(writer.pid, signal.SIGCONT)
+                await asyncio.wait([cancelled, kept], timeout=30)
+                return cancelled.cancelled(), kept.result()
+
+            was_cancelled, lsn = asyncio.run(scenario())
+        finally:
+            os.kill(writer.pid, signal.SIGCONT)
+        assert was_cancelled
+        assert lsn == first.result(10) + 1
+        producer.flush(10)
+        assert producer.put(b"after", b"v").result(30) == lsn + 1
+    assert writer.stop() == 0
+    assert len(read_log(d)) == 4
+
+
+async def _await(record: walsvc.producer.RecordFuture) -> int:
+    return await record
+
+
+class _BrokenIOProducer(walsvc.Producer):
+    """A producer whose I/O thread meets a bug: the first reply it takes raises (the code under test, the
+    thread's guard, is unchanged; callers receive replies themselves as usual)."""
+
+    def _receive_replies(self, msg: bytes | None = None) -> None:
+        if threading.current_thread().name == "walsvc-producer-io":
+            raise RuntimeError("a bug in the I/O thread")
+        super()._receive_replies(msg)
+
+
+def test_a_failed_io_thread_fails_every_unacked_record_at_once(tmp_path: Path, writers) -> None:
+    """An exception in the producer's I/O thread does not end it silently: the records nobody waits on fail
+    at once with LogClosedError naming the failure, later puts are refused the same way, and close() ends."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="always").start()
+    producer = _BrokenIOProducer(d)
+    try:
+        assert producer.put(b"waited", b"v").result(30) >= 1  # the caller receives its own reply: no bug hit
+        unwatched = [producer.put(b"k%d" % i, b"v") for i in range(20)]
+        deadline = time.monotonic() + 30
+        while not all(f.done() for f in unwatched):  # done() wakes the I/O thread, which takes the replies
+            assert time.monotonic() < deadline, "records hang after the I/O thread failed"
+            time.sleep(0.01)
+        assert producer._io.is_alive() is False
+        errors = [f.exception(0) for f in unwatched]
+        failed = [e for e in errors if e is not None]
+        assert failed and all(isinstance(e, LogClosedError) and "I/O thread failed" in str(e) for e in failed)
+        with pytest.raises(LogClosedError, match="I/O thread failed"):
+            producer.put(b"after", b"v")
+    finally:
+        producer.close(5)
+    assert writer.stop() == 0

@@ -7,7 +7,7 @@ the writer (walsvc/writer.py) carries the decision out against the log and its s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from . import protocol as P
 from .errors import ProtocolError, RecordError, RecordTooLargeError
@@ -15,9 +15,9 @@ from .frame import Appended
 from .record import count_records
 
 
-@dataclass(frozen=True, slots=True)
-class Store:
-    """New and valid: append `payload` (`count` records) under (producer id, sequence)."""
+class Store(NamedTuple):
+    """New and valid: append `payload` (`count` records) under (producer id, sequence).  A NamedTuple, as
+    P.Append: one is made for every batch."""
     append: P.Append
     payload: bytes
     count: int

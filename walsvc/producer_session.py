@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import secrets
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import protocol as P
 from .errors import LogStoppedError, NackError
@@ -54,9 +54,9 @@ class Outgoing:
         self.message = self.message[:SEQ_OFFSET] + seq.to_bytes(8, "little") + self.message[SEQ_OFFSET + 8:]
 
 
-@dataclass(frozen=True, slots=True)
-class Resolve:
-    """The batch is in the log: its first record got `base_lsn` (None: stored, LSNs unknown)."""
+class Resolve(NamedTuple):
+    """The batch is in the log: its first record got `base_lsn` (None: stored, LSNs unknown).  A NamedTuple:
+    one is made for every batch."""
     token: Any
     base_lsn: int | None
 
@@ -234,12 +234,13 @@ class ProducerSession:
         # The writer answers one producer's stored batches in the order it got them, so an older batch still
         # waiting, sent before this one, had its reply lost: resend it now, while it is inside the writer's
         # dedup window (later, the answer would be "stored, LSNs unknown").
-        lost = sorted((b for s, b in self._in_flight.items() if s < reply.seq and b.sent_at <= batch.sent_at
-                       and b.producer_id == batch.producer_id), key=lambda b: b.seq)
-        for b in lost:
-            del self._in_flight[b.seq]
-        self._ready.extendleft(reversed(lost))
-        self.resends += len(lost)
+        if self._in_flight:  # else nothing older can have been lost (the one-in-flight case, kept cheap)
+            lost = sorted((b for s, b in self._in_flight.items() if s < reply.seq and b.sent_at <= batch.sent_at
+                           and b.producer_id == batch.producer_id), key=lambda b: b.seq)
+            for b in lost:
+                del self._in_flight[b.seq]
+            self._ready.extendleft(reversed(lost))
+            self.resends += len(lost)
         return [Resolve(batch.token, reply.base_lsn if reply.count else None)]
 
     def _refused(self, reply: P.Reply) -> list[Action]:

@@ -40,13 +40,14 @@ from .config import Config
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
 from .errors import GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
 from .group import GROUP_OPS, GroupTable
-from .ingest import Duplicate, IngestSession, Refuse
+from .ingest import IngestSession, Refuse, Store
 from .record import codecs
 from .log import Log
 from .metrics import Metrics
 
 log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
+LOOK_BEFORE_RECV = 5  # see _drain: a drain of one batch from each of up to 4 producers ends on a look, not an Again
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
 CONTROL_HWM = 16
 
@@ -107,7 +108,8 @@ class Writer:
         self.directory = config.directory
         self.metrics = Metrics()
         self._warn = RateLimitedLog()
-        self._pending: collections.deque[tuple[int, float, P.Reply]] = collections.deque()
+        # (last LSN, perf_counter at append, the encoded reply) per batch answered once that LSN is committed
+        self._pending: collections.deque[tuple[int, float, bytes]] = collections.deque()
         self._published_commit = -1
         self._flusher_poke = threading.Event()
         self._main_thread = threading.get_ident()
@@ -162,6 +164,7 @@ class Writer:
         # plus one its I/O thread has read, each at most MAXMSGSIZE (docs/PROTOCOL.md, "Input limits and the
         # writer's memory").
         self.pull = self.ctx.socket(zmq.PULL)
+        self._pull_in = [(self.pull, zmq.POLLIN)]
         self.pull.setsockopt(zmq.RCVHWM, svc.ingest_hwm)
         self.pull.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         # XPUB, not PUB: it hands us each subscription once applied, and we answer a producer's with READY on
@@ -278,23 +281,28 @@ class Writer:
             self.log.stop("fsync in the writer loop", exc)
 
     def _publish_commits(self) -> None:
+        """Send the replies of the batches the committed LSN now covers, then a COMMIT if it moved (called every
+        loop turn: nothing to do costs two attribute reads and two comparisons)."""
         stopped = self.log.stop_reason  # first: once the log stopped, the committed LSN read next is final
         committed = self.log.committed_lsn
-        now = time.perf_counter()
         pending = self._pending
         send = self.pub.send
-        while pending and pending[0][0] <= committed:
-            _, appended_at, reply = pending.popleft()
-            self.metrics.append_to_ack.record(now - appended_at)
-            send(P.encode_reply(reply))
+        if pending and pending[0][0] <= committed:
+            now = time.perf_counter()
+            record = self.metrics.append_to_ack.record
+            while pending and pending[0][0] <= committed:
+                _, appended_at, reply = pending.popleft()
+                record(now - appended_at)
+                send(reply)
         if stopped is not None and pending:
             # Nothing more will commit: every batch still waiting learns so now, not after its resend timeout.
             for last_lsn, appended_at, reply in pending:
                 if last_lsn <= committed:
-                    send(P.encode_reply(reply))
+                    send(reply)
                 else:
                     self.metrics.rejected[P.LOG_STOPPED] += 1
-                    send(P.encode_reply(P.Reply(reply.producer_id, P.NACK, reply.seq, 0, 0,
+                    ack = P.decode_reply(reply)
+                    send(P.encode_reply(P.Reply(ack.producer_id, P.NACK, ack.seq, 0, 0,
                                                 f"{P.LOG_STOPPED}: {stopped}")))
             pending.clear()
         if committed != self._published_commit:
@@ -334,46 +342,49 @@ class Writer:
         self._reject(P.LOG_STOPPED, str(reason), msg)
 
     def _handle(self, msg: bytes) -> None:
-        decision = self._ingest.decide(msg, self.log.producer_batches)
+        log = self.log
+        decision = self._ingest.decide(msg, log.producer_batches)
+        if type(decision) is Store:
+            a, n = decision.append, decision.count
+            if not log.producer_batches(a.producer_id):
+                self.metrics.event("producer_connected", producer=f"{a.producer_id:016x}")
+            try:
+                base = log.append_encoded(decision.payload, n, producer_id=a.producer_id, producer_seq=a.seq,
+                                          wait=False)
+            except LogStoppedError as exc:
+                # Fatal for the log, not for the process: keep answering status and nacking, so every
+                # producer and operator learns why (a restart runs recovery).
+                self._reject_stopped(exc, msg)
+                return
+            counters = self.metrics.counters
+            counters["batches"] += 1
+            counters["records"] += n
+            if self._sync_in_loop:
+                self._pipelining.note(a.producer_id)
+            self._pending.append((base + n - 1, time.perf_counter(), P.encode_ack(a.producer_id, a.seq, base, n)))
+            return
         if type(decision) is Refuse:
             if decision.code == P.OUT_OF_SEQUENCE and self.log.stop_reason is not None:
                 self._reject_stopped(self.log.stop_reason, msg)  # resending cannot help: nothing more is stored
             else:
                 self._reject(decision.code, decision.detail, msg)
             return
-        if type(decision) is Duplicate:
-            self.metrics.counters["duplicates"] += 1
-            if decision.count:
-                self._pending.append((decision.last_lsn, time.perf_counter(), decision.reply()))
-            else:
-                self._reply(decision.reply())
-            return
-        a, n = decision.append, decision.count
-        if not self.log.producer_batches(a.producer_id):
-            self.metrics.event("producer_connected", producer=f"{a.producer_id:016x}")
-        try:
-            base = self.log.append_encoded(decision.payload, n, producer_id=a.producer_id, producer_seq=a.seq,
-                                           wait=False)
-        except LogStoppedError as exc:
-            # Fatal for the log, not for the process: keep answering status and nacking, so every
-            # producer and operator learns why (a restart runs recovery).
-            self._reject_stopped(exc, msg)
-            return
-        self.metrics.counters["batches"] += 1
-        self.metrics.counters["records"] += n
-        if self._sync_in_loop:
-            self._pipelining.note(a.producer_id)
-        self._pending.append((base + n - 1, time.perf_counter(), P.Reply(a.producer_id, P.ACK, a.seq, base, n)))
+        self.metrics.counters["duplicates"] += 1  # a Duplicate
+        if decision.count:
+            self._pending.append((decision.last_lsn, time.perf_counter(), P.encode_reply(decision.reply())))
+        else:
+            self._reply(decision.reply())
 
     def _drain(self) -> int:
         self._pipelining.new_turn()
         recv = self.pull.recv
         handled = 0
         while handled < DRAIN_LIMIT:
-            # After the first message, look once before the next recv: a recv that finds nothing raises
-            # zmq.Again, ~12 us in pyzmq against ~2.4 us for a poll(0), and with records in flight one message
-            # per drain is the common case.  Past that, recv until Again (one poll per message would cost more).
-            if handled == 1 and not self.pull.poll(0):
+            # Look before each of the first few recvs after the first: a recv that finds nothing raises
+            # zmq.Again, 4-12 us in pyzmq against ~1 us for a zmq_poll (Socket.poll builds a Poller per call:
+            # 2.5 us), and with records in flight a drain takes one message per producer.  Past that, recv
+            # until Again (one poll per message would cost more).
+            if 0 < handled < LOOK_BEFORE_RECV and not zmq.zmq_poll(self._pull_in, 0):
                 break
             try:
                 frame = recv(zmq.NOBLOCK, copy=False)
