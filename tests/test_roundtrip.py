@@ -311,3 +311,19 @@ def test_a_failed_io_thread_fails_every_unacked_record_at_once(tmp_path: Path, w
     finally:
         producer.close(5)
     assert writer.stop() == 0
+
+
+def test_pipelining_forgets_producers_that_never_come_back() -> None:
+    """A writer outlives many producer processes: those seen pipelining once and then gone are dropped once
+    their window is over, so the table stays bounded by the producers of the last window."""
+    p = Pipelining(turns=4)
+    for pid in range(1, 1001):  # a thousand short-lived producers, each pipelining in one drain, never again
+        p.new_turn()
+        p.note(pid)
+        p.note(pid)
+    for _ in range(8):
+        p.new_turn()
+    assert len(p._until) == 0
+    p.new_turn()
+    p.note(5)
+    assert not p.turn_pipelined

@@ -87,6 +87,10 @@ class Pipelining:
         self.turn += 1
         self.turn_pipelined = False
         self._seen.clear()
+        if self.turn % self.turns == 0 and self._until:
+            # Forget producers whose window ended without their coming back (a producer process that
+            # exited): one entry each would otherwise stay for the writer's lifetime.
+            self._until = {pid: until for pid, until in self._until.items() if until >= self.turn}
 
     def note(self, producer_id: int) -> None:
         if producer_id in self._seen:
