@@ -82,15 +82,17 @@ def stream_messages(cluster: Cluster, stream: str, stall_s: float = 8.0) -> list
         finally:
             await nc.close()
 
-    for attempt in range(10):  # a cluster that just regained its quorum, or a loaded machine: ask again
+    # A cluster that just regained its quorum answers 503 ("JetStream system temporarily unavailable") until
+    # its meta leader settles, which took over 10 s on a loaded machine: ask again for up to a minute.
+    deadline = time.monotonic() + 60
+    while True:
         try:
             return asyncio.run(read())
         except (nats.errors.Error, nats.js.errors.Error) as exc:
-            if attempt == 9:
+            if time.monotonic() >= deadline:
                 raise
             print(f"reading {stream}: {exc!r}; again in 1 s")
             time.sleep(1)
-    raise AssertionError("unreachable")
 
 
 def stream_count(cluster: Cluster, stream: str) -> int:
