@@ -1,6 +1,7 @@
 """The round trip of one record in flight (issue 9): the writer fsyncs in its own loop under `always` (group
-commit without a thread hand-off), a producer's caller receives its own reply, and a reader woken by a
-commit message takes the committed LSN it carries as its bound.  Real processes, sockets and files.
+commit without a thread hand-off), a producer's caller receives its own reply, and a reader is woken by the
+writer's rewrite of HEAD (inotify) or by a commit message, whose committed LSN it takes as its bound.  Real
+processes, sockets and files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from helpers import check_acked_exactly_once, collect_acks, finish, read_log, sp
 import walsvc
 from walsvc import head as H
 from walsvc.errors import AckTimeoutError, LogClosedError
-from walsvc.record import encode_put
+from walsvc.record import Record, encode_put
+from walsvc.wakeup import CommitSubscription, HeadWatch
 from walsvc.writer import Pipelining
 
 
@@ -178,14 +180,16 @@ class _BoundWatchingReader(walsvc.Reader):
         return bound
 
 
-def test_a_reader_woken_by_a_commit_reads_up_to_its_lsn_never_past_head(tmp_path: Path, writers) -> None:
-    """A tailing reader takes its bound from the COMMIT message that woke it (fewer HEAD reads than reads),
-    and no bound it reads up to is ever past the committed LSN HEAD holds; it sees every record once, in
-    order."""
+@pytest.mark.parametrize("wake", ["commit", "auto"])
+def test_a_reader_reads_up_to_the_commit_that_woke_it_never_past_head(tmp_path: Path, writers, wake: str) -> None:
+    """A tailing reader's bound is never past the committed LSN HEAD holds, and it sees every record once, in
+    order, whatever wakes it.  Woken by COMMIT messages it takes most bounds from them (fewer HEAD reads than
+    reads); woken by the HEAD watch it reads HEAD for each."""
     d = tmp_path / "wal"
     writer = writers(d, fsync="os").start()
     total = 400
-    with _BoundWatchingReader(d, "earliest") as reader, walsvc.Producer(d) as producer:
+    with _BoundWatchingReader(d, "earliest", wake=wake) as reader, walsvc.Producer(d) as producer:
+        assert isinstance(reader._wakeup, CommitSubscription if wake == "commit" else HeadWatch)
         got: list[int] = []
         for i in range(total):
             producer.put(b"k%d" % i, b"v").result(30)
@@ -200,7 +204,50 @@ def test_a_reader_woken_by_a_commit_reads_up_to_its_lsn_never_past_head(tmp_path
     past = [(bound, head) for bound, head in reader.bounds if bound > head]
     assert not past, f"bounds past HEAD's committed LSN: {past[:5]}"
     from_commits = len(reader.bounds) - reader.head_reads
-    assert from_commits > len(reader.bounds) // 4, (len(reader.bounds), reader.head_reads)
+    if wake == "commit":
+        assert from_commits > len(reader.bounds) // 4, (len(reader.bounds), reader.head_reads)
+    else:
+        assert from_commits <= 1, (len(reader.bounds), reader.head_reads)
+    assert writer.stop() == 0
+
+
+@pytest.mark.parametrize("wake", ["auto", "commit"])
+def test_the_head_watch_wakes_a_reader_with_no_commit_messages(open_log, wake: str) -> None:
+    """An embedded Log publishes HEAD and no COMMIT messages: a reader watching HEAD is woken by the append
+    itself, long before its recheck_s (30 s here); one subscribed to COMMIT messages only at its recheck."""
+    log = open_log(fsync="os")
+    with walsvc.Reader(log.directory, "earliest", recheck_s=30, wake=wake) as reader:
+        assert reader.poll(0.05) == []
+        got: list[list] = []
+        t = threading.Thread(target=lambda: got.append(reader.poll(3)))
+        t.start()
+        time.sleep(0.2)  # the reader is asleep now
+        appended_at = time.monotonic()
+        log.append(Record.put(b"k", b"v"))
+        t.join(10)
+        woke_after = time.monotonic() - appended_at
+    if wake == "auto":
+        assert [r.lsn for r in got[0]] == [1] and woke_after < 1.0, (got, woke_after)
+    else:
+        assert got == [[]] and woke_after > 2.0, (got, woke_after)
+
+
+def test_a_reader_started_before_head_exists_watches_it_once_it_does(tmp_path: Path, writers) -> None:
+    d = tmp_path / "wal"
+    d.mkdir()
+    with walsvc.Reader(d, "earliest", recheck_s=0.05) as reader:
+        assert reader.poll(0.1) == [] and reader._wakeup is None
+        writer = writers(d, fsync="os").start()
+        with walsvc.Producer(d) as producer:
+            producer.put(b"a", b"1").result(30)
+            assert [r.key for r in reader.poll(5)] == [b"a"]
+            assert reader.poll(0.1) == []
+            assert isinstance(reader._wakeup, HeadWatch)
+            reader.recheck_s = 30  # from now on only the watch can wake it in time
+            producer.put(b"b", b"2").result(30)
+            started = time.monotonic()
+            assert [r.key for r in reader.poll(5)] == [b"b"]
+            assert time.monotonic() - started < 1.0
     assert writer.stop() == 0
 
 

@@ -248,16 +248,19 @@ class ProducerConfig(Section):
 
 @dataclass(frozen=True, init=False)
 class ReaderConfig(Section):
-    """`[reader]`: where a `walsvc.Reader` starts and how often it rechecks HEAD; a group consumer's claim
-    size and lease.  Its keyword arguments of the same names win."""
+    """`[reader]`: where a `walsvc.Reader` starts, what wakes it (`wake`: "auto" watches HEAD with inotify
+    where it can, "commit" always subscribes to the writer's COMMIT messages) and how often it rechecks HEAD;
+    a group consumer's claim size and lease.  Its keyword arguments of the same names win."""
     NAME = "reader"
     start: str = "earliest"
+    wake: str = "auto"
     recheck_s: float = 0.05
     max_records: int = 1000
     lease_ms: int = 30_000
 
     CHECKS = {
         "start": _choice("earliest", "latest"),
+        "wake": _choice("auto", "commit"),
         "recheck_s": _number_range(0.001, 60),
         "max_records": _int_range(1, 1_000_000),
         "lease_ms": _int_range(1, 86_400_000),

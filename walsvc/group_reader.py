@@ -19,7 +19,8 @@ from . import protocol as P
 from .config import Config, check_timeout, client_config
 from .endpoints import load as load_endpoints
 from .errors import GroupError, LogClosedError, ServiceUnavailableError
-from .reader import Reader, read_limits, reader_settings, wait_for_commit
+from .reader import Reader, read_limits, reader_settings
+from .wakeup import wait_for_commit
 from .scan import LogReader
 from .record import Record
 

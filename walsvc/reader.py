@@ -1,8 +1,9 @@
 """The service's tailing reader: reads the files itself (walsvc/scan.py), woken by the writer's commits.
 
-Its bound is the committed LSN: from HEAD, or from the writer's COMMIT message that woke it (the writer
-updates HEAD before it publishes, so a COMMIT never names more than HEAD already says).  Missed or late
-COMMITs cost at most `recheck_s`, after which HEAD is read again.  A named reader keeps a durable cursor,
+Its bound is the committed LSN: from HEAD, or from the writer's COMMIT message when one woke it (the writer
+updates HEAD before it publishes, so a COMMIT never names more than HEAD already says).  What wakes it is
+walsvc/wakeup.py's choice: the writer's rewrite of HEAD (inotify) or its COMMIT message.  A missed or late
+wake-up costs at most `recheck_s`, after which HEAD is read again.  A named reader keeps a durable cursor,
 and `Reader(group=...)` is a consumer of a group instead.
 """
 
@@ -11,22 +12,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import logging
 import os
 import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-import zmq
 
 from . import cursor
-from . import protocol as P
 from .config import Config, LogConfig, ReaderConfig, check_timeout, client_config
 from .endpoints import load as load_endpoints
-from .errors import ConfigError, LogClosedError, ProtocolError, ServiceUnavailableError
+from .errors import ConfigError, LogClosedError, ServiceUnavailableError
 from .head import Head, HeadReader
 from .record import Record
 from .scan import LogReader
 from .segment import list_segments
+from .wakeup import CommitSubscription, HeadWatch, Wakeup
+
+logger = logging.getLogger(__name__)
 
 
 def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int | str:
@@ -66,28 +69,6 @@ def read_limits(directory: Path, config: Config | None, max_record_bytes: int | 
     return limits[0], limits[1]
 
 
-def wait_for_commit(sub: zmq.Socket, wait_s: float) -> int | None:
-    """Sleep until the writer's next commit message or `wait_s` (0: only look); drain what came.  Returns the
-    highest committed LSN the messages carry (0 if none was readable), None if none came."""
-    if not sub.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
-        return None
-    committed, received = 0, 0
-    while True:
-        # After the first message look once (poll(0), ~2.4 us) instead of letting a recv raise zmq.Again
-        # (~12 us in pyzmq): one COMMIT per wake-up is the common case.
-        if received == 1 and not sub.poll(0):
-            return committed
-        try:
-            msg = sub.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            return committed
-        received += 1
-        try:
-            committed = max(committed, P.decode_commit(msg)[0])
-        except ProtocolError:
-            pass  # not ours to judge: it still woke us, and HEAD has the truth
-
-
 class Reader:
     """A tailing reader for another process: reads the files itself, wakes on the writer's commits.
 
@@ -99,7 +80,8 @@ class Reader:
     named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
     is the committed LSN: the one a COMMIT message carries when one woke the reader (HEAD said as much before
     the writer sent it), else HEAD's, reread at least every `recheck_s` (50 ms by default) while idle, so
-    missed or late PUB messages cost at most that.  With no writer running `offline` is True and the reader
+    a missed or late wake-up costs at most that.  `wake` chooses what wakes it: "auto" (the default) watches
+    HEAD with inotify where it can, "commit" subscribes to the writer's COMMIT messages (walsvc/wakeup.py).  With no writer running `offline` is True and the reader
     reads what the next open will keep; damage short of that end raises CorruptionError (see
     `LogReader._check_offline_stop`).
     """
@@ -115,19 +97,22 @@ class Reader:
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data",
                  start: int | str | datetime.datetime | None = None, *, name: str | None = None,
                  max_record_bytes: int | None = None, max_batch_bytes: int | None = None,
-                 recheck_s: float | None = None) -> None:
+                 recheck_s: float | None = None, wake: str | None = None) -> None:
         self.directory, config = client_config(directory)
-        settings = reader_settings(config, recheck_s=recheck_s)
+        settings = reader_settings(config, recheck_s=recheck_s, wake=wake)
         start = _checked_start(self.directory, settings.start if start is None else start)
         self.name = cursor.check_name(name) if name is not None else None
         max_record_bytes, max_batch_bytes = read_limits(self.directory, config, max_record_bytes, max_batch_bytes)
         self._head = HeadReader(self.directory)
         self.recheck_s = settings.recheck_s
+        self.wake = settings.wake
         self.offline = True
         self.last_head: Head | None = None
         self._woken = 0  # the highest committed LSN COMMIT messages carried, not yet used as a bound
         self._known = 0  # the highest committed LSN seen, from HEAD or a COMMIT
         self._checked_at = 0.0  # monotonic time of the last HEAD read
+        self._wakeup: Wakeup | None = None
+        self._watch_head()  # before HEAD is first read: a commit in between must still wake us
         self._read_head()  # set `offline` now: it said True beside a live writer until the first poll
         self._cursor_lock = cursor.CursorLock(self.directory, self.name) if self.name is not None else None
         try:
@@ -140,27 +125,36 @@ class Reader:
         except BaseException:
             if self._cursor_lock is not None:
                 self._cursor_lock.release()
+            if self._wakeup is not None:
+                self._wakeup.close()
             raise
-        self._ctx = zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"C")
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 1000)
-        self._endpoint: str | None = None
-        self._connect()
         self._closed = False
 
-    def _connect(self) -> None:
-        """Subscribe to the writer's commits if it recorded its endpoints (again when they change)."""
-        try:
-            endpoints = load_endpoints(self.directory)
-        except ServiceUnavailableError:
-            return
-        if endpoints.publish != self._endpoint:
-            if self._endpoint is not None:
-                self._sub.disconnect(self._endpoint)
-            endpoints.secure(self._sub).connect(endpoints.publish)
-            self._endpoint = endpoints.publish
+    def _watch_head(self) -> None:
+        """Choose how to sleep until a commit (walsvc/wakeup.py): with `wake="auto"` a watch on HEAD where
+        inotify works (HEAD that does not exist yet, before any writer ran, is watched once it does), else a
+        subscription to the writer's COMMIT messages."""
+        if self.wake == "auto":
+            try:
+                self._wakeup = HeadWatch(self._head.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                logger.info("reader of %s: no inotify watch on HEAD (%s); COMMIT messages wake it", self.directory,
+                            exc)
+        self._wakeup = CommitSubscription(self.directory)
+
+    def _wait(self, wait_s: float) -> int | None:
+        """Sleep until a commit or `wait_s` (0: only look): see `Wakeup.wait`."""
+        if self._wakeup is None:
+            self._watch_head()
+            if self._wakeup is None:
+                if wait_s > 0:
+                    time.sleep(wait_s)
+                return None
+            return 0  # a commit may have come between our last HEAD read and the watch: read HEAD again
+        return self._wakeup.wait(wait_s)
 
     def _read_head(self) -> int | None:
         """HEAD's committed LSN, or None with no writer running (then `offline`)."""
@@ -194,7 +188,7 @@ class Reader:
         `recheck_s`, and no COMMIT is waiting (so a poll can go straight to sleep)."""
         if self._log.next_lsn <= self._known or self.offline or time.monotonic() - self._checked_at >= self.recheck_s:
             return False
-        committed = wait_for_commit(self._sub, 0)
+        committed = self._wait(0)
         return committed is None or not self._news(committed)
 
     def _news(self, committed: int) -> bool:
@@ -222,9 +216,9 @@ class Reader:
             wait = self.recheck_s if deadline is None else min(self.recheck_s, deadline - time.monotonic())
             if wait <= 0:
                 return []
-            committed = wait_for_commit(self._sub, wait)
-            if committed is None and (self._endpoint is None or self.offline):
-                self._connect()
+            committed = self._wait(wait)
+            if committed is None and self.offline and self._wakeup is not None:
+                self._wakeup.refresh()
             # HEAD is read again at least every recheck_s, whatever came: PUB may have dropped a COMMIT.
             read = ((committed is not None and self._news(committed))
                     or time.monotonic() - self._checked_at >= self.recheck_s)
@@ -274,7 +268,8 @@ class Reader:
             self._head.close()
             if self._cursor_lock is not None:
                 self._cursor_lock.release()
-            self._ctx.destroy(linger=0)
+            if self._wakeup is not None:
+                self._wakeup.close()
 
     def __enter__(self) -> "Reader":
         return self
