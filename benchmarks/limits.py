@@ -20,9 +20,11 @@ transport, and what libzmq's I/O threads cost.
 
 --latency runs the append-to-reader path under `os` (no fsync): one producer paced like the suite's latency
 scenario (benchmarks/suite/harness.py), 100 B records carrying their send time; the server writes each drain
-and publishes the committed end offset; a reader process receives it, preads the new bytes from the file and
-counts receive time - send time.  It prints p50/p99/p99.9.  PERFORMANCE.md (7.3, 11.1) compares the suite's
-figures with these.
+and publishes the committed end offset (and rewrites it in a small `head` file); a reader process receives
+it, preads the new bytes from the file and counts receive time - send time.  It prints p50/p99/p99.9.  With
+the `zmq` transport a second run wakes the reader with an inotify watch on the head file instead of the
+message (what `walsvc.Reader` does by default, walsvc/wakeup.py).  PERFORMANCE.md (7.3, 11.1, 12) compares
+the suite's figures with these.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.roundtrip import cpu_seconds, wakeups  # noqa: E402 - needs ROOT on the path
 from benchmarks.suite.harness import LATENCY_RECORD_SIZE, measure_latency, paced_send, run_workers  # noqa: E402
+from walsvc.wakeup import HeadWatch  # noqa: E402
 
 TRANSPORTS = ("zmq", "unix")
 HEAD = struct.Struct("<IQ")  # producer id, sequence: the start of every record and the whole of its reply
@@ -301,6 +304,8 @@ def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: A
     fd = os.open(f"{folder}/log", os.O_RDWR | os.O_CREAT, 0o600)
     os.posix_fallocate(fd, 0, file_bytes)
     os.fsync(fd)
+    head = os.open(f"{folder}/head", os.O_RDWR | os.O_CREAT, 0o600)
+    os.pwrite(head, END.pack(0), 0)
     ready.set()
     offset = 0
     while True:
@@ -318,7 +323,9 @@ def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: A
             for origin, message in got:
                 server.reply(origin, message[:HEAD.size])
         else:
-            server.publish(END.pack(offset))
+            end = END.pack(offset)
+            os.pwrite(head, end, 0)
+            server.publish(end)
 
 
 def _ask(client: Client, record: bytes, timeout_s: float) -> bool:
@@ -389,37 +396,48 @@ def architecture(transport: str, directory: str, producers: int, size: int, seco
 
 
 def _paced_producer(barrier: Any, transport: str, folder: str, rate: int, count: int) -> float:
-    client: Client = CLIENTS[transport](folder, None)
+    client: Client = CLIENTS[transport.removesuffix("+inotify")](folder, None)
     return paced_send(barrier, rate, count, client.send)
 
 
 def _tail_reader(barrier: Any, transport: str, folder: str, count: int, timeout: float) -> list[int]:
     """Wait for a commit, pread up to the end it carries, one latency per record read (missed commits are
-    harmless: the next one covers their records)."""
-    client: Client = CLIENTS[transport](folder, b"")
+    harmless: the next one covers their records).  `zmq+inotify`: the commit is the head file's content,
+    read when an inotify watch on it fires (no reader socket at all)."""
+    watch = HeadWatch(Path(folder) / "head") if transport.endswith("+inotify") else None
+    client: Client | None = None if watch else CLIENTS[transport](folder, b"")
+    head = os.open(f"{folder}/head", os.O_RDONLY)
     fd = os.open(f"{folder}/log", os.O_RDONLY)
     position = 0
     latencies: list[int] = []
     barrier.wait()
     deadline = time.monotonic() + timeout
     while len(latencies) < count and time.monotonic() < deadline:
-        commit = client.recv(0.1)
-        if commit is None:
-            continue
-        while (newer := client.recv(0)) is not None:
-            commit = newer
+        if watch is not None:
+            if watch.wait(0.1) is None:
+                continue
+            commit = os.pread(head, END.size, 0)
+        else:
+            commit = client.recv(0.1)
+            if commit is None:
+                continue
+            while (newer := client.recv(0)) is not None:
+                commit = newer
         (end,) = END.unpack(commit)
         data = os.pread(fd, end - position, position)
         now = time.monotonic_ns()
         latencies.extend(now - struct.unpack_from("<q", data, i)[0] for i in range(0, len(data), LATENCY_RECORD_SIZE))
         position = end
     os.close(fd)
+    os.close(head)
+    if watch is not None:
+        watch.close()
     return latencies
 
 
 def latency(transport: str, directory: str, rate: int, messages: int) -> dict[str, float]:
     """Append-to-reader latency percentiles (µs) with no fsync, as the suite's `latency 10k/s os`."""
-    with _ServerProcess(transport, directory, False, messages * LATENCY_RECORD_SIZE) as server:
+    with _ServerProcess(transport.removesuffix("+inotify"), directory, False, messages * LATENCY_RECORD_SIZE) as server:
         return measure_latency(_paced_producer, _tail_reader, (transport, server.folder), rate, messages / rate)
 
 
@@ -476,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['server_wakeups']:.2f}, producers {r['producer_wakeups']:.2f}")
     if args.latency:
         messages = 2_000 if args.quick else args.messages
-        for transport in args.transports:
+        for transport in [t for name in args.transports for t in ([name, "zmq+inotify"] if name == "zmq" else [name])]:
             r = latency(transport, args.dir, args.rate, messages)
             print(f"latency {transport} {args.rate:,}/s os: p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us, "
                   f"p99.9 {r['p999_us']:,.0f} us ({r['samples']:,.0f} records, sent {r['sent_per_s']:,.0f}/s)")
