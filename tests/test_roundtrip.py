@@ -7,6 +7,7 @@ processes, sockets and files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import threading
@@ -374,3 +375,34 @@ def test_pipelining_forgets_producers_that_never_come_back() -> None:
     p.new_turn()
     p.note(5)
     assert not p.turn_pipelined
+
+
+def test_a_reader_out_of_inotify_instances_is_woken_by_commit_messages(tmp_path: Path, writers) -> None:
+    """Every inotify instance this user may have is taken (fs.inotify.max_user_instances, a real limit): a
+    reader then subscribes to COMMIT messages and is still woken in time, long before its recheck_s."""
+    limit = int(Path("/proc/sys/fs/inotify/max_user_instances").read_text())
+    if limit > 4096:
+        pytest.skip(f"max_user_instances is {limit}: too many to take in a test")
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    taken: list[HeadWatch] = []
+    try:
+        while len(taken) <= limit:
+            try:
+                taken.append(HeadWatch(d / "HEAD"))
+            except OSError as exc:
+                assert exc.errno == errno.EMFILE, exc
+                break
+        else:
+            pytest.fail(f"{len(taken)} inotify instances and no EMFILE")
+        with walsvc.Reader(d, "earliest", recheck_s=30) as reader, walsvc.Producer(d) as producer:
+            assert isinstance(reader._wakeup, CommitSubscription)
+            assert reader.poll(0.2) == []
+            producer.put(b"k", b"v").result(30)
+            started = time.monotonic()
+            assert [r.key for r in reader.poll(5)] == [b"k"]
+            assert time.monotonic() - started < 1.0
+    finally:
+        for watch in taken:
+            watch.close()
+    assert writer.stop() == 0
