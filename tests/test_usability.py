@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -184,8 +185,10 @@ def test_a_named_cursor_has_one_reader_and_the_error_names_the_holder(tmp_path: 
     try:
         lock = d / "cursors" / "billing.lock"
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(holder.pid), 30, "the tail to hold billing")
+        fds = set(os.listdir("/proc/self/fd"))
         with pytest.raises(CursorBusyError, match=f"process {holder.pid}"):
             walsvc.Reader(d, name="billing")
+        assert set(os.listdir("/proc/self/fd")) == fds, "the refused reader left descriptors open"
         one_line_error(run_cli("tail", "--dir", str(d), "--name", "billing"), f"process {holder.pid}", code=1)
         with pytest.raises(CursorBusyError):
             walsvc.reset_cursor(d, "billing", "earliest")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-
 from . import cursor
 from .config import Config, LogConfig, ReaderConfig, check_timeout, client_config
 from .endpoints import load as load_endpoints
@@ -75,15 +74,15 @@ class Reader:
     `start` is an LSN, "earliest", "latest" or a datetime (the first record written at or after it); an LSN
     past the committed end is a ConfigError (never a silent skip to it: "latest" waits for new records).  A
     Config or a TOML config file path names the directory too, and then its `[reader]` section gives the
-    defaults of `start` and `recheck_s` (a keyword argument wins over the file).  The record and batch
+    defaults of `start`, `wake` and `recheck_s` (a keyword argument wins over the file).  The record and batch
     limits default to the largest the writer (ENDPOINTS), the config or the defaults allow.  A
     named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
     is the committed LSN: the one a COMMIT message carries when one woke the reader (HEAD said as much before
     the writer sent it), else HEAD's, reread at least every `recheck_s` (50 ms by default) while idle, so
     a missed or late wake-up costs at most that.  `wake` chooses what wakes it: "auto" (the default) watches
-    HEAD with inotify where it can, "commit" subscribes to the writer's COMMIT messages (walsvc/wakeup.py).  With no writer running `offline` is True and the reader
-    reads what the next open will keep; damage short of that end raises CorruptionError (see
-    `LogReader._check_offline_stop`).
+    HEAD with inotify where it can, "commit" subscribes to the writer's COMMIT messages (walsvc/wakeup.py).
+    With no writer running `offline` is True and the reader reads what the next open will keep; damage short
+    of that end raises CorruptionError (see `LogReader._check_offline_stop`).
     """
 
     def __new__(cls, *args: object, group: str | None = None, **kwargs: object) -> "Reader":
@@ -112,11 +111,12 @@ class Reader:
         self._known = 0  # the highest committed LSN seen, from HEAD or a COMMIT
         self._checked_at = 0.0  # monotonic time of the last HEAD read
         self._wakeup: Wakeup | None = None
-        self._watch_head()  # before HEAD is first read: a commit in between must still wake us
-        self._read_head()  # set `offline` now: it said True beside a live writer until the first poll
-        self._cursor_lock = cursor.CursorLock(self.directory, self.name) if self.name is not None else None
+        self._cursor_lock: cursor.CursorLock | None = None
         try:
+            self._watch_head()  # before HEAD is first read: a commit in between must still wake us
+            self._read_head()  # set `offline` now: it said True beside a live writer until the first poll
             if self.name is not None:
+                self._cursor_lock = cursor.CursorLock(self.directory, self.name)
                 stored = cursor.load(self.directory, self.name)
                 if stored is not None:
                     start = stored + 1
@@ -127,6 +127,7 @@ class Reader:
                 self._cursor_lock.release()
             if self._wakeup is not None:
                 self._wakeup.close()
+            self._head.close()
             raise
         self._closed = False
 
