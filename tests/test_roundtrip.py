@@ -22,7 +22,7 @@ import walsvc
 from walsvc import head as H
 from walsvc.errors import AckTimeoutError, LogClosedError
 from walsvc.record import Record, encode_put
-from walsvc.wakeup import CommitSubscription, HeadWatch
+from walsvc.wakeup import HeadWatch
 from walsvc.writer import Pipelining
 
 
@@ -190,7 +190,7 @@ def test_a_reader_reads_up_to_the_commit_that_woke_it_never_past_head(tmp_path: 
     writer = writers(d, fsync="os").start()
     total = 400
     with _BoundWatchingReader(d, "earliest", wake=wake) as reader, walsvc.Producer(d) as producer:
-        assert isinstance(reader._wakeup, CommitSubscription if wake == "commit" else HeadWatch)
+        assert reader.woken_by == ("commit" if wake == "commit" else "head")
         got: list[int] = []
         for i in range(total):
             producer.put(b"k%d" % i, b"v").result(30)
@@ -237,13 +237,13 @@ def test_a_reader_started_before_head_exists_watches_it_once_it_does(tmp_path: P
     d = tmp_path / "wal"
     d.mkdir()
     with walsvc.Reader(d, "earliest", recheck_s=0.05) as reader:
-        assert reader.poll(0.1) == [] and reader._wakeup is None
+        assert reader.poll(0.1) == [] and reader.woken_by is None
         writer = writers(d, fsync="os").start()
         with walsvc.Producer(d) as producer:
             producer.put(b"a", b"1").result(30)
             assert [r.key for r in reader.poll(5)] == [b"a"]
             assert reader.poll(0.1) == []
-            assert isinstance(reader._wakeup, HeadWatch)
+            assert reader.woken_by == "head"
             reader.recheck_s = 30  # from now on only the watch can wake it in time
             producer.put(b"b", b"2").result(30)
             started = time.monotonic()
@@ -396,7 +396,7 @@ def test_a_reader_out_of_inotify_instances_is_woken_by_commit_messages(tmp_path:
         else:
             pytest.fail(f"{len(taken)} inotify instances and no EMFILE")
         with walsvc.Reader(d, "earliest", recheck_s=30) as reader, walsvc.Producer(d) as producer:
-            assert isinstance(reader._wakeup, CommitSubscription)
+            assert reader.woken_by == "commit"
             assert reader.poll(0.2) == []
             producer.put(b"k", b"v").result(30)
             started = time.monotonic()

@@ -146,6 +146,15 @@ class Reader:
                             exc)
         self._wakeup = CommitSubscription(self.directory)
 
+    @property
+    def woken_by(self) -> str | None:
+        """What wakes this reader now: "head" (an inotify watch of HEAD), "commit" (COMMIT messages), or None
+        while HEAD does not exist yet (then it rereads HEAD every `recheck_s`).  `wake="auto"` falls back to
+        "commit" where inotify is unavailable, and logs why."""
+        if self._wakeup is None:
+            return None
+        return "head" if isinstance(self._wakeup, HeadWatch) else "commit"
+
     def _wait(self, wait_s: float) -> int | None:
         """Sleep until a commit or `wait_s` (0: only look): see `Wakeup.wait`."""
         if self._wakeup is None:
