@@ -328,11 +328,14 @@ async def _await(record: walsvc.producer.RecordFuture) -> int:
 
 
 class _BrokenIOProducer(walsvc.Producer):
-    """A producer whose I/O thread meets a bug: the first reply it takes raises (the code under test, the
-    thread's guard, is unchanged; callers receive replies themselves as usual)."""
+    """A producer whose I/O thread meets a bug once `broken` is set: the next reply it takes raises (the code
+    under test, the thread's guard, is unchanged; callers receive replies themselves as usual).  Not before:
+    the I/O thread may take the writer's READY, and a failure then would fail the first record too."""
+
+    broken = False
 
     def _receive_replies(self, msg: bytes | None = None) -> None:
-        if threading.current_thread().name == "walsvc-producer-io":
+        if self.broken and threading.current_thread().name == "walsvc-producer-io":
             raise RuntimeError("a bug in the I/O thread")
         super()._receive_replies(msg)
 
@@ -344,7 +347,8 @@ def test_a_failed_io_thread_fails_every_unacked_record_at_once(tmp_path: Path, w
     writer = writers(d, fsync="always").start()
     producer = _BrokenIOProducer(d)
     try:
-        assert producer.put(b"waited", b"v").result(30) >= 1  # the caller receives its own reply: no bug hit
+        assert producer.put(b"waited", b"v").result(30) >= 1
+        producer.broken = True
         unwatched = [producer.put(b"k%d" % i, b"v") for i in range(20)]
         deadline = time.monotonic() + 30
         while not all(f.done() for f in unwatched):  # done() wakes the I/O thread, which takes the replies
