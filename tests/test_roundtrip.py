@@ -381,6 +381,27 @@ def test_pipelining_forgets_producers_that_never_come_back() -> None:
     assert not p.turn_pipelined
 
 
+def test_a_commit_woken_reader_that_found_no_endpoints_subscribes_once_they_appear(tmp_path: Path,
+                                                                                   writers) -> None:
+    """With `wake="commit"`, a reader that starts beside a live writer whose ENDPOINTS it cannot read yet (a
+    writer starting up writes HEAD first) looks for them after each wait that timed out, so COMMIT messages
+    wake it soon after, long before its recheck_s."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with walsvc.Producer(d) as producer:
+        (d / "ENDPOINTS").rename(tmp_path / "ENDPOINTS.aside")
+        with walsvc.Reader(d, "latest", wake="commit", recheck_s=30) as reader:
+            assert not reader.offline and reader.poll(0.2) == []
+            (tmp_path / "ENDPOINTS.aside").rename(d / "ENDPOINTS")
+            got: list = []
+            deadline = time.monotonic() + 10
+            while not got:  # the first COMMITs may go out before the subscription reaches the writer
+                assert time.monotonic() < deadline, "no COMMIT woke the reader within 10 s"
+                producer.put(b"k", b"v").result(30)
+                got = reader.poll(0.3)
+    assert writer.stop() == 0
+
+
 def test_a_reader_out_of_inotify_instances_is_woken_by_commit_messages(tmp_path: Path, writers) -> None:
     """Every inotify instance this user may have is taken (fs.inotify.max_user_instances, a real limit): a
     reader then subscribes to COMMIT messages and is still woken in time, long before its recheck_s."""

@@ -2,10 +2,11 @@
 
 The writer rewrites HEAD after every commit (head.py) and then publishes a COMMIT message (PROTOCOL.md).
 Either can wake a reader.  On Linux a reader watches HEAD with inotify: the writer's `pwrite` wakes it
-straight from the kernel, one hop, where a COMMIT crosses two of libzmq's I/O threads on its way (PERFORMANCE.md
-section 12 measures the difference).  Where inotify is missing or out of watches (`fs.inotify.max_user_instances`)
-the reader subscribes to COMMIT messages instead.  Either way HEAD stays the truth a reader reads its bound
-from, and it is reread at least every `recheck_s`, so a lost wake-up costs that much at most.
+straight from the kernel, one hop, where a COMMIT crosses two of libzmq's I/O threads on its way
+(PERFORMANCE.md section 12 measures the difference).  Where inotify is missing or the user is out of
+instances (`fs.inotify.max_user_instances`) the reader subscribes to COMMIT messages instead.  Either way
+HEAD stays the truth a reader reads its bound from, and it is reread at least every `recheck_s`, so a lost
+wake-up costs that much at most.
 
 Both return from `wait` the committed LSN they learned (0: "something committed, read HEAD"), or None
 when nothing came within the time given.
@@ -145,7 +146,10 @@ class CommitSubscription:
         self._connect()
 
     def wait(self, wait_s: float) -> int | None:
-        return wait_for_commit(self._sub, wait_s)
+        committed = wait_for_commit(self._sub, wait_s)
+        if committed is None and wait_s > 0 and self._endpoint is None:
+            self._connect()  # no writer had recorded its endpoints yet: one may have since
+        return committed
 
     def close(self) -> None:
         self._ctx.destroy(linger=0)
