@@ -55,6 +55,7 @@ from walsvc.wakeup import HeadWatch  # noqa: E402
 TRANSPORTS = ("zmq", "unix")
 HEAD = struct.Struct("<IQ")  # producer id, sequence: the start of every record and the whole of its reply
 END = struct.Struct("<Q")  # a commit message: the file offset up to which records are written
+HEAD_FILE = struct.Struct("<QQ")  # the head file: that offset twice (a read racing the rewrite sees them differ)
 SUBSCRIBE = b"R"  # the first message of a reader on the unix transport (a record is never one byte)
 READ_CHUNK = 1 << 16
 FILE_BYTES = 256 << 20  # an --architecture file: preallocated, enough for ~85k rec/s of 1 KiB for 3 s
@@ -305,7 +306,7 @@ def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: A
     os.posix_fallocate(fd, 0, file_bytes)
     os.fsync(fd)
     head = os.open(f"{folder}/head", os.O_RDWR | os.O_CREAT, 0o600)
-    os.pwrite(head, END.pack(0), 0)
+    os.pwrite(head, HEAD_FILE.pack(0, 0), 0)
     ready.set()
     offset = 0
     while True:
@@ -323,9 +324,8 @@ def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: A
             for origin, message in got:
                 server.reply(origin, message[:HEAD.size])
         else:
-            end = END.pack(offset)
-            os.pwrite(head, end, 0)
-            server.publish(end)
+            os.pwrite(head, HEAD_FILE.pack(offset, offset), 0)
+            server.publish(END.pack(offset))
 
 
 def _ask(client: Client, record: bytes, timeout_s: float) -> bool:
@@ -416,7 +416,9 @@ def _tail_reader(barrier: Any, transport: str, folder: str, count: int, timeout:
         if watch is not None:
             if watch.wait(0.1) is None:
                 continue
-            commit = os.pread(head, END.size, 0)
+            while (ends := HEAD_FILE.unpack(os.pread(head, HEAD_FILE.size, 0)))[0] != ends[1]:
+                pass  # read while the server rewrote it: read again
+            commit = END.pack(ends[0])
         else:
             commit = client.recv(0.1)
             if commit is None:
