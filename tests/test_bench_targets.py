@@ -47,6 +47,22 @@ def test_bound_targets_and_a_missing_peer() -> None:
     assert "| latency | us p50 <= redis | not measured |" in markdown
 
 
+def test_a_peer_that_sent_below_the_rate_is_named_beside_the_verdict() -> None:
+    """A paced scenario compares latencies at the rate asked: a system whose producer could not keep up was
+    measured at a lighter load, and the report says so next to every target judged against it."""
+    scenario = Scenario("latency 10k/s os", "latency", {"rate": 10_000}, "p99_us", False, "us p99",
+                        targets=(Target("p50_us", 1.0, "redis"), Target("p999_us", 5000.0, at_most=True)))
+    result = _result(scenario, {
+        "walsvc": [{"p50_us": 330.0, "p99_us": 1500.0, "p999_us": 4000.0, "sent_per_s": 10_000.0}] * 3,
+        "redis": [{"p50_us": 240.0, "p99_us": 700.0, "p999_us": 3500.0, "sent_per_s": v} for v in (6300, 6700, 7500)]})
+    assert result.below_rate(scenario, "redis") == 6700 and result.below_rate(scenario, "walsvc") is None
+    markdown = to_markdown(result, {"date": "today"})
+    assert ("| latency 10k/s os | us p50 <= redis | 0.73x, MISSED (redis sent 6,700 of 10,000/s: measured at a "
+            "lighter load than asked) |") in markdown
+    assert "| latency 10k/s os | us p99.9 <= 5,000 | 4,000, met |" in markdown
+    assert to_json(result, {})["scenarios"][0]["below_rate"] == {"redis": 6700}
+
+
 def test_a_stalled_latency_run_is_flagged_and_noise_is_not() -> None:
     scenario = Scenario("latency 10k/s os", "latency", {}, "p99_us", False, "us p99")
     runs = [{"p99_us": v, "p50_us": 1.0, "p999_us": v} for v in (1300.0, 1400.0, 4_550_000.0, 2500.0)]

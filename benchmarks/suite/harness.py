@@ -290,6 +290,7 @@ TARGETS: dict[str, tuple[Target, ...]] = {
     # issue 8.3: rotation off the append path; one append never waits for a segment switch
     "rotation 10k/s os": (Target("p999_us", 5000.0, at_most=True), Target("max_us", 10000.0, at_most=True)),
 }
+RATE_SHORTFALL = 0.95  # a paced producer that sent less than this share of the rate asked is named in the report
 OUTLIER_FACTOR = 10.0  # a latency run whose p99 is this many times the median run's is flagged
 
 
@@ -454,6 +455,16 @@ class SuiteResult:
                 met = figure >= target.value
             out.append((target, figure, met))
         return out
+
+    def below_rate(self, scenario: Scenario, system: str) -> float | None:
+        """The median rate `system` really sent in a paced scenario, if under RATE_SHORTFALL of the rate asked:
+        its latency was then measured at a lighter load than the others' (a client that waits for each reply
+        cannot keep up), which a comparison must say."""
+        rate = scenario.params.get("rate")
+        cell = self.cells.get((scenario.name, system))
+        stats = cell.stats(scenario.metric) if cell and rate else None
+        sent = stats["medians"].get("sent_per_s") if stats else None
+        return sent if sent is not None and sent < RATE_SHORTFALL * rate else None
 
     def flagged(self) -> list[tuple[str, str, int, float]]:
         """(scenario, system, run number, p99) for every latency run the outlier guard flags."""

@@ -34,7 +34,9 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
         scenarios.append({"name": scenario.name, "kind": scenario.kind, "params": scenario.params,
                           "metric": scenario.metric, "unit": scenario.unit,
                           "higher_is_better": scenario.higher_is_better, "ratio": ratio, "best_peer": best_peer,
-                          "targets": targets, "systems": systems})
+                          "targets": targets, "systems": systems,
+                          "below_rate": {name: sent for name in systems
+                                         if (sent := result.below_rate(scenario, name)) is not None}})
     return {"machine": machine,
             "config": {"quick": result.quick, "runs": result.runs, "elapsed_s": round(result.elapsed_s, 1)},
             "systems": {e.name: e.unavailable for e in result.systems},
@@ -78,15 +80,22 @@ def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
         lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
     lines.append("")
     for target, figure, met in result.target_results(scenario):
-        lines.append(f"- target {target.describe()}: {_target_text(target, figure, met)}")
+        lines.append(f"- target {target.describe()}: {_target_text(target, figure, met, result, scenario)}")
     return lines + ([""] if scenario.targets else [])
 
 
-def _target_text(target: Target, figure: float | None, met: bool | None) -> str:
+def _target_text(target: Target, figure: float | None, met: bool | None, result: SuiteResult,
+                 scenario: Scenario) -> str:
     if figure is None:
         return "not measured"
     shown = f"{figure:.2f}x" if target.peer else format_value(figure, target.metric)
-    return f"{shown}, {'met' if met else 'MISSED'}"
+    text = f"{shown}, {'met' if met else 'MISSED'}"
+    for system in (SUBJECT, target.peer) if target.peer else (SUBJECT,):
+        sent = result.below_rate(scenario, system)
+        if sent is not None:
+            text += (f" ({system} sent {sent:,.0f} of {scenario.params['rate']:,}/s: measured at a lighter load "
+                     "than asked)")
+    return text
 
 
 def _median(result: SuiteResult, scenario: Scenario, system: str | None) -> float | None:
@@ -131,7 +140,8 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
     targets = [(s, *t) for s in result.scenarios for t in result.target_results(s)]
     if targets:
         lines += ["## Targets", "", "| scenario | target | figure |", "|---|---|---|"]
-        lines += [f"| {s.name} | {t.describe()} | {_target_text(t, figure, met)} |" for s, t, figure, met in targets]
+        lines += [f"| {s.name} | {t.describe()} | {_target_text(t, figure, met, result, s)} |"
+                  for s, t, figure, met in targets]
         lines.append("")
     lines += ["## Scenarios", ""]
     for scenario in result.scenarios:
