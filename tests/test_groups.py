@@ -93,6 +93,7 @@ def test_a_new_group_starts_where_asked_and_bad_requests_are_refused(tmp_path: P
         for f in [producer.put(f"k{i}", b"v") for i in range(10)]:
             f.result(10)
     with walsvc.Reader(d, group="late", consumer="a", start="latest") as late:
+        assert late.woken_by == "commit"  # a group consumer's claims go through the writer: no HEAD watch
         assert late.poll(0.3) == []
         with walsvc.Producer(d) as producer:
             producer.put(b"new", b"v").result(10)

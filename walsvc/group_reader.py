@@ -140,6 +140,11 @@ class GroupReader(Reader):
             self._ack_previous()
 
     @property
+    def woken_by(self) -> str:
+        """Always "commit": a consumer's claims go to the writer, and its COMMIT messages wake it."""
+        return "commit"
+
+    @property
     def next_lsn(self) -> int:
         return self._lease["end"] if self._lease else 0
 

@@ -28,11 +28,7 @@ from . import protocol as P
 from .endpoints import load as load_endpoints
 from .errors import ProtocolError, ServiceUnavailableError
 
-IN_MODIFY = 0x002
-IN_ATTRIB = 0x004
-IN_MOVE_SELF = 0x800
-IN_DELETE_SELF = 0x400
-_WATCHED = IN_MODIFY | IN_ATTRIB | IN_MOVE_SELF | IN_DELETE_SELF
+IN_MODIFY = 0x002  # the writer's pwrite of HEAD; nothing else is watched (it never replaces or removes HEAD)
 _READ_SIZE = 4096  # one read takes every queued event: the kernel folds repeats of an unread one into it
 
 
@@ -89,7 +85,7 @@ class HeadWatch:
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        if _LIBC.inotify_add_watch(fd, os.fsencode(head_path), _WATCHED) < 0:
+        if _LIBC.inotify_add_watch(fd, os.fsencode(head_path), IN_MODIFY) < 0:
             err = ctypes.get_errno()
             os.close(fd)
             raise OSError(err, f"inotify_add_watch {head_path}: {os.strerror(err)}")
