@@ -53,3 +53,34 @@ def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
                 assert run["p50_us"] <= run["p99_us"] <= run["p999_us"]
                 sent = scenario["params"]["rate"] * scenario["params"]["seconds"]
                 assert run["samples"] >= 0.9 * sent, (name, peer, run)  # the reader saw (nearly) every record
+
+
+def test_the_redis_paced_producer_counts_every_reply_and_stops_at_an_error() -> None:
+    """The pipelined XADD producer's reply reader, over a real socket pair: replies split anywhere across
+    reads are all counted, and an error reply is reported, not counted."""
+    import socket
+    import threading
+
+    from benchmarks.suite.redis_streams import _count_replies
+
+    replies = b"$15\r\n1700000000000-0\r\n$15\r\n1700000000000-1\r\n$1\r\nx\r\n"
+    for cut in range(len(replies)):
+        a, b = socket.socketpair()
+        failures: list[str] = []
+        reader = threading.Thread(target=_count_replies, args=(b, 3, failures))
+        reader.start()
+        a.sendall(replies[:cut])
+        a.sendall(replies[cut:])
+        reader.join(5)
+        assert not reader.is_alive() and failures == [], (cut, failures)
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    failures = []
+    a.sendall(b"$1\r\nx\r\n-ERR wrong number of arguments\r\n")
+    _count_replies(b, 3, failures)
+    assert failures == ["-ERR wrong number of arguments"]
+    a.close()
+    _count_replies(b, 1, failures)
+    assert failures[-1] == "connection closed with 1 replies missing"
+    b.close()
