@@ -233,6 +233,44 @@ def test_the_head_watch_wakes_a_reader_with_no_commit_messages(open_log, wake: s
         assert got == [[]] and woke_after > 2.0, (got, woke_after)
 
 
+@pytest.mark.parametrize("preallocate", [True, False])
+def test_a_tailing_reader_gets_each_record_as_it_is_appended(open_log, preallocate: bool) -> None:
+    """A reader polling after every append gets exactly that record, across rotations.  It reads the new
+    bytes up to HEAD's written end, and asks for the file's size only when that end lies past the size it
+    knows: a segment that is not preallocated grows with every append, so its size must be read again."""
+    log = open_log(fsync="os", segment_bytes=1 << 20, preallocate=preallocate)
+    with walsvc.Reader(log.directory, "earliest", recheck_s=30) as reader:
+        assert reader.poll(0) == []
+        for i in range(700):
+            log.append(Record.put(b"k%d" % i, bytes([i % 251]) * 4000))
+            got = reader.poll(1)
+            assert [(r.lsn, r.key, r.value) for r in got] == [(i + 1, b"k%d" % i, bytes([i % 251]) * 4000)]
+        assert reader.poll(0) == []
+    assert log.stats()["segments"] >= 3
+
+
+def test_a_tailing_reader_notices_that_its_writer_was_killed(tmp_path: Path, writers) -> None:
+    """A reader that saw HEAD move takes the writer as alive without asking the kernel; once HEAD stands
+    still it asks, so after kill -9 it reads what was committed and then says `offline`."""
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Reader(d, "earliest") as reader, walsvc.Producer(d) as producer:
+        for i in range(20):
+            producer.put(b"k%d" % i, b"v").result(30)
+            assert [r.lsn for r in reader.poll(5)] == [i + 1]
+        assert not reader.offline
+        for i in range(20, 30):
+            producer.put(b"k%d" % i, b"v")
+        producer.flush(30)
+        writer.kill9()
+        got = []
+        deadline = time.monotonic() + 10
+        while (len(got) < 10 or not reader.offline) and time.monotonic() < deadline:
+            got.extend(reader.poll(0.1))
+        assert [r.lsn for r in got] == list(range(21, 31))
+        assert reader.offline, "the reader still takes a killed writer for alive"
+
+
 def test_a_reader_started_before_head_exists_watches_it_once_it_does(tmp_path: Path, writers) -> None:
     d = tmp_path / "wal"
     d.mkdir()

@@ -168,10 +168,15 @@ class Reader:
 
     def _read_head(self) -> int | None:
         """HEAD's committed LSN, or None with no writer running (then `offline`)."""
-        h = self._head.read()
+        h, last = self._head.read(), self.last_head
         self.last_head = h
         self._checked_at = time.monotonic()
-        self.offline = h is None or not h.writer_alive()
+        # A HEAD that moved since our last read, under the same writer we saw alive then, is proof enough
+        # that the writer runs: no kill(pid, 0) on every poll of a tailing reader.  A HEAD that stands
+        # still is asked about, so a writer's death is noticed on the next poll that finds nothing new.
+        moved = (last is not None and not self.offline and h is not None and h.writer_pid == last.writer_pid
+                 and h.committed_lsn != last.committed_lsn)
+        self.offline = h is None or not (moved or h.writer_alive())
         if self.offline:
             return None
         self._known = max(self._known, h.committed_lsn)

@@ -134,7 +134,7 @@ class OpenSegment:
         except BaseException:
             os.close(self.fd)
             raise
-        self.scanner = FrameScanner(self.fd, F.SEGMENT_HEADER_SIZE, self._limit())
+        self.scanner = FrameScanner(self.fd, F.SEGMENT_HEADER_SIZE, self._limit(self._hint()))
 
     def seek(self, lsn: int) -> None:
         """Start scanning at the indexed frame nearest below `lsn` (sealed segments carry an index)."""
@@ -145,18 +145,25 @@ class OpenSegment:
         if i >= 0:
             self.scanner.offset = index[i][1]
 
-    def _limit(self) -> int:
+    def _hint(self) -> tuple[int, int] | None:
+        """The writer's (active segment base LSN, written end) if it can concern this segment, else None."""
+        return self._written_end() if self._written_end is not None and self.seal is None else None
+
+    def _limit(self, hint: tuple[int, int] | None) -> int:
         """Where scanning stops: the file's end, or in the active segment the end of what the writer has
         written, so a tailing reader reads new frames, not megabytes of preallocated zeros."""
-        hint = self._written_end() if self._written_end is not None and self.seal is None else None
         if hint is not None and hint[0] == self.base_lsn:
             return min(self.size, max(hint[1], F.SEGMENT_HEADER_SIZE))
         return self.size
 
     def refresh(self) -> None:
-        """Forget buffered bytes and re-read the size: the writer may have written more since."""
-        self.size = os.fstat(self.fd).st_size
-        self.scanner.limit = self._limit()
+        """Forget buffered bytes and take the new end: the writer may have written more since.  The size is
+        read again (an fstat) only when the writer's written end is unknown or lies past the size we have: a
+        tailing reader's poll then costs one pread of the new bytes."""
+        hint = self._hint()
+        if hint is None or hint[0] != self.base_lsn or hint[1] > self.size:
+            self.size = os.fstat(self.fd).st_size
+        self.scanner.limit = self._limit(hint)
         self.scanner.stop = None
         self.scanner._buf = b""
 
@@ -330,7 +337,7 @@ class LogReader:
             self._retried = bound is not None and self.next_lsn <= bound
             seg.refresh()
             seg.scanner.offset = resume
-            return [] if self._retried else None
+            return self._step(bound) if self._retried else None  # at most once: now _retried is set
         if seg.seal is None and self._moved_on(seg, None):
             return []
         raise CorruptionError(f"{stop.error.detail if stop else 'data ends'} below the committed LSN {bound}",
