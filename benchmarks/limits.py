@@ -39,6 +39,7 @@ import statistics
 import struct
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,6 +58,8 @@ HEAD = struct.Struct("<IQ")  # producer id, sequence: the start of every record 
 END = struct.Struct("<Q")  # a commit message: the file offset up to which records are written
 HEAD_FILE = struct.Struct("<QQ")  # the head file: that offset twice (a read racing the rewrite sees them differ)
 SUBSCRIBE = b"R"  # the first message of a reader on the unix transport (a record is never one byte)
+ACK = b"\x00ACK"  # --latency with acks: each reply is this topic and the record's first 8 bytes (its send time)
+PROBE = -1  # the send time of a record a producer sends until acks reach it: not a latency sample
 READ_CHUNK = 1 << 16
 FILE_BYTES = 256 << 20  # an --architecture file: preallocated, enough for ~85k rec/s of 1 KiB for 3 s
 
@@ -297,10 +300,11 @@ SERVERS: dict[str, type] = {"zmq": ZmqServer, "unix": UnixServer}
 CLIENTS: dict[str, type] = {"zmq": ZmqClient, "unix": UnixClient}
 
 
-def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: Any) -> None:
+def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: Any, acks: bool = False) -> None:
     """The server loop: drain, one pwrite, then either (durable) one fdatasync and a reply per record, or a
-    commit message with the written end.  Past `file_bytes` it writes from the start again (only
-    --architecture runs can get there, at over 85k rec/s)."""
+    commit message with the written end, and with `acks` a reply per record after it (as walsvc's writer
+    acks every batch under `os`).  Past `file_bytes` it writes from the start again (only --architecture
+    runs can get there, at over 85k rec/s)."""
     server: Server = SERVERS[transport](folder)
     fd = os.open(f"{folder}/log", os.O_RDWR | os.O_CREAT, 0o600)
     os.posix_fallocate(fd, 0, file_bytes)
@@ -326,6 +330,9 @@ def _serve(transport: str, folder: str, durable: bool, file_bytes: int, ready: A
         else:
             os.pwrite(head, HEAD_FILE.pack(offset, offset), 0)
             server.publish(END.pack(offset))
+            if acks:
+                for origin, message in got:
+                    server.reply(origin, ACK + message[:8])
 
 
 def _ask(client: Client, record: bytes, timeout_s: float) -> bool:
@@ -360,11 +367,11 @@ def _producer(barrier: Any, transport: str, folder: str, index: int, size: int,
 class _ServerProcess:
     """The server in its own process on a fresh folder under `directory`; killed and removed on exit."""
 
-    def __init__(self, transport: str, directory: str, durable: bool, file_bytes: int) -> None:
+    def __init__(self, transport: str, directory: str, durable: bool, file_bytes: int, acks: bool = False) -> None:
         self.folder = tempfile.mkdtemp(prefix="limits-", dir=directory)
         ctx = multiprocessing.get_context("fork")
         ready = ctx.Event()
-        self.process = ctx.Process(target=_serve, args=(transport, self.folder, durable, file_bytes, ready),
+        self.process = ctx.Process(target=_serve, args=(transport, self.folder, durable, file_bytes, ready, acks),
                                    daemon=True)
         self.process.start()
         if not ready.wait(60):
@@ -395,17 +402,45 @@ def architecture(transport: str, directory: str, producers: int, size: int, seco
             "producer_wakeups": sum(r[3] for r in results) / records}
 
 
+def _base(transport: str) -> str:
+    """The socket transport of a --latency variant ("zmq+inotify+acks" -> "zmq")."""
+    return transport.split("+")[0]
+
+
+def _count_acks(client: Client, count: int, got: list[int]) -> None:
+    """A producer's reply thread (walsvc's producer I/O thread, or a Redis client reading replies): take
+    `count` acks, or stop after 30 s without one."""
+    while got[0] < count and client.recv(30.0) is not None:
+        got[0] += 1
+
+
 def _paced_producer(barrier: Any, transport: str, folder: str, rate: int, count: int) -> float:
-    client: Client = CLIENTS[transport.removesuffix("+inotify")](folder, None)
-    return paced_send(barrier, rate, count, client.send)
+    """Paced sends; with "+acks", a second thread takes one reply per record, and the rate counts once all
+    have come back."""
+    acks = transport.endswith("+acks")
+    client: Client = CLIENTS[_base(transport)](folder, ACK if acks and _base(transport) == "zmq" else None)
+    if not acks:
+        return paced_send(barrier, rate, count, client.send)
+    probe = struct.pack("<q", PROBE) + bytes(LATENCY_RECORD_SIZE - 8)
+    client.send(probe)
+    while client.recv(0.1) is None:  # an ack published before the SUB's topic reached the server is lost
+        client.send(probe)
+    got = [0]
+    replies = threading.Thread(target=_count_acks, args=(client, count, got), daemon=True)
+    replies.start()
+    sent = paced_send(barrier, rate, count, client.send)
+    replies.join(60)
+    if got[0] != count:
+        raise RuntimeError(f"{transport}: {got[0]} of {count} acks came back")
+    return sent
 
 
 def _tail_reader(barrier: Any, transport: str, folder: str, count: int, timeout: float) -> list[int]:
     """Wait for a commit, pread up to the end it carries, one latency per record read (missed commits are
     harmless: the next one covers their records).  `zmq+inotify`: the commit is the head file's content,
     read when an inotify watch on it fires (no reader socket at all)."""
-    watch = HeadWatch(Path(folder) / "head") if transport.endswith("+inotify") else None
-    client: Client | None = None if watch else CLIENTS[transport](folder, b"")
+    watch = HeadWatch(Path(folder) / "head") if "+inotify" in transport else None
+    client: Client | None = None if watch else CLIENTS[_base(transport)](folder, b"")
     head = os.open(f"{folder}/head", os.O_RDONLY)
     fd = os.open(f"{folder}/log", os.O_RDONLY)
     position = 0
@@ -428,7 +463,10 @@ def _tail_reader(barrier: Any, transport: str, folder: str, count: int, timeout:
         (end,) = END.unpack(commit)
         data = os.pread(fd, end - position, position)
         now = time.monotonic_ns()
-        latencies.extend(now - struct.unpack_from("<q", data, i)[0] for i in range(0, len(data), LATENCY_RECORD_SIZE))
+        for i in range(0, len(data), LATENCY_RECORD_SIZE):
+            (sent,) = struct.unpack_from("<q", data, i)
+            if sent != PROBE:
+                latencies.append(now - sent)
         position = end
     os.close(fd)
     os.close(head)
@@ -439,7 +477,8 @@ def _tail_reader(barrier: Any, transport: str, folder: str, count: int, timeout:
 
 def latency(transport: str, directory: str, rate: int, messages: int) -> dict[str, float]:
     """Append-to-reader latency percentiles (µs) with no fsync, as the suite's `latency 10k/s os`."""
-    with _ServerProcess(transport.removesuffix("+inotify"), directory, False, messages * LATENCY_RECORD_SIZE) as server:
+    with _ServerProcess(_base(transport), directory, False, messages * LATENCY_RECORD_SIZE + (1 << 20),  # + probes
+                        acks=transport.endswith("+acks")) as server:
         return measure_latency(_paced_producer, _tail_reader, (transport, server.folder), rate, messages / rate)
 
 
@@ -496,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['server_wakeups']:.2f}, producers {r['producer_wakeups']:.2f}")
     if args.latency:
         messages = 2_000 if args.quick else args.messages
-        for transport in [t for name in args.transports for t in ([name, "zmq+inotify"] if name == "zmq" else [name])]:
+        variants = {"zmq": ["zmq", "zmq+inotify", "zmq+inotify+acks"], "unix": ["unix", "unix+acks"]}
+        for transport in [t for name in args.transports for t in variants[name]]:
             r = latency(transport, args.dir, args.rate, messages)
             print(f"latency {transport} {args.rate:,}/s os: p50 {r['p50_us']:,.0f} us, p99 {r['p99_us']:,.0f} us, "
                   f"p99.9 {r['p999_us']:,.0f} us ({r['samples']:,.0f} records, sent {r['sent_per_s']:,.0f}/s)")

@@ -99,8 +99,8 @@ def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:
         shapes.append((found[1], int(found[2])))
         assert int(found[3].replace(",", "")) > 0 and float(found[4]) > 0 and float(found[5]) > 0, line
     assert shapes == [("zmq", 1), ("unix", 1), ("zmq", 2), ("unix", 2)]
-    assert len(lines) == 10, lines
-    for transport, line in zip(("zmq", "zmq\\+inotify", "unix"), lines[7:10]):
+    assert len(lines) == 12, lines
+    for transport, line in zip(("zmq", "zmq\\+inotify", "zmq\\+inotify\\+acks", "unix", "unix\\+acks"), lines[7:12]):
         found = re.fullmatch(rf"latency {transport} 10,000/s os: p50 ([\d,]+) us, p99 ([\d,]+) us, "
                              r"p99.9 ([\d,]+) us \(([\d,]+) records, sent [\d,]+/s\)", line)
         assert found, line
