@@ -23,8 +23,10 @@ scenario (benchmarks/suite/harness.py), 100 B records carrying their send time; 
 and publishes the committed end offset (and rewrites it in a small `head` file); a reader process receives
 it, preads the new bytes from the file and counts receive time - send time.  It prints p50/p99/p99.9.  With
 the `zmq` transport a second run wakes the reader with an inotify watch on the head file instead of the
-message (what `walsvc.Reader` does by default, walsvc/wakeup.py).  PERFORMANCE.md (7.3, 11.1, 12) compares
-the suite's figures with these.
+message (what `walsvc.Reader` does by default, walsvc/wakeup.py), and a third adds what walsvc's writer also
+does under `os`: a reply per record, which a second thread of the producer takes (walsvc's producer I/O
+thread); `unix+acks` does the same over Unix sockets (Redis's shape: the reply comes back on the producer's
+own connection).  PERFORMANCE.md (7.3, 11.1, 12, 13) compares the suite's figures with these.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ class ProducerSession:
         # The writer answers one producer's stored batches in the order it got them, so an older batch still
         # waiting, sent before this one, had its reply lost: resend it now, while it is inside the writer's
         # dedup window (later, the answer would be "stored, LSNs unknown").
-        if self._in_flight:  # else nothing older can have been lost (the one-in-flight case, kept cheap)
+        if self._in_flight and min(self._in_flight) < reply.seq:  # else nothing older is waiting (kept cheap:
+            # replies come in order, so at every ack in a pipeline the batch answered was the oldest one)
             lost = sorted((b for s, b in self._in_flight.items() if s < reply.seq and b.sent_at <= batch.sent_at
                            and b.producer_id == batch.producer_id), key=lambda b: b.seq)
             for b in lost:
