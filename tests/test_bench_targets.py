@@ -1,6 +1,7 @@
 """The benchmark suite's judgement: targets met or missed against the right peer, stalled runs flagged.
 
-Pure: results are built by hand, nothing is run.  Plus one run of benchmarks/limits.py in its quick form, every section.
+Pure: results are built by hand, nothing is run.  Plus one run of benchmarks/limits.py in its quick form, every
+section, and one of benchmarks/latency_parts.py.
 """
 
 from __future__ import annotations
@@ -108,3 +109,22 @@ def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:
         assert 0 < p50 <= p99 <= p999
         assert records == 1_900  # 2,000 sent, the first 5 % dropped as warm-up: none lost
     assert not list(tmp_path.iterdir()), "scratch files left behind"
+
+
+def test_latency_parts_script_runs_both_producers(tmp_path: Path) -> None:
+    """benchmarks/latency_parts.py --quick: one run with walsvc.Producer and one with the wire-protocol
+    producer against a real writer and reader, every record read back, then the medians."""
+    proc = subprocess.run([sys.executable, "benchmarks/latency_parts.py", "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4, lines
+    for kind, line in zip(("walsvc.Producer", "wire protocol"), lines[:2]):
+        found = re.fullmatch(rf"{re.escape(kind)}: p50 ([\d,]+) us, p99 ([\d,]+) us, p99.9 ([\d,]+) us "
+                             r"\(([\d,]+) records, sent [\d,]+/s\)", line)
+        assert found, line
+        p50, p99, p999, records = (int(g.replace(",", "")) for g in found.groups())
+        assert 0 < p50 <= p99 <= p999
+        assert records == 9_500  # 10,000 sent, the first 5 % dropped as warm-up: none lost
+    assert lines[2].startswith("median of 1, walsvc.Producer: p50 ")
+    assert lines[3].startswith("median of 1, wire protocol: p50 ")
