@@ -79,6 +79,17 @@ def test_every_issue_target_names_a_scenario_of_the_suite() -> None:
     assert set(harness.TARGETS) <= names
 
 
+def _check_latency_line(label: str, line: str, records: int) -> None:
+    """A latency line of the scripts: ordered positive percentiles, and exactly `records` samples (all sent
+    but the first 5 %, dropped as warm-up: none lost)."""
+    found = re.fullmatch(rf"{re.escape(label)}: p50 ([\d,]+) us, p99 ([\d,]+) us, p99.9 ([\d,]+) us "
+                         r"\(([\d,]+) records, sent [\d,]+/s\)", line)
+    assert found, line
+    p50, p99, p999, got = (int(g.replace(",", "")) for g in found.groups())
+    assert 0 < p50 <= p99 <= p999, line
+    assert got == records, line
+
+
 def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:
     """The one-in-flight bound, then the skeleton's rate, CPU and wake-ups per record (every transport, each
     producer count) and its append-to-reader latency, with every record of the latency run read back."""
@@ -101,13 +112,8 @@ def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:
         assert int(found[3].replace(",", "")) > 0 and float(found[4]) > 0 and float(found[5]) > 0, line
     assert shapes == [("zmq", 1), ("unix", 1), ("zmq", 2), ("unix", 2)]
     assert len(lines) == 12, lines
-    for transport, line in zip(("zmq", "zmq\\+inotify", "zmq\\+inotify\\+acks", "unix", "unix\\+acks"), lines[7:12]):
-        found = re.fullmatch(rf"latency {transport} 10,000/s os: p50 ([\d,]+) us, p99 ([\d,]+) us, "
-                             r"p99.9 ([\d,]+) us \(([\d,]+) records, sent [\d,]+/s\)", line)
-        assert found, line
-        p50, p99, p999, records = (int(g.replace(",", "")) for g in found.groups())
-        assert 0 < p50 <= p99 <= p999
-        assert records == 1_900  # 2,000 sent, the first 5 % dropped as warm-up: none lost
+    for transport, line in zip(("zmq", "zmq+inotify", "zmq+inotify+acks", "unix", "unix+acks"), lines[7:12]):
+        _check_latency_line(f"latency {transport} 10,000/s os", line, 1_900)
     assert not list(tmp_path.iterdir()), "scratch files left behind"
 
 
@@ -120,11 +126,6 @@ def test_latency_parts_script_runs_both_producers(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     assert len(lines) == 4, lines
     for kind, line in zip(("walsvc.Producer", "wire protocol"), lines[:2]):
-        found = re.fullmatch(rf"{re.escape(kind)}: p50 ([\d,]+) us, p99 ([\d,]+) us, p99.9 ([\d,]+) us "
-                             r"\(([\d,]+) records, sent [\d,]+/s\)", line)
-        assert found, line
-        p50, p99, p999, records = (int(g.replace(",", "")) for g in found.groups())
-        assert 0 < p50 <= p99 <= p999
-        assert records == 9_500  # 10,000 sent, the first 5 % dropped as warm-up: none lost
+        _check_latency_line(kind, line, 9_500)
     assert lines[2].startswith("median of 1, walsvc.Producer: p50 ")
     assert lines[3].startswith("median of 1, wire protocol: p50 ")
