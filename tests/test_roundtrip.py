@@ -69,9 +69,9 @@ class _WatchedProducer(walsvc.Producer):
         self.receivers: list[str] = []
         super().__init__(*args, **kwargs)
 
-    def _receive_replies(self, *args) -> None:
+    def _take_replies(self, *args) -> list:
         self.receivers.append(threading.current_thread().name)
-        super()._receive_replies(*args)
+        return super()._take_replies(*args)
 
 
 def test_a_caller_waiting_for_its_record_receives_the_reply_itself(tmp_path: Path, writers) -> None:
@@ -372,10 +372,10 @@ class _BrokenIOProducer(walsvc.Producer):
 
     broken = False
 
-    def _receive_replies(self, msg: bytes | None = None) -> None:
+    def _take_replies(self, msg: bytes | None = None) -> list:
         if self.broken and threading.current_thread().name == "walsvc-producer-io":
             raise RuntimeError("a bug in the I/O thread")
-        super()._receive_replies(msg)
+        return super()._take_replies(msg)
 
 
 def test_a_failed_io_thread_fails_every_unacked_record_at_once(tmp_path: Path, writers) -> None:

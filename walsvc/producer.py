@@ -575,18 +575,19 @@ class Producer:
         idle = zmq.Poller()  # while a caller holds it
         idle.register(self._poke_rx, zmq.POLLIN)
         session = self._session
+        with self._lock:
+            receives, timeout = self._next_turn(time.monotonic())
         while True:
-            receives, timeout = self._next_turn()
             events = dict((receiving if receives else idle).poll(timeout))
             if self._poke_rx in events:
                 while zmq.zmq_poll(self._poke_in, 0):  # a fraction of the zmq.Again a recv would raise
                     self._poke_rx.recv(zmq.NOBLOCK)
-            if self._sub in events:
-                self._receive_replies()
-            with self._lock:
+            replies = self._take_replies() if self._sub in events else ()
+            with self._lock:  # once per turn: every lock round trip here is one a `put` may have to wait for
                 if self._closed:
                     return
                 now = time.monotonic()
+                self._apply_replies(replies, now)
                 # Close the open batch when the pipeline has room, or its linger is over and it could go out
                 # now (while every slot is taken it keeps growing instead of queueing as many small batches).
                 if self._open is not None and (self._pipeline_idle() or (
@@ -598,23 +599,22 @@ class Producer:
                 if self._receiver == "io" and self._waiters:
                     self._receiver = None  # a caller waits for a reply: it receives from now on
                     self._wake_sleepers()
+                receives, timeout = self._next_turn(now)
 
-    def _next_turn(self) -> tuple[bool, int]:
-        """For the I/O thread's next poll, under one lock round trip: whether it receives replies (it takes the
-        reply socket when nobody holds it and no caller waits), and the poll timeout in ms."""
-        with self._lock:
-            if self._receiver is None and not self._waiters:
-                self._receiver = "io"
-            receives = self._receiver == "io"
-            now = time.monotonic()
-            deadlines = []
-            if self._open is not None:
-                deadlines.append(self._open.opened_at + self.linger)
-            ack_deadline = self._session.deadline()
-            if ack_deadline is not None:
-                deadlines.append(ack_deadline)
-            if self._session.next_send() is not None:
-                deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
+    def _next_turn(self, now: float) -> tuple[bool, int]:
+        """For the I/O thread's next poll (lock held): whether it receives replies (it takes the reply socket
+        when nobody holds it and no caller waits), and the poll timeout in ms."""
+        if self._receiver is None and not self._waiters:
+            self._receiver = "io"
+        receives = self._receiver == "io"
+        deadlines = []
+        if self._open is not None:
+            deadlines.append(self._open.opened_at + self.linger)
+        ack_deadline = self._session.deadline()
+        if ack_deadline is not None:
+            deadlines.append(ack_deadline)
+        if self._session.next_send() is not None:
+            deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         if not deadlines:
             return receives, 1000
         return receives, max(0, int((min(deadlines) - now) * 1000) + 1)
@@ -631,30 +631,41 @@ class Producer:
         return False
 
     def _receive_replies(self, msg: bytes | None = None) -> None:
-        """Handle `msg` (a reply this thread already took) and every reply waiting.  The caller (or the I/O
-        thread) sends what they let go out after the last, in one burst, so that a pipelining producer's
-        batches reach the writer together (`writer.Pipelining` looks for two in one drain)."""
-        received = 0
+        """Handle `msg` (a reply this thread already took) and every reply waiting, under one lock round trip.
+        The caller (or the I/O thread) sends what they let go out after the last, in one burst, so that a
+        pipelining producer's batches reach the writer together (`writer.Pipelining` looks for two in one
+        drain)."""
+        replies = self._take_replies(msg)
+        with self._lock:
+            self._apply_replies(replies, time.monotonic())
+
+    def _take_replies(self, msg: bytes | None = None) -> list[P.Reply]:
+        """`msg` and every reply waiting on the socket, decoded; no lock is held, so a `put` never waits for
+        the socket work (only for `_apply_replies`)."""
+        replies: list[P.Reply] = []
         while True:
             if msg is None:
                 # After each of the first few replies look (zmq_poll, ~1.7 us) instead of letting a recv raise
                 # zmq.Again (~10 us in pyzmq): a wake-up finds one to four replies when records are in flight
                 # one at a time or paced; past that, recv until Again (a pipeline's burst: one look per reply
-                # would cost more).  With nothing unacked, do not look at all (one record in flight): what may
-                # still come (a READY again after a reconnect, a late duplicate) is as well taken at the next
-                # receive.
-                if received and (not len(self._session)
-                                 or (received < LOOK_BEFORE_RECV and not zmq.zmq_poll(self._sub_in, 0))):
-                    return
+                # would cost more).  With no other batch unacked, do not look at all (one record in flight):
+                # what may still come (a READY again after a reconnect, a late duplicate) is as well taken at
+                # the next receive.
+                n = len(replies)
+                if n and (len(self._session) <= n or (n < LOOK_BEFORE_RECV and not zmq.zmq_poll(self._sub_in, 0))):
+                    return replies
                 try:
                     msg = self._sub.recv(zmq.NOBLOCK)
                 except zmq.Again:
-                    return
-            received += 1
-            reply = P.decode_reply(msg)
+                    return replies
+            replies.append(P.decode_reply(msg))
             msg = None
-            with self._lock:
-                self._apply(self._session.receive(reply, time.monotonic()))
+
+    def _apply_replies(self, replies: list[P.Reply], now: float) -> None:
+        """Let the session judge each reply and carry out what it decides (lock held)."""
+        session = self._session
+        for reply in replies:
+            self._apply(session.receive(reply, now))
 
     def _apply(self, actions: list[Action]) -> None:
         """Carry out the session's decisions (lock held)."""
