@@ -42,7 +42,7 @@ from .record import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, MAX_RECO
 logger = logging.getLogger("walsvc.producer")
 EAGER_IN_FLIGHT = 8
 RECEIVE_SLICE_MS = 100  # a caller receiving its reply looks at `close` and its deadline this often
-LOOK_BEFORE_RECV = 5  # see _receive_replies
+LOOK_BEFORE_RECV = 5  # see _take_replies
 
 
 def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
