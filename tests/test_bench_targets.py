@@ -6,6 +6,7 @@ section, and one of benchmarks/latency_parts.py.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -129,3 +130,24 @@ def test_latency_parts_script_runs_both_producers(tmp_path: Path) -> None:
         _check_latency_line(kind, line, 9_500)
     assert lines[2].startswith("median of 1, walsvc.Producer: p50 ")
     assert lines[3].startswith("median of 1, wire protocol: p50 ")
+
+
+def test_latency_hops_script_times_every_hop_of_every_record() -> None:
+    """benchmarks/latency_hops.py --quick (the writer on its own CPU where there are two): every record read
+    back and matched to its batch in the writer, each hop's percentiles in order."""
+    pin = ["--pin", "writer"] if 0 in os.sched_getaffinity(0) and len(os.sched_getaffinity(0)) > 1 else []
+    proc = subprocess.run([sys.executable, "benchmarks/latency_hops.py", "--quick", *pin], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 7, lines
+    assert re.match(r"9,500 records \([\d,]+/s sent\) in [\d,]+ batches; ", lines[0]), lines[0]
+    for name, line in zip(("put returned", "reached the writer", "writer's handling", "writer to reader",
+                           "append to reader"), lines[1:6]):
+        # writer to reader may be below 0: HEAD's update, which wakes the reader, is not the batch's last step
+        found = re.fullmatch(rf"  {re.escape(name)} +(-?[\d,]+) / +(-?[\d,]+) / +(-?[\d,]+)", line)
+        assert found, line
+        p50, p90, p99 = (int(g.replace(",", "")) for g in found.groups())
+        assert p50 <= p90 <= p99, line
+    assert re.fullmatch(r"  writer idle between batches [\d,]+ / [\d,]+ / [\d,]+; [\d.]+ batches per loop turn",
+                        lines[6]), lines[6]

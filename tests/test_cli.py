@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import time
@@ -11,6 +12,8 @@ from pathlib import Path
 
 
 from helpers import REPO_ROOT, python_env, read_log, run_cli, status, walsvc_cmd
+
+import pytest
 
 import walsvc
 from walsvc.record import Record
@@ -48,6 +51,8 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
     a_file.write_text("x")
     cases = [
         (["serve", "--dir", str(tmp_path / "w"), "--fsync", "sometimes"], "--fsync"),
+        (["serve", "--dir", str(tmp_path / "w"), "--cpus", "first"], "--cpus"),
+        (["serve", "--dir", str(tmp_path / "w"), "--cpus", "99999"], "--cpus"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "-5"], "--from"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "0"], "--from"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "soon"], "--from"),
@@ -292,3 +297,21 @@ def test_records_above_the_new_default_limit_still_read(tmp_path: Path) -> None:
     proc = run_cli("tail", "--dir", str(d), "--from", "earliest", "--json")
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line)["key"] for line in proc.stdout.splitlines()] == ["big", "small"]
+
+
+def test_serve_runs_the_writer_and_all_its_threads_on_the_cpus_asked(tmp_path: Path, writers) -> None:
+    """`[service] cpus`: every thread of the writer process (its loop, ZeroMQ's I/O thread, the fsync and
+    rotation threads) may run only there; the log still takes appends and acks them."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to tell a pinned writer from one the kernel places")
+    cpu = max(os.sched_getaffinity(0))
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f'[service]\ncpus = "{cpu}"\n')
+    w = writers(config=config, fsync="always").start()
+    tasks = list(Path(f"/proc/{w.pid}/task").iterdir())
+    assert len(tasks) >= 3, tasks  # the loop, ZeroMQ's I/O thread, the fsync thread at least
+    for task in tasks:
+        allowed = re.search(r"^Cpus_allowed_list:\s*(\S+)$", (task / "status").read_text(), re.M)
+        assert allowed and allowed.group(1) == str(cpu), (task, allowed)
+    with walsvc.Producer(w.directory) as producer:
+        assert producer.put(b"k", b"v").result(10) == 1

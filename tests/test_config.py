@@ -15,7 +15,7 @@ import pytest
 import walsvc
 from helpers import run_cli
 from walsvc import Log, Record, errors
-from walsvc.config import SECTIONS, Config, LogConfig, RetentionConfig, load
+from walsvc.config import SECTIONS, Config, LogConfig, RetentionConfig, cpu_list, load
 from walsvc.errors import ConfigError, RecordTooLargeError, WalError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,3 +283,24 @@ def test_reader_start_default_from_a_datetime_or_config_object(tmp_path: Path) -
     future = datetime.datetime.now() + datetime.timedelta(days=1)
     with walsvc.Reader(d, future) as reader:
         assert reader.poll(0.1) == []
+
+
+@pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,2", {0, 2}), ("1-3", {1, 2, 3}), (" 0 , 4-5", {0, 4, 5})])
+def test_a_cpu_list_reads_as_taskset_takes_it(text: str, cpus: set[int]) -> None:
+    assert cpu_list(text) == cpus
+
+
+@pytest.mark.parametrize("value, says", [
+    ('"a"', "'a' is not a CPU number"),
+    ('"3-1"', "range 3-1 runs backwards"),
+    ('"0,"', "'' is not a CPU number"),
+    ('"99999"', "CPU 99999 is not one this process may run on"),
+    ("0", "must be a str"),
+])
+def test_bad_writer_cpus_are_refused_by_key_with_the_reason(tmp_path: Path, value: str, says: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[service]\ncpus = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "service.cpus"
+    assert says in str(info.value)

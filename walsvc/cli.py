@@ -112,6 +112,11 @@ def _require_log(directory: Path, key: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .writer import Writer
     cfg = _load(args, fsync=args.fsync)
+    if args.cpus is not None:
+        try:
+            cfg = dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, cpus=args.cpus))
+        except ConfigError as exc:
+            raise ConfigError("--cpus", exc.detail) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s walsvc %(levelname)s %(message)s")
     writer = Writer(cfg)
     writer.install_signal_handlers()
@@ -531,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("serve", "run the writer: recover the log, bind sockets, serve until SIGTERM/SIGINT")
     p.add_argument("--fsync", choices=["always", "batch", "os"], help="override the config's fsync policy")
+    p.add_argument("--cpus", metavar="LIST", help="run the writer on these CPUs (\"0\", \"2,3\", \"0-3\"): "
+                                                 "overrides [service] cpus")
     p.set_defaults(func=cmd_serve)
 
     p = command("produce", "append one record per stdin line; print each LSN once durable")

@@ -198,11 +198,13 @@ class ServiceConfig(Section):
     ingest_hwm: int = 4
     produce_group: bool = False  # members of log.group may also connect to the ingest socket
     metrics_port: int = 0  # Prometheus /metrics on 127.0.0.1:PORT; 0: off
+    cpus: str = ""  # the CPUs the writer process runs on ("0", "2,3", "0-3"); "": wherever the kernel puts it
 
     CHECKS = {
         "max_message_bytes": lambda v: None if v == 0 else _int_range(4 * KiB, 2 * GiB)(v),  # 0: Config's
         "ingest_hwm": _int_range(1, 1_000_000),
         "metrics_port": _int_range(0, 65535),
+        "cpus": lambda v: _cpu_problem(v),
     }
 
     def _check_together(self) -> None:
@@ -217,6 +219,38 @@ class ServiceConfig(Section):
                 if not (self.curve_secret_key and self.curve_public_key):
                     raise ConfigError("service.curve_secret_key", "a non-loopback bind needs "
                                       "curve_secret_key and curve_public_key")
+
+
+def cpu_list(text: str) -> set[int]:
+    """The CPUs of a list as `taskset -c` takes it: numbers and ranges, comma-separated ("0", "2,3", "0-3").
+    Raises ValueError with the reason."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a CPU number or a range such as 0-3")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if last < first:
+            raise ValueError(f"range {first}-{last} runs backwards")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def _cpu_problem(text: str) -> str | None:
+    """Why `text` cannot be the writer's CPUs, or None: a valid list of CPUs this process may run on."""
+    if not text:
+        return None
+    if not hasattr(os, "sched_getaffinity"):
+        return "CPU affinity is not supported on this platform; leave it empty"
+    try:
+        cpus = cpu_list(text)
+    except ValueError as exc:
+        return f"{exc} (expected a list such as \"0\", \"2,3\" or \"0-3\")"
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        return (f"CPU {min(cpus - allowed)} is not one this process may run on "
+                f"({', '.join(map(str, sorted(allowed)))})")
+    return None
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -36,9 +36,9 @@ import zmq
 
 from . import cursor
 from . import protocol as P
-from .config import Config
+from .config import Config, cpu_list
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
-from .errors import GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
+from .errors import ConfigError, GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
 from .group import GROUP_OPS, GroupTable
 from .ingest import IngestSession, Refuse, Store
 from .record import codecs
@@ -106,8 +106,21 @@ class Pipelining:
                 del self._until[producer_id]
 
 
+def pin_cpus(cpus: str) -> None:
+    """Run this thread, and every thread it starts from now on, on the CPUs `[service] cpus` lists (nothing
+    when empty).  The list was checked against this process's CPUs when the config was loaded; a CPU taken
+    offline since then is a ConfigError too."""
+    if not cpus:
+        return
+    try:
+        os.sched_setaffinity(0, cpu_list(cpus))
+    except OSError as exc:
+        raise ConfigError("service.cpus", f"cannot run the writer on CPUs {cpus}: {exc.strerror}") from None
+
+
 class Writer:
     def __init__(self, config: Config) -> None:
+        pin_cpus(config.service.cpus)  # first: every thread started below inherits it
         self.config = config
         self.directory = config.directory
         self.metrics = Metrics()
