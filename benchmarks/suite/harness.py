@@ -9,11 +9,13 @@ A system module exposes (all arguments are plain ints/floats/strs; every result 
 
     NAME: str                                       # "redis", "sqlite", "walsvc"
     DURABILITIES: tuple[str, ...]                   # optional; levels it runs (default ("batch", "always"))
+    SERVER: bool                                    # optional; True if a server process does the writing
     available() -> str | None                       # None if usable, else how to make it usable
 
     throughput(tmpdir: str, producers: int, record_size: int, durability: str, seconds: float,
                batch: int) -> {"records_per_s", "mib_per_s", "cpu_s_per_million"}
-    latency(tmpdir: str, rate: int, seconds: float, durability: str) -> {"p50_us", "p99_us", "p999_us", "samples"}
+    latency(tmpdir: str, rate: int, seconds: float, durability: str, server_cpu: int | None = None)
+        -> {"p50_us", "p99_us", "p999_us", "samples"}
     rotation(tmpdir: str, rate: int, seconds: float, segment_bytes: int, durability: str)
         -> {"p50_us", "p99_us", "p999_us", "max_us", "rotations", "samples"}
     replay(tmpdir: str, records: int, record_size: int) -> {"records_per_s", "mib_per_s"}
@@ -35,7 +37,10 @@ What the functions measure:
 - latency: one producer process paced at `rate` records/s, each record 100 bytes carrying its send time
   (time.monotonic_ns, which is one clock for all processes on Linux); one reader process tailing the log.
   Latency = reader's receive time - embedded send time; the first 5 % of records are warm-up and not counted.
-  `samples` is the number of latencies counted.
+  `samples` is the number of latencies counted.  With `server_cpu` (the "pinned" scenario) the server
+  process and every thread it starts run on that CPU, and the producer and reader on the others
+  (`measure_latency` places them): the placement an operator gives a latency-critical server on a small
+  machine.  A system with no server process (SERVER false) shows n/a there.
 - rotation: one producer process paced at `rate` records/s of 100 bytes into a log of `segment_bytes`
   segments, long enough to cross many segment rotations; latency = the producer's time from handing a record
   over to its ack (no warm-up dropped: the first rotation may come early).  `rotations` is the number of
@@ -190,15 +195,31 @@ def _latency_role(barrier: Any, role: str, produce: Callable[..., float], tail: 
 
 
 def measure_latency(produce: Callable[..., float], tail: Callable[..., list[int]], target: tuple, rate: int,
-                    seconds: float) -> dict[str, float]:
+                    seconds: float, server_cpu: int | None = None) -> dict[str, float]:
     """The latency scenario's two workers: `produce(barrier, *target, rate, count)` sends paced records (see
     `paced_send`) and returns the rate it sent, `tail(barrier, *target, count, timeout)` reads them and returns
-    one latency (ns) each.  Returns the percentiles and the rate sent."""
+    one latency (ns) each; with `server_cpu`, both run on every CPU but that one.  Returns the percentiles and
+    the rate sent."""
     count = int(rate * seconds)
-    _start, (sent_per_s, latencies) = run_workers(
-        _latency_role, [(role, produce, tail, target, rate, count, seconds + 30) for role in ("producer", "reader")],
-        timeout=seconds + 60)
+    cpus = os.sched_getaffinity(0) if server_cpu is not None else set()
+    if server_cpu is not None:
+        os.sched_setaffinity(0, cpus - {server_cpu})  # the workers fork from this thread and inherit it
+    try:
+        _start, (sent_per_s, latencies) = run_workers(
+            _latency_role, [(role, produce, tail, target, rate, count, seconds + 30)
+                            for role in ("producer", "reader")], timeout=seconds + 60)
+    finally:
+        if server_cpu is not None:
+            os.sched_setaffinity(0, cpus)
     return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+
+
+def server_cpu_problem(cpu: int) -> str | None:
+    """Why the pinned scenario cannot run here (its server CPU, and one more for the clients), or None."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if cpu not in cpus or len(cpus) < 2:
+        return f"needs CPU {cpu} and another CPU for the clients"
+    return None
 
 
 def percentiles_us(latencies_ns: Sequence[int]) -> dict[str, float]:
@@ -273,6 +294,11 @@ class Scenario:
         durability = self.params.get("durability")
         if durability is not None and durability not in getattr(system, "DURABILITIES", DEFAULT_DURABILITIES):
             return f"{system.NAME} has no durability level {durability!r}"
+        server_cpu = self.params.get("server_cpu")
+        if server_cpu is not None:
+            if not getattr(system, "SERVER", False):
+                return f"{system.NAME} has no server process to place"
+            return server_cpu_problem(server_cpu)
         return None
 
 
@@ -286,6 +312,8 @@ TARGETS: dict[str, tuple[Target, ...]] = {
     "throughput 4p 1KiB batch x64": (Target("records_per_s", 3.0, "redis"), Target("mib_per_s", 400.0)),
     "latency 10k/s os": (Target("p50_us", 1.0, "redis"), Target("p99_us", 1.0, "redis"),
                          Target("p999_us", 5000.0, at_most=True)),
+    "latency 10k/s os pinned": (Target("p50_us", 1.0, "redis"), Target("p99_us", 1.0, "redis"),
+                                Target("p999_us", 5000.0, at_most=True)),
     "replay 100B": (Target("records_per_s", 2.0, "sqlite"),),
     # issue 8.3: rotation off the append path; one append never waits for a segment switch
     "rotation 10k/s os": (Target("p999_us", 5000.0, at_most=True), Target("max_us", 10000.0, at_most=True)),
@@ -321,6 +349,11 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             name=name, kind="latency",
             params={"rate": rate, "seconds": latency_seconds, "durability": durability},
             metric="p99_us", higher_is_better=False, unit="us p99", targets=TARGETS.get(name, ())))
+    name = "latency 10k/s os pinned"
+    out.append(Scenario(  # the server process on CPU 0, the producer and reader off it (see `measure_latency`)
+        name=name, kind="latency",
+        params={"rate": 10_000, "seconds": latency_seconds, "durability": "os", "server_cpu": 0},
+        metric="p99_us", higher_is_better=False, unit="us p99", targets=TARGETS.get(name, ())))
     name = "rotation 10k/s os"
     out.append(Scenario(  # 8 MiB segments: at 10k/s of 100 B one fills in ~7 s
         name=name, kind="rotation",

@@ -24,6 +24,7 @@ from .harness import measure_latency, paced_send, proc_cpu_seconds, run_workers,
 
 NAME = "redis"
 DURABILITIES = ("os", "batch", "always")
+SERVER = True  # the pinned latency scenario places its server process
 APPENDFSYNC = {"os": "no", "batch": "everysec", "always": "always"}
 HOST = "127.0.0.1"
 STREAM = b"log"
@@ -59,18 +60,25 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(tmpdir: str, durability: str) -> Iterator[tuple[int, int]]:
-    """A fresh redis-server on loopback with its AOF in tmpdir; yields (port, pid), always shuts it down."""
+def _server(tmpdir: str, durability: str, cpu: int | None = None) -> Iterator[tuple[int, int]]:
+    """A fresh redis-server on loopback with its AOF in tmpdir (all its threads on CPU `cpu` if given);
+    yields (port, pid), always shuts it down."""
     import redis
 
     for _attempt in range(3):  # the free port may be taken between probing it and redis binding it
         port = _free_port()
         logpath = os.path.join(tmpdir, "redis.log")
-        proc = subprocess.Popen(
-            ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "yes",
-             "--appendfsync", APPENDFSYNC[durability], "--auto-aof-rewrite-percentage", "0",
-             "--dir", tmpdir, "--logfile", logpath, "--daemonize", "no"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        saved = os.sched_getaffinity(0)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # the server forks from this thread: it and its threads inherit it
+        try:
+            proc = subprocess.Popen(
+                ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "yes",
+                 "--appendfsync", APPENDFSYNC[durability], "--auto-aof-rewrite-percentage", "0",
+                 "--dir", tmpdir, "--logfile", logpath, "--daemonize", "no"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os.sched_setaffinity(0, saved)
         try:
             deadline = time.monotonic() + 10
             while proc.poll() is None:
@@ -192,9 +200,9 @@ def _tail_reader(barrier: Any, port: int, count: int, timeout: float) -> list[in
     return latencies
 
 
-def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
-    with _server(tmpdir, durability) as (port, _pid):
-        return measure_latency(_paced_producer, _tail_reader, (port,), rate, seconds)
+def latency(tmpdir: str, rate: int, seconds: float, durability: str, server_cpu: int | None = None) -> dict[str, float]:
+    with _server(tmpdir, durability, server_cpu) as (port, _pid):
+        return measure_latency(_paced_producer, _tail_reader, (port,), rate, seconds, server_cpu)
 
 
 def _fill(port: int, records: int, record_size: int) -> None:

@@ -24,6 +24,7 @@ from .harness import measure_latency, paced_send, proc_cpu_seconds, run_workers,
 
 NAME = "walsvc"
 DURABILITIES = ("os", "batch", "always")
+SERVER = True  # the pinned latency scenario places its server process
 READY = "walsvc writer ready"
 
 
@@ -32,10 +33,11 @@ def available() -> str | None:
 
 
 @contextmanager
-def _writer(directory: Path, policy: str, config: Path | None = None) -> Iterator[int]:
-    """A writer process on `directory` (with the TOML `config` if given); yields its pid; SIGTERM (drain,
-    fsync) afterwards."""
+def _writer(directory: Path, policy: str, config: Path | None = None, cpu: int | None = None) -> Iterator[int]:
+    """A writer process on `directory` (with the TOML `config` if given; on CPU `cpu` if given); yields its
+    pid; SIGTERM (drain, fsync) afterwards."""
     extra = ["--config", str(config)] if config is not None else []
+    extra += ["--cpus", str(cpu)] if cpu is not None else []
     proc = subprocess.Popen([sys.executable, "-m", "walsvc", "serve", *extra, "--dir", str(directory),
                              "--fsync", policy],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -136,10 +138,10 @@ def _tail_reader(barrier: Any, directory: str, count: int, timeout: float) -> li
     return latencies
 
 
-def latency(tmpdir: str, rate: int, seconds: float, durability: str) -> dict[str, float]:
+def latency(tmpdir: str, rate: int, seconds: float, durability: str, server_cpu: int | None = None) -> dict[str, float]:
     directory = Path(tmpdir) / "log"
-    with _writer(directory, durability):
-        return measure_latency(_paced_producer, _tail_reader, (str(directory),), rate, seconds)
+    with _writer(directory, durability, cpu=server_cpu):
+        return measure_latency(_paced_producer, _tail_reader, (str(directory),), rate, seconds, server_cpu)
 
 
 def _acked_producer(barrier: Any, directory: str, rate: int, count: int) -> tuple[float, list[int]]:
