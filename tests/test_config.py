@@ -294,7 +294,7 @@ def test_a_cpu_list_reads_as_taskset_takes_it(text: str, cpus: set[int]) -> None
     ('"a"', "'a' is not a CPU number"),
     ('"3-1"', "range 3-1 runs backwards"),
     ('"0,"', "'' is not a CPU number"),
-    ('"99999"', "CPU 99999 is not one this process may run on"),
+    ('"99999"', "CPU 99999 does not exist"),
     ("0", "must be a str"),
 ])
 def test_bad_writer_cpus_are_refused_by_key_with_the_reason(tmp_path: Path, value: str, says: str) -> None:

@@ -237,7 +237,8 @@ def cpu_list(text: str) -> set[int]:
 
 
 def _cpu_problem(text: str) -> str | None:
-    """Why `text` cannot be the writer's CPUs, or None: a valid list of CPUs this process may run on."""
+    """Why `text` cannot be the writer's CPUs, or None.  Whether a cgroup lets the writer use them is known
+    only when it pins itself (writer.pin_cpus): a `taskset` of the shell that starts it is no limit."""
     if not text:
         return None
     if not hasattr(os, "sched_getaffinity"):
@@ -246,10 +247,9 @@ def _cpu_problem(text: str) -> str | None:
         cpus = cpu_list(text)
     except ValueError as exc:
         return f"{exc} (expected a list such as \"0\", \"2,3\" or \"0-3\")"
-    allowed = os.sched_getaffinity(0)
-    if not cpus <= allowed:
-        return (f"CPU {min(cpus - allowed)} is not one this process may run on "
-                f"({', '.join(map(str, sorted(allowed)))})")
+    count = os.cpu_count() or 1
+    if max(cpus) >= count:
+        return f"CPU {max(cpus)} does not exist: this machine's CPUs are 0-{count - 1}"
     return None
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from crc32c import crc32c
 
@@ -39,8 +39,8 @@ _U32 = struct.Struct("<I")
 SIZE = _LAYOUT.size + 4
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
+    """HEAD's fields.  A NamedTuple: a tailing reader decodes one per poll, the writer encodes one per commit."""
     committed_lsn: int
     writer_pid: int
     active_base_lsn: int = 0

@@ -94,13 +94,12 @@ class HeadWatch:
         self._poll.register(fd, select.POLLIN)
 
     def wait(self, wait_s: float) -> int | None:
-        """0 once HEAD changed (its events drained), None if it did not within `wait_s` (0: only look)."""
-        try:
-            os.read(self.fd, _READ_SIZE)
-        except BlockingIOError:
-            if wait_s <= 0 or not self._poll.poll(int(wait_s * 1000) + 1):
-                return None
-            os.read(self.fd, _READ_SIZE)
+        """0 once HEAD changed (its events drained), None if it did not within `wait_s` (0: only look).  It
+        looks with poll first: a read of an empty descriptor would raise BlockingIOError, which costs more
+        than the look, and a tailing reader finds it empty at every poll's first look."""
+        if not self._poll.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
+            return None
+        os.read(self.fd, _READ_SIZE)
         return 0
 
     def refresh(self) -> None:

@@ -108,14 +108,15 @@ class Pipelining:
 
 def pin_cpus(cpus: str) -> None:
     """Run this thread, and every thread it starts from now on, on the CPUs `[service] cpus` lists (nothing
-    when empty).  The list was checked against this process's CPUs when the config was loaded; a CPU taken
-    offline since then is a ConfigError too."""
+    when empty).  The kernel narrows the list to the CPUs a cgroup cpuset allows, and refuses it when none is
+    left (a ConfigError); the CPUs it kept are logged."""
     if not cpus:
         return
     try:
         os.sched_setaffinity(0, cpu_list(cpus))
     except OSError as exc:
         raise ConfigError("service.cpus", f"cannot run the writer on CPUs {cpus}: {exc.strerror}") from None
+    log.info("the writer runs on CPUs %s", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
 class Writer:
