@@ -315,3 +315,4 @@ def test_serve_runs_the_writer_and_all_its_threads_on_the_cpus_asked(tmp_path: P
         assert allowed and allowed.group(1) == str(cpu), (task, allowed)
     with walsvc.Producer(w.directory) as producer:
         assert producer.put(b"k", b"v").result(10) == 1
+    assert status(w.directory)["cpus"] == [cpu]  # and status says so

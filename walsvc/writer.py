@@ -432,6 +432,7 @@ class Writer:
         st = self.log.stats()
         st.update({
             "directory": str(self.directory), "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "endpoints": {"ingest": self.endpoints.ingest, "publish": self.endpoints.publish,
                           "control": self.endpoints.control},
             "cursors": self.log.cursors(),
