@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from crc32c import crc32c
 
@@ -64,8 +65,9 @@ def decode_segment_header(buf: bytes) -> SegmentHeader:
     return SegmentHeader(seg_id, base, created)
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
+    """A frame's header fields.  A NamedTuple: every scan decodes one per frame, and a tailing reader one
+    per poll (a frozen dataclass costs several times as much to build)."""
     kind: int
     payload_len: int
     count: int

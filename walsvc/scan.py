@@ -275,6 +275,9 @@ class LogReader:
             return []
         if self._seg is None and not self._open_segment_for(self.next_lsn):
             return []
+        seg = self._seg
+        if bound is not None and seg.seal is None and seg.scanner.offset >= seg.scanner.limit:
+            seg.refresh()  # a tailing reader read all it had: the committed records are past what it saw
         out: list[Record] = []
         self._batch_bytes = 0
         while len(out) < self.BATCH_RECORDS and self._batch_bytes < self.BATCH_BYTES:
