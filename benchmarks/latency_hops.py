@@ -17,6 +17,8 @@ All clocks are CLOCK_MONOTONIC, shared by the processes.  Per record, percentile
 
 and of the writer: how long it sat idle between two batches, and how many batches a loop turn took.  A
 writer that is rarely idle and takes several batches per turn is the bottleneck: records wait in its queue.
+Last, each process's CPU time per record: the producer's from its first `put` to its last ack, the
+writer's over its whole life (start-up included), the reader's while it read.
 
 `--pin writer` runs the writer on CPU 0 (`walsvc serve --cpus 0`: all its threads); `--pin apart` also keeps
 the producer and reader off CPU 0.
@@ -72,11 +74,12 @@ def writer_role(directory: str, marks: str, *flags: str) -> int:
         return cli.main(["serve", "--dir", directory, "--fsync", "os", *flags])
     finally:
         with open(marks, "wb") as f:
-            pickle.dump((batches, drains), f)
+            pickle.dump((batches, drains, time.process_time()), f)
 
 
 def _producer(barrier: Any, directory: str, scratch: str, rate: int, count: int) -> float:
-    """Paced `put`s, as the suite's; notes (send time, `put` returned) of each."""
+    """Paced `put`s, as the suite's; notes (send time, `put` returned) of each, and the process's CPU time
+    from the first `put` to the last ack."""
     import walsvc
     returned: list[tuple[int, int]] = []
     with walsvc.Producer(directory) as producer:
@@ -86,26 +89,31 @@ def _producer(barrier: Any, directory: str, scratch: str, rate: int, count: int)
             put(b"", payload)
             returned.append((struct.unpack_from("<q", payload)[0], time.monotonic_ns()))
 
+        cpu = time.process_time()
         sent = paced_send(barrier, rate, count, send)
         producer.flush(60)
+        cpu = time.process_time() - cpu
     with open(Path(scratch) / "producer", "wb") as f:
-        pickle.dump(returned, f)
+        pickle.dump((returned, cpu), f)
     return sent
 
 
 def _reader(barrier: Any, directory: str, scratch: str, count: int, timeout: float) -> list[int]:
-    """The suite's tailing reader; also notes (LSN, send time, `poll` returned) of each record."""
+    """The suite's tailing reader; also notes (LSN, send time, `poll` returned) of each record, and the
+    process's CPU time while reading."""
     import walsvc
     seen: list[tuple[int, int, int]] = []
     with walsvc.Reader(directory, "latest") as reader:
         barrier.wait()
+        cpu = time.process_time()
         deadline = time.monotonic() + timeout
         while len(seen) < count and time.monotonic() < deadline:
             batch = reader.poll(0.1)
             now = time.monotonic_ns()
             seen.extend((r.lsn, struct.unpack_from("<q", r.value)[0], now) for r in batch)
+        cpu = time.process_time() - cpu
     with open(Path(scratch) / "reader", "wb") as f:
-        pickle.dump(seen, f)
+        pickle.dump((seen, cpu), f)
     return [now - sent for _, sent, now in seen]
 
 
@@ -138,11 +146,12 @@ def run(rate: int, seconds: float, pin: str | None) -> dict[str, Any]:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         with open(marks, "rb") as f:
-            batches, drains = pickle.load(f)
+            batches, drains, writer_cpu = pickle.load(f)
         with open(Path(tmp) / "producer", "rb") as f:
-            returned = dict(pickle.load(f))
+            returned, producer_cpu = pickle.load(f)
+            returned = dict(returned)
         with open(Path(tmp) / "reader", "rb") as f:
-            seen = pickle.load(f)
+            seen, reader_cpu = pickle.load(f)
     batches.sort()
     starts = [b[0] for b in batches]
     hops: list[list[float]] = [[] for _ in HOPS]
@@ -154,8 +163,10 @@ def run(rate: int, seconds: float, pin: str | None) -> dict[str, Any]:
             hops[i].append(t / 1000)
     by_time = sorted(batches, key=lambda b: b[1])
     idle = [(b[1] - a[2]) / 1000 for a, b in zip(by_time, by_time[1:])]
+    cpu_us = {"producer": producer_cpu, "writer": writer_cpu, "reader": reader_cpu}
     return {"hops": [_percentiles(h) for h in hops], "records": len(hops[0]), "batches": len(measured),
-            "idle": _percentiles(idle), "per_drain": statistics.mean(drains), "sent_per_s": result["sent_per_s"]}
+            "idle": _percentiles(idle), "per_drain": statistics.mean(drains), "sent_per_s": result["sent_per_s"],
+            "cpu_us": {who: t * 1e6 / len(seen) for who, t in cpu_us.items()}}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -165,6 +176,7 @@ def report(r: dict[str, Any]) -> str:
               in zip(HOPS, r["hops"])]
     lines.append(f"  writer idle between batches {r['idle'][0]:,.0f} / {r['idle'][1]:,.0f} / {r['idle'][2]:,.0f}; "
                  f"{r['per_drain']:.2f} batches per loop turn")
+    lines.append("  CPU µs per record: " + ", ".join(f"{who} {us:.1f}" for who, us in r["cpu_us"].items()))
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ def test_latency_hops_script_times_every_hop_of_every_record() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 7, lines
+    assert len(lines) == 8, lines
     assert re.match(r"9,500 records \([\d,]+/s sent\) in [\d,]+ batches; ", lines[0]), lines[0]
     for name, line in zip(("put returned", "reached the writer", "writer's handling", "writer to reader",
                            "append to reader"), lines[1:6]):
@@ -151,3 +151,5 @@ def test_latency_hops_script_times_every_hop_of_every_record() -> None:
         assert p50 <= p90 <= p99, line
     assert re.fullmatch(r"  writer idle between batches [\d,]+ / [\d,]+ / [\d,]+; [\d.]+ batches per loop turn",
                         lines[6]), lines[6]
+    found = re.fullmatch(r"  CPU µs per record: producer ([\d.]+), writer ([\d.]+), reader ([\d.]+)", lines[7])
+    assert found and all(float(g) > 0 for g in found.groups()), lines[7]
