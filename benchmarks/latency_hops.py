@@ -30,10 +30,8 @@ import argparse
 import bisect
 import os
 import pickle
-import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,14 +42,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.suite.harness import measure_latency, paced_send  # noqa: E402 - needs ROOT on the path
-from benchmarks.suite.walsvc_system import READY  # noqa: E402
+from benchmarks.suite.walsvc_system import _writer  # noqa: E402
 
 HOPS = ("put returned", "reached the writer", "writer's handling", "writer to reader", "append to reader")
 
 
-def writer_role(directory: str, marks: str, *flags: str) -> int:
-    """`walsvc serve --fsync os [flags]` on `directory`, timing each batch and each drain; the marks go to
-    `marks` when it stops (SIGTERM)."""
+def writer_role(marks: str, serve_args: list[str]) -> int:
+    """`walsvc SERVE_ARGS` (a `serve`), timing each batch and each drain; the marks go to `marks` when it
+    stops (SIGTERM)."""
     from walsvc import cli
     from walsvc.writer import Writer
     batches: list[tuple[int, int, int]] = []  # (first LSN after the batch's start, began, ended)
@@ -71,7 +69,7 @@ def writer_role(directory: str, marks: str, *flags: str) -> int:
 
     Writer._handle, Writer._drain = timed_handle, counted_drain
     try:
-        return cli.main(["serve", "--dir", directory, "--fsync", "os", *flags])
+        return cli.main(serve_args)
     finally:
         with open(marks, "wb") as f:
             pickle.dump((batches, drains, time.process_time()), f)
@@ -126,25 +124,10 @@ def run(rate: int, seconds: float, pin: str | None) -> dict[str, Any]:
     """One run: per-record hop times (µs) and the writer's idle gaps and batches per drain."""
     with tempfile.TemporaryDirectory(prefix="latency-hops-") as tmp:
         directory, marks = Path(tmp) / "log", Path(tmp) / "writer-marks"
-        proc = subprocess.Popen([sys.executable, __file__, "--writer-role", str(directory), str(marks)]
-                                + (["--cpus", "0"] if pin else []), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        try:
-            for line in proc.stdout:
-                if line.startswith(READY):
-                    break
-            else:
-                raise RuntimeError(f"writer exited with {proc.wait()} before it was ready")
-            cpus = os.sched_getaffinity(0)
-            if pin == "apart":
-                os.sched_setaffinity(0, cpus - {0})  # the producer and reader fork from here
-            try:
-                result = measure_latency(_producer, _reader, (str(directory), tmp), rate, seconds)
-            finally:
-                os.sched_setaffinity(0, cpus)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+        with _writer(directory, "os", cpu=0 if pin else None,
+                     command=[sys.executable, __file__, "--writer-role", str(marks)]):
+            result = measure_latency(_producer, _reader, (str(directory), tmp), rate, seconds,
+                                     server_cpu=0 if pin == "apart" else None)
         with open(marks, "rb") as f:
             batches, drains, writer_cpu = pickle.load(f)
         with open(Path(tmp) / "producer", "rb") as f:
@@ -183,7 +166,7 @@ def report(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--writer-role"]:
-        return writer_role(*argv[1:])
+        return writer_role(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1, help="runs (default 1)")
     parser.add_argument("--rate", type=int, default=10_000, help="records/s (default 10000)")

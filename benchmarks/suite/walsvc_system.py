@@ -33,13 +33,15 @@ def available() -> str | None:
 
 
 @contextmanager
-def _writer(directory: Path, policy: str, config: Path | None = None, cpu: int | None = None) -> Iterator[int]:
+def _writer(directory: Path, policy: str, config: Path | None = None, cpu: int | None = None,
+            command: list[str] | None = None) -> Iterator[int]:
     """A writer process on `directory` (with the TOML `config` if given; on CPU `cpu` if given); yields its
-    pid; SIGTERM (drain, fsync) afterwards."""
+    pid; SIGTERM (drain, fsync) afterwards.  `command` runs `walsvc` another way (default: python -m walsvc);
+    it gets the `serve ...` arguments."""
     extra = ["--config", str(config)] if config is not None else []
     extra += ["--cpus", str(cpu)] if cpu is not None else []
-    proc = subprocess.Popen([sys.executable, "-m", "walsvc", "serve", *extra, "--dir", str(directory),
-                             "--fsync", policy],
+    proc = subprocess.Popen([*(command or [sys.executable, "-m", "walsvc"]), "serve", *extra, "--dir",
+                             str(directory), "--fsync", policy],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
