@@ -53,6 +53,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
         (["serve", "--dir", str(tmp_path / "w"), "--fsync", "sometimes"], "--fsync"),
         (["serve", "--dir", str(tmp_path / "w"), "--cpus", "first"], "--cpus"),
         (["serve", "--dir", str(tmp_path / "w"), "--cpus", "99999"], "--cpus"),
+        (["up", "--dir", str(tmp_path / "w"), "--cpus", "0-"], "--cpus"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "-5"], "--from"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "0"], "--from"),
         (["tail", "--dir", str(tmp_path / "w"), "--from", "soon"], "--from"),

@@ -195,3 +195,30 @@ def test_a_log_owned_by_another_writer_is_one_line_at_once(tmp_path: Path, write
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"process {w.pid}" in lines[0], result.stderr
     assert w.running()
+
+
+def _cpus_of_every_thread(pid: int) -> set[str]:
+    return {re.search(r"^Cpus_allowed_list:\s*(\S+)$", (task / "status").read_text(), re.M).group(1)
+            for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+def test_cpus_puts_the_writer_on_its_cpu_and_the_workers_on_the_others(up) -> None:
+    """`up --cpus N`: every thread of the writer on CPU N, every thread of each worker on the other CPUs."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs two CPUs: one for the writer, one for the workers")
+    cpu = allowed[-1]
+    u = up("--cpus", str(cpu), "--seconds", "20")
+    u.progress()  # the workers run
+    writer, producer, consumer = (int(n) for n in re.findall(r"\d+", u.first.partition(";")[0]))
+    others = ",".join(map(str, allowed[:-1])) if len(allowed) == 2 else None
+    assert _cpus_of_every_thread(writer) == {str(cpu)}
+    for worker in (producer, consumer):
+        found = _cpus_of_every_thread(worker)
+        assert len(found) == 1 and str(cpu) not in found.pop().split(","), (worker, found)
+        if others is not None:
+            assert _cpus_of_every_thread(worker) == {others}
+    os.kill(u.proc.pid, signal.SIGTERM)
+    code, _, err, _ = u.finish(30)
+    assert code == 0, err
+    u.assert_nothing_left()

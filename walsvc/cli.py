@@ -95,6 +95,16 @@ def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     return dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, **flags)) if flags else cfg
 
 
+def _with_cpus(cfg: C.Config, cpus: str | None) -> C.Config:
+    """The config with `--cpus` (the writer's CPUs) applied, when given."""
+    if cpus is None:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, cpus=cpus))
+    except ConfigError as exc:
+        raise ConfigError("--cpus", exc.detail) from None
+
+
 def _require_log(directory: Path, key: str) -> None:
     """A typo in --dir must be an error, not an empty result with exit status 0."""
     from .head import NAME as HEAD
@@ -111,12 +121,7 @@ def _require_log(directory: Path, key: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .writer import Writer
-    cfg = _load(args, fsync=args.fsync)
-    if args.cpus is not None:
-        try:
-            cfg = dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, cpus=args.cpus))
-        except ConfigError as exc:
-            raise ConfigError("--cpus", exc.detail) from None
+    cfg = _with_cpus(_load(args, fsync=args.fsync), args.cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s walsvc %(levelname)s %(message)s")
     writer = Writer(cfg)
     writer.install_signal_handlers()
@@ -438,7 +443,7 @@ def cmd_cursors(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from .up import run
-    cfg = _load(args, fsync=args.fsync)
+    cfg = _with_cpus(_load(args, fsync=args.fsync), args.cpus)
     return run(cfg, producers=args.producers, consumers=args.consumers, seconds=args.seconds,
                record_bytes=args.record_bytes, workers_dir=args.workers)
 
@@ -534,10 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML config file (see configs/default.toml)")
         return p
 
+    def cpus_flag(p: argparse.ArgumentParser, more: str = "") -> None:
+        p.add_argument("--cpus", metavar="LIST", help="run the writer on these CPUs (\"0\", \"2,3\", \"0-3\")"
+                                                     f"{more}: overrides [service] cpus")
+
     p = command("serve", "run the writer: recover the log, bind sockets, serve until SIGTERM/SIGINT")
     p.add_argument("--fsync", choices=["always", "batch", "os"], help="override the config's fsync policy")
-    p.add_argument("--cpus", metavar="LIST", help="run the writer on these CPUs (\"0\", \"2,3\", \"0-3\"): "
-                                                 "overrides [service] cpus")
+    cpus_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = command("produce", "append one record per stdin line; print each LSN once durable")
@@ -598,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsync", choices=["always", "batch", "os"])
     p.add_argument("--workers", help="a directory with your own producer_worker.py and consumer_worker.py "
                    "(default: the built-in walsvc.workers)")
+    cpus_flag(p, ", and the workers on the others")
     p.set_defaults(func=cmd_up)
 
     def stream_flags(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import multiprocess as mp
 
-from .config import Config
+from .config import Config, cpu_list
 from .errors import ConfigError
 
 WORKER_FILES = ("producer_worker.py", "consumer_worker.py")
@@ -102,9 +102,20 @@ def _serve(cfg: Config, parent_pid: int, conn: Any) -> None:
     writer.serve()
 
 
-def _worker(parent_pid: int, directory: Path | None, filename: str, kwargs: dict) -> None:
+def _worker(parent_pid: int, directory: Path | None, filename: str, cpus: set[int] | None, kwargs: dict) -> None:
     _die_with_parent(parent_pid, signal.SIGKILL)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     load_worker(directory, filename).run(**kwargs)
+
+
+def worker_cpus(cfg: Config) -> set[int] | None:
+    """Where the workers run when the writer has CPUs of its own (`[service] cpus`): on the others this process
+    may use, so that the writer's loop never waits behind them for a core.  None (anywhere) when the writer
+    is not pinned, or its CPUs leave no other."""
+    if not cfg.service.cpus:
+        return None
+    return (os.sched_getaffinity(0) - cpu_list(cfg.service.cpus)) or None
 
 
 class Supervisor:
@@ -243,10 +254,11 @@ def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path | None, produc
     produced = [ctx.RawValue("q", 0) for _ in range(producers)]
     consumed = [ctx.RawValue("q", 0) for _ in range(consumers)]
     lags = [ctx.RawValue("q", 0) for _ in range(consumers)]
-    procs = [ctx.Process(target=_worker, name=f"producer-{i}", args=(me, workers, "producer_worker.py", {
+    cpus = worker_cpus(cfg)
+    procs = [ctx.Process(target=_worker, name=f"producer-{i}", args=(me, workers, "producer_worker.py", cpus, {
         "directory": str(cfg.directory), "record_bytes": record_bytes, "stop": stop_producers,
         "counter": produced[i], "worker": i})) for i in range(producers)]
-    procs += [ctx.Process(target=_worker, name=f"consumer-{i}", args=(me, workers, "consumer_worker.py", {
+    procs += [ctx.Process(target=_worker, name=f"consumer-{i}", args=(me, workers, "consumer_worker.py", cpus, {
         "directory": str(cfg.directory), "name": f"consumer-{i}", "stop": stop_consumers,
         "counter": consumed[i], "lag": lags[i]})) for i in range(consumers)]
     for p in procs:
