@@ -35,6 +35,7 @@ import struct
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,16 @@ def writer_role(marks: str, serve_args: list[str]) -> int:
     stops (SIGTERM)."""
     from walsvc import cli
     from walsvc.writer import Writer
-    batches: list[tuple[int, int, int]] = []  # (first LSN after the batch's start, began, ended)
-    drains: list[int] = []
+    # Arrays, not lists of tuples: tuples are objects the collector tracks, and 100,000 of them made the
+    # writer run a full collection (18 ms) in the middle of a run.
+    firsts, began_at, ended_at, drains = array("q"), array("q"), array("q"), array("q")
     handle, drain = Writer._handle, Writer._drain
 
     def timed_handle(self: Writer, msg: bytes) -> None:
-        first, began = self.log.next_lsn, time.monotonic_ns()
+        firsts.append(self.log.next_lsn)
+        began_at.append(time.monotonic_ns())
         handle(self, msg)
-        batches.append((first, began, time.monotonic_ns()))
+        ended_at.append(time.monotonic_ns())
 
     def counted_drain(self: Writer) -> int:
         n = drain(self)
@@ -72,27 +75,28 @@ def writer_role(marks: str, serve_args: list[str]) -> int:
         return cli.main(serve_args)
     finally:
         with open(marks, "wb") as f:
-            pickle.dump((batches, drains, time.process_time()), f)
+            pickle.dump((firsts, began_at, ended_at, drains, time.process_time()), f)
 
 
 def _producer(barrier: Any, directory: str, scratch: str, rate: int, count: int) -> float:
     """Paced `put`s, as the suite's; notes (send time, `put` returned) of each, and the process's CPU time
     from the first `put` to the last ack."""
     import walsvc
-    returned: list[tuple[int, int]] = []
+    sent_at, returned_at = array("q"), array("q")  # arrays: see writer_role
     with walsvc.Producer(directory) as producer:
         put = producer.put
 
         def send(payload: bytes) -> None:
             put(b"", payload)
-            returned.append((struct.unpack_from("<q", payload)[0], time.monotonic_ns()))
+            returned_at.append(time.monotonic_ns())
+            sent_at.append(struct.unpack_from("<q", payload)[0])
 
         cpu = time.process_time()
         sent = paced_send(barrier, rate, count, send)
         producer.flush(60)
         cpu = time.process_time() - cpu
     with open(Path(scratch) / "producer", "wb") as f:
-        pickle.dump((returned, cpu), f)
+        pickle.dump((sent_at, returned_at, cpu), f)
     return sent
 
 
@@ -100,19 +104,22 @@ def _reader(barrier: Any, directory: str, scratch: str, count: int, timeout: flo
     """The suite's tailing reader; also notes (LSN, send time, `poll` returned) of each record, and the
     process's CPU time while reading."""
     import walsvc
-    seen: list[tuple[int, int, int]] = []
+    lsns, sent_at, polled_at = array("q"), array("q"), array("q")  # arrays: see writer_role
     with walsvc.Reader(directory, "latest") as reader:
         barrier.wait()
         cpu = time.process_time()
         deadline = time.monotonic() + timeout
-        while len(seen) < count and time.monotonic() < deadline:
+        while len(lsns) < count and time.monotonic() < deadline:
             batch = reader.poll(0.1)
             now = time.monotonic_ns()
-            seen.extend((r.lsn, struct.unpack_from("<q", r.value)[0], now) for r in batch)
+            for r in batch:
+                lsns.append(r.lsn)
+                sent_at.append(struct.unpack_from("<q", r.value)[0])
+                polled_at.append(now)
         cpu = time.process_time() - cpu
     with open(Path(scratch) / "reader", "wb") as f:
-        pickle.dump((seen, cpu), f)
-    return [now - sent for _, sent, now in seen]
+        pickle.dump((lsns, sent_at, polled_at, cpu), f)
+    return [polled - sent for sent, polled in zip(sent_at, polled_at)]
 
 
 def _percentiles(values: list[float]) -> tuple[float, float, float]:
@@ -129,13 +136,14 @@ def run(rate: int, seconds: float, pin: str | None) -> dict[str, Any]:
             result = measure_latency(_producer, _reader, (str(directory), tmp), rate, seconds,
                                      server_cpu=0 if pin == "apart" else None)
         with open(marks, "rb") as f:
-            batches, drains, writer_cpu = pickle.load(f)
+            firsts, began_at, ended_at, drains, writer_cpu = pickle.load(f)
         with open(Path(tmp) / "producer", "rb") as f:
-            returned, producer_cpu = pickle.load(f)
-            returned = dict(returned)
+            sent_at, returned_at, producer_cpu = pickle.load(f)
+            returned = dict(zip(sent_at, returned_at))
         with open(Path(tmp) / "reader", "rb") as f:
-            seen, reader_cpu = pickle.load(f)
-    batches.sort()
+            lsns, sent_at, polled_at, reader_cpu = pickle.load(f)
+    seen = list(zip(lsns, sent_at, polled_at))
+    batches = sorted(zip(firsts, began_at, ended_at))
     starts = [b[0] for b in batches]
     hops: list[list[float]] = [[] for _ in HOPS]
     measured = set()
