@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (RawClient, check_acked_exactly_once, collect_acks, finish, read_acks, read_stopped,
-                     run_cli, spawn_producer, status, verify_log, wait_for)
+from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_acks, finish, python_env, read_acks,
+                     read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
 from walsvc import protocol as P
@@ -390,3 +390,17 @@ def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, s
         client.close()
     assert writer.stop() == 0
     assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"one")]
+
+
+def test_cpus_the_kernel_refuses_are_a_config_error_and_no_log_is_made(tmp_path: Path, shim: Path) -> None:
+    """`serve --cpus` when the kernel refuses the affinity (as a cgroup cpuset that allows none of the CPUs
+    does, with EINVAL): one line naming the flag and the reason, exit 2, before any file of the log exists."""
+    directory = tmp_path / "wal"
+    env = {**python_env(), "LD_PRELOAD": str(shim), "WALSVC_FAULT": "call=setaffinity,errno=EINVAL"}
+    proc = subprocess.run(walsvc_cmd("serve", "--dir", str(directory), "--cpus", "0"), cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert "walsvc_fault: sched_setaffinity" in proc.stderr, proc.stderr  # the fault really happened
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("walsvc: error:")]
+    assert errors == ["walsvc: error: --cpus: cannot run the writer on CPUs 0: Invalid argument"], proc.stderr
+    assert not directory.exists()

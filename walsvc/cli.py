@@ -123,7 +123,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .writer import Writer
     cfg = _with_cpus(_load(args, fsync=args.fsync), args.cpus)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s walsvc %(levelname)s %(message)s")
-    writer = Writer(cfg)
+    try:
+        writer = Writer(cfg)
+    except ConfigError as exc:
+        if exc.key == "service.cpus" and args.cpus is not None:
+            raise ConfigError("--cpus", exc.detail) from None  # name what the user typed
+        raise
     writer.install_signal_handlers()
     eps = writer.endpoints
     print(f"recovery: {writer.log.recovery.summary()}", flush=True)

@@ -7,8 +7,8 @@
  *   WALSVC_FAULT="call=pwritev,errno=EIO,after=0,path=.wal,mode=once,arm=/tmp/x/armed"
  *
  *   call   pwritev (pwritev, pwritev2 and their 64-bit forms) | fallocate (posix_fallocate, fallocate and
- *          their 64-bit forms) | fsync | fdatasync
- *   errno  EIO | ENOSPC | EROFS | a number                                      (default EIO)
+ *          their 64-bit forms) | fsync | fdatasync | setaffinity (sched_setaffinity: no file, so no path)
+ *   errno  EIO | ENOSPC | EROFS | EDQUOT | EINVAL | a number                    (default EIO)
  *   after  matching calls that still succeed once armed, before the first failure (default 0)
  *   path   only calls on a file whose path (from /proc/self/fd) contains this   (default: any file)
  *   mode   once: fail one call, then behave | persistent: fail every later one   (default persistent)
@@ -21,6 +21,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +29,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-enum call { CALL_NONE, CALL_PWRITEV, CALL_FALLOCATE, CALL_FSYNC, CALL_FDATASYNC };
+enum call { CALL_NONE, CALL_PWRITEV, CALL_FALLOCATE, CALL_FSYNC, CALL_FDATASYNC, CALL_SETAFFINITY };
 
 static struct {
     enum call call;
@@ -47,6 +48,7 @@ static int parse_errno(const char *v) {
     if (!strcmp(v, "ENOSPC")) return ENOSPC;
     if (!strcmp(v, "EROFS")) return EROFS;
     if (!strcmp(v, "EDQUOT")) return EDQUOT;
+    if (!strcmp(v, "EINVAL")) return EINVAL;
     return atoi(v);
 }
 
@@ -64,7 +66,8 @@ __attribute__((constructor)) static void load_config(void) {
         const char *k = item, *v = eq + 1;
         if (!strcmp(k, "call")) {
             cfg.call = !strcmp(v, "pwritev") ? CALL_PWRITEV : !strcmp(v, "fallocate") ? CALL_FALLOCATE
-                     : !strcmp(v, "fsync") ? CALL_FSYNC : !strcmp(v, "fdatasync") ? CALL_FDATASYNC : CALL_NONE;
+                     : !strcmp(v, "fsync") ? CALL_FSYNC : !strcmp(v, "fdatasync") ? CALL_FDATASYNC
+                     : !strcmp(v, "setaffinity") ? CALL_SETAFFINITY : CALL_NONE;
             if (cfg.call == CALL_NONE) fprintf(stderr, "walsvc_fault: unknown call %s\n", v);
         } else if (!strcmp(k, "errno")) cfg.err = parse_errno(v);
         else if (!strcmp(k, "after")) cfg.after = atol(v);
@@ -80,9 +83,11 @@ static int should_fail(enum call call, int fd, const char *name) {
     if (cfg.call != call) return 0;
     if (cfg.arm[0] && access(cfg.arm, F_OK) != 0) return 0;
     char link[64], path[4096] = "";
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, path, sizeof path - 1);
-    path[n > 0 ? n : 0] = '\0';
+    if (fd >= 0) {
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+        ssize_t n = readlink(link, path, sizeof path - 1);
+        path[n > 0 ? n : 0] = '\0';
+    }
     if (cfg.path[0] && !strstr(path, cfg.path)) return 0;
     if (__atomic_fetch_add(&matched, 1, __ATOMIC_SEQ_CST) < cfg.after) return 0;
     if (cfg.once && __atomic_fetch_add(&fired, 1, __ATOMIC_SEQ_CST) > 0) return 0;
@@ -141,3 +146,10 @@ FALLOCATE_WRAPPER(fallocate64, off64_t)
     }
 SYNC_WRAPPER(fsync, CALL_FSYNC)
 SYNC_WRAPPER(fdatasync, CALL_FDATASYNC)
+
+int sched_setaffinity(pid_t pid, size_t size, const cpu_set_t *mask) {
+    REAL(sched_setaffinity);
+    int e = should_fail(CALL_SETAFFINITY, -1, "sched_setaffinity");
+    if (e) { errno = e; return -1; }
+    return real_sched_setaffinity(pid, size, mask);
+}
