@@ -4,6 +4,7 @@ rotates and retention deletes; including a reader in another process."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,11 +14,12 @@ import pytest
 
 from conftest import (MiB, check_records, fill, frame_offsets, python_env, segment_paths, value_for, wait_line,
                       zero_from)
+import walsvc
 from walsvc import Log, LogReader, Record
 from walsvc import cursor
 from walsvc import frame as F
 from walsvc.errors import CorruptionError, LogClosedError, TruncatedError
-from walsvc.segment import SCAN_CHUNK
+from walsvc.segment import SCAN_CHUNK, read_seal
 
 
 def _lsns(records) -> list[int]:
@@ -289,3 +291,33 @@ def _drain_until_error(reader: LogReader) -> list[Record]:
         out.extend(batch)
         if len(batch) < reader.BATCH_RECORDS:
             return out
+
+
+def test_a_reader_whose_writer_died_reads_an_unsealed_segment_past_its_last_known_end(open_log, tmp_path):
+    """A tailing reader knows the active segment only up to the written end HEAD named when it last read.
+    When the writer then wrote more, switched segments and died before sealing the old one (kill -9 between
+    the switch and the rotation thread's seal), the reader, now without a writer, must read that old segment
+    to its real end and go on, not call the data beyond its stale end corruption."""
+    directory = tmp_path / "wal"
+    log = open_log(directory)
+    fill(log, 100, size=1000)
+    reader = walsvc.Reader(directory, start=1)
+    seen = []
+    while len(seen) < 100:
+        seen += reader.poll(5)
+    fill(log, 1200, size=1000)  # past the 1 MiB segment: the second segment starts
+    total = log.next_lsn - 1
+    log.close()  # HEAD now names no writer
+    first = segment_paths(directory)[0]
+    assert len(segment_paths(directory)) == 2
+    with open(first, "r+b") as f:  # as if the writer died before its rotation thread sealed the first segment
+        size = os.fstat(f.fileno()).st_size
+        sealed = read_seal(f.fileno(), size)
+        assert sealed is not None
+        f.seek(sealed[1])
+        f.write(bytes(size - sealed[1]))
+    deadline = time.monotonic() + 10
+    while len(seen) < total and time.monotonic() < deadline:
+        seen += reader.poll(0.1)
+    reader.close()
+    assert [r.lsn for r in seen] == list(range(1, total + 1))

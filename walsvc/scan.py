@@ -378,8 +378,11 @@ class LogReader:
         seg.size = os.fstat(seg.fd).st_size
         if read_seal(seg.fd, seg.size) is not None:
             return  # sealed since we opened it (a writer sealed it and exited): the next scan meets the seal
-        if stop is None and resume < seg.size and newest == seg.base_lsn:
-            return  # the file grew since the scan: read on
+        if stop is None and resume < seg.size:
+            # The scan ended at a limit, not at damage, and the file holds more: it grew since, or the limit was
+            # the written end HEAD named while this segment was active, and the writer wrote past it before it
+            # switched segments and died unsealed.  Read on: the next scan runs to the file's end.
+            return
         head = load_head(self.directory)
         verdict = examine_stop(seg.fd, stop, seg.size, self.next_lsn, newest == seg.base_lsn,
                                head.durable_lsn if head is not None else None)
