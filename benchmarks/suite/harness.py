@@ -63,6 +63,7 @@ for system modules, so all systems count time, CPU and percentiles the same way.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import multiprocessing
@@ -76,7 +77,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 SUBJECT = "walsvc"
 PEER_MODULES = ("benchmarks.suite.redis_streams", "benchmarks.suite.sqlite_wal")
@@ -201,17 +202,27 @@ def measure_latency(produce: Callable[..., float], tail: Callable[..., list[int]
     one latency (ns) each; with `server_cpu`, both run on every CPU but that one.  Returns the percentiles and
     the rate sent."""
     count = int(rate * seconds)
-    cpus = os.sched_getaffinity(0) if server_cpu is not None else set()
-    if server_cpu is not None:
-        os.sched_setaffinity(0, cpus - {server_cpu})  # the workers fork from this thread and inherit it
-    try:
+    off_server = None if server_cpu is None else os.sched_getaffinity(0) - {server_cpu}
+    with on_cpus(off_server):  # the workers fork from this thread and inherit it
         _start, (sent_per_s, latencies) = run_workers(
             _latency_role, [(role, produce, tail, target, rate, count, seconds + 30)
                             for role in ("producer", "reader")], timeout=seconds + 60)
-    finally:
-        if server_cpu is not None:
-            os.sched_setaffinity(0, cpus)
     return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Run this thread on `cpus` (None: leave it as it is) for the block, so that the processes and threads
+    it starts meanwhile inherit them; the thread's own CPUs come back afterwards."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def server_cpu_problem(cpu: int) -> str | None:

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from .harness import measure_latency, paced_send, proc_cpu_seconds, run_workers, throughput_result
+from .harness import measure_latency, on_cpus, paced_send, proc_cpu_seconds, run_workers, throughput_result
 
 NAME = "redis"
 DURABILITIES = ("os", "batch", "always")
@@ -68,17 +68,12 @@ def _server(tmpdir: str, durability: str, cpu: int | None = None) -> Iterator[tu
     for _attempt in range(3):  # the free port may be taken between probing it and redis binding it
         port = _free_port()
         logpath = os.path.join(tmpdir, "redis.log")
-        saved = os.sched_getaffinity(0)
-        if cpu is not None:
-            os.sched_setaffinity(0, {cpu})  # the server forks from this thread: it and its threads inherit it
-        try:
+        with on_cpus(None if cpu is None else {cpu}):  # the server and its threads inherit this thread's CPUs
             proc = subprocess.Popen(
                 ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "yes",
                  "--appendfsync", APPENDFSYNC[durability], "--auto-aof-rewrite-percentage", "0",
                  "--dir", tmpdir, "--logfile", logpath, "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        finally:
-            os.sched_setaffinity(0, saved)
         try:
             deadline = time.monotonic() + 10
             while proc.poll() is None:
