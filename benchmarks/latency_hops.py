@@ -1,7 +1,8 @@
 """Where walsvc's append-to-reader time goes, hop by hop: the suite's `latency 10k/s os` scenario
 (`walsvc.Producer`, a writer process, `walsvc.Reader`) with a timestamp at each edge.
 
-    python benchmarks/latency_hops.py [--runs 1] [--rate 10000] [--seconds 10] [--pin writer|apart] [--quick]
+    python benchmarks/latency_hops.py [--runs 1] [--rate 10000] [--seconds 10] [--pin writer|apart] [--config TOML]
+                                      [--quick]
 
 Each record carries its send time (benchmarks/suite/harness.paced_send).  The producer notes when `put`
 returned; the writer process (this script, timing `Writer._handle` and `Writer._drain` of an unchanged
@@ -127,11 +128,11 @@ def _percentiles(values: list[float]) -> tuple[float, float, float]:
     return tuple(ordered[min(len(ordered) - 1, int(len(ordered) * q))] for q in (0.5, 0.9, 0.99))
 
 
-def run(rate: int, seconds: float, pin: str | None) -> dict[str, Any]:
+def run(rate: int, seconds: float, pin: str | None, config: Path | None = None) -> dict[str, Any]:
     """One run: per-record hop times (µs) and the writer's idle gaps and batches per drain."""
     with tempfile.TemporaryDirectory(prefix="latency-hops-") as tmp:
         directory, marks = Path(tmp) / "log", Path(tmp) / "writer-marks"
-        with _writer(directory, "os", cpu=0 if pin else None,
+        with _writer(directory, "os", config, cpu=0 if pin else None,
                      command=[sys.executable, __file__, "--writer-role", str(marks)]):
             result = measure_latency(_producer, _reader, (str(directory), tmp), rate, seconds,
                                      server_cpu=0 if pin == "apart" else None)
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per run (default 10)")
     parser.add_argument("--pin", choices=["writer", "apart"],
                         help="the writer on CPU 0; apart: the producer and reader off CPU 0 too")
+    parser.add_argument("--config", type=Path, help="a TOML config for the writer (to compare settings)")
     parser.add_argument("--quick", action="store_true", help="1 run of 1 s: checks the script, not a measurement")
     args = parser.parse_args(argv)
     if min(args.runs, args.rate, args.seconds) <= 0:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pin needs CPU 0 and at least one more CPU")
     runs, seconds = (1, 1.0) if args.quick else (args.runs, args.seconds)
     for _ in range(runs):
-        print(report(run(args.rate, seconds, args.pin)), flush=True)
+        print(report(run(args.rate, seconds, args.pin, args.config)), flush=True)
     return 0
 
 

@@ -57,14 +57,17 @@ def vectors_path() -> Path:
 
 @pytest.fixture(scope="module", params=["python", "c"])
 def codec(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run a module's tests once on the pure-Python record codec and once on its compiled twin.
+    """Run a module's tests once on the pure-Python codecs and once on their compiled twins (the record
+    codec's, and those of frame headers, HEAD and the writer's APPEND check, each module holding its `_c`).
 
     CI must have the twin (a C compiler is there): a missing one fails there, and is skipped elsewhere.
     """
-    from walsvc import record
+    from walsvc import frame, head, ingest, record
+    modules = (record, frame, head, ingest)
     saved = record._c
     if request.param == "python":
-        record._c = None
+        for module in modules:
+            module._c = None
     elif saved is None:
         if os.environ.get("CI"):
             pytest.fail(f"the compiled record codec is missing in CI: {CODEC_BUILD_ERROR}")
@@ -72,7 +75,8 @@ def codec(request: pytest.FixtureRequest) -> Iterator[str]:
     try:
         yield request.param
     finally:
-        record._c = saved
+        for module in modules:
+            module._c = saved
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from walsvc.errors import ChecksumError, IncompleteRecordError, InvalidRecordErr
 from walsvc.record import Record
 from walsvc.segment import FrameScanner, find_valid_header, is_zero_from, segment_name
 
+pytestmark = pytest.mark.usefixtures("codec")  # every test on the pure-Python codecs and their compiled twins
+
 U64 = st.integers(0, (1 << 64) - 1)
 U32 = st.integers(0, (1 << 32) - 1)
 

@@ -13,6 +13,8 @@ from walsvc.frame import Appended
 from walsvc.ingest import Duplicate, IngestSession, Refuse, Store
 from walsvc.record import encode_put
 
+pytestmark = pytest.mark.usefixtures("codec")  # every test on the pure-Python codecs and their compiled twins
+
 PID = 0xC0FFEE
 GOOD = encode_put(b"k", b"v")
 SESSION = IngestSession(max_batch_bytes=4096, max_record_bytes=1024)
@@ -47,7 +49,7 @@ def test_decisions(msg, expected):
     d = SESSION.decide(msg, windows)
     if expected is Store:
         a = P.decode_append(msg)
-        assert d == Store(a, bytes(a.payload), a.count)
+        assert d == Store(a.producer_id, a.seq, bytes(a.payload), a.count)
     elif isinstance(expected, str):
         assert isinstance(d, Refuse) and d.code == expected and d.detail
     else:

@@ -262,9 +262,9 @@ class ModelWriter:
             return P.Reply(ident[0], P.NACK, ident[1], 0, 0, "log_stopped: fsync failed")
         base = len(self.log) + 1
         self.log.append(d.payload)  # a batch of one record in these tests
-        self.windows.setdefault(d.append.producer_id, collections.deque(maxlen=128)).append(
-            Appended(d.append.seq, base, d.count))
-        return P.Reply(d.append.producer_id, P.ACK, d.append.seq, base, d.count)
+        self.windows.setdefault(d.producer_id, collections.deque(maxlen=128)).append(
+            Appended(d.seq, base, d.count))
+        return P.Reply(d.producer_id, P.ACK, d.seq, base, d.count)
 
 
 class Harness:

@@ -1,10 +1,12 @@
-/* The record codec's hot loops in C: the compiled twin of the pure-Python functions in walsvc/record.py.
+/* The codecs' hot loops in C: the compiled twin of pure-Python functions in walsvc/record.py, and of the
+ * per-batch codecs the writer and a tailing reader run (frame headers in frame.py, HEAD in head.py, the
+ * writer's check of an APPEND in ingest.py).
  *
- * record.py is the reference.  Each function here accepts exactly the inputs its Python twin accepts and
- * produces the same result; on anything it does not take in stride (an error of any kind, a compressed
+ * The Python functions are the reference.  Each function here accepts exactly the inputs its Python twin
+ * accepts and produces the same result; on anything it does not take in stride (an error of any kind, a compressed
  * value, a non-bytes argument) it returns None and the caller runs the Python twin, which raises the
- * documented error or handles the rare case.  So errors have one implementation, and a differential test
- * (tests/test_record_fast.py) holds the two to one behaviour.
+ * documented error or handles the rare case.  So errors have one implementation, and differential tests
+ * (tests/test_record_fast.py, tests/test_codec_twins.py) hold the two to one behaviour.
  *
  * Record layout (nori-wal v1, docs/FORMAT.md):
  *   varint klen | varint vlen | u8 flags | [varint ttl_ms] | [varint term, varint index] | key | value | u32le crc32c
@@ -649,6 +651,169 @@ static PyObject *gc_track(PyObject *Py_UNUSED(self), PyObject *obj) {
     Py_RETURN_NONE;
 }
 
+/* ---- the writer's per-batch codecs: an APPEND message checked whole, a frame header, a HEAD ---- */
+
+static inline uint64_t get_u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t get_u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* check_append(msg, max_record_bytes, max_batch_bytes) -> (producer id, seq, payload, count) | None
+ * The twin of ingest.IngestSession's checks for a message it would store: a well-formed APPEND header
+ * (protocol.decode_append) whose payload fits max_batch_bytes and holds exactly `count` valid records, none
+ * compressed (record.count_records).  Anything else, the caller's Python decides (and names the refusal). */
+static PyObject *check_append(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *obj;
+    unsigned long long max_record, max_batch;
+    if (!PyArg_ParseTuple(args, "OKK", &obj, &max_record, &max_batch)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t len = view.len, pos = 28;
+    PyObject *result = NULL;
+    if (len < 28 || buf[0] != 'W' || buf[1] != 'S' || buf[2] != 1 || buf[3] != 1 || get_u32(buf + 24) != 0)
+        goto decline;
+    uint64_t pid = get_u64(buf + 4), seq = get_u64(buf + 12);
+    uint32_t count = get_u32(buf + 20);
+    if (pid == 0 || seq == 0 || count == 0 || (unsigned long long)(len - 28) > max_batch) goto decline;
+    uint64_t n = 0;
+    header_t h;
+    while (pos < len) {
+        if (read_record(buf, pos, len, max_record, &h, 1) || (h.flags & FLAG_COMPRESSION_MASK)) goto decline;
+        pos = h.vend + 4;
+        n++;
+    }
+    if (n != count) goto decline;
+    result = Py_BuildValue("(KKy#I)", (unsigned long long)pid, (unsigned long long)seq, (const char *)buf + 28,
+                           len - 28, count);
+    PyBuffer_Release(&view);
+    return result;
+decline:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+/* Unsigned integers of `bits` bits from Python ints, or -1 (error cleared) when one is out of range. */
+static int get_uints(PyObject *const *args, Py_ssize_t nargs, const int *bits, uint64_t *out) {
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        if (!PyLong_CheckExact(args[i])) return -1;
+        unsigned long long v = PyLong_AsUnsignedLongLong(args[i]);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        if (bits[i] < 64 && v >> bits[i]) return -1;
+        out[i] = v;
+    }
+    return 0;
+}
+
+/* frame_header(kind, payload len, count, base LSN, ts µs, producer id, producer seq, payload crc) -> bytes | None
+ * The twin of frame.encode_frame_header_py (docs/FORMAT.md, "Frames"); None for an argument out of range. */
+static PyObject *frame_header(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    static const int bits[8] = {8, 32, 32, 64, 64, 64, 64, 32};
+    uint64_t v[8];
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "frame_header takes 8 arguments");
+        return NULL;
+    }
+    if (get_uints(args, nargs, bits, v) < 0) Py_RETURN_NONE;
+    unsigned char out[56];
+    memcpy(out, "\x8bWF\x01", 4);
+    out[4] = (unsigned char)v[0];
+    out[5] = 0;
+    memset(out + 6, 0, 2);
+    uint32_t u32 = (uint32_t)v[1];
+    memcpy(out + 8, &u32, 4);
+    u32 = (uint32_t)v[2];
+    memcpy(out + 12, &u32, 4);
+    for (int i = 0; i < 4; i++) memcpy(out + 16 + 8 * i, &v[3 + i], 8);
+    u32 = (uint32_t)v[7];
+    memcpy(out + 48, &u32, 4);
+    u32 = crc32c_fn(0, out, 52);
+    memcpy(out + 52, &u32, 4);
+    return PyBytes_FromStringAndSize((const char *)out, 56);
+}
+
+/* head(committed LSN, writer pid, active base LSN, active end, durable LSN) -> bytes | None
+ * The twin of head.encode_py (docs/FORMAT.md, "HEAD"); None for an argument out of range. */
+static PyObject *head(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    static const int bits[5] = {64, 64, 64, 64, 64};
+    uint64_t v[5];
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "head takes 5 arguments");
+        return NULL;
+    }
+    if (get_uints(args, nargs, bits, v) < 0) Py_RETURN_NONE;
+    unsigned char out[52];
+    memcpy(out, "WALSVCHD", 8);
+    for (int i = 0; i < 5; i++) memcpy(out + 8 + 8 * i, &v[i], 8);
+    uint32_t crc = crc32c_fn(0, out, 48);
+    memcpy(out + 48, &crc, 4);
+    return PyBytes_FromStringAndSize((const char *)out, 52);
+}
+
+/* An instance of the tuple subclass `cls` (a NamedTuple) holding `n` new references from `items`, as
+ * tuple.__new__ builds one; NULL with an exception if cls is not a tuple subclass or an item is NULL. */
+static PyObject *new_tuple_of(PyObject *cls, PyObject **items, Py_ssize_t n) {
+    PyObject *obj = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!items[i]) goto done;
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a tuple subclass");
+        goto done;
+    }
+    obj = ((PyTypeObject *)cls)->tp_alloc((PyTypeObject *)cls, n);
+    if (!obj) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(obj, i, items[i]);
+        items[i] = NULL;
+    }
+done:
+    for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+    return obj;
+}
+
+/* decode_frame_header(cls, buf, pos) -> cls(kind, payload len, count, base LSN, ts µs, producer id, seq,
+ * payload crc) | None: the twin of frame.decode_frame_header_py for a header it would accept; None for
+ * anything else (the reference names the error). */
+static PyObject *decode_frame_header(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *cls, *obj;
+    Py_ssize_t pos;
+    if (!PyArg_ParseTuple(args, "OOn", &cls, &obj, &pos)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = (const unsigned char *)view.buf + pos;
+    if (pos < 0 || view.len - pos < 56 || memcmp(p, "\x8bWF\x01", 4) != 0 || (p[4] != 1 && p[4] != 2) || p[5] ||
+        p[6] || p[7] || crc32c_fn(0, p, 52) != get_u32(p + 52)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *items[8] = {
+        PyLong_FromLong(p[4]), PyLong_FromUnsignedLong(get_u32(p + 8)), PyLong_FromUnsignedLong(get_u32(p + 12)),
+        PyLong_FromUnsignedLongLong(get_u64(p + 16)), PyLong_FromUnsignedLongLong(get_u64(p + 24)),
+        PyLong_FromUnsignedLongLong(get_u64(p + 32)), PyLong_FromUnsignedLongLong(get_u64(p + 40)),
+        PyLong_FromUnsignedLong(get_u32(p + 48))};
+    PyBuffer_Release(&view);
+    return new_tuple_of(cls, items, 8);
+}
+
+/* decode_head(cls, data) -> cls(committed LSN, writer pid, active base LSN, active end, durable LSN) | None:
+ * the twin of head.decode_py for a HEAD it would accept; None for anything else. */
+static PyObject *decode_head(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *cls, *obj;
+    if (!PyArg_ParseTuple(args, "OO", &cls, &obj)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = view.buf;
+    if (view.len < 52 || memcmp(p, "WALSVCHD", 8) != 0 || crc32c_fn(0, p, 48) != get_u32(p + 48)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *items[5];
+    for (int i = 0; i < 5; i++) items[i] = PyLong_FromUnsignedLongLong(get_u64(p + 8 + 8 * i));
+    PyBuffer_Release(&view);
+    return new_tuple_of(cls, items, 5);
+}
+
 /* crc32c(data, value=0) -> int: the same function as the crc32c package's, for the differential tests. */
 static PyObject *crc32c_py(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer view;
@@ -667,6 +832,11 @@ static PyMethodDef methods[] = {
     {"bind_record", bind_record, METH_O, "Tell the module the Record class to build."},
     {"gc_track", gc_track, METH_O, "Track an object in the cycle collector again."},
     {"crc32c", crc32c_py, METH_VARARGS, "CRC32C of data, continuing from value."},
+    {"check_append", check_append, METH_VARARGS, "An APPEND to store: (producer id, seq, payload, count), or None."},
+    {"frame_header", (PyCFunction)(void (*)(void))frame_header, METH_FASTCALL, "A DATA or SEAL frame header, or None."},
+    {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "The HEAD file's bytes, or None."},
+    {"decode_frame_header", decode_frame_header, METH_VARARGS, "A valid frame header's fields as cls, or None."},
+    {"decode_head", decode_head, METH_VARARGS, "A valid HEAD's fields as cls, or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,6 +31,7 @@ from crc32c import crc32c
 from .access import open_file
 from .errors import WriteStepError
 from .fsync import sync_data
+from .record import _c
 
 NAME = "HEAD"
 MAGIC = b"WALSVCHD"
@@ -61,12 +62,31 @@ class Head(NamedTuple):
 
 
 def encode(head: Head) -> bytes:
+    """HEAD's bytes: the compiled twin's when it was built (the writer rewrites HEAD at every commit)."""
+    if _c is not None:
+        data = _c.head(*head)
+        if data is not None:
+            return data
+    return encode_py(head)
+
+
+def encode_py(head: Head) -> bytes:
     body = _LAYOUT.pack(MAGIC, head.committed_lsn, head.writer_pid, head.active_base_lsn, head.active_end,
                         head.durable_lsn)
     return body + _U32.pack(crc32c(body))
 
 
 def decode(data: bytes) -> Head | None:
+    """HEAD's fields, or None when `data` is short or damaged (a reader polls it: the compiled twin's one call
+    when it was built)."""
+    if _c is not None:
+        head = _c.decode_head(Head, data)
+        if head is not None:
+            return head
+    return decode_py(data)
+
+
+def decode_py(data: bytes) -> Head | None:
     if len(data) < SIZE:
         return None
     magic, committed, pid, base, end, durable = _LAYOUT.unpack_from(data)

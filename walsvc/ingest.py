@@ -12,13 +12,14 @@ from typing import Callable, NamedTuple, Sequence
 from . import protocol as P
 from .errors import ProtocolError, RecordError, RecordTooLargeError
 from .frame import Appended
-from .record import count_records
+from .record import _c, count_records
 
 
 class Store(NamedTuple):
     """New and valid: append `payload` (`count` records) under (producer id, sequence).  A NamedTuple, as
     P.Append: one is made for every batch."""
-    append: P.Append
+    producer_id: int
+    seq: int
     payload: bytes
     count: int
 
@@ -60,7 +61,17 @@ class IngestSession:
 
     def decide(self, msg: bytes, windows: Callable[[int], Sequence[Appended] | None]) -> Decision:
         """`windows(producer id)`: that producer's last stored batches, oldest first, or None if unknown
-        (Log.producer_batches)."""
+        (Log.producer_batches).
+
+        The common case, a valid APPEND that is its producer's next, takes one call of the compiled twin
+        (`_record_c.check_append`: the header's and the records' checks below, in C); the twin declines
+        anything else, and the checks below decide it and name the refusal."""
+        if _c is not None:
+            fast = _c.check_append(msg, self.max_record_bytes, self.max_batch_bytes)
+            if fast is not None:
+                window = windows(fast[0])
+                if not window or fast[1] == window[-1].seq + 1:
+                    return Store(*fast)
         try:
             a = P.decode_append(msg)
         except ProtocolError as exc:
@@ -87,4 +98,4 @@ class IngestSession:
             return Refuse(code, f"record at payload offset {exc.offset}: {exc.detail}")
         if n != a.count:
             return Refuse(P.MALFORMED, f"header says {a.count} records, payload holds {n}")
-        return Store(a, payload, n)
+        return Store(a.producer_id, a.seq, payload, n)

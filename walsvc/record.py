@@ -7,7 +7,8 @@ The CRC covers every byte before it.  Flags: bit 0 tombstone, bit 1 TTL present,
 bytes out, no files.  What walsvc adds (LSN, timestamp, producer) lives in the batch frame, not here.
 
 The hot loops (count_records, decode_payload, encode_put, encode_puts, and a producer's PutBuffer) have a
-compiled twin in walsvc/_record_c.c, used when it was built; the functions here are the reference and the fallback.  A twin
+compiled twin in walsvc/_record_c.c, used when it was built; the functions here are the reference and the
+fallback.  (So do frame headers, HEAD and the writer's APPEND check, which import `_c` from here.)  A twin
 hands back None for anything but the common, valid case, and the Python code then decides, so there is one
 implementation of every error.  WALSVC_PURE_PYTHON=1 in the environment turns the twin off.
 """

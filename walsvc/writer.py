@@ -363,12 +363,11 @@ class Writer:
         log = self.log
         decision = self._ingest.decide(msg, log.producer_batches)
         if type(decision) is Store:
-            a, n = decision.append, decision.count
-            if not log.producer_batches(a.producer_id):
-                self.metrics.event("producer_connected", producer=f"{a.producer_id:016x}")
+            producer_id, seq, payload, n = decision
+            if not log.producer_batches(producer_id):
+                self.metrics.event("producer_connected", producer=f"{producer_id:016x}")
             try:
-                base = log.append_encoded(decision.payload, n, producer_id=a.producer_id, producer_seq=a.seq,
-                                          wait=False)
+                base = log.append_encoded(payload, n, producer_id=producer_id, producer_seq=seq, wait=False)
             except LogStoppedError as exc:
                 # Fatal for the log, not for the process: keep answering status and nacking, so every
                 # producer and operator learns why (a restart runs recovery).
@@ -378,8 +377,8 @@ class Writer:
             counters["batches"] += 1
             counters["records"] += n
             if self._sync_in_loop:
-                self._pipelining.note(a.producer_id)
-            self._pending.append((base + n - 1, time.perf_counter(), P.encode_ack(a.producer_id, a.seq, base, n)))
+                self._pipelining.note(producer_id)
+            self._pending.append((base + n - 1, time.perf_counter(), P.encode_ack(producer_id, seq, base, n)))
             return
         if type(decision) is Refuse:
             if decision.code == P.OUT_OF_SEQUENCE and self.log.stop_reason is not None:

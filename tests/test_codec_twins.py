@@ -1,0 +1,165 @@
+"""The compiled twins of the per-batch codecs against their references: frame headers, HEAD, and the
+writer's check of an APPEND (walsvc/_record_c.c).
+
+Each twin gives the reference's answer or declines (None), and the public function then runs the
+reference, which names any error.  These tests feed the public function (twin first) and the reference the
+same valid, damaged and random bytes and the same in- and out-of-range integers, and compare what they
+return or raise.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from walsvc import frame as F, head as H, ingest, protocol as P, record as R
+from walsvc.frame import Appended
+from walsvc.ingest import IngestSession, Store
+from walsvc.record import Record
+
+C = R._c
+pytestmark = pytest.mark.skipif(C is None and not os.environ.get("CI"),
+                                reason="the compiled codec is not built here (no C compiler?)")
+U64 = (1 << 64) - 1
+
+
+def _outcome(fn, *args):
+    """("ok", value, its type) or ("error", exception class, message): comparable across implementations."""
+    try:
+        value = fn(*args)
+        return ("ok", value, type(value))
+    except Exception as exc:  # the reference's own errors, whatever they are, must be the public function's
+        return ("error", type(exc), str(exc))
+
+
+def _flip(data: bytes, draw) -> bytes:
+    """`data`, or a copy with one bit flipped, cut short, or with bytes overwritten."""
+    how = draw(st.sampled_from(["none", "flip", "cut", "overwrite"]))
+    if how == "none" or not data:
+        return data
+    i = draw(st.integers(0, len(data) - 1))
+    if how == "flip":
+        return data[:i] + bytes([data[i] ^ (1 << draw(st.integers(0, 7)))]) + data[i + 1:]
+    if how == "cut":
+        return data[:i]
+    junk = draw(st.binary(min_size=1, max_size=8))
+    return data[:i] + junk + data[i + len(junk):]
+
+
+def _uint(bits: int):
+    """Integers in range, at its edges, and just outside it (the reference raises there; the twin declines)."""
+    top = (1 << bits) - 1
+    return st.one_of(st.integers(0, top), st.sampled_from([0, top, top + 1, -1, 1 << 70]))
+
+
+FRAME_FIELDS = [_uint(8), _uint(32), _uint(32), _uint(64), _uint(64), _uint(64), _uint(64), _uint(32)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.tuples(*FRAME_FIELDS))
+def test_frame_header_encoding_agrees(fields):
+    assert _outcome(F.encode_frame_header, *fields) == _outcome(F.encode_frame_header_py, *fields)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([F.KIND_DATA, F.KIND_SEAL, 0, 3]), st.tuples(*[st.integers(0, (1 << b) - 1) for b in
+                                                                      (32, 32, 64, 64, 64, 64, 32)]),
+       st.binary(max_size=20), st.data())
+def test_frame_header_decoding_agrees_on_valid_damaged_and_shifted_headers(kind, fields, prefix, data):
+    buf = prefix + _flip(F.encode_frame_header_py(kind, *fields), data.draw) + data.draw(st.binary(max_size=8))
+    pos = data.draw(st.sampled_from([len(prefix), 0, len(buf)]))
+    assert _outcome(F.decode_frame_header, buf, pos) == _outcome(F.decode_frame_header_py, buf, pos)
+    view = memoryview(buf)
+    assert _outcome(F.decode_frame_header, view, pos) == _outcome(F.decode_frame_header_py, view, pos)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_frame_header_decoding_agrees_on_random_bytes(data):
+    assert _outcome(F.decode_frame_header, data) == _outcome(F.decode_frame_header_py, data)
+
+
+def test_a_valid_frame_header_decodes_to_the_named_tuple() -> None:
+    header = F.encode_frame_header(F.KIND_DATA, 100, 3, 77, 123, U64, 5, 0xDEADBEEF)
+    h = F.decode_frame_header(header)
+    assert type(h) is F.FrameHeader and h == F.FrameHeader(F.KIND_DATA, 100, 3, 77, 123, U64, 5, 0xDEADBEEF)
+    assert h.size == F.FRAME_HEADER_SIZE + 100 and h.end_lsn == 80
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.tuples(*[_uint(64)] * 5))
+def test_head_encoding_agrees(fields):
+    head = H.Head(*fields)
+    assert _outcome(H.encode, head) == _outcome(H.encode_py, head)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.tuples(*[st.integers(0, U64)] * 5), st.data())
+def test_head_decoding_agrees_on_valid_and_damaged_heads(fields, data):
+    raw = _flip(H.encode_py(H.Head(*fields)), data.draw) + data.draw(st.binary(max_size=4))
+    fast, slow = _outcome(H.decode, raw), _outcome(H.decode_py, raw)
+    assert fast == slow
+    if raw[:H.SIZE] == H.encode_py(H.Head(*fields)):
+        assert fast == ("ok", H.Head(*fields), H.Head)
+
+
+# -- the writer's APPEND check ---------------------------------------------------------------------------
+
+records = st.builds(Record, key=st.binary(max_size=40), value=st.binary(max_size=200), tombstone=st.booleans(),
+                    ttl_ms=st.none() | st.integers(0, U64), compression=st.sampled_from([None, None, None, "zstd"]))
+
+
+def _decide(session: IngestSession, msg: bytes, windows) -> object:
+    decision = session.decide(msg, windows)
+    return (type(decision).__name__, tuple(decision) if isinstance(decision, tuple) else decision)
+
+
+def _decide_both(session: IngestSession, msg: bytes, windows) -> tuple[object, object]:
+    fast = _decide(session, msg, windows)
+    saved, ingest._c = ingest._c, None
+    try:
+        slow = _decide(session, msg, windows)
+    finally:
+        ingest._c = saved
+    return fast, slow
+
+
+def _window(last_seq: int | None):
+    if last_seq is None:
+        return lambda pid: None
+    q = collections.deque([Appended(s, 1000 + s, 1) for s in range(max(1, last_seq - 3), last_seq + 1)], maxlen=4)
+    return lambda pid: q
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records, min_size=0, max_size=6), st.data())
+def test_the_append_check_agrees_with_the_reference_decision(recs, data):
+    draw = data.draw
+    payload = R.encode_many(recs)
+    pid = draw(st.sampled_from([0, 1, U64, 0x1234]))
+    seq = draw(st.sampled_from([0, 1, 2, 7, U64]))
+    count = draw(st.sampled_from([len(recs), len(recs) + 1, max(0, len(recs) - 1), 0]))
+    header = P.APPEND.pack(draw(st.sampled_from([P.APPEND_MAGIC, b"WX"])), draw(st.sampled_from([1, 1, 2])),
+                           draw(st.sampled_from([1, 1, 0])), pid, seq, count, draw(st.sampled_from([0, 0, 1])))
+    msg = _flip(header + payload, draw) if draw(st.booleans()) else header + payload
+    session = IngestSession(max_batch_bytes=draw(st.sampled_from([64, 4096, 1 << 20])),
+                            max_record_bytes=draw(st.sampled_from([32, 1024, 1 << 20])))
+    windows = _window(draw(st.sampled_from([None, seq - 1, seq, seq + 3, seq - 5])))
+    fast, slow = _decide_both(session, msg, windows)
+    assert fast == slow
+
+
+def test_the_append_check_takes_the_common_case_and_declines_compressed_values() -> None:
+    plain = R.encode_many([Record.put(b"k", b"v" * 50), Record.put(b"", b"x")])
+    msg = P.encode_append(9, 1, 2, plain)
+    assert C.check_append(msg, 1 << 20, 1 << 20) == (9, 1, plain, 2)
+    squeezed = R.encode_many([Record.put(b"k", b"v" * 500, compression="zstd")])
+    assert C.check_append(P.encode_append(9, 1, 1, squeezed), 1 << 20, 1 << 20) is None
+    decision = IngestSession(max_batch_bytes=1 << 20, max_record_bytes=1 << 20).decide(
+        P.encode_append(9, 1, 1, squeezed), lambda pid: None)
+    assert decision == Store(9, 1, squeezed, 1)
+    assert C.check_append(struct.pack("<2sBBQQII", b"WS", 1, 1, 9, 1, 1, 0), 1 << 20, 1 << 20) is None  # no record
