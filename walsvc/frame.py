@@ -148,9 +148,9 @@ def check_payload(h: FrameHeader, buf: bytes | memoryview, payload_pos: int) -> 
                             lsn=h.base_lsn)
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
-    """One batch a producer got into the log: what deduplication needs to answer a resend."""
+class Appended(NamedTuple):
+    """One batch a producer got into the log: what deduplication needs to answer a resend.  A NamedTuple:
+    the writer makes one per batch (a frozen dataclass's __init__ costs several times as much)."""
     seq: int
     base_lsn: int
     count: int

@@ -267,8 +267,10 @@ class Writer:
     # -- commits ---------------------------------------------------------------------------------------
 
     def _on_commit(self, committed_lsn: int) -> None:
-        """Called by the log after each commit; from another thread, only poke the loop."""
-        self._poke_from_flusher()
+        """Called by the log after each commit; from another thread, only poke the loop (from the loop itself,
+        at every batch under `os`, nothing: it publishes after its drain)."""
+        if threading.get_ident() != self._main_thread:
+            self._poke_from_flusher()
 
     def _on_stop(self, reason: LogStoppedError) -> None:
         """Called once by the log when it stops; from another thread, wake the loop so it nacks at once."""
