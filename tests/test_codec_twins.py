@@ -163,3 +163,21 @@ def test_the_append_check_takes_the_common_case_and_declines_compressed_values()
         P.encode_append(9, 1, 1, squeezed), lambda pid: None)
     assert decision == Store(9, 1, squeezed, 1)
     assert C.check_append(struct.pack("<2sBBQQII", b"WS", 1, 1, 9, 1, 1, 0), 1 << 20, 1 << 20) is None  # no record
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, U64), st.sampled_from([P.ACK, P.DUPLICATE, P.NACK, P.READY, 7]), st.integers(0, U64),
+       st.integers(0, U64), st.integers(0, (1 << 32) - 1), st.sampled_from(["", "", "malformed: x", "é"]),
+       st.data())
+def test_reply_decoding_agrees_on_valid_damaged_and_foreign_replies(pid, status, seq, base, count, detail, data):
+    raw = _flip(P.encode_reply(P.Reply(pid, status, seq, base, count, detail)), data.draw)
+    fast, slow = _outcome(P.decode_reply, raw), _outcome(P.decode_reply_py, raw)
+    assert fast == slow
+    if fast[0] == "ok":
+        assert type(fast[1].detail) is str
+
+
+def test_an_ack_decodes_to_the_named_tuple() -> None:
+    reply = P.decode_reply(P.encode_ack(5, 7, 100, 3))
+    assert type(reply) is P.Reply and reply == P.Reply(5, P.ACK, 7, 100, 3, "")
+    assert C.decode_reply(P.Reply, P.encode_ack(5, 7, 100, 3)[:-1]) is None

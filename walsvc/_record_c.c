@@ -1,6 +1,6 @@
 /* The codecs' hot loops in C: the compiled twin of pure-Python functions in walsvc/record.py, and of the
- * per-batch codecs the writer and a tailing reader run (frame headers in frame.py, HEAD in head.py, the
- * writer's check of an APPEND in ingest.py).
+ * per-batch codecs the writer, a producer and a tailing reader run (frame headers in frame.py, HEAD in head.py,
+ * the writer's check of an APPEND in ingest.py, a REPLY in protocol.py).
  *
  * The Python functions are the reference.  Each function here accepts exactly the inputs its Python twin
  * accepts and produces the same result; on anything it does not take in stride (an error of any kind, a compressed
@@ -814,6 +814,25 @@ static PyObject *decode_head(PyObject *Py_UNUSED(self), PyObject *args) {
     return new_tuple_of(cls, items, 5);
 }
 
+/* decode_reply(cls, msg) -> cls(producer id, status, seq, base LSN, count, "") | None: the twin of
+ * protocol.decode_reply_py for a reply of this version with no detail (every ack); None for anything else. */
+static PyObject *decode_reply(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *cls, *obj;
+    if (!PyArg_ParseTuple(args, "OO", &cls, &obj)) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *p = view.buf;
+    if (view.len != 31 || p[0] != 'R' || p[9] != 1) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *items[6] = {PyLong_FromUnsignedLongLong(get_u64(p + 1)), PyLong_FromLong(p[10]),
+                          PyLong_FromUnsignedLongLong(get_u64(p + 11)), PyLong_FromUnsignedLongLong(get_u64(p + 19)),
+                          PyLong_FromUnsignedLong(get_u32(p + 27)), PyUnicode_FromStringAndSize("", 0)};
+    PyBuffer_Release(&view);
+    return new_tuple_of(cls, items, 6);
+}
+
 /* crc32c(data, value=0) -> int: the same function as the crc32c package's, for the differential tests. */
 static PyObject *crc32c_py(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_buffer view;
@@ -837,6 +856,7 @@ static PyMethodDef methods[] = {
     {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "The HEAD file's bytes, or None."},
     {"decode_frame_header", decode_frame_header, METH_VARARGS, "A valid frame header's fields as cls, or None."},
     {"decode_head", decode_head, METH_VARARGS, "A valid HEAD's fields as cls, or None."},
+    {"decode_reply", decode_reply, METH_VARARGS, "A reply without detail as cls, or None."},
     {NULL, NULL, 0, NULL},
 };
 
