@@ -250,12 +250,9 @@ class Log:
             raise RecordTooLargeError(f"batch of {len(payload)} bytes exceeds max_batch_bytes "
                                       f"({self.config.max_batch_bytes})")
         payload_crc = crc32c(payload)
-        # The writer service calls this once per batch: the happy path is kept to few calls (the checks below
-        # run their helpers only when they will raise, the producer's window is appended to in place).
         with self._write_lock:
-            if self._closed or self._syncer.failed is not None:
-                self._check_open()
-                self._syncer.check()
+            self._check_open()
+            self._syncer.check()
             seg = self._active
             size = F.FRAME_HEADER_SIZE + len(payload)
             if seg.end + size > self.config.segment_bytes and seg.record_count:
@@ -263,10 +260,7 @@ class Log:
             base = self._next_lsn
             # Strictly increasing per writer run: a timestamp change marks a batch boundary (the mirror's
             # packed messages follow batches, and must split the same way after a restart).
-            ts = time.time_ns() // 1000
-            if ts <= self._last_ts:
-                ts = self._last_ts + 1
-            self._last_ts = ts
+            self._last_ts = ts = max(now_us(), self._last_ts + 1)
             header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, ts, producer_id,
                                            producer_seq, payload_crc)
             offset = seg.end
@@ -281,12 +275,8 @@ class Log:
             self.records_appended += count
             self.bytes_appended += size
             if producer_id:
-                window = self._producers.get(producer_id)
-                if window is not None:
-                    window.append(F.Appended(producer_seq, base, count))
-                else:
-                    remember_batches(self._producers, producer_id, (F.Appended(producer_seq, base, count),),
-                                     self.config.producer_window)
+                remember_batches(self._producers, producer_id, (F.Appended(producer_seq, base, count),),
+                                 self.config.producer_window)
             self._written = (seg.fd, end, seg.path)
             self._syncer.written(end)
         if wait or (wait is None and self.config.fsync == "always"):
@@ -349,10 +339,8 @@ class Log:
         recovery treats damage past it as an unsynced tail (repair.classify).  Fsyncing HEAD on every
         commit would double the fsyncs (measured: about half the throughput under `always`), so under
         always/batch it is fsynced at most every HEAD_SYNC_S: on disk it lags the acks by that much."""
-        durable = False
-        if self.config.fsync != "os":
-            now = time.monotonic()
-            durable = now - self._head_synced >= HEAD_SYNC_S
+        now = time.monotonic()
+        durable = self.config.fsync != "os" and now - self._head_synced >= HEAD_SYNC_S
         try:
             self._publish_head(end - 1, self._pid, self._syncer.durable_end - 1, durable=durable)
         except OSError as exc:
