@@ -582,8 +582,18 @@ class Producer:
             if self._poke_rx in events:
                 while zmq.zmq_poll(self._poke_in, 0):  # a fraction of the zmq.Again a recv would raise
                     self._poke_rx.recv(zmq.NOBLOCK)
-            replies = self._take_replies() if self._sub in events else ()
+            take = self._sub in events
+            replies: list[P.Reply] | tuple[()] = ()
+            if take and self._lock.acquire(blocking=False):
+                # Nobody is in a `put`: take the replies off the socket without the lock, so a `put` that
+                # comes meanwhile does not wait for that socket work.
+                self._lock.release()
+                replies, take = self._take_replies(), False
             with self._lock:  # once per turn: every lock round trip here is one a `put` may have to wait for
+                if take:
+                    # A `put` held the lock: it may be inside its send, which gave this thread the GIL.  Waiting
+                    # for the lock at once hands the GIL back, and the replies are taken after.
+                    replies = self._take_replies()
                 if self._closed:
                     return
                 now = time.monotonic()
