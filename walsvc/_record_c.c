@@ -691,8 +691,14 @@ decline:
     Py_RETURN_NONE;
 }
 
-/* Unsigned integers of `bits` bits from Python ints, or -1 (error cleared) when one is out of range. */
-static int get_uints(PyObject *const *args, Py_ssize_t nargs, const int *bits, uint64_t *out) {
+/* Exactly `n` Python ints, the i-th an unsigned integer of bits[i] bits, into `out`: 0; -1 (error cleared)
+ * when one is not an int or out of range (the caller declines); -2 (TypeError set) for a wrong count. */
+static int get_uints(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, const int *bits, uint64_t *out,
+                     const char *name) {
+    if (nargs != n) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, n);
+        return -2;
+    }
     for (Py_ssize_t i = 0; i < nargs; i++) {
         if (!PyLong_CheckExact(args[i])) return -1;
         unsigned long long v = PyLong_AsUnsignedLongLong(args[i]);
@@ -711,11 +717,9 @@ static int get_uints(PyObject *const *args, Py_ssize_t nargs, const int *bits, u
 static PyObject *frame_header(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
     static const int bits[8] = {8, 32, 32, 64, 64, 64, 64, 32};
     uint64_t v[8];
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "frame_header takes 8 arguments");
-        return NULL;
-    }
-    if (get_uints(args, nargs, bits, v) < 0) Py_RETURN_NONE;
+    int got = get_uints(args, nargs, 8, bits, v, "frame_header");
+    if (got == -2) return NULL;
+    if (got < 0) Py_RETURN_NONE;
     unsigned char out[56];
     memcpy(out, "\x8bWF\x01", 4);
     out[4] = (unsigned char)v[0];
@@ -738,11 +742,9 @@ static PyObject *frame_header(PyObject *Py_UNUSED(self), PyObject *const *args, 
 static PyObject *head(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
     static const int bits[5] = {64, 64, 64, 64, 64};
     uint64_t v[5];
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "head takes 5 arguments");
-        return NULL;
-    }
-    if (get_uints(args, nargs, bits, v) < 0) Py_RETURN_NONE;
+    int got = get_uints(args, nargs, 5, bits, v, "head");
+    if (got == -2) return NULL;
+    if (got < 0) Py_RETURN_NONE;
     unsigned char out[52];
     memcpy(out, "WALSVCHD", 8);
     for (int i = 0; i < 5; i++) memcpy(out + 8 + 8 * i, &v[i], 8);
