@@ -147,16 +147,22 @@ def run(rate: int, seconds: float, pin: str | None, config: Path | None = None) 
     batches = sorted(zip(firsts, began_at, ended_at))
     starts = [b[0] for b in batches]
     hops: list[list[float]] = [[] for _ in HOPS]
+    alone: list[float] = []  # append to reader of the records that were their batch's only record
     measured = set()
     for lsn, sent, polled in seen[len(seen) // 20:]:  # the suite's warm-up: first 5 % dropped
-        first, began, ended = batches[bisect.bisect_right(starts, lsn) - 1]
+        at = bisect.bisect_right(starts, lsn) - 1
+        first, began, ended = batches[at]
         measured.add(first)
         for i, t in enumerate((returned[sent] - sent, began - sent, ended - began, polled - ended, polled - sent)):
             hops[i].append(t / 1000)
+        if at + 1 < len(starts) and starts[at + 1] == first + 1:
+            alone.append((polled - sent) / 1000)
+    together = len(hops[0]) - len(alone)
     by_time = sorted(batches, key=lambda b: b[1])
     idle = [(b[1] - a[2]) / 1000 for a, b in zip(by_time, by_time[1:])]
     cpu_us = {"producer": producer_cpu, "writer": writer_cpu, "reader": reader_cpu}
     return {"hops": [_percentiles(h) for h in hops], "records": len(hops[0]), "batches": len(measured),
+            "alone": _percentiles(alone) if alone else None, "together": together,
             "idle": _percentiles(idle), "per_drain": statistics.mean(drains), "sent_per_s": result["sent_per_s"],
             "cpu_us": {who: t * 1e6 / len(seen) for who, t in cpu_us.items()}}
 
@@ -166,6 +172,13 @@ def report(r: dict[str, Any]) -> str:
              "µs p50 / p90 / p99:"]
     lines += [f"  {name:<20} {p50:>6,.0f} / {p90:>6,.0f} / {p99:>6,.0f}" for name, (p50, p90, p99)
               in zip(HOPS, r["hops"])]
+    shared = (f"{r['together'] / r['records']:.0%} of records shared a batch (held while the producer's pipeline "
+              "was full)")
+    if r["alone"] is None:
+        lines.append(f"  no record was sent alone; {shared}")
+    else:
+        p50, p90, p99 = r["alone"]
+        lines.append(f"  append to reader of the records sent alone {p50:,.0f} / {p90:,.0f} / {p99:,.0f}; {shared}")
     lines.append(f"  writer idle between batches {r['idle'][0]:,.0f} / {r['idle'][1]:,.0f} / {r['idle'][2]:,.0f}; "
                  f"{r['per_drain']:.2f} batches per loop turn")
     lines.append("  CPU µs per record: " + ", ".join(f"{who} {us:.1f}" for who, us in r["cpu_us"].items()))

@@ -518,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.samples, args.rate, args.messages, args.seconds) <= 0 or args.size < HEAD.size:
         parser.error(f"--samples, --rate, --messages and --seconds must be positive, --size at least {HEAD.size}")
+    if not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such folder (the measurements write their files there)")
     samples = 200 if args.quick else args.samples
     sync_p50, sync_p99 = fdatasync_us(args.dir, samples, args.size)
     hop_p50, hop_p99 = zmq_hop_us(args.dir, samples, args.size)

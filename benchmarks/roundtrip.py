@@ -64,6 +64,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--dir", default=None, help="where the log goes (default: the system's temp folder)")
     args = parser.parse_args()
+    if args.producers < 1 or args.seconds <= 0:
+        parser.error("--producers and --seconds must be positive")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such folder (the log is made in a new folder inside it)")
     scratch = tempfile.mkdtemp(prefix="walsvc-roundtrip-", dir=args.dir)
     directory = os.path.join(scratch, "log")
     env = dict(os.environ, PYTHONPATH=str(ROOT))

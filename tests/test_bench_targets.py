@@ -140,7 +140,7 @@ def test_latency_hops_script_times_every_hop_of_every_record() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 8, lines
+    assert len(lines) == 9, lines
     assert re.match(r"9,500 records \([\d,]+/s sent\) in [\d,]+ batches; ", lines[0]), lines[0]
     for name, line in zip(("put returned", "reached the writer", "writer's handling", "writer to reader",
                            "append to reader"), lines[1:6]):
@@ -149,7 +149,31 @@ def test_latency_hops_script_times_every_hop_of_every_record() -> None:
         assert found, line
         p50, p90, p99 = (int(g.replace(",", "")) for g in found.groups())
         assert p50 <= p90 <= p99, line
+    found = re.fullmatch(r"  (append to reader of the records sent alone ([\d,]+) / ([\d,]+) / ([\d,]+)"
+                         r"|no record was sent alone); (\d+)% of records shared a batch "
+                         r"\(held while the producer's pipeline was full\)",
+                         lines[6])
+    assert found, lines[6]
+    if found[2] is not None:
+        p50, p90, p99 = (int(g.replace(",", "")) for g in found.groups()[1:4])
+        assert p50 <= p90 <= p99, lines[6]
+        assert int(found[5]) < 100, lines[6]
+    else:
+        assert found[5] == "100", lines[6]
     assert re.fullmatch(r"  writer idle between batches [\d,]+ / [\d,]+ / [\d,]+; [\d.]+ batches per loop turn",
-                        lines[6]), lines[6]
-    found = re.fullmatch(r"  CPU µs per record: producer ([\d.]+), writer ([\d.]+), reader ([\d.]+)", lines[7])
-    assert found and all(float(g) > 0 for g in found.groups()), lines[7]
+                        lines[7]), lines[7]
+    found = re.fullmatch(r"  CPU µs per record: producer ([\d.]+), writer ([\d.]+), reader ([\d.]+)", lines[8])
+    assert found and all(float(g) > 0 for g in found.groups()), lines[8]
+
+
+def test_bound_scripts_refuse_a_missing_folder(tmp_path: Path) -> None:
+    """limits.py and roundtrip.py name a --dir that is not a folder, before measuring anything."""
+    missing = tmp_path / "absent"
+    for script, extra in (("limits.py", []), ("roundtrip.py", []), ("roundtrip.py", ["--producers", "0"])):
+        args = extra or ["--dir", str(missing)]
+        proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, (script, proc.stdout, proc.stderr)
+        assert (f"--dir {missing}: no such folder" if not extra else "must be positive") in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not missing.exists()
