@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.suite import harness
@@ -89,6 +90,23 @@ def _check_latency_line(label: str, line: str, records: int) -> None:
     p50, p99, p999, got = (int(g.replace(",", "")) for g in found.groups())
     assert 0 < p50 <= p99 <= p999, line
     assert got == records, line
+
+
+def test_machine_cpu_counts_busy_ticks_and_cores_average_them() -> None:
+    """`cpu_cores` turns two /proc/stat readings into cores: busy ticks over all ticks, times the CPUs; a
+    process spinning for half a second shows as busy time between two real readings."""
+    from benchmarks.suite.harness import cpu_cores, machine_cpu
+
+    assert cpu_cores((100, 0, 1000, 2), (250, 10, 1200, 2)) == {"cpu_cores": 1.5, "steal_cores": 0.1}
+    assert cpu_cores((100, 0, 1000, 4), (100, 0, 1000, 4)) == {}  # no tick between them: no figure
+    before = machine_cpu()
+    assert before[3] >= 1 and 0 <= before[0] <= before[2] and 0 <= before[1] <= before[2]
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        pass
+    figures = cpu_cores(before, machine_cpu())
+    assert 0.3 <= figures["cpu_cores"] <= before[3], figures  # this process alone kept about one CPU busy
+    assert 0 <= figures["steal_cores"] <= before[3], figures
 
 
 def test_limits_script_prints_the_bounds(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ A system module exposes (all arguments are plain ints/floats/strs; every result 
     recovery(tmpdir: str, records: int, record_size: int) -> {"seconds", "records_per_s", "mib_per_s"}
 
 A function may return more figures than these (the peers' latency adds "sent_per_s", the rate the producer
-actually achieved); the report shows them beside the metric.  Any of the four functions may be missing: its scenarios then show "n/a" for that system.  So does a scenario
-whose durability is not in DURABILITIES.  Each call gets a fresh empty `tmpdir` on the filesystem under test
+actually achieved); the report shows them beside the metric.  Any of the four functions may be missing: its
+scenarios then show "n/a" for that system.  So does a scenario whose durability is not in DURABILITIES.  Each call gets a fresh empty `tmpdir` on the filesystem under test
 (the harness deletes it afterwards); the function must stop every process it started before returning, even
 when it fails, and must raise rather than return made-up numbers.
 
@@ -40,7 +40,10 @@ What the functions measure:
   `samples` is the number of latencies counted.  With `server_cpu` (the "pinned" scenario) the server
   process and every thread it starts run on that CPU, and the producer and reader on the others
   (`measure_latency` places them): the placement an operator gives a latency-critical server on a small
-  machine.  A system with no server process (SERVER false) shows n/a there.
+  machine.  A system with no server process (SERVER false) shows n/a there.  `measure_latency` adds
+  `cpu_cores` and `steal_cores`: the whole machine's busy and stolen CPU (from /proc/stat) averaged over the
+  run, in cores.  On a small machine the busy share is what latency grows with (every thread's work waits for
+  a core), and stolen time is the hypervisor's: a run with much of it says more about the VM than the system.
 - rotation: one producer process paced at `rate` records/s of 100 bytes into a log of `segment_bytes`
   segments, long enough to cross many segment rotations; latency = the producer's time from handing a record
   over to its ack (no warm-up dropped: the first rotation may come early).  `rotations` is the number of
@@ -101,13 +104,14 @@ def _worker_main(target: Callable[..., Any], barrier: Any, results: Any, index: 
 
 
 def run_workers(target: Callable[..., Any], arglists: Sequence[tuple], timeout: float,
-                context: str = "fork", setup_timeout: float = 60.0) -> tuple[float, list[Any]]:
+                context: str = "fork", setup_timeout: float = 60.0,
+                on_start: Callable[[], object] | None = None) -> tuple[float, list[Any]]:
     """Run `target(barrier, *args)` in one process per entry of `arglists`, all released together.
 
     Each worker sets itself up (connects, opens files), calls `barrier.wait()`, does the measured work and
-    returns a picklable result.  Returns (monotonic time at which the barrier opened, results in arglists
-    order).  Raises RuntimeError with the worker's traceback if any worker fails or the run exceeds
-    `timeout` seconds after the barrier.  Fork is the default because it starts a worker in milliseconds;
+    returns a picklable result.  `on_start` is called as the barrier opens.  Returns (monotonic time at which
+    the barrier opened, results in arglists order).  Raises RuntimeError with the worker's traceback if any
+    worker fails or the run exceeds `timeout` seconds after the barrier.  Fork is the default because it starts a worker in milliseconds;
     a system whose parent holds threads or ZeroMQ contexts should pass context="spawn".
     """
     ctx = multiprocessing.get_context(context)
@@ -124,6 +128,8 @@ def run_workers(target: Callable[..., Any], arglists: Sequence[tuple], timeout: 
         except threading.BrokenBarrierError:
             pass  # a worker failed during setup: its traceback is on the queue
         start = time.monotonic()
+        if on_start is not None:
+            on_start()
         deadline = start + timeout
         while len(out) < len(procs):
             try:
@@ -203,11 +209,33 @@ def measure_latency(produce: Callable[..., float], tail: Callable[..., list[int]
     the rate sent."""
     count = int(rate * seconds)
     off_server = None if server_cpu is None else os.sched_getaffinity(0) - {server_cpu}
+    started: list[tuple[int, int, int, int]] = []
     with on_cpus(off_server):  # the workers fork from this thread and inherit it
         _start, (sent_per_s, latencies) = run_workers(
             _latency_role, [(role, produce, tail, target, rate, count, seconds + 30)
-                            for role in ("producer", "reader")], timeout=seconds + 60)
-    return {**percentiles_us(latencies), "sent_per_s": sent_per_s}
+                            for role in ("producer", "reader")], timeout=seconds + 60,
+            on_start=lambda: started.append(machine_cpu()))
+    return {**percentiles_us(latencies), "sent_per_s": sent_per_s, **cpu_cores(started[0], machine_cpu())}
+
+
+def machine_cpu() -> tuple[int, int, int, int]:
+    """(busy, stolen, all) clock ticks of every CPU since boot, and the number of CPUs, from /proc/stat.  Busy
+    is user, nice, system, irq and softirq (a guest's time is inside user); all adds idle, iowait and stolen."""
+    with open("/proc/stat", "rb") as f:
+        lines = f.read().splitlines()
+    fields = [int(x) for x in lines[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields + [0] * (8 - len(fields))
+    busy = user + nice + system + irq + softirq
+    cpus = sum(1 for line in lines[1:] if line[:3] == b"cpu" and line[3:4].isdigit())
+    return busy, steal, busy + idle + iowait + steal, cpus
+
+
+def cpu_cores(before: tuple[int, int, int, int], after: tuple[int, int, int, int]) -> dict[str, float]:
+    """The machine's busy and stolen CPU between two `machine_cpu` readings, in cores (averaged)."""
+    busy, steal, every = (b - a for a, b in zip(before[:3], after[:3]))
+    if every <= 0:
+        return {}
+    return {"cpu_cores": busy / every * after[3], "steal_cores": steal / every * after[3]}
 
 
 @contextlib.contextmanager
@@ -529,6 +557,8 @@ class SuiteResult:
 
 def format_value(value: float, unit: str) -> str:
     """Numbers as a reader wants them: thousands separators for counts, decimals only where they matter."""
+    if unit in ("cores busy", "cores stolen"):
+        return f"{value:.2f}"
     if unit == "MiB/s" or abs(value) < 100:
         return f"{value:,.1f}"
     return f"{value:,.0f}"
@@ -537,7 +567,7 @@ def format_value(value: float, unit: str) -> str:
 FIGURE_UNITS = {"records_per_s": "rec/s", "mib_per_s": "MiB/s", "cpu_s_per_million": "CPU s/M rec",
                 "p50_us": "us p50", "p99_us": "us p99", "p999_us": "us p99.9", "max_us": "us max",
                 "rotations": "rotations", "samples": "samples",
-                "seconds": "s", "sent_per_s": "sent/s"}
+                "seconds": "s", "sent_per_s": "sent/s", "cpu_cores": "cores busy", "steal_cores": "cores stolen"}
 
 
 def other_figures(scenario: Scenario, figures: dict[str, float]) -> str:
