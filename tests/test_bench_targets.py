@@ -76,6 +76,23 @@ def test_a_stalled_latency_run_is_flagged_and_noise_is_not() -> None:
     assert "walsvc latency 10k/s os run 3: p99 4,550,000 us" in to_markdown(result, {"date": "today"})
 
 
+def test_runs_on_a_contended_vm_are_noted_with_their_stolen_cores() -> None:
+    """A latency run during which the hypervisor took 5 % or more of the machine's CPUs is listed (report.json,
+    report.md), and a run with less, or with no stolen figure at all (an older report), is not."""
+    scenario = Scenario("latency 10k/s os", "latency", {}, "p99_us", False, "us p99")
+    runs = [{"p99_us": 900.0, "p50_us": 300.0, "p999_us": 2000.0, "steal_cores": v} for v in (0.02, 0.1, 0.59)]
+    result = _result(scenario, {"walsvc": runs, "redis": [{"p99_us": 800.0, "p50_us": 1.0, "p999_us": 900.0}]})
+    assert result.contended(2) == [("latency 10k/s os", "walsvc", 2, 0.1), ("latency 10k/s os", "walsvc", 3, 0.59)]
+    assert result.contended(4) == [("latency 10k/s os", "walsvc", 3, 0.59)]
+    assert result.contended(None) == []
+    assert to_json(result, {"cores": 2})["contended"][1] == {"scenario": "latency 10k/s os", "system": "walsvc",
+                                                             "run": 3, "steal_cores": 0.59}
+    markdown = to_markdown(result, {"date": "today", "cores": 2})
+    assert "## Runs on a contended VM" in markdown
+    assert "- walsvc latency 10k/s os run 3: 0.59 cores stolen" in markdown
+    assert "## Runs on a contended VM" not in to_markdown(result, {"date": "today", "cores": 64})
+
+
 def test_every_issue_target_names_a_scenario_of_the_suite() -> None:
     names = {s.name for s in harness.scenarios()}
     assert set(harness.TARGETS) <= names

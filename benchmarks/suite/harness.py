@@ -23,9 +23,10 @@ A system module exposes (all arguments are plain ints/floats/strs; every result 
 
 A function may return more figures than these (the peers' latency adds "sent_per_s", the rate the producer
 actually achieved); the report shows them beside the metric.  Any of the four functions may be missing: its
-scenarios then show "n/a" for that system.  So does a scenario whose durability is not in DURABILITIES.  Each call gets a fresh empty `tmpdir` on the filesystem under test
-(the harness deletes it afterwards); the function must stop every process it started before returning, even
-when it fails, and must raise rather than return made-up numbers.
+scenarios then show "n/a" for that system.  So does a scenario whose durability is not in DURABILITIES.
+Each call gets a fresh empty `tmpdir` on the filesystem under test (the harness deletes it afterwards); the
+function must stop every process it started before returning, even when it fails, and must raise rather
+than return made-up numbers.
 
 What the functions measure:
 
@@ -111,8 +112,9 @@ def run_workers(target: Callable[..., Any], arglists: Sequence[tuple], timeout: 
     Each worker sets itself up (connects, opens files), calls `barrier.wait()`, does the measured work and
     returns a picklable result.  `on_start` is called as the barrier opens.  Returns (monotonic time at which
     the barrier opened, results in arglists order).  Raises RuntimeError with the worker's traceback if any
-    worker fails or the run exceeds `timeout` seconds after the barrier.  Fork is the default because it starts a worker in milliseconds;
-    a system whose parent holds threads or ZeroMQ contexts should pass context="spawn".
+    worker fails or the run exceeds `timeout` seconds after the barrier.  Fork is the default because it
+    starts a worker in milliseconds; a system whose parent holds threads or ZeroMQ contexts should pass
+    context="spawn".
     """
     ctx = multiprocessing.get_context(context)
     barrier = ctx.Barrier(len(arglists) + 1)
@@ -359,6 +361,7 @@ TARGETS: dict[str, tuple[Target, ...]] = {
 }
 RATE_SHORTFALL = 0.95  # a paced producer that sent less than this share of the rate asked is named in the report
 OUTLIER_FACTOR = 10.0  # a latency run whose p99 is this many times the median run's is flagged
+STOLEN_SHARE = 0.05  # a latency run during which the hypervisor took this share of the machine's CPU is noted
 
 
 def _size_label(size: int) -> str:
@@ -550,6 +553,23 @@ class SuiteResult:
                     out.append((scenario.name, entry.name, i + 1, cell.runs[i]["p99_us"]))
         return out
 
+    def contended(self, cpus: int | None) -> list[tuple[str, str, int, float]]:
+        """(scenario, system, run number, cores stolen) for every latency run during which the hypervisor took
+        at least STOLEN_SHARE of the machine's `cpus` (none when that is unknown): such a run measured the VM
+        as much as the system."""
+        out: list[tuple[str, str, int, float]] = []
+        if not cpus:
+            return out
+        for scenario in self.scenarios:
+            if scenario.kind != "latency":
+                continue
+            for entry in self.systems:
+                cell = self.cells.get((scenario.name, entry.name))
+                for i, run in enumerate(cell.runs if cell else ()):
+                    if run.get("steal_cores", 0.0) >= STOLEN_SHARE * cpus:
+                        out.append((scenario.name, entry.name, i + 1, run["steal_cores"]))
+        return out
+
     @property
     def failed(self) -> bool:
         return any(c.errors for c in self.cells.values())
@@ -599,7 +619,8 @@ def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quic
             tmpdir = os.path.join(scratch, f"{step:04d}-{entry.name}-{scenario.kind}")
             os.makedirs(tmpdir)
             try:
-                result = {k: float(v) for k, v in getattr(entry.module, scenario.kind)(tmpdir, **scenario.params).items()}
+                measure = getattr(entry.module, scenario.kind)
+                result = {k: float(v) for k, v in measure(tmpdir, **scenario.params).items()}
                 cell.runs.append(result)
                 line = (f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
                         f" ({other_figures(scenario, result)})")

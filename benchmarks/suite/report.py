@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from .harness import OUTLIER_FACTOR, SUBJECT, Scenario, SuiteResult, Target, format_value, other_figures
+from .harness import OUTLIER_FACTOR, STOLEN_SHARE, SUBJECT, Scenario, SuiteResult, Target, format_value, other_figures
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -42,6 +42,8 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
             "systems": {e.name: e.unavailable for e in result.systems},
             "flagged": [{"scenario": sc, "system": sy, "run": run, "p99_us": p99}
                         for sc, sy, run, p99 in result.flagged()],
+            "contended": [{"scenario": sc, "system": sy, "run": run, "steal_cores": stolen}
+                          for sc, sy, run, stolen in result.contended(machine.get("cores"))],
             "scenarios": scenarios}
 
 
@@ -136,6 +138,15 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
         lines += ["## Flagged runs", "",
                   f"Latency runs whose p99 is over {OUTLIER_FACTOR:g}x the median run's: a stall, not noise.", ""]
         lines += [f"- {system} {scenario} run {run}: p99 {p99:,.0f} us" for scenario, system, run, p99 in flagged]
+        lines.append("")
+    contended = result.contended(machine.get("cores"))
+    if contended:
+        lines += ["## Runs on a contended VM", "",
+                  f"Latency runs during which the hypervisor took at least {STOLEN_SHARE:.0%} of the machine's "
+                  f"{machine['cores']} CPUs (stolen time): they measured the VM as much as the system, so compare "
+                  "them with care.", ""]
+        lines += [f"- {system} {scenario} run {run}: {stolen:.2f} cores stolen"
+                  for scenario, system, run, stolen in contended]
         lines.append("")
     targets = [(s, *t) for s in result.scenarios for t in result.target_results(s)]
     if targets:

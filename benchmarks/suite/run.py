@@ -70,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     facts["load_average_after"] = machine.load_average()
     json_path, md_path = report.write(result, facts, args.out)
     print(f"wrote {md_path} and {json_path} ({result.elapsed_s:,.0f} s)")
+    stolen = {(scenario, system, run): cores for scenario, system, run, cores in result.contended(facts["cores"])}
+    for (scenario, system, run), cores in stolen.items():
+        print(f"CONTENDED: {system} {scenario} run {run}: {cores:.2f} of {facts['cores']} cores stolen by the "
+              "hypervisor during the run", file=sys.stderr)
     flagged = result.flagged()
     for scenario, system, run, p99 in flagged:
+        during = stolen.get((scenario, system, run))
         print(f"FLAGGED: {system} {scenario} run {run}: p99 {p99:,.0f} us is over "
-              f"{harness.OUTLIER_FACTOR:g}x the median run's", file=sys.stderr)
+              f"{harness.OUTLIER_FACTOR:g}x the median run's"
+              + (f" ({during:.2f} cores stolen during it)" if during is not None else ""), file=sys.stderr)
     return 1 if result.failed or any(system == harness.SUBJECT for _s, system, _r, _p in flagged) else 0
 
 
