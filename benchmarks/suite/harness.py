@@ -570,6 +570,16 @@ class SuiteResult:
                         out.append((scenario.name, entry.name, i + 1, run["steal_cores"]))
         return out
 
+    def uncontended(self, cpus: int | None) -> "SuiteResult | None":
+        """This result with the contended latency runs (see `contended`) left out, or None when there are none:
+        the runs a verdict can trust on a VM whose neighbours come and go."""
+        if not self.contended(cpus):
+            return None
+        limit = STOLEN_SHARE * (cpus or 0)
+        cells = {key: Cell(runs=[r for r in cell.runs if r.get("steal_cores", 0.0) < limit], na=cell.na,
+                           errors=cell.errors) for key, cell in self.cells.items()}
+        return SuiteResult(self.scenarios, self.systems, cells, self.runs, self.quick, self.elapsed_s)
+
     @property
     def failed(self) -> bool:
         return any(c.errors for c in self.cells.values())

@@ -29,8 +29,12 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
                 continue
             systems[entry.name] = {**(cell.stats(scenario.metric) or {}), "runs": cell.runs, "na": cell.na,
                                    "errors": cell.errors}
+        calm = result.uncontended(machine.get("cores"))
+        calm_results = calm.target_results(scenario) if calm and _contended(result, scenario, machine) else None
         targets = [{"target": t.describe(), "figure": figure, "met": met}
                    for t, figure, met in result.target_results(scenario)]
+        for entry, (_t, figure, met) in zip(targets, calm_results or ()):
+            entry["uncontended"] = {"figure": figure, "met": met}
         scenarios.append({"name": scenario.name, "kind": scenario.kind, "params": scenario.params,
                           "metric": scenario.metric, "unit": scenario.unit,
                           "higher_is_better": scenario.higher_is_better, "ratio": ratio, "best_peer": best_peer,
@@ -59,7 +63,31 @@ def _params(scenario: Scenario) -> str:
     return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in scenario.params.items())
 
 
-def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
+def _contended(result: SuiteResult, scenario: Scenario, machine: dict[str, Any]) -> bool:
+    return any(name == scenario.name for name, *_ in result.contended(machine.get("cores")))
+
+
+def _targets(result: SuiteResult, scenario: Scenario, machine: dict[str, Any]) -> list[tuple[Target, str]]:
+    """Each target of `scenario` with its verdict text.  When some of the scenario's runs were contended (see
+    SuiteResult.contended), the verdict on the others alone follows: the medians of all runs can swing with
+    whichever system the hypervisor happened to slow."""
+    calm = result.uncontended(machine.get("cores")) if _contended(result, scenario, machine) else None
+    calm_results = calm.target_results(scenario) if calm else ()
+    out = []
+    for i, (target, figure, met) in enumerate(result.target_results(scenario)):
+        text = _target_text(target, figure, met, result, scenario)
+        if calm:
+            _t, calm_figure, calm_met = calm_results[i]
+            runs = ", ".join(f"{name} {len(cell.runs)}" for (sname, name), cell in calm.cells.items()
+                             if sname == scenario.name and name in (SUBJECT, target.peer))
+            text += (f"; uncontended runs only ({runs}): "
+                     + (_target_text(target, calm_figure, calm_met, calm, scenario) if calm_figure is not None
+                        else "not measured"))
+        out.append((target, text))
+    return out
+
+
+def _scenario_table(result: SuiteResult, scenario: Scenario, machine: dict[str, Any]) -> list[str]:
     ratio, best_peer = result.ratio(scenario)
     better = "higher" if scenario.higher_is_better else "lower"
     lines = [f"### {scenario.name}", "",
@@ -81,8 +109,7 @@ def _scenario_table(result: SuiteResult, scenario: Scenario) -> list[str]:
             notes += f"; {len(cell.errors)} failed run(s): {'; '.join(_cell_text(e) for e in cell.errors)}"
         lines.append(f"| {entry.name} | {fmt[0]} | {fmt[1]} | {fmt[2]} | {shown} | {notes} |")
     lines.append("")
-    for target, figure, met in result.target_results(scenario):
-        lines.append(f"- target {target.describe()}: {_target_text(target, figure, met, result, scenario)}")
+    lines += [f"- target {target.describe()}: {text}" for target, text in _targets(result, scenario, machine)]
     return lines + ([""] if scenario.targets else [])
 
 
@@ -148,15 +175,14 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
         lines += [f"- {system} {scenario} run {run}: {stolen:.2f} cores stolen"
                   for scenario, system, run, stolen in contended]
         lines.append("")
-    targets = [(s, *t) for s in result.scenarios for t in result.target_results(s)]
+    targets = [(s, *t) for s in result.scenarios for t in _targets(result, s, machine)]
     if targets:
         lines += ["## Targets", "", "| scenario | target | figure |", "|---|---|---|"]
-        lines += [f"| {s.name} | {t.describe()} | {_target_text(t, figure, met, result, s)} |"
-                  for s, t, figure, met in targets]
+        lines += [f"| {s.name} | {t.describe()} | {text} |" for s, t, text in targets]
         lines.append("")
     lines += ["## Scenarios", ""]
     for scenario in result.scenarios:
-        lines += _scenario_table(result, scenario)
+        lines += _scenario_table(result, scenario, machine)
     return "\n".join(lines)
 
 
