@@ -53,6 +53,7 @@ def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
             assert cell["median"] > 0, (name, peer)
             run = cell["runs"][0]
             assert all(value > 0 for key, value in run.items() if key != "steal_cores"), (name, peer, run)
+            assert 0 <= run["steal_cores"] <= os.cpu_count(), (name, peer, run)  # every run says what was stolen
             if scenario["kind"] == "latency":
                 assert run["p50_us"] <= run["p99_us"] <= run["p999_us"]
                 assert run["cpu_cores"] <= os.cpu_count() and 0 <= run["steal_cores"] <= os.cpu_count(), run

@@ -91,6 +91,10 @@ def test_runs_on_a_contended_vm_are_noted_with_their_stolen_cores() -> None:
     assert "## Runs on a contended VM" in markdown
     assert "- walsvc latency 10k/s os run 3: 0.59 cores stolen" in markdown
     assert "## Runs on a contended VM" not in to_markdown(result, {"date": "today", "cores": 64})
+    throughput = Scenario("throughput 4p 1KiB always x1", "throughput", {}, "records_per_s", True, "rec/s")
+    result = _result(throughput, {"walsvc": [{"records_per_s": 5000.0, "steal_cores": 0.2}],
+                                  "redis": [{"records_per_s": 6000.0, "steal_cores": 0.0}]})
+    assert result.contended(2) == [("throughput 4p 1KiB always x1", "walsvc", 1, 0.2)]  # every kind, not only latency
 
 
 def test_targets_are_judged_again_on_the_uncontended_runs_alone() -> None:

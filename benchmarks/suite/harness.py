@@ -45,6 +45,7 @@ What the functions measure:
   `cpu_cores` and `steal_cores`: the whole machine's busy and stolen CPU (from /proc/stat) averaged over the
   run, in cores.  On a small machine the busy share is what latency grows with (every thread's work waits for
   a core), and stolen time is the hypervisor's: a run with much of it says more about the VM than the system.
+  The runner adds `steal_cores` to every other run, measured over the whole call.
 - rotation: one producer process paced at `rate` records/s of 100 bytes into a log of `segment_bytes`
   segments, long enough to cross many segment rotations; latency = the producer's time from handing a record
   over to its ack (no warm-up dropped: the first rotation may come early).  `rotations` is the number of
@@ -361,7 +362,7 @@ TARGETS: dict[str, tuple[Target, ...]] = {
 }
 RATE_SHORTFALL = 0.95  # a paced producer that sent less than this share of the rate asked is named in the report
 OUTLIER_FACTOR = 10.0  # a latency run whose p99 is this many times the median run's is flagged
-STOLEN_SHARE = 0.05  # a latency run during which the hypervisor took this share of the machine's CPU is noted
+STOLEN_SHARE = 0.05  # a run during which the hypervisor took this share of the machine's CPU is noted
 
 
 def _size_label(size: int) -> str:
@@ -554,15 +555,13 @@ class SuiteResult:
         return out
 
     def contended(self, cpus: int | None) -> list[tuple[str, str, int, float]]:
-        """(scenario, system, run number, cores stolen) for every latency run during which the hypervisor took
-        at least STOLEN_SHARE of the machine's `cpus` (none when that is unknown): such a run measured the VM
-        as much as the system."""
+        """(scenario, system, run number, cores stolen) for every run during which the hypervisor took at least
+        STOLEN_SHARE of the machine's `cpus` (none when that is unknown): such a run measured the VM as much as
+        the system."""
         out: list[tuple[str, str, int, float]] = []
         if not cpus:
             return out
         for scenario in self.scenarios:
-            if scenario.kind != "latency":
-                continue
             for entry in self.systems:
                 cell = self.cells.get((scenario.name, entry.name))
                 for i, run in enumerate(cell.runs if cell else ()):
@@ -571,7 +570,7 @@ class SuiteResult:
         return out
 
     def uncontended(self, cpus: int | None) -> "SuiteResult | None":
-        """This result with the contended latency runs (see `contended`) left out, or None when there are none:
+        """This result with the contended runs (see `contended`) left out, or None when there are none:
         the runs a verdict can trust on a VM whose neighbours come and go."""
         if not self.contended(cpus):
             return None
@@ -630,7 +629,10 @@ def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quic
             os.makedirs(tmpdir)
             try:
                 measure = getattr(entry.module, scenario.kind)
+                before = machine_cpu()
                 result = {k: float(v) for k, v in measure(tmpdir, **scenario.params).items()}
+                if "steal_cores" not in result:  # latency runs measure it over their own window
+                    result.update({k: v for k, v in cpu_cores(before, machine_cpu()).items() if k == "steal_cores"})
                 cell.runs.append(result)
                 line = (f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
                         f" ({other_figures(scenario, result)})")

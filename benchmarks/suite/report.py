@@ -169,7 +169,7 @@ def to_markdown(result: SuiteResult, machine: dict[str, Any]) -> str:
     contended = result.contended(machine.get("cores"))
     if contended:
         lines += ["## Runs on a contended VM", "",
-                  f"Latency runs during which the hypervisor took at least {STOLEN_SHARE:.0%} of the machine's "
+                  f"Runs during which the hypervisor took at least {STOLEN_SHARE:.0%} of the machine's "
                   f"{machine['cores']} CPUs (stolen time): they measured the VM as much as the system, so compare "
                   "them with care.", ""]
         lines += [f"- {system} {scenario} run {run}: {stolen:.2f} cores stolen"
