@@ -631,8 +631,9 @@ def run_suite(systems: list[SystemEntry], suite: list[Scenario], runs: int, quic
                 measure = getattr(entry.module, scenario.kind)
                 before = machine_cpu()
                 result = {k: float(v) for k, v in measure(tmpdir, **scenario.params).items()}
-                if "steal_cores" not in result:  # latency runs measure it over their own window
-                    result.update({k: v for k, v in cpu_cores(before, machine_cpu()).items() if k == "steal_cores"})
+                stolen = cpu_cores(before, machine_cpu()).get("steal_cores")
+                if "steal_cores" not in result and stolen is not None:  # latency runs measure their own window
+                    result["steal_cores"] = stolen
                 cell.runs.append(result)
                 line = (f"{format_value(result[scenario.metric], scenario.unit)} {scenario.unit}"
                         f" ({other_figures(scenario, result)})")

@@ -29,11 +29,10 @@ def to_json(result: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
                 continue
             systems[entry.name] = {**(cell.stats(scenario.metric) or {}), "runs": cell.runs, "na": cell.na,
                                    "errors": cell.errors}
-        calm = result.uncontended(machine.get("cores"))
-        calm_results = calm.target_results(scenario) if calm and _contended(result, scenario, machine) else None
         targets = [{"target": t.describe(), "figure": figure, "met": met}
                    for t, figure, met in result.target_results(scenario)]
-        for entry, (_t, figure, met) in zip(targets, calm_results or ()):
+        _calm, calm_results = _uncontended(result, scenario, machine)
+        for entry, (_t, figure, met) in zip(targets, calm_results):
             entry["uncontended"] = {"figure": figure, "met": met}
         scenarios.append({"name": scenario.name, "kind": scenario.kind, "params": scenario.params,
                           "metric": scenario.metric, "unit": scenario.unit,
@@ -63,16 +62,22 @@ def _params(scenario: Scenario) -> str:
     return ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in scenario.params.items())
 
 
-def _contended(result: SuiteResult, scenario: Scenario, machine: dict[str, Any]) -> bool:
-    return any(name == scenario.name for name, *_ in result.contended(machine.get("cores")))
+def _uncontended(result: SuiteResult, scenario: Scenario,
+                 machine: dict[str, Any]) -> tuple[SuiteResult | None, list[tuple[Target, float | None, bool | None]]]:
+    """When some of `scenario`'s runs were contended (SuiteResult.contended): the result without them, and the
+    scenario's targets judged on it; else (None, [])."""
+    cores = machine.get("cores")
+    if not any(name == scenario.name for name, *_ in result.contended(cores)):
+        return None, []
+    calm = result.uncontended(cores)
+    return calm, calm.target_results(scenario) if calm else []
 
 
 def _targets(result: SuiteResult, scenario: Scenario, machine: dict[str, Any]) -> list[tuple[Target, str]]:
-    """Each target of `scenario` with its verdict text.  When some of the scenario's runs were contended (see
-    SuiteResult.contended), the verdict on the others alone follows: the medians of all runs can swing with
-    whichever system the hypervisor happened to slow."""
-    calm = result.uncontended(machine.get("cores")) if _contended(result, scenario, machine) else None
-    calm_results = calm.target_results(scenario) if calm else ()
+    """Each target of `scenario` with its verdict text.  When some of the scenario's runs were contended, the
+    verdict on the others alone follows: the medians of all runs can swing with whichever system the
+    hypervisor happened to slow."""
+    calm, calm_results = _uncontended(result, scenario, machine)
     out = []
     for i, (target, figure, met) in enumerate(result.target_results(scenario)):
         text = _target_text(target, figure, met, result, scenario)
