@@ -58,13 +58,13 @@ def vectors_path() -> Path:
 @pytest.fixture(scope="module", params=["python", "c"])
 def codec(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a module's tests once on the pure-Python codecs and once on their compiled twins (the record
-    codec's, and those of frame headers, HEAD, REPLY and the writer's APPEND check, each module holding its
-    `_c`).
+    codec's, and those of frame headers, HEAD, REPLY, the writer's APPEND check and a reader's whole-frame
+    step, each module holding its `_c`).
 
     CI must have the twin (a C compiler is there): a missing one fails there, and is skipped elsewhere.
     """
-    from walsvc import frame, head, ingest, protocol, record
-    modules = (record, frame, head, ingest, protocol)
+    from walsvc import frame, head, ingest, protocol, record, segment
+    modules = (record, frame, head, ingest, protocol, segment)
     saved = record._c
     if request.param == "python":
         for module in modules:

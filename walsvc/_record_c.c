@@ -267,6 +267,39 @@ fail:
     return NULL;
 }
 
+/* The records of buf[pos:end], numbered from base_lsn, those from first_wanted on, appended to `out`:
+ * 0; 1 for a payload this twin does not decode (a compressed value, a fault, a count that is not `count`);
+ * -1 with an exception set. */
+static int decode_records(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, long long base_lsn,
+                          long long count, PyObject *timestamp, long long first_wanted, uint64_t max_bytes,
+                          PyObject *out) {
+    long long lsn = base_lsn;
+    header_t h;
+    while (pos < end) {
+        if (read_record(buf, pos, end, max_bytes, &h, 0) || (h.flags & FLAG_COMPRESSION_MASK)) return 1;
+        if (lsn >= first_wanted) {
+            PyObject *lsn_obj = PyLong_FromLongLong(lsn);
+            PyObject *rec = lsn_obj ? new_record(buf, &h, lsn_obj, timestamp) : NULL;
+            if (!rec) {
+                Py_XDECREF(lsn_obj);
+                return -1;
+            }
+            int failed = PyList_Append(out, rec);
+            Py_DECREF(rec);
+            if (failed) return -1;
+        }
+        pos = h.vend + 4;
+        lsn++;
+    }
+    return lsn - base_lsn == count ? 0 : 1;
+}
+
+static int record_type_bound(void) {
+    if (record_type) return 1;
+    PyErr_SetString(PyExc_RuntimeError, "bind_record was not called");
+    return 0;
+}
+
 /* decode_payload(buf, base_lsn, count, timestamp, first_wanted, start, end, max_record_bytes) -> list | None
  * None for a payload with a compressed value or any fault: the Python twin then decodes (or raises). */
 static PyObject *decode_payload(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -277,46 +310,16 @@ static PyObject *decode_payload(PyObject *Py_UNUSED(self), PyObject *args) {
     if (!PyArg_ParseTuple(args, "OLLOLnnK", &obj, &base_lsn, &count, &timestamp, &first_wanted, &pos, &end,
                           &max_bytes))
         return NULL;
-    if (!record_type) {
-        PyErr_SetString(PyExc_RuntimeError, "bind_record was not called");
-        return NULL;
-    }
+    if (!record_type_bound()) return NULL;
     Py_buffer view;
     if (get_buffer(obj, &view, pos, &end) < 0) return NULL;
-    const unsigned char *buf = view.buf;
     PyObject *out = PyList_New(0);
-    if (!out) goto fail;
-    long long lsn = base_lsn;
-    header_t h;
-    while (pos < end) {
-        if (read_record(buf, pos, end, max_bytes, &h, 0) || (h.flags & FLAG_COMPRESSION_MASK)) goto invalid;
-        if (lsn >= first_wanted) {
-            PyObject *lsn_obj = PyLong_FromLongLong(lsn);
-            PyObject *rec = lsn_obj ? new_record(buf, &h, lsn_obj, timestamp) : NULL;
-            if (!rec) {
-                Py_XDECREF(lsn_obj);
-                goto fail;
-            }
-            if (PyList_Append(out, rec) < 0) {
-                Py_DECREF(rec);
-                goto fail;
-            }
-            Py_DECREF(rec);
-        }
-        pos = h.vend + 4;
-        lsn++;
-    }
-    if (lsn - base_lsn != count) goto invalid;
+    int rc = out ? decode_records(view.buf, pos, end, base_lsn, count, timestamp, first_wanted, max_bytes, out) : -1;
     PyBuffer_Release(&view);
-    return out;
-invalid:
-    PyBuffer_Release(&view);
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&view);
+    if (rc == 0) return out;
     Py_XDECREF(out);
-    return NULL;
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* ---- encoding plain puts ---- */
@@ -798,6 +801,52 @@ static PyObject *decode_frame_header(PyObject *Py_UNUSED(self), PyObject *args) 
     return new_tuple_of(cls, items, 8);
 }
 
+/* data_frame(buf, pos, end, next_lsn, bound, max_record_bytes) -> (records, frame size, end LSN, payload length)
+ * | None.  A tailing reader's step (segment.FrameScanner.take_data_frame) in one call: the DATA frame at
+ * buf[pos:] when it lies whole before `end`, passes its header and payload CRCs, starts at or below `bound`
+ * (-1: none), ends past `next_lsn` and decodes with no compressed value; its records from `next_lsn` on.
+ * None for anything else: the Python scan then decides (a seal, a torn or damaged frame, one past the bound,
+ * one the buffer does not hold whole) and names any fault. */
+static PyObject *data_frame(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *obj;
+    Py_ssize_t pos, end;
+    long long next_lsn, bound;
+    unsigned long long max_bytes;
+    if (!PyArg_ParseTuple(args, "OnnLLK", &obj, &pos, &end, &next_lsn, &bound, &max_bytes)) return NULL;
+    if (!record_type_bound()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (end > view.len) end = view.len;
+    const unsigned char *p = (const unsigned char *)view.buf + pos;
+    PyObject *records = NULL, *timestamp = NULL, *result = NULL;
+    if (pos < 0 || end - pos < 56 || memcmp(p, "\x8bWF\x01", 4) != 0 || p[4] != 1 || p[5] || p[6] || p[7] ||
+        crc32c_fn(0, p, 52) != get_u32(p + 52))
+        goto decline;
+    uint32_t payload_len = get_u32(p + 8), count = get_u32(p + 12);
+    uint64_t base = get_u64(p + 16), end_lsn = base + count;
+    if ((uint64_t)(end - pos - 56) < payload_len || base > (uint64_t)LLONG_MAX - count || next_lsn < 0 ||
+        end_lsn <= (uint64_t)next_lsn || (bound >= 0 && base > (uint64_t)bound) ||
+        crc32c_fn(0, p + 56, payload_len) != get_u32(p + 48))
+        goto decline;
+    if (!(records = PyList_New(0)) || !(timestamp = PyLong_FromUnsignedLongLong(get_u64(p + 24)))) goto fail;
+    int rc = decode_records(view.buf, pos + 56, pos + 56 + (Py_ssize_t)payload_len, (long long)base, count,
+                            timestamp, next_lsn, max_bytes, records);
+    if (rc < 0) goto fail;
+    if (rc > 0) goto decline;
+    result = Py_BuildValue("(OnKI)", records, (Py_ssize_t)56 + (Py_ssize_t)payload_len,
+                           (unsigned long long)end_lsn, payload_len);
+fail:
+    Py_XDECREF(records);
+    Py_XDECREF(timestamp);
+    PyBuffer_Release(&view);
+    return result;
+decline:
+    Py_XDECREF(records);
+    Py_XDECREF(timestamp);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 /* decode_head(cls, data) -> cls(committed LSN, writer pid, active base LSN, active end, durable LSN) | None:
  * the twin of head.decode_py for a HEAD it would accept; None for anything else. */
 static PyObject *decode_head(PyObject *Py_UNUSED(self), PyObject *args) {
@@ -857,6 +906,7 @@ static PyMethodDef methods[] = {
     {"frame_header", (PyCFunction)(void (*)(void))frame_header, METH_FASTCALL, "A DATA or SEAL frame header, or None."},
     {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "The HEAD file's bytes, or None."},
     {"decode_frame_header", decode_frame_header, METH_VARARGS, "A valid frame header's fields as cls, or None."},
+    {"data_frame", data_frame, METH_VARARGS, "A whole DATA frame's wanted records and extent, or None."},
     {"decode_head", decode_head, METH_VARARGS, "A valid HEAD's fields as cls, or None."},
     {"decode_reply", decode_reply, METH_VARARGS, "A reply without detail as cls, or None."},
     {NULL, NULL, 0, NULL},

@@ -298,6 +298,12 @@ class LogReader:
         """One frame: its wanted records ([] after skipping or changing segment), None when nothing more
         can be read now."""
         seg = self._seg
+        whole = seg.scanner.take_data_frame(self.next_lsn, bound, self.max_record_bytes)
+        if whole is not None:  # the common case in one compiled call; anything else goes the way below
+            records, self.next_lsn, payload_len = whole
+            self._batch_bytes += payload_len
+            self._retried = False
+            return records
         for off, h, data in seg.scanner:
             if h.kind == F.KIND_SEAL:
                 seg.scanner.offset = off  # stay on the seal until the next segment opens (an error retries)

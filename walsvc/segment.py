@@ -22,6 +22,7 @@ from . import frame as F
 from .access import open_file
 from .errors import ChecksumError, IncompleteRecordError, RecordError
 from .fsync import preallocate, sync_data, sync_dir, write_step
+from .record import _c
 
 SUFFIX = ".wal"
 SCAN_CHUNK = 1 << 20
@@ -248,6 +249,26 @@ class FrameScanner:
             rel = 0
         self.view_buf, self.view_pos = self._buf, rel
         return memoryview(self._buf)[rel:rel + n]
+
+    def take_data_frame(self, next_lsn: int, bound: int | None, max_record_bytes: int) -> tuple[list, int, int] | None:
+        """The next frame in one compiled call, when it is a DATA frame that lies whole in the chunk buffer (read
+        from the file first if the buffer does not reach its header), passes its CRCs, starts at or below
+        `bound`, ends past `next_lsn` and decodes: (its records from `next_lsn` on, its end LSN, its payload
+        length), the scan moved past it.  None for anything else, the scan where it was: iterating decides
+        and names any fault.  A tailing reader takes this step at every poll."""
+        if _c is None or self.offset >= self.limit:
+            return None
+        rel = self.offset - self._buf_at
+        if rel < 0 or rel + F.FRAME_HEADER_SIZE > len(self._buf):
+            self._view(self.offset, F.FRAME_HEADER_SIZE)
+            rel = 0
+        got = _c.data_frame(self._buf, rel, self.limit - self._buf_at, next_lsn, -1 if bound is None else bound,
+                            max_record_bytes)
+        if got is None:
+            return None
+        records, size, end_lsn, payload_len = got
+        self.offset += size
+        return records, end_lsn, payload_len
 
     def __iter__(self) -> Iterator[tuple[int, F.FrameHeader, memoryview]]:
         while self.offset < self.limit:
