@@ -777,6 +777,13 @@ done:
     return obj;
 }
 
+/* A frame header at p (`avail` bytes there) with its magic, zero flags and reserved bytes, and its CRC; the
+ * kind is the caller's to check. */
+static inline int frame_header_valid(const unsigned char *p, Py_ssize_t avail) {
+    return avail >= 56 && memcmp(p, "\x8bWF\x01", 4) == 0 && !p[5] && !p[6] && !p[7] &&
+           crc32c_fn(0, p, 52) == get_u32(p + 52);
+}
+
 /* decode_frame_header(cls, buf, pos) -> cls(kind, payload len, count, base LSN, ts µs, producer id, seq,
  * payload crc) | None: the twin of frame.decode_frame_header_py for a header it would accept; None for
  * anything else (the reference names the error). */
@@ -787,8 +794,7 @@ static PyObject *decode_frame_header(PyObject *Py_UNUSED(self), PyObject *args) 
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *p = (const unsigned char *)view.buf + pos;
-    if (pos < 0 || view.len - pos < 56 || memcmp(p, "\x8bWF\x01", 4) != 0 || (p[4] != 1 && p[4] != 2) || p[5] ||
-        p[6] || p[7] || crc32c_fn(0, p, 52) != get_u32(p + 52)) {
+    if (pos < 0 || !frame_header_valid(p, view.len - pos) || (p[4] != 1 && p[4] != 2)) {
         PyBuffer_Release(&view);
         Py_RETURN_NONE;
     }
@@ -819,9 +825,7 @@ static PyObject *data_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     if (end > view.len) end = view.len;
     const unsigned char *p = (const unsigned char *)view.buf + pos;
     PyObject *records = NULL, *timestamp = NULL, *result = NULL;
-    if (pos < 0 || end - pos < 56 || memcmp(p, "\x8bWF\x01", 4) != 0 || p[4] != 1 || p[5] || p[6] || p[7] ||
-        crc32c_fn(0, p, 52) != get_u32(p + 52))
-        goto decline;
+    if (pos < 0 || !frame_header_valid(p, end - pos) || p[4] != 1) goto decline;
     uint32_t payload_len = get_u32(p + 8), count = get_u32(p + 12);
     uint64_t base = get_u64(p + 16), end_lsn = base + count;
     if ((uint64_t)(end - pos - 56) < payload_len || base > (uint64_t)LLONG_MAX - count || next_lsn < 0 ||
