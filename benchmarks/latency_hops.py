@@ -16,6 +16,8 @@ All clocks are CLOCK_MONOTONIC, shared by the processes.  Per record, percentile
 - writer to reader: the writer done with the batch to `poll` returning the record (it can be below 0: the
   HEAD update that wakes the reader is not the batch's last step);
 
+then append to reader again for the records that were their batch's only record, and the share of records
+that shared a batch (a `put` is one record, so such a batch waited while the producer's pipeline was full);
 and of the writer: how long it sat idle between two batches, and how many batches a loop turn took.  A
 writer that is rarely idle and takes several batches per turn is the bottleneck: records wait in its queue.
 Last, each process's CPU time per record: the producer's from its first `put` to its last ack, the
