@@ -65,6 +65,24 @@ def test_frame_header_encoding_agrees(fields):
     assert _outcome(F.encode_frame_header, *fields) == _outcome(F.encode_frame_header_py, *fields)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.builds(bytearray, st.binary(max_size=8))),
+       st.tuples(_uint(32), _uint(64), _uint(64), _uint(64), _uint(64), _uint(32)))
+def test_the_data_frame_header_and_running_crc_agree(payload, fields):
+    """The log's per-batch step: the DATA frame header and the segment's data CRC continued over the frame
+    (a bytearray payload, which the twin declines, too)."""
+    assert (_outcome(F.data_frame_header, payload, *fields)
+            == _outcome(F.data_frame_header_py, payload, *fields))
+
+
+def test_the_running_crc_is_the_crc_of_the_frames_end_to_end() -> None:
+    """What the seal stores: the data CRC after two frames is the CRC of both frames' bytes."""
+    h1, crc = F.data_frame_header(b"one", 1, 10, 5, 0, 0, 0)
+    h2, crc = F.data_frame_header(b"two!", 1, 11, 6, 7, 8, crc)
+    assert crc == R.crc32c(h1 + b"one" + h2 + b"two!")
+    assert h2 == F.encode_frame_header_py(F.KIND_DATA, 4, 1, 11, 6, 7, 8, R.crc32c(b"two!"))
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([F.KIND_DATA, F.KIND_SEAL, 0, 3]), st.tuples(*[st.integers(0, (1 << b) - 1) for b in
                                                                       (32, 32, 64, 64, 64, 64, 32)]),

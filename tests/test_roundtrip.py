@@ -40,6 +40,28 @@ def test_log_without_fsync_thread_commits_only_on_sync(open_log) -> None:
     assert log.stats()["fsyncs"] == 1
 
 
+def test_log_without_fsync_thread_commits_os_appends_only_when_told(open_log) -> None:
+    """`fsync_thread=False` under `os`: appends stay uncommitted (HEAD and readers do not see them) until the
+    owner's commit_written(), which commits all of them with one HEAD update and no fsync (the writer
+    service's loop calls it once per turn)."""
+    log = open_log(fsync="os", fsync_thread=False)
+    for i in range(10):
+        log.append_encoded(encode_put(b"k%d" % i, b"v"), 1, wait=False)
+    assert log.committed_lsn == 0
+    assert H.load(log.directory).committed_lsn == 0
+    log.commit_written()
+    assert log.committed_lsn == 10
+    assert H.load(log.directory).committed_lsn == 10
+    assert log.stats()["fsyncs"] == 0
+
+
+def test_log_with_fsync_thread_commits_os_appends_at_once(open_log) -> None:
+    """The embedded log's default under `os`: every append is committed when it returns."""
+    log = open_log(fsync="os")
+    log.append_encoded(encode_put(b"k", b"v"), 1, wait=False)
+    assert log.committed_lsn == 1 and H.load(log.directory).committed_lsn == 1
+
+
 def test_writer_loop_group_commits_four_producer_processes(tmp_path: Path, writers) -> None:
     """Four producer processes, one record in flight each, under `always`: every record is acked exactly once
     and durable, and the writer loop's fsyncs each covered several producers' batches (fewer fsyncs than

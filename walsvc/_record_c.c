@@ -740,6 +740,41 @@ static PyObject *frame_header(PyObject *Py_UNUSED(self), PyObject *const *args, 
     return PyBytes_FromStringAndSize((const char *)out, 56);
 }
 
+/* data_frame_header(payload, count, base LSN, ts µs, producer id, producer seq, data crc) -> (header, data crc)
+ * | None.  The twin of frame.data_frame_header_py: the header of the DATA frame carrying `payload` (its CRC
+ * taken here), and the segment's running data CRC continued over header and payload, where the Python
+ * makes six calls per batch.  None for an argument out of range or a payload that is not bytes. */
+static PyObject *data_frame_header(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    static const int bits[6] = {32, 64, 64, 64, 64, 32};
+    uint64_t v[6];
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "data_frame_header takes 7 arguments");
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0]) || get_uints(args + 1, 6, 6, bits, v, "data_frame_header") < 0)
+        Py_RETURN_NONE;
+    const unsigned char *payload = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t len = PyBytes_GET_SIZE(args[0]);
+    if ((uint64_t)len >> 32) Py_RETURN_NONE;
+    unsigned char out[56];
+    memcpy(out, "\x8bWF\x01", 4);
+    out[4] = 1;  /* KIND_DATA */
+    memset(out + 5, 0, 3);
+    uint32_t u32 = (uint32_t)len;
+    memcpy(out + 8, &u32, 4);
+    u32 = (uint32_t)v[0];
+    memcpy(out + 12, &u32, 4);
+    for (int i = 0; i < 4; i++) memcpy(out + 16 + 8 * i, &v[1 + i], 8);
+    u32 = crc32c_fn(0, payload, (size_t)len);
+    memcpy(out + 48, &u32, 4);
+    u32 = crc32c_fn(0, out, 52);
+    memcpy(out + 52, &u32, 4);
+    uint32_t data_crc = crc32c_fn(crc32c_fn((uint32_t)v[5], out, 56), payload, (size_t)len);
+    PyObject *header = PyBytes_FromStringAndSize((const char *)out, 56);
+    if (header == NULL) return NULL;
+    return Py_BuildValue("(NI)", header, data_crc);
+}
+
 /* head(committed LSN, writer pid, active base LSN, active end, durable LSN) -> bytes | None
  * The twin of head.encode_py (docs/FORMAT.md, "HEAD"); None for an argument out of range. */
 static PyObject *head(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
@@ -908,6 +943,8 @@ static PyMethodDef methods[] = {
     {"crc32c", crc32c_py, METH_VARARGS, "CRC32C of data, continuing from value."},
     {"check_append", check_append, METH_VARARGS, "An APPEND to store: (producer id, seq, payload, count), or None."},
     {"frame_header", (PyCFunction)(void (*)(void))frame_header, METH_FASTCALL, "A DATA or SEAL frame header, or None."},
+    {"data_frame_header", (PyCFunction)(void (*)(void))data_frame_header, METH_FASTCALL,
+     "A DATA frame's header and the data CRC continued over the frame, or None."},
     {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "The HEAD file's bytes, or None."},
     {"decode_frame_header", decode_frame_header, METH_VARARGS, "A valid frame header's fields as cls, or None."},
     {"data_frame", data_frame, METH_VARARGS, "A whole DATA frame's wanted records and extent, or None."},

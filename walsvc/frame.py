@@ -108,6 +108,25 @@ def encode_frame_header_py(kind: int, payload_len: int, count: int, base_lsn: in
     return head + _U32.pack(crc32c(head))
 
 
+def data_frame_header(payload: bytes, count: int, base_lsn: int, timestamp_us: int, producer_id: int,
+                      producer_seq: int, data_crc: int) -> tuple[bytes, int]:
+    """The header of the DATA frame carrying `payload`, and the segment's running data CRC (the seal's)
+    continued over that frame: what the log computes for every batch it writes, in one call of the compiled
+    twin when it was built."""
+    if _c is not None:
+        done = _c.data_frame_header(payload, count, base_lsn, timestamp_us, producer_id, producer_seq, data_crc)
+        if done is not None:
+            return done
+    return data_frame_header_py(payload, count, base_lsn, timestamp_us, producer_id, producer_seq, data_crc)
+
+
+def data_frame_header_py(payload: bytes, count: int, base_lsn: int, timestamp_us: int, producer_id: int,
+                         producer_seq: int, data_crc: int) -> tuple[bytes, int]:
+    header = encode_frame_header_py(KIND_DATA, len(payload), count, base_lsn, timestamp_us, producer_id,
+                                    producer_seq, crc32c(payload))
+    return header, crc32c(payload, crc32c(header, data_crc))
+
+
 def encode_frame(kind: int, payload: bytes, count: int, base_lsn: int, timestamp_us: int,
                  producer_id: int = 0, producer_seq: int = 0) -> bytes:
     return encode_frame_header(kind, len(payload), count, base_lsn, timestamp_us, producer_id, producer_seq,

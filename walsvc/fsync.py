@@ -113,8 +113,9 @@ class Syncer:
     `on_stop(error)` is told the stop reason once, from the thread that failed.  The caller must hold `lock`
     while it swaps or closes the fd that `snapshot` returns, so an fsync never runs on a closed descriptor.
     `thread=False`: under `always` a write does not wake the fsync thread; the owner calls `sync()` (the
-    fsync in its own thread) or `sync_soon()` (handed to the thread) after its writes.  `batch` wakes its
-    thread either way, for the window's timer.
+    fsync in its own thread) or `sync_soon()` (handed to the thread) after its writes.  Under `os` a write
+    does not commit; the owner calls `commit_written()`.  `batch` wakes its thread either way, for the
+    window's timer.
     """
 
     def __init__(self, policy: str, window_ms: int, snapshot: Callable[[], tuple[int, int, object]],
@@ -142,7 +143,7 @@ class Syncer:
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._auto = thread or policy == "batch"  # each write wakes the thread (else the owner says when)
+        self._auto = thread or policy == "batch"  # each write commits or wakes the thread (else the owner says when)
         if policy != "os":
             self._thread = threading.Thread(target=self._flusher, name="walsvc-fsync", daemon=True)
             self._thread.start()
@@ -166,11 +167,19 @@ class Syncer:
         return self.failed
 
     def written(self, end_lsn: int) -> None:
-        """Called after each write (write lock held): commit now (os), or wake the flusher."""
-        if self.policy == "os":
-            self._commit(end_lsn)
-        elif self._auto:
-            self.sync_soon()
+        """Called after each write (write lock held): commit now (os), or wake the flusher; with
+        `thread=False`, neither: the owner says when (`commit_written`, `sync`, `sync_soon`)."""
+        if self._auto:
+            if self.policy == "os":
+                self._commit(end_lsn)
+            else:
+                self.sync_soon()
+
+    def commit_written(self) -> None:
+        """Under `os` with `thread=False`: commit everything written so far, without an fsync.  The owner
+        calls it once per turn of its loop: one HEAD update, and one wake-up of each reader, for all of the
+        turn's writes (the writer acks them after it anyway)."""
+        self._commit(self._snapshot()[1])
 
     def sync_soon(self) -> None:
         """Have the background thread fsync what is written, without waiting for it: the owner of a

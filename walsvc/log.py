@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
-from crc32c import crc32c
 
 from . import frame as F
 from . import access, logid, retention
@@ -144,7 +143,9 @@ class Log:
         the whole log).  `first_lsn` starts a log that has no segment yet at that LSN (restore rebuilds a log
         whose start retention had deleted); it is an error for a log that has one.  `fsync_thread=False`:
         under `always`, an `append_encoded(wait=False)` stays uncommitted until the caller's next `sync()`
-        or `sync_soon()` (the writer service syncs once per loop turn), instead of waking the fsync thread.
+        or `sync_soon()` (the writer service syncs once per loop turn), instead of waking the fsync thread;
+        under `os`, it stays uncommitted until the caller's next `commit_written()` (once per loop turn in
+        the writer service: one HEAD update for the turn's batches).
         """
         if config is None:
             config = LogConfig.from_options(options)
@@ -249,7 +250,6 @@ class Log:
         if len(payload) > self.config.max_batch_bytes:
             raise RecordTooLargeError(f"batch of {len(payload)} bytes exceeds max_batch_bytes "
                                       f"({self.config.max_batch_bytes})")
-        payload_crc = crc32c(payload)
         with self._write_lock:
             self._check_open()
             self._syncer.check()
@@ -261,8 +261,8 @@ class Log:
             # Strictly increasing per writer run: a timestamp change marks a batch boundary (the mirror's
             # packed messages follow batches, and must split the same way after a restart).
             self._last_ts = ts = max(now_us(), self._last_ts + 1)
-            header = F.encode_frame_header(F.KIND_DATA, len(payload), count, base, ts, producer_id,
-                                           producer_seq, payload_crc)
+            header, data_crc = F.data_frame_header(payload, count, base, ts, producer_id, producer_seq,
+                                                   seg.data_crc)
             offset = seg.end
             try:
                 written = os.pwritev(seg.fd, (header, payload), offset)
@@ -270,7 +270,7 @@ class Log:
                     _write_rest(seg.fd, header + payload, offset, written)
             except OSError as exc:
                 raise self._syncer.fail(f"frame write at offset {offset}", seg.path, exc) from exc
-            seg.note_frame(offset, (header, payload), base, count, self.config.index_interval_bytes)
+            seg.note_written(offset, size, base, count, data_crc, self.config.index_interval_bytes)
             self._next_lsn = end = base + count
             self.records_appended += count
             self.bytes_appended += size
@@ -317,6 +317,11 @@ class Log:
         """Fsync everything written so far, whatever the policy; returns the committed LSN."""
         self._check_open()
         return self._syncer.sync() - 1
+
+    def commit_written(self) -> None:
+        """Under `os`, opened with `fsync_thread=False`: commit everything written so far (see `open`)."""
+        self._check_open()
+        self._syncer.commit_written()
 
     def sync_soon(self) -> None:
         """Have the fsync thread make everything written so far durable, without waiting (see fsync.py)."""

@@ -81,10 +81,17 @@ class ActiveSegment:
     def note_frame(self, offset: int, parts: tuple[bytes | memoryview, ...], base_lsn: int, count: int,
                    index_interval: int) -> None:
         """Account for a frame (given as its byte parts) written at `offset`, or found there by recovery."""
-        size = 0
+        size, data_crc = 0, self.data_crc
         for part in parts:
-            self.data_crc = crc32c(part, self.data_crc)
+            data_crc = crc32c(part, data_crc)
             size += len(part)
+        self.note_written(offset, size, base_lsn, count, data_crc, index_interval)
+
+    def note_written(self, offset: int, size: int, base_lsn: int, count: int, data_crc: int,
+                     index_interval: int) -> None:
+        """Account for a frame of `size` bytes written at `offset`, the data CRC already continued over it
+        (frame.data_frame_header: the log's append computes both in one call)."""
+        self.data_crc = data_crc
         if offset >= self.next_index_at:
             self.index.append((base_lsn, offset))
             self.next_index_at = offset + index_interval

@@ -7,7 +7,7 @@ no thread hand-off between the write, the fsync and the ack).  When a producer o
 (`Pipelining`), the fsync goes to the log's thread instead, so the loop takes its next batches in while the
 disk works.  Under `batch` the log's fsync thread makes
 them durable within the window while this loop goes on appending, and pokes this loop through an inproc
-socket.
+socket.  Under `os` the loop commits each turn's appends once, at the end of its drain (one HEAD update).
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
 advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
 is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
@@ -138,12 +138,13 @@ class Writer:
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
         self._sync_in_loop = config.log.fsync == "always"
+        self._commit_in_loop = config.log.fsync == "os"
         self._pipelining = Pipelining()
         # Load the optional codec modules (lz4 is a C extension: dlopen) before the log starts its threads: a
         # dlopen racing another thread's file I/O deadlocks under LD_PRELOAD fault-injection shims.
         self._codecs = codecs()
         self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit,
-                            on_stop=self._on_stop, fsync_thread=not self._sync_in_loop)
+                            on_stop=self._on_stop, fsync_thread=not (self._sync_in_loop or self._commit_in_loop))
         self.metrics_server = None
         self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
                                      max_record_bytes=self.log.config.max_record_bytes)
@@ -268,7 +269,7 @@ class Writer:
 
     def _on_commit(self, committed_lsn: int) -> None:
         """Called by the log after each commit; from another thread, only poke the loop (from the loop itself,
-        at every batch under `os`, nothing: it publishes after its drain)."""
+        after each drain under `always` and `os`, nothing: it publishes right after)."""
         if threading.get_ident() != self._main_thread:
             self._poke_from_flusher()
 
@@ -287,11 +288,14 @@ class Writer:
         them), or, when a producer of this turn is pipelining, on the fsync thread while the loop takes its
         next batches in.  Producers with one batch in flight each are acked soonest by the loop itself: none
         of them can send again before its ack, and whatever the others send meanwhile shares the next fsync.
-        A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
-        if not self._sync_in_loop or self.log.stop_reason is not None:
+        Under `os`: commit this turn's appends, one HEAD update (and one wake-up of each reader) for all
+        of them.  A failure has stopped the log; `_publish_commits` then nacks every batch still pending."""
+        if not (self._sync_in_loop or self._commit_in_loop) or self.log.stop_reason is not None:
             return
         try:
-            if self._pipelining.turn_pipelined:
+            if self._commit_in_loop:
+                self.log.commit_written()
+            elif self._pipelining.turn_pipelined:
                 self.log.sync_soon()
             else:
                 self.log.sync()
