@@ -20,8 +20,9 @@ from helpers import check_acked_exactly_once, collect_acks, finish, read_log, sp
 
 import walsvc
 from walsvc import head as H
-from walsvc.errors import AckTimeoutError, LogClosedError
+from walsvc.errors import AckTimeoutError, LogClosedError, LogStoppedError
 from walsvc.record import Record, encode_put
+from walsvc.segment import segment_name
 from walsvc.wakeup import HeadWatch
 from walsvc.writer import Pipelining
 
@@ -53,6 +54,24 @@ def test_log_without_fsync_thread_commits_os_appends_only_when_told(open_log) ->
     assert log.committed_lsn == 10
     assert H.load(log.directory).committed_lsn == 10
     assert log.stats()["fsyncs"] == 0
+
+
+def test_a_stop_commits_the_os_appends_written_before_it(open_log) -> None:
+    """`fsync_thread=False` under `os`: when the log stops before the owner's commit_written(), the batches
+    written whole before the failure are committed first, as a commit after each write would have; the
+    failing one is not.  (Else the writer would nack batches that recovery then keeps.)"""
+    log = open_log(fsync="os", fsync_thread=False)
+    for lsn in range(2, 2000):  # the next segment cannot be installed: the rotation fails
+        (log.directory / segment_name(lsn)).mkdir()
+    appended = 0
+    with pytest.raises(LogStoppedError) as stopped:
+        for i in range(2000):
+            log.append_encoded(encode_put(b"k%d" % i, b"v" * 1000), 1, wait=False)
+            appended += 1
+    assert stopped.value.operation == "segment rename"
+    assert 500 < appended == log.committed_lsn == H.load(log.directory).committed_lsn
+    for lsn in range(2, 2000):
+        (log.directory / segment_name(lsn)).rmdir()
 
 
 def test_log_with_fsync_thread_commits_os_appends_at_once(open_log) -> None:

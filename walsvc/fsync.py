@@ -138,6 +138,9 @@ class Syncer:
         # after seeing the stop reads its final value.  Reentrant: a failing HEAD update stops the log from
         # inside a commit.
         self._fail_lock = threading.RLock()
+        self._written_end = committed_end  # the end of the last whole write (`written`)
+        self._owed = policy == "os" and not thread  # the owner commits writes (`commit_written`)
+        self._publishing = False
         self._dirty_since: float | None = None
         self._last_sync = 0.0  # monotonic time the last fsync ended
         self._wake = threading.Condition()
@@ -156,6 +159,15 @@ class Syncer:
         """Stop the log for good because `operation` on `path` raised `exc`; returns the stop reason (the
         first failure's, if another thread stopped the log first), to raise."""
         with self._fail_lock:
+            if self.failed is None and self._commits_owed():
+                # The owner commits each loop turn's writes after the turn: commit the whole writes made
+                # before this failure first, as a commit after every write would have (so they are acked,
+                # not refused, though they are in the log).  A failing HEAD update stops the log itself.
+                self._owed = False
+                try:
+                    self._commit(self._written_end)
+                except LogStoppedError:
+                    pass
             first = self.failed is None
             if first:
                 self.failed = LogStoppedError.from_exception(operation, path, exc)
@@ -166,9 +178,15 @@ class Syncer:
                 self._on_stop(self.failed)
         return self.failed
 
+    def _commits_owed(self) -> bool:
+        """Whether whole writes wait for the owner's `commit_written`, and no HEAD update is under way (one
+        that failed is not tried again: fail-stop)."""
+        return self._owed and not self._publishing and self._written_end > self.committed_end
+
     def written(self, end_lsn: int) -> None:
         """Called after each write (write lock held): commit now (os), or wake the flusher; with
         `thread=False`, neither: the owner says when (`commit_written`, `sync`, `sync_soon`)."""
+        self._written_end = end_lsn
         if self._auto:
             if self.policy == "os":
                 self._commit(end_lsn)
@@ -179,7 +197,7 @@ class Syncer:
         """Under `os` with `thread=False`: commit everything written so far, without an fsync.  The owner
         calls it once per turn of its loop: one HEAD update, and one wake-up of each reader, for all of the
         turn's writes (the writer acks them after it anyway)."""
-        self._commit(self._snapshot()[1])
+        self._commit(self._written_end)
 
     def sync_soon(self) -> None:
         """Have the background thread fsync what is written, without waiting for it: the owner of a
@@ -227,7 +245,11 @@ class Syncer:
             with self._fail_lock:
                 self.check()
                 if self._publish is not None:
-                    self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
+                    self._publishing = True  # a failure in it is no time to commit (`fail`)
+                    try:
+                        self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
+                    finally:
+                        self._publishing = False
                 self.committed_end = end_lsn
             self._on_commit(end_lsn)
 
