@@ -8,6 +8,7 @@ functions return or raise.  tests/test_record.py runs its whole suite on each co
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 from crc32c import crc32c
@@ -130,6 +131,15 @@ def test_encode_puts_leaves_the_unusual_to_the_reference() -> None:
 
 @given(st.binary(max_size=2000), st.integers(0, 0xFFFFFFFF))
 def test_crc32c_matches_the_crc32c_package(data, start):
+    assert C.crc32c(data, start) == crc32c(data, start)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(3 * 8192 - 9, 7 * 8192 + 9), st.integers(0, 0xFFFFFFFF), st.integers(0, 1 << 32))
+def test_crc32c_of_long_buffers_matches_the_crc32c_package(size, start, seed):
+    """Buffers of three 8 KiB streams and more: the compiled CRC runs the streams side by side and joins
+    them (a wrong join, or a block boundary off by one, shows here)."""
+    data = random.Random(seed).randbytes(size)
     assert C.crc32c(data, start) == crc32c(data, start)
 
 

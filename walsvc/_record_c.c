@@ -55,8 +55,57 @@ static uint32_t crc_soft(uint32_t crc, const unsigned char *p, size_t n) {
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* One crc32 instruction waits about three cycles for the one before it.  Long buffers are therefore taken
+ * in blocks of three streams of CRC_LONG bytes, each with its own register, which the CPU runs side by side
+ * (about three times the speed); the three registers are then joined.  Joining is linear algebra over GF(2):
+ * moving a register past n zero bytes is a product with x^(8n) mod P (gf2_mul; CRC_LONG's power is computed
+ * once, at import).  Reflected CRC32C polynomial: */
+#define CRC_POLY 0x82f63b78u
+#define CRC_LONG 8192
+static uint32_t crc_long_shift;  /* x^(8 * CRC_LONG) mod P */
+
+/* a * b mod P, both polynomials in the CRC's reflected bit order */
+static uint32_t gf2_mul(uint32_t a, uint32_t b) {
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0) break;
+        }
+        m >>= 1;
+        b = b & 1 ? (b >> 1) ^ CRC_POLY : b >> 1;
+    }
+    return p;
+}
+
+/* x^(8n) mod P: the operator that moves a CRC register past n zero bytes */
+static uint32_t gf2_zeros(size_t n) {
+    uint32_t result = 1u << 31, square = 1u << 30;  /* x^0, and x^1 */
+    for (size_t bits = 8 * n; bits; bits >>= 1) {
+        if (bits & 1) result = gf2_mul(square, result);
+        square = gf2_mul(square, square);
+    }
+    return result;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const unsigned char *p, size_t n) {
     uint64_t c = ~crc;
+    while (n >= 3 * CRC_LONG) {
+        uint64_t c1 = 0, c2 = 0;
+        for (const unsigned char *end = p + CRC_LONG; p < end; p += 8) {
+            uint64_t w0, w1, w2;
+            memcpy(&w0, p, 8);
+            memcpy(&w1, p + CRC_LONG, 8);
+            memcpy(&w2, p + 2 * CRC_LONG, 8);
+            c = __builtin_ia32_crc32di(c, w0);
+            c1 = __builtin_ia32_crc32di(c1, w1);
+            c2 = __builtin_ia32_crc32di(c2, w2);
+        }
+        c = gf2_mul(crc_long_shift, (uint32_t)c) ^ (uint32_t)c1;
+        c = gf2_mul(crc_long_shift, (uint32_t)c) ^ (uint32_t)c2;
+        p += 2 * CRC_LONG;
+        n -= 3 * CRC_LONG;
+    }
     while (n >= 8) {
         uint64_t w;
         memcpy(&w, p, 8);
@@ -966,6 +1015,7 @@ PyMODINIT_FUNC PyInit__record_c(void) {
 #ifdef HAVE_CRC_HW
     __builtin_cpu_init();
     if (__builtin_cpu_supports("sse4.2")) {
+        crc_long_shift = gf2_zeros(CRC_LONG);
         crc32c_fn = crc_hw;
         cpu = "sse4.2";
     }
