@@ -74,6 +74,23 @@ def test_a_stop_commits_the_os_appends_written_before_it(open_log) -> None:
         (log.directory / segment_name(lsn)).rmdir()
 
 
+def test_a_failed_head_update_is_not_tried_again_by_the_stop() -> None:
+    """Fail-stop: when the owner's commit fails in its HEAD update, the stop does not try that update again
+    to commit the owed writes."""
+    from walsvc.fsync import Syncer
+    tries = []
+
+    def publish(end: int) -> None:
+        tries.append(end)
+        raise syncer.fail("HEAD update", None, OSError(errno.EIO, "injected"))
+
+    syncer = Syncer("os", 0, lambda: (0, 0, None), lambda end: None, 1, publish=publish, thread=False)
+    syncer.written(5)
+    with pytest.raises(LogStoppedError):
+        syncer.commit_written()
+    assert tries == [5] and syncer.committed_end == 1 and syncer.failed.operation == "HEAD update"
+
+
 def test_log_with_fsync_thread_commits_os_appends_at_once(open_log) -> None:
     """The embedded log's default under `os`: every append is committed when it returns."""
     log = open_log(fsync="os")

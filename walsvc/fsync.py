@@ -139,14 +139,13 @@ class Syncer:
         # inside a commit.
         self._fail_lock = threading.RLock()
         self._written_end = committed_end  # the end of the last whole write (`written`)
-        self._owed = policy == "os" and not thread  # the owner commits writes (`commit_written`)
         self._publishing = False
         self._dirty_since: float | None = None
         self._last_sync = 0.0  # monotonic time the last fsync ended
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._auto = thread or policy == "batch"  # each write commits or wakes the thread (else the owner says when)
+        self._auto = thread or policy == "batch"  # each write commits or wakes the thread (else: the owner)
         if policy != "os":
             self._thread = threading.Thread(target=self._flusher, name="walsvc-fsync", daemon=True)
             self._thread.start()
@@ -163,7 +162,6 @@ class Syncer:
                 # The owner commits each loop turn's writes after the turn: commit the whole writes made
                 # before this failure first, as a commit after every write would have (so they are acked,
                 # not refused, though they are in the log).  A failing HEAD update stops the log itself.
-                self._owed = False
                 try:
                     self._commit(self._written_end)
                 except LogStoppedError:
@@ -181,7 +179,8 @@ class Syncer:
     def _commits_owed(self) -> bool:
         """Whether whole writes wait for the owner's `commit_written`, and no HEAD update is under way (one
         that failed is not tried again: fail-stop)."""
-        return self._owed and not self._publishing and self._written_end > self.committed_end
+        return (self.policy == "os" and not self._auto and not self._publishing
+                and self._written_end > self.committed_end)
 
     def written(self, end_lsn: int) -> None:
         """Called after each write (write lock held): commit now (os), or wake the flusher; with

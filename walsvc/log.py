@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
-
 from . import frame as F
 from . import access, logid, retention
 from .config import LogConfig, check_lsn, directory_path
