@@ -20,7 +20,9 @@ from helpers import check_acked_exactly_once, collect_acks, finish, read_log, sp
 
 import walsvc
 from walsvc import head as H
+from walsvc import producer as producer_module
 from walsvc.errors import AckTimeoutError, LogClosedError, LogStoppedError
+from walsvc.producer import EAGER_IN_FLIGHT
 from walsvc.record import Record, encode_put
 from walsvc.segment import segment_name
 from walsvc.wakeup import HeadWatch
@@ -190,6 +192,122 @@ def test_futures_nobody_waits_on_resolve_and_waiting_threads_hand_over(tmp_path:
 
 async def _awaited(producer: walsvc.Producer) -> int:
     return await producer.put(b"awaited", b"v")
+
+
+def _wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_replies_nobody_watches_are_taken_by_the_caller_when_the_pipeline_fills(tmp_path: Path, writers,
+                                                                                 monkeypatch) -> None:
+    """Records put and not waited on: the I/O thread does not wake for each ack (here it would look only
+    every 30 s), and the caller whose put finds the pipeline nearly full takes the acks waiting itself, so
+    its record still goes out alone and at once.  Nothing is lost: a flush then resolves every record."""
+    monkeypatch.setattr(producer_module, "LAZY_TURN_S", 30.0)
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with _WatchedProducer(d, ack_timeout_s=60) as producer:
+        producer.put(b"warm", b"up")
+        producer.flush(30)  # the I/O thread takes that ack, then holds the reply socket
+        first = [producer.put(b"k%d" % i, b"v") for i in range(EAGER_IN_FLIGHT - 2)]
+        _wait_until(lambda: status(d)["committed_lsn"] == EAGER_IN_FLIGHT - 1, "the writer never committed them")
+        _wait_until(lambda: producer._io_lazy, "the I/O thread never stopped watching the reply socket")
+        time.sleep(0.2)
+        assert producer.acked_records == 1, "acks nobody watches were taken one by one as they came"
+        assert not any(f._batch.done for f in first)
+        producer.receivers.clear()
+        last = producer.put(b"last", b"v")  # the pipeline holds EAGER_IN_FLIGHT - 1 batches after it
+        assert producer.receivers == [threading.current_thread().name]
+        assert producer.acked_records >= EAGER_IN_FLIGHT - 1
+        assert [f.result(0) for f in first] == list(range(2, EAGER_IN_FLIGHT))
+        producer.flush(10)
+        assert last.result(0) == EAGER_IN_FLIGHT
+        assert status(d)["counters"]["batches"] == EAGER_IN_FLIGHT  # each record went out alone
+    assert writer.stop() == 0
+    stored = read_log(d)
+    assert [r.key for r in stored] == [b"warm", *(b"k%d" % i for i in range(EAGER_IN_FLIGHT - 2)), b"last"]
+
+
+def test_a_record_put_as_the_producer_starts_goes_out_at_once(tmp_path: Path, writers) -> None:
+    """Nothing is sent before the writer's READY: the I/O thread watches the reply socket for it even with
+    nobody waiting for a record, so one put right after the producer starts is committed in milliseconds,
+    not after the I/O thread's idle timeout (a second)."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with walsvc.Producer(d) as producer:
+        start = time.monotonic()
+        producer.put(b"first", b"v")
+        _wait_until(lambda: status(d)["committed_lsn"] == 1, "the record was never committed")
+        took = time.monotonic() - start
+    assert took < 0.7, f"the first record took {took:.3f} s to be committed"
+    assert writer.stop() == 0
+
+
+def test_looking_at_a_future_gets_its_ack_taken_as_it_comes(tmp_path: Path, writers, monkeypatch) -> None:
+    """With the I/O thread not watching the reply socket (it would look only every 30 s), each way of
+    looking at a record without waiting in result() makes it watch again: done() polling, a done callback,
+    await, flush; each resolves in seconds."""
+    monkeypatch.setattr(producer_module, "LAZY_TURN_S", 30.0)
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with walsvc.Producer(d, ack_timeout_s=60) as producer:
+        producer.put(b"warm", b"up")
+        producer.flush(30)  # the I/O thread takes that ack, then holds the reply socket
+        producer.put(b"unwatched", b"v")
+        _wait_until(lambda: producer._io_lazy, "the I/O thread never stopped watching the reply socket")
+
+        polled = producer.put(b"polled", b"v")
+        _wait_until(polled.done, "a future polled with done() was not resolved", timeout=5)
+        _wait_until(lambda: producer._io_lazy, "the I/O thread kept watching with nothing unacked")
+        called = threading.Event()
+        producer.put(b"callback", b"v").add_done_callback(lambda f: called.set())
+        assert called.wait(5), "a done callback did not run"
+        _wait_until(lambda: producer._io_lazy, "the I/O thread kept watching with nothing unacked")
+        assert asyncio.run(asyncio.wait_for(_awaited(producer), 5)) > 0
+        _wait_until(lambda: producer._io_lazy, "the I/O thread kept watching with nothing unacked")
+        flushed = producer.put(b"flushed", b"v")
+        start = time.monotonic()
+        producer.flush(5)
+        assert flushed.done() and time.monotonic() - start < 5
+    assert writer.stop() == 0
+    assert len(read_log(d)) == 6
+
+
+def test_a_paced_producer_s_io_thread_does_not_wake_for_each_ack(tmp_path: Path, writers) -> None:
+    """One put every millisecond, none waited on (the latency scenario's producer): the I/O thread wakes a
+    few times per LAZY_TURN_S, not once per ack (its voluntary context switches, from /proc), and every
+    record is acked and stored once, in order."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    n = 1000
+    with walsvc.Producer(d) as producer:
+        producer.put(b"warm", b"up")
+        producer.flush(30)  # the I/O thread takes that ack, then holds the reply socket
+        before = _voluntary_switches(producer._io.native_id)
+        start = time.monotonic()
+        futures = []
+        for i in range(n):
+            delay = start + i / 1000 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(producer.put(b"p%d" % i, b"v"))
+        wakes = _voluntary_switches(producer._io.native_id) - before
+        producer.flush(30)
+        assert [f.result(0) for f in futures] == list(range(2, n + 2))
+    assert wakes < n / 4, f"the I/O thread woke {wakes} times for {n} acks nobody watched"
+    assert writer.stop() == 0
+    assert len(read_log(d)) == n + 1
+
+
+def _voluntary_switches(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for thread {tid}")
 
 
 def test_close_while_a_caller_receives(tmp_path: Path, writers) -> None:

@@ -43,6 +43,7 @@ logger = logging.getLogger("walsvc.producer")
 EAGER_IN_FLIGHT = 8
 RECEIVE_SLICE_MS = 100  # a caller receiving its reply looks at `close` and its deadline this often
 LOOK_BEFORE_RECV = 5  # see _take_replies
+LAZY_TURN_S = 0.01  # while nobody watches for replies, the I/O thread takes them this often (see _next_turn)
 
 
 def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
@@ -184,6 +185,11 @@ class Producer:
     refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
     writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
     They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
+
+    Replies nobody watches for (records put and not waited on) are taken in bulk, not with one wake-up of
+    the I/O thread per ack: by the caller once the pipeline is nearly full, else by the I/O thread at its
+    next turn (every LAZY_TURN_S while batches are unacked; within a second).  `result()`, `done()`, a done
+    callback, `await` and `flush` make them be taken as they come.
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
@@ -228,6 +234,10 @@ class Producer:
         self._closed_reason = "producer is closed"
         self._receiver: str | None = None  # who may use the reply socket now: "io", "caller" or nobody
         self._waiters = 0  # callers inside `_await`
+        # The I/O thread holds the reply socket but is not watching it (it looks every LAZY_TURN_S): whoever
+        # holds the lock may take the replies waiting.  Set and cleared under the lock, by the I/O thread.
+        self._io_lazy = False
+        self._watched = False  # someone looks at a batch's outcome: replies are taken as they come
         self.acked_records = 0
         self._ctx = zmq.Context()
         self._poke_tx = self._ctx.socket(zmq.PAIR)
@@ -327,6 +337,8 @@ class Producer:
         if self._buffered + pending.size + len(data) > self.max_buffer_bytes:
             self._wait_for_space(len(data))
         batch = self._open
+        if batch is None:
+            self._take_unwatched_replies()
         if batch is None and len(self._session) < EAGER_IN_FLIGHT:
             # Nothing open and the pipeline has room: these records are the whole batch, sent from this thread
             # now (what opening, filling and closing a batch in the put buffer would come to, in fewer steps).
@@ -335,6 +347,7 @@ class Producer:
             self._buffered += batch.size
             self._session.submit(batch, data, count)
             self._send_now()
+            self._take_unwatched_replies()
             return batch, 0
         if batch is not None and pending.size + len(data) > self._max_payload:
             self._close_open_batch()  # together they would be longer than the writer takes
@@ -461,6 +474,19 @@ class Producer:
         max_buffer_bytes over everything unacked)."""
         return min(self.batch_bytes, self.max_buffer_bytes - self._buffered + 1)
 
+    def _take_unwatched_replies(self) -> None:
+        """While no thread watches the reply socket (lock held): once the pipeline is nearly full, take the
+        replies waiting here, so the next record still goes out alone and at once.  After a send, this costs
+        the caller time the record has already left in (a paced caller sleeps next)."""
+        if (len(self._session) >= EAGER_IN_FLIGHT - 1 and self._reply_socket_free()
+                and zmq.zmq_poll(self._sub_in, 0)):
+            self._apply_replies(self._take_replies(), time.monotonic())
+
+    def _reply_socket_free(self) -> bool:
+        """Whether the holder of the lock may take replies now: nobody holds the reply socket, or the I/O
+        thread holds it without watching it (either way it touches it next under the lock)."""
+        return self._receiver is None or self._io_lazy
+
     def _pipeline_idle(self) -> bool:
         return len(self._session) < EAGER_IN_FLIGHT
 
@@ -477,10 +503,11 @@ class Producer:
 
     def _want_replies_locked(self) -> None:
         """Someone will look at a future without receiving (done, a callback, await, flush, a full buffer):
-        if nobody is receiving, wake the I/O thread to.  A batch that is only sent does not wake it: its
-        sender usually calls `result()` next and receives the reply itself (an unobserved batch is resolved
-        at the I/O thread's next turn, within a second)."""
-        if self._receiver is None and not self._waiters:
+        replies are to be taken as they come, so wake the I/O thread if nobody is receiving or it is not
+        watching.  A batch that is only sent does not wake it: its sender usually calls `result()` next and
+        receives the reply itself (see the class docstring for batches nobody watches)."""
+        self._watched = True
+        if self._io_lazy or (self._receiver is None and not self._waiters):
             self._poke()
 
     def _await(self, batch: _Batch, timeout: float | None) -> None:
@@ -495,8 +522,9 @@ class Producer:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return
-                    if self._receiver is None and not self._closed:
+                    if self._reply_socket_free() and not self._closed:
                         self._receiver = "caller"
+                        self._io_lazy = False
                         self._lock.release()
                         try:
                             self._receive_until(batch, deadline)
@@ -563,6 +591,7 @@ class Producer:
                                        "before that may or may not be in the log")
                 if self._receiver == "io":
                     self._receiver = None
+                self._io_lazy = False
                 if self._open is not None:
                     self._close_open_batch()
                 self._apply(self._session.fail_all(LogClosedError(self._closed_reason)))
@@ -590,6 +619,11 @@ class Producer:
                 self._lock.release()
                 replies, take = self._take_replies(), False
             with self._lock:  # once per turn: every lock round trip here is one a `put` may have to wait for
+                if not take and self._reply_socket_free() and not self._waiters:
+                    # It did not watch the reply socket: take what waits (before `tick` judges ack timeouts).
+                    self._receiver = "io"
+                    take = bool(zmq.zmq_poll(self._sub_in, 0))
+                self._io_lazy = False
                 if take:
                     # A `put` held the lock: it may be inside its send, which gave this thread the GIL.  Waiting
                     # for the lock at once hands the GIL back, and the replies are taken after.
@@ -612,22 +646,31 @@ class Producer:
                 receives, timeout = self._next_turn(now)
 
     def _next_turn(self, now: float) -> tuple[bool, int]:
-        """For the I/O thread's next poll (lock held): whether it receives replies (it takes the reply socket
-        when nobody holds it and no caller waits), and the poll timeout in ms."""
+        """For the I/O thread's next poll (lock held): whether it watches the reply socket, and the poll
+        timeout in ms.  It takes the reply socket when nobody holds it and no caller waits.  It watches it
+        only while READY is awaited, someone looks at a batch's outcome, the pipeline is full or records wait
+        in the open batch: otherwise waking once per ack costs a paced producer more CPU than the acks themselves, and
+        the replies are taken in bulk (`_take_unwatched_replies`, and here every LAZY_TURN_S)."""
         if self._receiver is None and not self._waiters:
             self._receiver = "io"
+        session = self._session
+        if self._watched and not len(session):
+            self._watched = False
         receives = self._receiver == "io"
-        deadlines = []
+        self._io_lazy = lazy = receives and session.ready_seen and not (
+            self._watched or self._open is not None or len(session) >= EAGER_IN_FLIGHT)
+        deadlines = [now + LAZY_TURN_S] if lazy and len(session) else []
         if self._open is not None:
             deadlines.append(self._open.opened_at + self.linger)
-        ack_deadline = self._session.deadline()
+        ack_deadline = session.deadline()
         if ack_deadline is not None:
             deadlines.append(ack_deadline)
-        if self._session.next_send() is not None:
+        if session.next_send() is not None:
             deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
+        watches = receives and not lazy
         if not deadlines:
-            return receives, 1000
-        return receives, max(0, int((min(deadlines) - now) * 1000) + 1)
+            return watches, 1000
+        return watches, max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _send_ready(self, now: float) -> bool:
         """Send what the session lets go out (lock held); True if the socket refused one (its queue is full)."""
