@@ -44,6 +44,7 @@ EAGER_IN_FLIGHT = 8
 RECEIVE_SLICE_MS = 100  # a caller receiving its reply looks at `close` and its deadline this often
 LOOK_BEFORE_RECV = 5  # see _take_replies
 LAZY_TURN_S = 0.01  # while nobody watches for replies, the I/O thread takes them this often (see _next_turn)
+IDLE_POLL_MS = 1000  # the I/O thread's longest sleep when nothing is due
 
 
 def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
@@ -236,7 +237,7 @@ class Producer:
         self._receiver: str | None = None  # who may use the reply socket now: "io", "caller" or nobody
         self._waiters = 0  # callers inside `_await`
         # The I/O thread holds the reply socket but is not watching it (it looks every LAZY_TURN_S): whoever
-        # holds the lock may take the replies waiting.  Set and cleared under the lock, by the I/O thread.
+        # holds the lock may take the replies waiting.  Only changed under the lock; set by the I/O thread.
         self._io_lazy = False
         self._watched = False  # someone looks at a batch's outcome: replies are taken as they come
         self.acked_records = 0
@@ -649,9 +650,9 @@ class Producer:
     def _next_turn(self, now: float) -> tuple[bool, int]:
         """For the I/O thread's next poll (lock held): whether it watches the reply socket, and the poll
         timeout in ms.  It takes the reply socket when nobody holds it and no caller waits.  It watches it
-        only while READY is awaited, someone looks at a batch's outcome, the pipeline is full or records wait
-        in the open batch: otherwise waking once per ack costs a paced producer more CPU than the acks themselves, and
-        the replies are taken in bulk (`_take_unwatched_replies`, and here every LAZY_TURN_S)."""
+        only while READY is awaited, someone looks at a batch's outcome, the pipeline is full or records
+        wait in the open batch: otherwise a wake-up per ack costs a paced producer more CPU than the acks
+        themselves, and the replies are taken in bulk (`_take_unwatched_replies`, and every LAZY_TURN_S)."""
         if self._receiver is None and not self._waiters:
             self._receiver = "io"
         session = self._session
@@ -670,7 +671,7 @@ class Producer:
             deadlines.append(now + 0.001)  # the PUSH queue was full: retry soon
         watches = receives and not lazy
         if not deadlines:
-            return watches, 1000
+            return watches, IDLE_POLL_MS
         return watches, max(0, int((min(deadlines) - now) * 1000) + 1)
 
     def _send_ready(self, now: float) -> bool:
