@@ -190,8 +190,8 @@ class Producer:
     Replies nobody watches for (records put and not waited on) are taken in bulk, not with one wake-up of
     the I/O thread per ack: by the caller once the pipeline is nearly full, else by the I/O thread at its
     next turn (every LAZY_TURN_S while batches are unacked; right after a caller's own wait, within
-    ack_timeout_s).  `result()`, `done()`, a done callback, `await` and `flush` make them be taken as they
-    come.
+    ack_timeout_s or IDLE_POLL_MS, whichever is longer).  `result()`, `done()`, a done callback, `await`
+    and `flush` make them be taken as they come.
     """
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", *, endpoints: Endpoints | None = None,
