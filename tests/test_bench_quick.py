@@ -52,11 +52,13 @@ def test_quick_suite_reports_every_peer_scenario(tmp_path: Path) -> None:
                 continue
             assert cell["median"] > 0, (name, peer)
             run = cell["runs"][0]
-            assert all(value > 0 for key, value in run.items() if key != "steal_cores"), (name, peer, run)
+            # Busy and stolen CPU come from /proc/stat's 10 ms ticks: a light 1 s run can read 0 of either.
+            assert all(value > 0 for key, value in run.items() if key not in ("cpu_cores", "steal_cores")), (
+                name, peer, run)
             assert 0 <= run["steal_cores"] <= os.cpu_count(), (name, peer, run)  # every run says what was stolen
             if scenario["kind"] == "latency":
                 assert run["p50_us"] <= run["p99_us"] <= run["p999_us"]
-                assert run["cpu_cores"] <= os.cpu_count() and 0 <= run["steal_cores"] <= os.cpu_count(), run
+                assert 0 <= run["cpu_cores"] <= os.cpu_count() and 0 <= run["steal_cores"] <= os.cpu_count(), run
                 sent = scenario["params"]["rate"] * scenario["params"]["seconds"]
                 assert run["samples"] >= 0.9 * sent, (name, peer, run)  # the reader saw (nearly) every record
 

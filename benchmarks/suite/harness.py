@@ -43,7 +43,7 @@ What the functions measure:
   (`measure_latency` places them): the placement an operator gives a latency-critical server on a small
   machine.  A system with no server process (SERVER false) shows n/a there.  `measure_latency` adds
   `cpu_cores` and `steal_cores`: the whole machine's busy and stolen CPU (from /proc/stat) averaged over the
-  run, in cores.  On a small machine the busy share is what latency grows with (every thread's work waits for
+  run, in cores (sampled in 10 ms ticks: a light, short run can read 0).  On a small machine the busy share is what latency grows with (every thread's work waits for
   a core), and stolen time is the hypervisor's: a run with much of it says more about the VM than the system.
   The runner adds `steal_cores` to every other run, measured over the whole call.
 - rotation: one producer process paced at `rate` records/s of 100 bytes into a log of `segment_bytes`
