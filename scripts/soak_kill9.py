@@ -9,6 +9,7 @@ reused, that what each restart recovered never went backwards, and that the read
 
     python scripts/soak_kill9.py --cycles 200            # or --minutes 10; --keep to keep the files
     python scripts/soak_kill9.py --cycles 1000           # nightly: about 20 minutes, a few hundred MB of log
+    python scripts/soak_kill9.py --cycles 200 --unwatched   # producers that look at no record until the end
 
 It prints how many acked records were lost, stored twice, or found with their LSN holding another record
 (all three must be 0).
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gap", type=float, default=0.6, help="longest writer life between kills (s)")
     parser.add_argument("--segment-bytes", type=int, default=1 << 20,
                         help="segment size (default 1 MiB, the minimum, so rotations happen under the kills)")
+    parser.add_argument("--unwatched", action="store_true",
+                        help="producers look at no record until they flush at the end (acks taken in bulk)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dir", help="work directory (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="walsvc-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     d = work / "wal"
-    print(f"soak: dir {work}, seed {seed}, {args.producers} producers, fsync={args.fsync}, "
+    print(f"soak: dir {work}, seed {seed}, {args.producers} producers"
+          + (" (unwatched)" if args.unwatched else "") + f", fsync={args.fsync}, "
           + (f"{args.cycles} cycles" if args.cycles else f"{args.minutes} minutes"), flush=True)
     config = work / "walsvc.toml"
     config.write_text(f"[log]\nsegment_bytes = {args.segment_bytes}\n")
@@ -82,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         writer.start()
         reader = spawn_reader(d, work / "reader.txt", until_file=until)
         wait_ready(reader)
-        producers = [spawn_producer(d, i, out, stop_file=stop, batch=10, pause_s=0.01, ack_timeout_s=1.0)
+        producers = [spawn_producer(d, i, out, stop_file=stop, batch=10, pause_s=0.01, ack_timeout_s=1.0,
+                                    unwatched=args.unwatched)
                      for i, out in enumerate(outs)]
-        wait_for(lambda: all(read_acks(o) for o in outs), 60, "first acks from every producer")
+        if args.unwatched:  # their acks are written down only at the end
+            wait_for(lambda: read_seen(work / "reader.txt"), 60, "first records from the producers")
+        else:
+            wait_for(lambda: all(read_acks(o) for o in outs), 60, "first acks from every producer")
         recovered = [writer.ready_committed_lsn()]
         cycle = 0
         deadline = started + args.minutes * 60 if args.minutes else None
@@ -100,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             if cycle % (10 if args.cycles <= 200 else 50) == 0:
                 acked = sum(len(read_acks(o)) for o in outs)
                 print(f"  cycle {cycle:5d}  {time.monotonic() - started:7.1f} s  recovered LSN {recovered[-1]:,}  "
-                      f"acked {acked:,}", flush=True)
+                      + (f"read {len(read_seen(work / 'reader.txt')):,}" if args.unwatched else f"acked {acked:,}"),
+                      flush=True)
 
         stop.touch()
         for i, p in enumerate(producers):

@@ -351,9 +351,11 @@ def spawn_helper(*args: str, stdout: Any = subprocess.DEVNULL) -> subprocess.Pop
 
 def spawn_producer(directory: Path, index: int, out: Path, *, count: int = 0, stop_file: Path | None = None,
                    batch: int = 20, pause_s: float = 0.005, ack_timeout_s: float = 2.0,
-                   in_flight_one: bool = False, value_bytes: int = 32, until_stopped: bool = False) -> subprocess.Popen:
+                   in_flight_one: bool = False, value_bytes: int = 32, until_stopped: bool = False,
+                   unwatched: bool = False) -> subprocess.Popen:
     """A producer process; `until_stopped`: a LogStoppedError ends it (exit 0), and each key it failed is
-    written to `out` + ".stopped" (see `read_stopped`)."""
+    written to `out` + ".stopped" (see `read_stopped`); `unwatched`: it looks at no record until the end
+    (acks are taken in bulk, walsvc/producer.py), then flushes and writes every ack to `out`."""
     args = ["producer", "--dir", directory, "--index", index, "--out", out, "--count", count, "--batch", batch,
             "--pause", pause_s, "--ack-timeout", ack_timeout_s, "--value-bytes", value_bytes]
     if stop_file is not None:
@@ -362,6 +364,8 @@ def spawn_producer(directory: Path, index: int, out: Path, *, count: int = 0, st
         args.append("--in-flight-one")
     if until_stopped:
         args.append("--until-stopped")
+    if unwatched:
+        args.append("--unwatched")
     return spawn_helper(*args)
 
 
@@ -487,7 +491,7 @@ def _producer_main(args: argparse.Namespace) -> int:
                 counter += 1
             if args.in_flight_one:
                 drain(True)
-            else:
+            elif not args.unwatched:
                 drain(False)
             if stopped.is_set():
                 break  # the writer's log stopped: what is still pending is nacked too
@@ -540,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight-one", action="store_true", help="wait for each record's ack before the next")
     p.add_argument("--until-stopped", action="store_true",
                    help="end at a LogStoppedError; list the keys that failed in OUT.stopped")
+    p.add_argument("--unwatched", action="store_true",
+                   help="look at no record until the end (no done(), no result()), then flush and write every ack")
     r = sub.add_parser("reader")
     r.add_argument("--dir", required=True)
     r.add_argument("--out", required=True)
@@ -547,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--until-file", help="exit once past the LSN written in this file")
     r.add_argument("--start", default="earliest")
     args = parser.parse_args(argv)
+    if args.role == "producer" and args.unwatched and (args.in_flight_one or args.until_stopped):
+        parser.error("--unwatched looks at no record, so it goes with neither --in-flight-one nor --until-stopped")
     return _producer_main(args) if args.role == "producer" else _reader_main(args)
 
 
