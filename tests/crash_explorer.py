@@ -25,6 +25,7 @@ than as a prefix.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import shutil
@@ -80,7 +81,7 @@ def value_of(key: bytes) -> bytes:
 @dataclass
 class Op:
     kind: str  # "write", "trunc", "alloc", "sync", "create", "rename", "dirsync", "ack"
-    path: str = ""  # the file's inode key: the name it was created with (+ "#n" when that name is reused)
+    path: str = ""  # the file's inode key: the name it was created with (+ "#n", n the op's index, when reused)
     target: str = ""  # rename: the new name
     offset: int = 0
     data: bytes = b""
@@ -167,7 +168,7 @@ def parse(text: str, directory: str) -> list[Op]:
             flags = int(fm.group(1), 0) if fm else 0
             name = target.group(1) if target else ""
             if name.startswith(prefix) and flags & 0x40 and (name not in inode_of or flags & 0x80):  # O_CREAT, O_EXCL
-                key = name if name not in seen else f"{name}#{len(seen)}"
+                key = name if name not in seen else f"{name}#{len(ops)}"  # unique: every spare reuses a name"
                 seen.add(name)
                 inode_of[name] = key
                 ops.append(Op("create", key, start=start))
@@ -315,9 +316,15 @@ def check_state(state: State, trace: Trace, target: Path, check_acked: bool = Tr
     is False for the `os` policy, whose acks do not promise survival of a power cut."""
     if target.exists():
         shutil.rmtree(target)
+    # With the modes the writer gave them (a private log: walsvc refuses to open one others can read),
+    # whatever the umask of the process that runs the explorer.
     target.mkdir(parents=True)
+    target.chmod(0o700)
     for path, ops in state.files.items():
-        (target / Path(path).name).write_bytes(_apply(ops))
+        fd = os.open(target / Path(path).name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_apply(ops))
 
     def check_records(records: list, where: str) -> None:
         previous = 0

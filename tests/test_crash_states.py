@@ -28,7 +28,7 @@ def test_power_cut_crash_states_under_os(tmp_path):
     """Under `os` nothing but seals is fsynced, so at a rotation every frame of the segment is unsynced: a
     power cut may keep the seal and lose a frame before it, unless the writer syncs the frames before it
     writes the seal.  Acks promise nothing here; the log must still open, read back whole, invent nothing."""
-    counts = explore(tmp_path, policy="os", threads=2, batches=80, cuts=10, per_cut=4, seed=3)
+    counts = explore(tmp_path, policy="os", threads=3, batches=150, cuts=10, per_cut=4, seed=3)
     print("crash states:", counts)
     assert counts["states_with_lost_then_kept_write"] > 20
     assert counts["refused"] == 0, counts

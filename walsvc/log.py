@@ -388,7 +388,19 @@ class Log:
         return new
 
     def _prepare_spare(self) -> int:
-        """Rotation thread: the next segment's file, created, preallocated and fsynced before it is needed."""
+        """Rotation thread: the next segment's file, created, preallocated and fsynced before it is needed.
+
+        First the active segment's header is made durable (its frames so far with it).  The switch renames
+        the spare into place with no fsync, and a power cut may keep that name while losing whatever the
+        active segment never had fsynced (under `os`, all of it until its seal): without this, recovery
+        could find a segment without a header in the middle of the log, not at its end, and refuse to open.
+        The spare is ready only after, so no rename can come first; no new segment can be switched to
+        meanwhile, so the active one cannot change under this thread."""
+        seg = self._active
+        try:
+            sync_data(seg.fd)
+        except OSError as exc:
+            raise self._syncer.fail("fdatasync", seg.path, exc) from exc
         try:
             return create_spare(self.directory, self.config.segment_bytes, self.config.preallocate)
         except OSError as exc:
