@@ -168,7 +168,7 @@ def parse(text: str, directory: str) -> list[Op]:
             flags = int(fm.group(1), 0) if fm else 0
             name = target.group(1) if target else ""
             if name.startswith(prefix) and flags & 0x40 and (name not in inode_of or flags & 0x80):  # O_CREAT, O_EXCL
-                key = name if name not in seen else f"{name}#{len(ops)}"  # unique: every spare reuses a name"
+                key = name if name not in seen else f"{name}#{len(ops)}"  # unique: every spare reuses a name
                 seen.add(name)
                 inode_of[name] = key
                 ops.append(Op("create", key, start=start))

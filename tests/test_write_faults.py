@@ -87,7 +87,9 @@ RENAME_DIR_FSYNC = Site("rename-dir-fsync", "fiu", "posix/io/sync/fsync", "direc
 PREALLOCATE = Site("preallocate", "shim", "fallocate", "preallocate", "next-segment.tmp", rotating=True)
 SPARE_FDATASYNC = Site("spare-fdatasync", "shim", "fdatasync", "fdatasync", "next-segment.tmp", rotating=True,
                        shim_options="path=next-segment.tmp")
-# Under `os` only the rotation thread fdatasyncs a segment: the old one's frames, before its seal.
+# Under `os` only the rotation thread fdatasyncs a segment: the new active one right after a switch (before
+# it makes the next spare), then the old one's frames before its seal.  The first after arming fails: the
+# new active segment's, as the arming waits for the rotation thread to go idle between switches.
 SEAL_FDATASYNC = Site("seal-fdatasync", "shim", "fdatasync", "fdatasync", ".wal", rotating=True,
                       shim_options="path=.wal")
 SEAL_TRUNCATE = Site("seal-truncate", "fiu", "posix/io/rw/ftruncate", "seal truncate", ".wal", rotating=True)

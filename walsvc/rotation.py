@@ -5,8 +5,9 @@ and fsynced the directory, all inline, while every append waited (44-78 ms with 
 append that fills a segment only writes the next segment's header into a spare file prepared ahead of time
 and renames it into place; this thread does everything else, in order: prepare the spare (the log first
 fsyncs the active segment, so its header is durable before a later name can be; then create, preallocate,
-fdatasync), then after each rotation seal the old segment and apply retention (jobs the log submits).  The log decides what each job does and what must be durable before an ack (log.py); this module
-only runs them, and turns any error into a stop of the log: no exception ends the thread silently.
+fdatasync), then after each rotation seal the old segment and apply retention (jobs the log submits).
+The log decides what each job does and what must be durable before an ack (log.py); this module only runs
+them, and turns any error into a stop of the log: no exception ends the thread silently.
 """
 
 from __future__ import annotations
