@@ -75,10 +75,10 @@ def main() -> int:
             got = [consumed.get(timeout=300) for _ in consumers]
             for proc in producers + consumers:
                 proc.join(30)
-        records = sum(n for n, _ in results)
+        records = sum(n for n, _, _ in results)
         processed = sum(n for n, _, _ in got)
         finished = max(t for _, _, t in got)
-        produce_wall = max(t for _, t in results)
+        produce_wall = max(t for _, t, _ in results)
         if processed != records or sum(s for _, s, _ in got) != records * (records + 1) // 2:
             raise SystemExit(f"FAILED: {records} records acked, the group processed {processed}, "
                              "or some LSN twice and another never")
