@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             if dead or reader.poll() is not None:
                 raise AssertionError(f"processes died: producers {dead}, reader rc {reader.poll()}")
             if cycle % (10 if args.cycles <= 200 else 50) == 0:
-                acked = sum(len(read_acks(o)) for o in outs)
+                progress = (f"read {len(read_seen(work / 'reader.txt')):,}" if args.unwatched  # acks come at the end
+                            else f"acked {sum(len(read_acks(o)) for o in outs):,}")
                 print(f"  cycle {cycle:5d}  {time.monotonic() - started:7.1f} s  recovered LSN {recovered[-1]:,}  "
-                      + (f"read {len(read_seen(work / 'reader.txt')):,}" if args.unwatched else f"acked {acked:,}"),
-                      flush=True)
+                      f"{progress}", flush=True)
 
         stop.touch()
         for i, p in enumerate(producers):

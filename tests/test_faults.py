@@ -33,7 +33,7 @@ def test_kill9_writer_20_times_under_load(tmp_path: Path, writers) -> None:
 def test_kill9_writer_under_load_while_nobody_watches_the_acks(tmp_path: Path, writers) -> None:
     """The same with producers that look at no record until they flush at the end: their acks are taken in
     bulk (by a `put` at a nearly full pipeline, or the I/O thread's look every LAZY_TURN_S), so the resends
-    after each restart hang on the I/O thread seeing READY and judging ack timeouts without being asked."""
+    after each restart rest on the I/O thread seeing READY and judging ack timeouts without being asked."""
     kill9_under_load(tmp_path, writers, cycles=10, unwatched=True)
 
 
