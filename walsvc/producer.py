@@ -695,8 +695,9 @@ class Producer:
             self._apply_replies(replies, time.monotonic())
 
     def _take_replies(self, msg: bytes | None = None) -> list[P.Reply]:
-        """`msg` and every reply waiting on the socket, decoded; no lock is held, so a `put` never waits for
-        the socket work (only for `_apply_replies`)."""
+        """`msg` and every reply waiting on the socket, decoded.  The I/O thread and a waiting caller call it
+        without the lock, so a `put` never waits for that socket work (only for `_apply_replies`); a `put` that
+        takes unwatched replies calls it under the lock (`_take_unwatched_replies`)."""
         replies: list[P.Reply] = []
         while True:
             if msg is None:
