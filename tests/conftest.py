@@ -19,11 +19,13 @@ if str(REPO_ROOT) not in sys.path:
 
 
 def _build_record_codec() -> str | None:
-    """Compile walsvc/_record_c.c beside its source, so the tests (which import the source tree, not the
-    installed package) run the C codec too; None on success, else the compiler's output."""
-    source = REPO_ROOT / "walsvc" / "_record_c.c"
-    built = sorted((REPO_ROOT / "walsvc").glob("_record_c.*.so"))
-    if built and built[0].stat().st_mtime >= source.stat().st_mtime:
+    """Compile the C twins (walsvc/_record_c.c, walsvc/_writer_c.c) beside their sources, so the tests (which
+    import the source tree, not the installed package) run them too; None on success, else the compiler's
+    output."""
+    package = REPO_ROOT / "walsvc"
+    newest = max(p.stat().st_mtime for p in [package / "_record_c.c", package / "_writer_c.c", package / "_c_core.h"])
+    built = [sorted(package.glob(f"{name}.*.so")) for name in ("_record_c", "_writer_c")]
+    if all(built) and all(found[0].stat().st_mtime >= newest for found in built):
         return None
     proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=REPO_ROOT,
                           capture_output=True, text=True)

@@ -17,7 +17,7 @@ LAYERS = {
         "repair"},
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "rotation",
         "log", "logid", "seek", "nori"},
-    2: {"endpoints", "wakeup", "writer", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
+    2: {"endpoints", "wakeup", "writer", "_writer_c", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
     3: {"cli", "verify", "status", "up", "__main__", "workers"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

@@ -36,10 +36,12 @@ def poll_until(reader: walsvc.Reader, count: int, timeout: float = 20.0) -> list
 
 # -- many processes ------------------------------------------------------------------------------------------
 
-def test_four_producer_processes_three_reader_processes(tmp_path: Path, writers) -> None:
-    """Every record reaches every reader exactly once, in one total order, with each producer's order kept."""
+@pytest.mark.parametrize("writer_code", ["compiled", "python"])
+def test_four_producer_processes_three_reader_processes(tmp_path: Path, writers, writer_code: str) -> None:
+    """Every record reaches every reader exactly once, in one total order, with each producer's order kept:
+    with the writer's compiled store of a batch (where it was built) and with its Python alone."""
     d = tmp_path / "wal"
-    writer = writers(d).start()
+    writer = writers(d, env={"WALSVC_PURE_PYTHON": "1"} if writer_code == "python" else None).start()
     n_producers, per_producer = 4, 1500
     total = n_producers * per_producer
     readers = [spawn_reader(d, tmp_path / f"reader{i}.txt", expect=total) for i in range(3)]

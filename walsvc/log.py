@@ -245,6 +245,10 @@ class Log:
 
         The caller vouches for the encoding (the writer service checks it with `record.count_records`).
         `wait` (default: only for the `always` policy) blocks until the batch is durable.
+
+        The writer's compiled twin (`_writer_c.BatchAppender`) does the same to the same attributes, under
+        the same lock, for a producer's next batch: a change here is a change there
+        (tests/test_batch_appender.py compares the two).
         """
         if len(payload) > self.config.max_batch_bytes:
             raise RecordTooLargeError(f"batch of {len(payload)} bytes exceeds max_batch_bytes "

@@ -39,13 +39,22 @@ from . import protocol as P
 from .config import Config, cpu_list
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
 from .errors import ConfigError, GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
+from .frame import Appended
 from .group import GROUP_OPS, GroupTable
 from .ingest import IngestSession, Refuse, Store
-from .record import codecs
+from .record import _c as _record_c, codecs
 from .log import Log
 from .metrics import Metrics
 
 log = logging.getLogger("walsvc.writer")
+if _record_c is None:  # no compiler, or WALSVC_PURE_PYTHON: the Python path throughout
+    _writer_c = None
+else:
+    try:
+        from . import _writer_c
+    except ImportError:
+        _writer_c = None
+
 DRAIN_LIMIT = 2000
 LOOK_BEFORE_RECV = 5  # see _drain: a drain of one batch from each of up to 4 producers ends on a look, not an Again
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
@@ -148,6 +157,7 @@ class Writer:
         self.metrics_server = None
         self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
                                      max_record_bytes=self.log.config.max_record_bytes)
+        self._store_next = self._compiled_store()
         try:
             self._open_sockets()
             self._start_observing()
@@ -365,7 +375,27 @@ class Writer:
         self._publish_commits()
         self._reject(P.LOG_STOPPED, str(reason), msg)
 
+    def _compiled_store(self) -> Any:
+        """The compiled twin of `_handle` for a producer's next batch (`_writer_c.BatchAppender`), or None
+        when it was not built.  It declines every other message, and `_handle`'s Python then decides."""
+        if _writer_c is None:
+            return None
+        cfg = self.log.config
+        return _writer_c.BatchAppender(self.log, self._pending, self.metrics.counters, Appended,
+                                self._pipelining.note if self._sync_in_loop else None, time.perf_counter,
+                                cfg.max_record_bytes, cfg.max_batch_bytes, cfg.segment_bytes,
+                                cfg.index_interval_bytes).store
+
     def _handle(self, msg: bytes) -> None:
+        """Store, answer or refuse one APPEND.  The compiled twin takes the common case (a producer's next
+        batch, fitting the active segment): the same checks, append and bookkeeping as the Python below."""
+        if self._store_next is not None:
+            try:
+                if self._store_next(msg):
+                    return
+            except LogStoppedError as exc:
+                self._reject_stopped(exc, msg)
+                return
         log = self.log
         decision = self._ingest.decide(msg, log.producer_batches)
         if type(decision) is Store:
