@@ -159,6 +159,7 @@ def test_the_compiled_store_takes_a_producers_next_batches_and_declines_the_rest
         assert store(b"WS\x01\x01garbage") is False
         assert [reply for _, _, reply in w._pending] == [P.encode_ack(7, 1, 1, 1), P.encode_ack(7, 2, 2, 1)]
         assert w.log.next_lsn == 3 and w.metrics.counters["batches"] == 2
+        assert w.status()["batch_store"] == "C"
     finally:
         w.close()
 

@@ -19,7 +19,7 @@ from helpers import (RawClient, control, finish, parse_key, producer_key, read_a
                      read_seen, spawn_producer, spawn_reader, status, verify_log, wait_ready)
 
 import walsvc
-from walsvc import protocol as P
+from walsvc import protocol as P, record as R
 from walsvc.record import Record, encode_many, encode_put
 
 
@@ -42,6 +42,8 @@ def test_four_producer_processes_three_reader_processes(tmp_path: Path, writers,
     with the writer's compiled store of a batch (where it was built) and with its Python alone."""
     d = tmp_path / "wal"
     writer = writers(d, env={"WALSVC_PURE_PYTHON": "1"} if writer_code == "python" else None).start()
+    compiled = writer_code == "compiled" and R._c is not None
+    assert status(d)["batch_store"] == ("C" if compiled else "pure Python")
     n_producers, per_producer = 4, 1500
     total = n_producers * per_producer
     readers = [spawn_reader(d, tmp_path / f"reader{i}.txt", expect=total) for i in range(3)]

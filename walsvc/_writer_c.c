@@ -6,6 +6,7 @@
 
 #include "_c_core.h"
 #include <errno.h>
+#include <stdio.h>
 #include <sys/uio.h>
 #include <time.h>
 
@@ -123,13 +124,14 @@ static int count_up(PyObject *counters, int i, uint64_t n) {
 }
 
 /* Write the frame (header, payload) at `offset`, finishing a short write as log._write_rest does: 0, or the
- * errno that stopped it (EIO for a write that made no progress). */
+ * errno that stopped it (EIO for a write that made no progress, said in `why`, which holds WHY_SIZE bytes). */
+#define WHY_SIZE 96
 static int write_frame(int fd, const unsigned char *header, const unsigned char *payload, size_t plen,
-                       uint64_t offset, const char **why) {
+                       uint64_t offset, char *why) {
     struct iovec iov[2] = {{(void *)header, 56}, {(void *)payload, plen}};
     size_t size = 56 + plen, done = 0;
     int err = 0;
-    *why = NULL;
+    why[0] = '\0';
     Py_BEGIN_ALLOW_THREADS
     while (done < size) {
         struct iovec rest[2];
@@ -152,7 +154,7 @@ static int write_frame(int fd, const unsigned char *header, const unsigned char 
         }
         if (n == 0) {
             err = EIO;
-            *why = "write made no progress";
+            snprintf(why, WHY_SIZE, "write made no progress at %zu of %zu bytes", done, size);
             break;
         }
         done += (size_t)n;
@@ -164,7 +166,7 @@ static int write_frame(int fd, const unsigned char *header, const unsigned char 
 /* Stop the log for a failed frame write, as Log.append_encoded does: raise syncer.fail(...)'s
  * LogStoppedError with the OSError as its cause.  Always returns -1. */
 static int fail_write(PyObject *syncer, PyObject *seg, uint64_t offset, int err, const char *why) {
-    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, why ? why : strerror(err));
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, why[0] ? why : strerror(err));
     if (!exc) return -1;
     PyObject *path = PyObject_GetAttr(seg, names[S_PATH]);
     PyObject *stopped = path ? PyObject_CallMethod(syncer, "fail", "NOO",
@@ -224,8 +226,8 @@ static int store_locked(BatchAppender *self, PyObject *window, const unsigned ch
     if (set_attr_u64(log, S_LAST_TS, ts)) goto done;
     unsigned char header[56];
     uint32_t crc = build_data_header(header, payload, plen, count, base, ts, pid, seq, (uint32_t)data_crc);
-    const char *why;
-    int err = write_frame((int)fd, header, payload, plen, end, &why);
+    char why[WHY_SIZE];
+    int err = write_frame((int)fd, header, payload, plen, end, why);
     if (err) {
         fail_write(syncer, seg, end, err, why);
         goto done;

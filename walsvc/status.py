@@ -106,7 +106,7 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
     w = st["writer"]
     if w == "running":
         lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}, "
-                     f"record codec {st.get('codec', 'unknown')}")
+                     f"record codec {st.get('codec', 'unknown')}, batch store {st.get('batch_store', 'unknown')}")
     elif w == "stopped":
         why = st["stopped"]
         lines.append(f"writer: STOPPED (refuses writes until restarted), pid {st['pid']}: {why['operation']} failed"

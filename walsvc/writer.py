@@ -474,6 +474,7 @@ class Writer:
             "groups": self.groups.describe(self.log.committed_lsn),
             "recovery": self.log.recovery.summary(),
             "metrics_url": self.metrics_server.url if self.metrics_server is not None else None,
+            "batch_store": "C" if self._store_next is not None else "pure Python",
             **self.metrics.as_dict(),
         })
         return st
