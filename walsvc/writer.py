@@ -12,7 +12,9 @@ Acks go out only once the commit the policy promises covers the batch; a commit 
 advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
 is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
 is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged (rate-limited), nacked when the sender can be
-identified, and never reaches the log.
+identified, and never reaches the log.  A producer's next batch, the common case, is stored by one call of
+the compiled twin (walsvc/_writer_c.c) when it was built: the same decision, append and bookkeeping, on
+the same objects, because each µs the loop spends per batch is waited for by every record behind it.
 
 Fail-stop: once the log stops (an I/O error on the write path, in any thread), the writer acks nothing more,
 nacks every batch not yet acked with `log_stopped` (those in flight at once, new ones as they come), and keeps
@@ -30,7 +32,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -46,7 +48,6 @@ from .record import _c as _record_c, codecs
 from .log import Log
 from .metrics import Metrics
 
-log = logging.getLogger("walsvc.writer")
 if _record_c is None:  # no compiler, or WALSVC_PURE_PYTHON: the Python path throughout
     _writer_c = None
 else:
@@ -55,6 +56,7 @@ else:
     except ImportError:
         _writer_c = None
 
+log = logging.getLogger("walsvc.writer")
 DRAIN_LIMIT = 2000
 LOOK_BEFORE_RECV = 5  # see _drain: a drain of one batch from each of up to 4 producers ends on a look, not an Again
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
@@ -375,16 +377,16 @@ class Writer:
         self._publish_commits()
         self._reject(P.LOG_STOPPED, str(reason), msg)
 
-    def _compiled_store(self) -> Any:
+    def _compiled_store(self) -> Callable[[bytes], bool] | None:
         """The compiled twin of `_handle` for a producer's next batch (`_writer_c.BatchAppender`), or None
         when it was not built.  It declines every other message, and `_handle`'s Python then decides."""
         if _writer_c is None:
             return None
         cfg = self.log.config
         return _writer_c.BatchAppender(self.log, self._pending, self.metrics.counters, Appended,
-                                self._pipelining.note if self._sync_in_loop else None, time.perf_counter,
-                                cfg.max_record_bytes, cfg.max_batch_bytes, cfg.segment_bytes,
-                                cfg.index_interval_bytes).store
+                                       self._pipelining.note if self._sync_in_loop else None, time.perf_counter,
+                                       cfg.max_record_bytes, cfg.max_batch_bytes, cfg.segment_bytes,
+                                       cfg.index_interval_bytes).store
 
     def _handle(self, msg: bytes) -> None:
         """Store, answer or refuse one APPEND.  The compiled twin takes the common case (a producer's next
