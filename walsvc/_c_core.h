@@ -245,7 +245,4 @@ done:
     return obj;
 }
 
-/* A frame header at p (`avail` bytes there) with its magic, zero flags and reserved bytes, and its CRC; the
- * kind is the caller's to check. */
-
 #endif

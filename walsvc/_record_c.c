@@ -649,6 +649,8 @@ static PyObject *head(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize
     return PyBytes_FromStringAndSize((const char *)out, 52);
 }
 
+/* A frame header at p (`avail` bytes there) with its magic, zero flags and reserved bytes, and its CRC; the
+ * kind is the caller's to check. */
 static inline int frame_header_valid(const unsigned char *p, Py_ssize_t avail) {
     return avail >= 56 && memcmp(p, "\x8bWF\x01", 4) == 0 && !p[5] && !p[6] && !p[7] &&
            crc32c_fn(0, p, 52) == get_u32(p + 52);
