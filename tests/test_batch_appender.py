@@ -2,7 +2,7 @@
 stands in for (`Writer._handle`: `IngestSession.decide`, `Log.append_encoded` and the bookkeeping).
 
 Two writers in this process (real logs in tmp dirs, real sockets that nobody connects to) take the same
-messages, one with the twin and one without.  After each message their counters, refusals, pending acks and
+messages, one with the twin and one without.  After each turn their counters, refusals, pending acks and
 log state must agree, except for what depends on the clock (frame timestamps, so data CRCs).  At the end both
 logs must hold the same records under the same LSNs, and `walsvc.verify` must find every frame, seal and
 index entry of the twin's log sound: its running data CRC is what the seals record.
@@ -24,7 +24,7 @@ from walsvc.verify import verify
 from walsvc.writer import Writer, _writer_c
 
 pytestmark = pytest.mark.skipif(_writer_c is None and not os.environ.get("CI"),
-                                reason="the compiled codec is not built here (no C compiler?)")
+                                reason="the writer's compiled store is not built here (no C compiler?)")
 
 MAX_RECORD = 64 * 1024
 
@@ -40,7 +40,7 @@ def _writer(directory, fsync: str, compiled: bool) -> Writer:
 
 
 def _state(w: Writer) -> dict:
-    """What must agree between the two writers after each message (not timestamps, so not data CRCs)."""
+    """What must agree between the two writers after each turn (not timestamps, so not data CRCs)."""
     log, seg = w.log, w.log._active
     return {
         "counters": dict(w.metrics.counters), "rejected": dict(w.metrics.rejected),
