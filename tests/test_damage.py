@@ -83,15 +83,17 @@ def test_cut_off_seal_and_last_frame_is_damage_not_the_end(tmp_path):
     _cli_fails_naming(directory, first.name)
 
 
-def test_missing_seal_before_the_next_segment_is_a_rotation_cut_short(tmp_path):
+@pytest.mark.parametrize("cut", ["no seal", "seal cut short"])
+def test_missing_seal_before_the_next_segment_is_a_rotation_cut_short(tmp_path, cut):
     """The writer renames the next segment in before its rotation thread seals the old one: a crash in
     between leaves every frame of the old one, no seal, and the next segment starting right after its last
-    LSN.  Readers read on; recovery writes the seal."""
+    LSN.  Or the seal's write extended the file and stopped early (a full disk, or a crash), so the file
+    ends inside the SEAL frame.  Readers read on; recovery writes the seal."""
     directory = tmp_path / "wal"
     lsns = _sealed_log(directory)
     first = segment_paths(directory)[0]
     seal_off, _ = frame_offsets(first)[-1]
-    os.truncate(first, seal_off)
+    os.truncate(first, seal_off if cut == "no seal" else seal_off + F.FRAME_HEADER_SIZE + 10)
     assert [r.lsn for r in _drain(directory)] == list(range(1, lsns[-1] + 1))
     report = verify(directory)  # the verdict recovery's plan gives: a seal still to be written, not corruption
     assert report.ok, report.problems

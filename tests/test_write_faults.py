@@ -34,8 +34,10 @@ from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_ack
                      read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
-from walsvc import protocol as P
-from walsvc.errors import LogStoppedError
+from walsvc import frame as F, protocol as P
+from walsvc.errors import LogStoppedError, WriteStepError
+from walsvc.frame import Appended
+from walsvc.segment import ActiveSegment, now_us, seal_segment, segment_name
 from walsvc.record import encode_put
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
@@ -315,9 +317,19 @@ def test_walsvc_status_and_a_producer_process_after_a_stop(tmp_path: Path, write
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """An 8 MiB tmpfs, mounted for the test (CI runs as root); skipped only where mounting is not permitted."""
+    yield from _tmpfs(tmp_path, "8m")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 64 KiB tmpfs (16 pages), as `small_disk`."""
+    yield from _tmpfs(tmp_path, "64k")
+
+
+def _tmpfs(tmp_path: Path, size: str):
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
                           text=True)
     if done.returncode != 0:  # not root, or a container without CAP_SYS_ADMIN
         pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip() or 'not root'}")
@@ -362,6 +374,40 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     assert writer.stop() == 0, writer.stderr()
     filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
     _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=True)
+
+
+def test_a_seal_cut_short_by_a_full_disk_fails_instead_of_leaving_a_bad_seal(tiny_disk: Path) -> None:
+    """A write may stop short when the disk fills up during it: tmpfs allocates page by page, and returns
+    the count written so far.  Here the seal crosses into a page the full file system cannot give.  The
+    seal write must fail with ENOSPC (the rotation thread then stops the log).  It must not take the short
+    count for the whole: the truncate after it would pad the seal with zeros, and recovery would later
+    find a seal that never checks, before valid data, and refuse the log (seen in
+    `test_full_disk_stops_the_log`)."""
+    path = tiny_disk / segment_name(1)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        header = F.SegmentHeader(1, 1, now_us())
+        os.pwrite(fd, F.encode_segment_header(header), 0)
+        frame = F.encode_frame(F.KIND_DATA, encode_put(b"k", b"v" * 100), 1, 1, now_us())
+        os.pwrite(fd, frame, F.SEGMENT_HEADER_SIZE)
+        seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE + len(frame), last_lsn=1, record_count=1,
+                            index=[(1, F.SEGMENT_HEADER_SIZE)])
+        filler = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(filler, b"\xff" * 4096)
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
+        window = [Appended(seq, seq, 1) for seq in range(1, 129)]
+        producers = {7: window, 8: window}  # a seal of about 5 KiB: it needs the next page
+        assert len(F.encode_seal(F.Seal(1, 2, 1, 0, seg.index, producers), seg.end, 0)) > 4096 - seg.end
+        with pytest.raises(WriteStepError) as info:
+            seal_segment(seg, 2, producers)
+        assert info.value.operation == "seal write" and info.value.errno == errno.ENOSPC, info.value
+    finally:
+        os.close(fd)
 
 
 def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, shim: Path) -> None:

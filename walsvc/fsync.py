@@ -47,6 +47,18 @@ def write_step(operation: str, path: str | os.PathLike | None) -> Iterator[None]
     except OSError as exc:
         raise WriteStepError(operation, path, exc) from exc
 
+def pwrite_all(fd: int, data: bytes, offset: int, done: int = 0) -> None:
+    """Write `data[done:]` at `offset + done`, all of it.  A write may legally stop short (a disk filling up
+    mid-write); its count must not be taken for the whole, or the file holds a frame that never checks.
+    The rest is written until it fails with the errno that cut it short (EIO if a write makes no progress)."""
+    view = memoryview(data)
+    while done < len(data):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n == 0:
+            raise OSError(errno.EIO, f"write made no progress at {done} of {len(data)} bytes")
+        done += n
+
+
 if sys.platform == "darwin":
     import fcntl
 

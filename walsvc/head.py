@@ -30,7 +30,7 @@ from crc32c import crc32c
 
 from .access import open_file
 from .errors import WriteStepError
-from .fsync import sync_data
+from .fsync import pwrite_all, sync_data
 from .record import _c
 
 NAME = "HEAD"
@@ -115,7 +115,10 @@ class HeadWriter:
     def publish(self, head: Head, durable: bool = False) -> None:
         """Rewrite HEAD; `durable` also fsyncs it (recovery trusts its durable LSN, docs/FORMAT.md)."""
         try:  # not the write_step context manager: this runs at every commit
-            os.pwrite(self.fd, encode(head), 0)
+            data = encode(head)
+            written = os.pwrite(self.fd, data, 0)
+            if written != SIZE:  # never seen for 52 bytes in place, but a short write is legal: finish it
+                pwrite_all(self.fd, data, 0, written)
             if durable:
                 sync_data(self.fd)
         except OSError as exc:

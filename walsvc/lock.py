@@ -13,6 +13,7 @@ from typing import Callable
 
 from .access import open_file
 from .errors import LogLockedError
+from .fsync import pwrite_all
 
 NAME = "LOCK"
 
@@ -34,7 +35,7 @@ class PidLock:
             os.close(fd)
             raise busy(pid) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
 
     def release(self) -> None:

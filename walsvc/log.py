@@ -17,7 +17,6 @@ fsync, so an ack under `always`/`batch` still means what it meant (docs/FORMAT.m
 from __future__ import annotations
 
 import collections
-import errno
 import itertools
 import logging
 import os
@@ -32,7 +31,7 @@ from . import access, logid, retention
 from .config import LogConfig, check_lsn, directory_path
 from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
-from .fsync import Syncer, sync_data, sync_dir
+from .fsync import Syncer, pwrite_all, sync_data, sync_dir
 from .head import Head, HeadWriter
 from .lock import DirectoryLock
 from .scan import LogReader, OpenSegment
@@ -54,16 +53,6 @@ def _start_empty_at(directory: Path, state: Recovered, info: RecoveryInfo, first
     if first_lsn < 1:
         raise ConfigError("first_lsn", f"must be >= 1, not {first_lsn}")
     state.next_lsn = info.first_lsn = first_lsn
-
-
-def _write_rest(fd: int, frame: bytes, offset: int, done: int) -> None:
-    """Finish a short write; raises the OSError that cut it short (ENOSPC, typically) if it happens again."""
-    view = memoryview(frame)
-    while done < len(frame):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n == 0:
-            raise OSError(errno.EIO, f"write made no progress at {done} of {len(frame)} bytes")
-        done += n
 
 
 @dataclass(eq=False)
@@ -270,7 +259,7 @@ class Log:
             try:
                 written = os.pwritev(seg.fd, (header, payload), offset)
                 if written != size:  # legal (a disk filling up): write the rest, which fails with the errno
-                    _write_rest(seg.fd, header + payload, offset, written)
+                    pwrite_all(seg.fd, header + payload, offset, written)
             except OSError as exc:
                 raise self._syncer.fail(f"frame write at offset {offset}", seg.path, exc) from exc
             seg.note_written(offset, size, base, count, data_crc, self.config.index_interval_bytes)
@@ -303,7 +292,7 @@ class Log:
                 seg = self._rotate()
             offset = seg.end
             try:
-                _write_rest(seg.fd, marker, offset, 0)
+                pwrite_all(seg.fd, marker, offset)
             except OSError as exc:
                 raise self._syncer.fail(f"skip marker write at offset {offset}", seg.path, exc) from exc
             seg.note_frame(offset, (marker,), lsn, 0, self.config.index_interval_bytes)

@@ -27,7 +27,7 @@ from crc32c import crc32c
 from . import frame as F
 from .access import make_dir, open_file
 from .errors import CorruptionError, Location, MissingSegmentError, RecordError
-from .fsync import sync_data, sync_dir
+from .fsync import pwrite_all, sync_data, sync_dir
 from .head import load as load_head
 from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, WriteSeal, header_lost, plan_segment
 from .scan import scan_segment
@@ -313,7 +313,7 @@ def _cut(seg: ActiveSegment, offset: int, expected: int, burned: int, cfg: LogCo
     """
     if burned > expected:
         marker = F.encode_frame(F.KIND_DATA, b"", 0, burned, now_us())
-        os.pwrite(seg.fd, marker, offset)
+        pwrite_all(seg.fd, marker, offset)
         sync_data(seg.fd)  # durable before the cut, so a crash in between cannot lose the skip
         seg.note_frame(offset, (marker,), burned, 0, cfg.index_interval_bytes)
         expected = burned

@@ -196,15 +196,20 @@ def header_lost(base_lsn: int, zeros_after_header: bool, durable_lsn: int | None
 
 def seal_unfinished(stop: Stop | None, size: int) -> bool:
     """Whether a segment's scan stopped where a seal was still to be written: at the end of the file, at
-    zeros (the preallocated tail), or at a seal cut short with only zeros after it (a power cut during the
-    seal write: a header's first bytes, or a SEAL frame with the preallocated tail still after it; the file
-    is cut right after a finished seal, so a damaged seal in a sealed segment never looks like this).
-    The caller checks that the next segment starts at the LSN the frames end with: nothing is missing."""
+    zeros (the preallocated tail), or at a seal cut short.  A seal is cut short by a power cut during its
+    write (a header's first bytes, or a SEAL frame with the preallocated tail still after it), or by a write
+    that extended the file and stopped early (a full disk; or a power cut): then the file ends inside the
+    SEAL frame.  The file is cut right after a finished seal, so a damaged seal in a sealed segment never
+    looks like this.  The caller checks that the next segment starts at the LSN the frames end with:
+    nothing is missing."""
     if stop is None:
         return True
     if stop.header is None:  # nothing, or the first bytes of a frame header (a seal's, cut short), then zeros
         return stop.data_end <= stop.offset + F.FRAME_HEADER_SIZE
-    return (stop.header.kind == F.KIND_SEAL and stop.offset + stop.header.size < size and stop.zeros_after)
+    if stop.header.kind != F.KIND_SEAL:
+        return False
+    end = stop.offset + stop.header.size
+    return end > size or (end < size and stop.zeros_after)
 
 
 def plan_segment(scan: SegmentScan, *, is_last: bool, durable_lsn: int | None, truncate: bool,

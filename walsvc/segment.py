@@ -21,7 +21,7 @@ from crc32c import crc32c
 from . import frame as F
 from .access import open_file
 from .errors import ChecksumError, IncompleteRecordError, RecordError
-from .fsync import preallocate, sync_data, sync_dir, write_step
+from .fsync import preallocate, pwrite_all, sync_data, sync_dir, write_step
 from .record import _c
 
 SUFFIX = ".wal"
@@ -112,7 +112,7 @@ def create_segment(directory: Path, segment_id: int, base_lsn: int, size: int, p
             with write_step("preallocate", path):
                 preallocate(fd, size)
         with write_step("segment header write", path):
-            os.pwrite(fd, F.encode_segment_header(header), 0)
+            pwrite_all(fd, F.encode_segment_header(header), 0)
         with write_step("fdatasync", path):
             sync_data(fd)
         sync_dir(directory, "directory fsync after segment create")
@@ -153,7 +153,7 @@ def install_spare(directory: Path, fd: int, segment_id: int, base_lsn: int) -> A
     path = directory / segment_name(base_lsn)
     header = F.SegmentHeader(segment_id, base_lsn, now_us())
     with write_step("segment header write", path):
-        os.pwrite(fd, F.encode_segment_header(header), 0)
+        pwrite_all(fd, F.encode_segment_header(header), 0)
     with write_step("segment rename", path):
         os.rename(directory / SPARE_NAME, path)
     return ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE)
@@ -187,7 +187,7 @@ def seal_segment(seg: ActiveSegment, next_lsn: int, producers: dict[int, list[F.
     with write_step("fdatasync", seg.path):  # the frames first: a seal vouches for what is before it
         sync_data(seg.fd)
     with write_step("seal write", seg.path):
-        os.pwrite(seg.fd, data, seg.end)
+        pwrite_all(seg.fd, data, seg.end)
     with write_step("seal truncate", seg.path):
         os.ftruncate(seg.fd, seg.end + len(data))
     with write_step("fdatasync", seg.path):
