@@ -123,7 +123,7 @@ static int count_up(PyObject *counters, int i, uint64_t n) {
     return r;
 }
 
-/* Write the frame (header, payload) at `offset`, finishing a short write as log._write_rest does: 0, or the
+/* Write the frame (header, payload) at `offset`, finishing a short write as fsync.pwrite_all does: 0, or the
  * errno that stopped it (EIO for a write that made no progress, said in `why`, which holds WHY_SIZE bytes). */
 #define WHY_SIZE 96
 static int write_frame(int fd, const unsigned char *header, const unsigned char *payload, size_t plen,
