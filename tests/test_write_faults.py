@@ -34,10 +34,12 @@ from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_ack
                      read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
-from walsvc import frame as F, protocol as P
+from walsvc import Log, frame as F, protocol as P
 from walsvc.errors import LogStoppedError, WriteStepError
 from walsvc.frame import Appended
+from walsvc.record import Record
 from walsvc.segment import ActiveSegment, now_us, seal_segment, segment_name
+from walsvc.verify import verify
 from walsvc.record import encode_put
 
 FAULTS_DIR = Path(__file__).resolve().parent / "faults"
@@ -321,6 +323,12 @@ def small_disk(tmp_path: Path):
 
 
 @pytest.fixture
+def four_mib_disk(tmp_path: Path):
+    """A 4 MiB tmpfs, as `small_disk`: room for three preallocated 1 MiB segments and the small files."""
+    yield from _tmpfs(tmp_path, "4m")
+
+
+@pytest.fixture
 def tiny_disk(tmp_path: Path):
     """A 64 KiB tmpfs (16 pages), as `small_disk`."""
     yield from _tmpfs(tmp_path, "64k")
@@ -342,8 +350,8 @@ def _tmpfs(tmp_path: Path, size: str):
 @pytest.mark.parametrize("preallocate", [True, False], ids=["preallocated", "not-preallocated"])
 def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, preallocate: bool) -> None:
     """The log fills a real (small) file system.  Preallocated, ENOSPC comes from posix_fallocate when a
-    rotation thread prepares the next segment's file; not preallocated, from the frame write (or the new
-    segment's header)."""
+    rotation thread prepares the next segment's file (or from a seal that extends its file, after the spare
+    took the last page); not preallocated, from the frame write (or the new segment's header)."""
     d = small_disk / "wal"
     filler = small_disk / "filler"
     with open(filler, "wb") as f:  # leave about 4 MiB (the spare reserves a segment ahead): a few thousand records
@@ -367,7 +375,10 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     assert stopped["errno"] == errno.ENOSPC and stopped["errno_name"] == "ENOSPC", stopped
     if preallocate:
         # The rotation thread preallocates the next segment's file ahead of time: the disk fills up there.
-        assert stopped["operation"] == "preallocate" and stopped["path"].endswith("next-segment.tmp"), stopped
+        # Or, when that spare took the last free page, at the seal of a segment filled to the brim (the seal
+        # then extends the file): recovery below finishes that seal.
+        assert ((stopped["operation"] == "preallocate" and stopped["path"].endswith("next-segment.tmp"))
+                or (stopped["operation"] == "seal write" and stopped["path"].endswith(".wal"))), stopped
     else:
         assert stopped["operation"].startswith(("frame write at offset", "segment header write")), stopped
     _new_client_is_nacked(d)
@@ -408,6 +419,44 @@ def test_a_seal_cut_short_by_a_full_disk_fails_instead_of_leaving_a_bad_seal(tin
         assert info.value.operation == "seal write" and info.value.errno == errno.ENOSPC, info.value
     finally:
         os.close(fd)
+
+
+def test_a_seal_the_full_disk_cut_short_is_finished_by_recovery(four_mib_disk: Path) -> None:
+    """End to end, on a real full file system: the first segment is filled to 200 bytes short of its
+    preallocated MiB, and the rotation thread's next spare takes the last free page, so the seal (about 350
+    bytes: it must grow the file) is cut short by ENOSPC, after its header.  The log stops naming the seal write.  Once space is freed,
+    a new open finishes the seal, and every record reads back."""
+    d = four_mib_disk / "wal"
+    value = b"v" * 1000  # key b"k": a frame of 1,065 bytes (56 header, 9 record framing)
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        lsns = [log.append(Record.put(b"k", value)) for _ in range(984)]
+        lsns.append(log.append(Record.put(b"k", b"w" * 287)))  # a frame of 352: the frames end at MiB - 200
+        assert log.stats()["segments"] == 1
+        filler = os.open(four_mib_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(filler, b"\xff" * 4096)
+            assert full.value.errno == errno.ENOSPC
+            # Leave exactly one segment's worth of pages: the spare the next switch asks for takes them all.
+            os.ftruncate(filler, os.fstat(filler).st_size - MiB)
+        finally:
+            os.close(filler)
+        try:  # does not fit: the switch, then the seal
+            lsns.append(log.append(Record.put(b"k", value)))
+        except LogStoppedError:
+            pass  # the seal failed before this append committed: not acknowledged (written, so it may be kept)
+        wait_for(lambda: log.stop_reason is not None, 10, "the seal write to fail")
+        assert log.stop_reason.operation == "seal write" and log.stop_reason.errno == errno.ENOSPC, log.stop_reason
+    (four_mib_disk / "filler").unlink()
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.sealed_segments == 1
+        read = [r.lsn for r in log.read()]
+        assert read[:len(lsns)] == lsns and len(read) <= 986, (len(read), len(lsns))
+        assert not log.recovery.torn_tail  # the seal was finished, not cut as a torn tail
+    assert not (d / "quarantine").exists()
+    report = verify(d)
+    assert report.ok, report.problems
 
 
 def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, shim: Path) -> None:
