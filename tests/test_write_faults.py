@@ -387,6 +387,19 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
     _restart_and_check(writer, d, acked, failed, st["committed_lsn"], real_restart=True)
 
 
+def _fill(disk: Path, leave: int = 0) -> None:
+    """Fill the file system at `disk` with a file of pages until ENOSPC, then free `leave` bytes of it."""
+    filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(filler, b"\xff" * 4096)
+        assert full.value.errno == errno.ENOSPC
+        os.ftruncate(filler, os.fstat(filler).st_size - leave)
+    finally:
+        os.close(filler)
+
+
 def test_a_seal_cut_short_by_a_full_disk_fails_instead_of_leaving_a_bad_seal(tiny_disk: Path) -> None:
     """A write may stop short when the disk fills up during it: tmpfs allocates page by page, and returns
     the count written so far.  Here the seal crosses into a page the full file system cannot give.  The
@@ -403,14 +416,7 @@ def test_a_seal_cut_short_by_a_full_disk_fails_instead_of_leaving_a_bad_seal(tin
         os.pwrite(fd, frame, F.SEGMENT_HEADER_SIZE)
         seg = ActiveSegment(path, fd, header, F.SEGMENT_HEADER_SIZE + len(frame), last_lsn=1, record_count=1,
                             index=[(1, F.SEGMENT_HEADER_SIZE)])
-        filler = os.open(tiny_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with pytest.raises(OSError) as full:
-                while True:
-                    os.write(filler, b"\xff" * 4096)
-            assert full.value.errno == errno.ENOSPC
-        finally:
-            os.close(filler)
+        _fill(tiny_disk)
         window = [Appended(seq, seq, 1) for seq in range(1, 129)]
         producers = {7: window, 8: window}  # a seal of about 5 KiB: it needs the next page
         assert len(F.encode_seal(F.Seal(1, 2, 1, 0, seg.index, producers), seg.end, 0)) > 4096 - seg.end
@@ -424,24 +430,15 @@ def test_a_seal_cut_short_by_a_full_disk_fails_instead_of_leaving_a_bad_seal(tin
 def test_a_seal_the_full_disk_cut_short_is_finished_by_recovery(four_mib_disk: Path) -> None:
     """End to end, on a real full file system: the first segment is filled to 200 bytes short of its
     preallocated MiB, and the rotation thread's next spare takes the last free page, so the seal (about 350
-    bytes: it must grow the file) is cut short by ENOSPC, after its header.  The log stops naming the seal write.  Once space is freed,
-    a new open finishes the seal, and every record reads back."""
+    bytes: it must grow the file) is cut short by ENOSPC, after its header.  The log stops naming the seal
+    write.  Once space is freed, a new open finishes the seal, and every record reads back."""
     d = four_mib_disk / "wal"
     value = b"v" * 1000  # key b"k": a frame of 1,065 bytes (56 header, 9 record framing)
     with Log.open(d, segment_bytes=MiB, fsync="os") as log:
         lsns = [log.append(Record.put(b"k", value)) for _ in range(984)]
         lsns.append(log.append(Record.put(b"k", b"w" * 287)))  # a frame of 352: the frames end at MiB - 200
         assert log.stats()["segments"] == 1
-        filler = os.open(four_mib_disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            with pytest.raises(OSError) as full:
-                while True:
-                    os.write(filler, b"\xff" * 4096)
-            assert full.value.errno == errno.ENOSPC
-            # Leave exactly one segment's worth of pages: the spare the next switch asks for takes them all.
-            os.ftruncate(filler, os.fstat(filler).st_size - MiB)
-        finally:
-            os.close(filler)
+        _fill(four_mib_disk, leave=MiB)  # the pages of one segment: the spare the next switch asks for takes all
         try:  # does not fit: the switch, then the seal
             lsns.append(log.append(Record.put(b"k", value)))
         except LogStoppedError:

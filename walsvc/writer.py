@@ -11,10 +11,11 @@ socket.  Under `os` the loop commits each turn's appends once, at the end of its
 Acks go out only once the commit the policy promises covers the batch; a commit message follows each
 advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
 is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
-is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged (rate-limited), nacked when the sender can be
-identified, and never reaches the log.  A producer's next batch, the common case, is stored by one call of
-the compiled twin (walsvc/_writer_c.c) when it was built: the same decision, append and bookkeeping, on
-the same objects, because each µs the loop spends per batch is waited for by every record behind it.
+is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged
+(rate-limited), nacked when the sender can be identified, and never reaches the log.  A producer's next
+batch, the common case, is stored by one call of the compiled twin (walsvc/_writer_c.c) when it was built:
+the same decision, append and bookkeeping, on the same objects, because each µs the loop spends per batch
+is waited for by every record behind it.
 
 Fail-stop: once the log stops (an I/O error on the write path, in any thread), the writer acks nothing more,
 nacks every batch not yet acked with `log_stopped` (those in flight at once, new ones as they come), and keeps
