@@ -72,7 +72,9 @@ class Cluster:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every running node accepts clients and JetStream has a meta leader (a stream can be made)."""
+        """Until every running node accepts clients and a stream with a replica on each can be made: a meta
+        leader alone is not enough, as it may not know every peer yet (creating an R3 stream then fails with
+        "no suitable peers for placement", err_code 10005)."""
         import asyncio
 
         import nats
@@ -88,8 +90,11 @@ class Cluster:
             except Exception:
                 return False
             try:
-                info = await nc.jetstream().account_info()
-                return info is not None
+                js = nc.jetstream()
+                await js.add_stream(name="WALSVC_READY_PROBE", subjects=["walsvc.ready-probe"],
+                                    num_replicas=sum(p is not None and p.poll() is None for p in self.procs))
+                await js.delete_stream("WALSVC_READY_PROBE")
+                return True
             except Exception:
                 return False
             finally:
