@@ -351,7 +351,8 @@ def _tmpfs(tmp_path: Path, size: str):
 def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, preallocate: bool) -> None:
     """The log fills a real (small) file system.  Preallocated, ENOSPC comes from posix_fallocate when a
     rotation thread prepares the next segment's file (or from a seal that extends its file, after the spare
-    took the last page); not preallocated, from the frame write (or the new segment's header)."""
+    took the last page); not preallocated, from the frame write (or the new segment's header, or the seal the
+    rotation thread writes meanwhile)."""
     d = small_disk / "wal"
     filler = small_disk / "filler"
     with open(filler, "wb") as f:  # leave about 4 MiB (the spare reserves a segment ahead): a few thousand records
@@ -379,8 +380,9 @@ def test_full_disk_stops_the_log(tmp_path: Path, writers, small_disk: Path, prea
         # then extends the file): recovery below finishes that seal.
         assert ((stopped["operation"] == "preallocate" and stopped["path"].endswith("next-segment.tmp"))
                 or (stopped["operation"] == "seal write" and stopped["path"].endswith(".wal"))), stopped
-    else:
-        assert stopped["operation"].startswith(("frame write at offset", "segment header write")), stopped
+    else:  # every write grows a file: the frame's, a new segment's header, or the old segment's seal meets it
+        assert stopped["operation"].startswith(("frame write at offset", "segment header write", "seal write")), \
+            stopped
     _new_client_is_nacked(d)
     assert writer.stop() == 0, writer.stderr()
     filler.unlink()  # free space, then restart: recovery keeps every acked record, and appends work again
