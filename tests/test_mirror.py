@@ -32,7 +32,7 @@ from walsvc import Log, Record
 from walsvc import logid
 from walsvc.errors import ConfigError, LogIdError, MirrorError
 from walsvc.record import decode, encode
-from walsvc.jetstream import StreamReader, restore
+from walsvc.jetstream import JetStreamSink, StreamReader, restore
 from walsvc.mirror import (H_KEY, H_LOG_ID, H_LSN, H_TIMESTAMP, H_TOMBSTONE, H_TTL, MirrorState, decode_message,
                            load_state, packed_messages, record_message, resume_refusal)
 
@@ -424,3 +424,28 @@ def test_mirror_and_restore_say_why_they_cannot_start(cluster, tmp_path):
     (d / logid.FILENAME).unlink()
     r = run_mirror(d, cluster, "MISSING")
     assert r.returncode == 1 and "has no log id yet" in r.stderr, r.stderr
+
+
+def test_create_waits_for_the_peers_a_replicated_stream_needs(tmp_path):
+    """A cluster still forming: two of three nodes up, so a meta leader but no room for an R3 stream
+    (JetStream: "no suitable peers for placement").  `--create` waits within its open timeout, as it waits
+    for a leader, and makes the stream once the third node is up.  Before, it failed at once."""
+    c = Cluster(tmp_path / "nats").start(0).start(1)
+    try:
+        c.wait_ready(60)  # the two nodes make R2 streams
+        sink = JetStreamSink(c.urls, "FORMING", "forming.x", create=True, replicas=3, open_timeout_s=60)
+
+        async def open_then_start_the_third() -> None:
+            opening = asyncio.ensure_future(sink.open())
+            await asyncio.sleep(2)
+            assert not opening.done(), opening  # still waiting for the peers: neither open nor failed
+            c.start(2)
+            await opening
+            try:
+                assert (await sink._js.stream_info("FORMING")).config.num_replicas == 3
+            finally:
+                await sink.close()
+
+        asyncio.run(open_then_start_the_third())
+    finally:
+        c.close()

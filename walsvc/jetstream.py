@@ -74,6 +74,9 @@ async def connect(servers: Sequence[str], name: str, timeout: float = 10.0) -> n
 
 
 WRONG_LAST_MSG_ID = 10070  # JetStream's error code when Nats-Expected-Last-Msg-Id does not match
+# Creating a stream while the meta leader does not see enough peers for its replicas: a cluster still
+# forming, or a node down.  It passes once they are there, so `--create` waits for it like for a leader.
+NO_SUITABLE_PEERS = 10005
 
 
 def _transient(exc: BaseException) -> bool:
@@ -137,7 +140,7 @@ class JetStreamSink:
                         num_replicas=self.replicas, storage=api.StorageType.FILE, max_age=self.max_age_s or None,
                         duplicate_window=self.duplicate_window_s))
                 except nats.js.errors.APIError as exc:
-                    if not _transient(exc):
+                    if not _transient(exc) and exc.err_code != NO_SUITABLE_PEERS:
                         raise MirrorError(f"creating stream {self.stream} failed: {exc}") from None
                     last: Exception = exc
                 except Exception as exc:
