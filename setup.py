@@ -2,7 +2,8 @@
 writer's store of one batch (walsvc/_writer_c.c), which share walsvc/_c_core.h.
 
 Everything else about the package is in pyproject.toml.  The extensions are optional: without a compiler the
-install still succeeds and walsvc runs its pure-Python code (walsvc.record.implementation() says which).
+install still succeeds and walsvc runs its pure-Python code (`walsvc --version` says which codec runs, and
+`walsvc status` which path stores batches).
 """
 
 from setuptools import Extension, setup

@@ -205,7 +205,7 @@ static int store_locked(BatchAppender *self, PyObject *window, const unsigned ch
         goto done;
     }
     Py_CLEAR(v);
-    uint64_t end, record_count, next_index_at, base, last_ts, data_crc, fd, appended, appended_bytes;
+    uint64_t end, record_count, next_index_at, base, last_ts, data_crc, appended, appended_bytes;
     uint64_t size = 56 + (uint64_t)plen;
     if (!(seg = PyObject_GetAttr(log, names[S_ACTIVE])) || get_attr_u64(seg, S_END, &end) ||
         get_attr_u64(seg, S_RECORD_COUNT, &record_count))
@@ -214,7 +214,10 @@ static int store_locked(BatchAppender *self, PyObject *window, const unsigned ch
         rc = 0;  /* the Python rotates first */
         goto done;
     }
-    if (get_attr_u64(seg, S_FD, &fd) || get_attr_u64(seg, S_DATA_CRC, &data_crc) ||
+    if (!(fd_obj = PyObject_GetAttr(seg, names[S_FD]))) goto done;
+    long fd = PyLong_AsLong(fd_obj);
+    if (fd == -1 && PyErr_Occurred()) goto done;
+    if (get_attr_u64(seg, S_DATA_CRC, &data_crc) ||
         get_attr_u64(seg, S_NEXT_INDEX_AT, &next_index_at) || get_attr_u64(log, S_NEXT_LSN, &base) ||
         get_attr_u64(log, S_LAST_TS, &last_ts) || get_attr_u64(log, S_RECORDS_APPENDED, &appended) ||
         get_attr_u64(log, S_BYTES_APPENDED, &appended_bytes))
@@ -256,7 +259,7 @@ static int store_locked(BatchAppender *self, PyObject *window, const unsigned ch
     }
     Py_DECREF(batch);
     Py_CLEAR(v);
-    if (!(fd_obj = PyObject_GetAttr(seg, names[S_FD])) || !(path = PyObject_GetAttr(seg, names[S_PATH])) ||
+    if (!(path = PyObject_GetAttr(seg, names[S_PATH])) ||
         !(v = Py_BuildValue("(OKO)", fd_obj, (unsigned long long)end_lsn, path)) ||
         PyObject_SetAttr(log, names[S_WRITTEN_STATE], v) < 0)
         goto done;
@@ -346,8 +349,7 @@ static PyObject *appender_store(BatchAppender *self, PyObject *msg) {
     rc = -1;
     if (count_up(self->counters, S_BATCHES, 1) || count_up(self->counters, S_RECORDS, count)) goto done;
     if (self->note != Py_None) {
-        Py_DECREF(key);
-        if (!(key = PyLong_FromUnsignedLongLong(pid)) || !(v = PyObject_CallOneArg(self->note, key))) goto done;
+        if (!(v = PyObject_CallOneArg(self->note, key))) goto done;  /* key: the producer id */
         Py_CLEAR(v);
     }
     PyObject *at = PyObject_CallNoArgs(self->clock);

@@ -47,9 +47,10 @@ def write_step(operation: str, path: str | os.PathLike | None) -> Iterator[None]
     except OSError as exc:
         raise WriteStepError(operation, path, exc) from exc
 
+
 def pwrite_all(fd: int, data: bytes, offset: int, done: int = 0) -> None:
     """Write `data[done:]` at `offset + done`, all of it.  A write may legally stop short (a disk filling up
-    mid-write); its count must not be taken for the whole, or the file holds a frame that never checks.
+    mid-write); its count must not be taken for the whole, or the file holds bytes that never check.
     The rest is written until it fails with the errno that cut it short (EIO if a write makes no progress)."""
     view = memoryview(data)
     while done < len(data):
