@@ -110,3 +110,31 @@ def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Pa
     assert any(re.search(r"event=producer_connected producer=[0-9a-f]{16}$", e) for e in events), events
     assert any("event=segment_rolled segments=" in e for e in events), events
     assert any("event=writer_stopped committed_lsn=300" in e for e in events), events
+
+
+def test_the_writer_loop_turns_a_slow_fsync_into_an_event(tmp_path: Path) -> None:
+    """The loop's watch (`Writer._watch`, from `Log.activity`) reports an fsync of about a second or more once,
+    with its duration, and a stop once; a turn with nothing new reports nothing."""
+    from walsvc.config import load
+    from walsvc.writer import Writer
+
+    w = Writer(load(directory=tmp_path / "wal"))
+    try:
+        w.log._syncer.latency.record(0.002)
+        w._next_watch = 0.0
+        w._watch()
+        assert w.metrics.events["slow_fsync"] == 0
+        w.log._syncer.latency.record(1.5)
+        w._next_watch = 0.0
+        w._watch()
+        w._next_watch = 0.0
+        w._watch()
+        assert w.metrics.events["slow_fsync"] == 1
+        w.log.stop("a test", OSError(5, "Input/output error"))
+        w._next_watch = 0.0
+        w._watch()
+        w._next_watch = 0.0
+        w._watch()
+        assert w.metrics.events["log_stopped"] == 1
+    finally:
+        w.close()

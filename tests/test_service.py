@@ -323,6 +323,72 @@ def test_fsync_always_group_commits_across_producers(tmp_path: Path, writers) ->
     assert {r.key.decode(): r.lsn for r in read_log(d)} == {key: lsn for per in acked for key, lsn in per}
 
 
+def test_the_log_threads_wake_the_loop_safely_from_many_threads(tmp_path: Path) -> None:
+    """Under `batch` the fsync thread commits and wakes the writer's loop; the rotation thread can commit at
+    the same moment.  With three more threads waking the loop all the while, every round trip of a real
+    producer is acked promptly (a lost wake-up costs the loop's 100 ms poll timeout), and the loop goes on."""
+    import dataclasses
+
+    from walsvc.config import LogConfig, load
+    from walsvc.writer import Writer
+
+    d = tmp_path / "wal"
+    cfg = load(directory=d)
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(LogConfig(), fsync="batch", fsync_window_ms=1,
+                                                           segment_bytes=1 << 20))
+    made: list[Writer] = []
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            made.append(Writer(cfg))
+            made[0].serve()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+            raise
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    deadline = time.monotonic() + 30
+    while not made and not failed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert made, f"the writer did not start: {failed}"
+    w = made[0]
+    stop = threading.Event()
+    pokes = [0, 0, 0]
+
+    def poke(i: int) -> None:
+        while not stop.is_set():
+            w._poke_from_flusher()
+            pokes[i] += 1
+            time.sleep(0.0002)
+
+    pokers = [threading.Thread(target=poke, args=(i,), daemon=True) for i in range(3)]
+    for t in pokers:
+        t.start()
+    n = 300
+    try:
+        started = time.monotonic()
+        with walsvc.Producer(d) as producer:
+            # 12 KiB values: 300 of them fill several 1 MiB segments, so rotations commit too
+            lsns = [producer.put(f"k{i:04d}", os.urandom(12288)).result(30) for i in range(n)]
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        for t in pokers:
+            t.join(10)
+        w.stop()
+        loop.join(60)
+    assert not failed, failed
+    assert not loop.is_alive()
+    assert lsns == list(range(1, n + 1))
+    assert min(pokes) > 100, pokes
+    assert w.log.stop_reason is None
+    assert took < 15, f"{n} round trips took {took:.1f} s: wake-ups were lost"
+    assert [r.lsn for r in read_log(d)] == lsns
+    assert len(list(d.glob("*.wal"))) >= 3
+
+
 def test_bulk_appends_and_the_asyncio_form(tmp_path: Path, writers) -> None:
     """put_many / append_many hand over many records at once; append_async and awaiting a future give the
     LSN in asyncio code.  All of them keep order and land exactly once."""

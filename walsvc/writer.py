@@ -1,21 +1,20 @@
 """The writer process: owns the log, ingests producer batches, publishes commits and acks.
 
 One thread does all socket work.  Each turn of its loop drains every waiting ingest message and appends each
-valid batch as one frame.  Under `always` the loop then fsyncs them itself and acks at once: whatever
-arrives during that fsync waits in the socket and shares the next one (group commit across producers, with
-no thread hand-off between the write, the fsync and the ack).  When a producer of the turn is pipelining
-(`Pipelining`), the fsync goes to the log's thread instead, so the loop takes its next batches in while the
-disk works.  Under `batch` the log's fsync thread makes
-them durable within the window while this loop goes on appending, and pokes this loop through an inproc
-socket.  Under `os` the loop commits each turn's appends once, at the end of its drain (one HEAD update).
-Acks go out only once the commit the policy promises covers the batch; a commit message follows each
-advance of the committed LSN.  Each producer's reply subscription is answered with READY (the publish socket
-is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with each APPEND
-is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged
-(rate-limited), nacked when the sender can be identified, and never reaches the log.  A producer's next
-batch, the common case, is stored by one call of the compiled twin (walsvc/_writer_c.c) when it was built:
-the same decision, append and bookkeeping, on the same objects, because each µs the loop spends per batch
-is waited for by every record behind it.
+valid batch as one frame.  Under `always` the loop then fsyncs them itself and acks at once: whatever arrives
+during that fsync waits in the socket and shares the next one (group commit across producers, with no thread
+hand-off between the write, the fsync and the ack).  When a producer of the turn is pipelining (`Pipelining`),
+the fsync goes to the log's thread instead, so the loop takes its next batches in while the disk works.  Under
+`batch` the log's fsync thread makes them durable within the window while this loop goes on appending, and
+pokes this loop through a pipe.  Under `os` the loop commits each turn's appends once, at the end of its drain
+(one HEAD update).  Acks go out only once the commit the policy promises covers the batch; a commit message
+follows each advance of the committed LSN.  Each producer's reply subscription is answered with READY (the
+publish socket is an XPUB), so producers know when no reply to them can be dropped any more.  What to do with
+each APPEND is decided by `IngestSession` (walsvc/ingest.py), which does no I/O.  Bad input is counted, logged
+(rate-limited), nacked when the sender can be identified, and never reaches the log.  A producer's next batch,
+the common case, is stored by one call of the compiled twin (walsvc/_writer_c.c) when it was built: the same
+decision, append and bookkeeping, on the same objects, because each µs the loop spends per batch is waited for
+by every record behind it.
 
 Fail-stop: once the log stops (an I/O error on the write path, in any thread), the writer acks nothing more,
 nacks every batch not yet acked with `log_stopped` (those in flight at once, new ones as they come), and keeps
@@ -141,7 +140,6 @@ class Writer:
         # (last LSN, perf_counter at append, the encoded reply) per batch answered once that LSN is committed
         self._pending: collections.deque[tuple[int, float, bytes]] = collections.deque()
         self._published_commit = -1
-        self._flusher_poke = threading.Event()
         self._main_thread = threading.get_ident()
         self._stop = threading.Event()
         self.started = time.time()
@@ -155,8 +153,18 @@ class Writer:
         # Load the optional codec modules (lz4 is a C extension: dlopen) before the log starts its threads: a
         # dlopen racing another thread's file I/O deadlocks under LD_PRELOAD fault-injection shims.
         self._codecs = codecs()
-        self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit,
-                            on_stop=self._on_stop, fsync_thread=not (self._sync_in_loop or self._commit_in_loop))
+        # The log's threads wake this loop through a pipe, not a ZeroMQ socket: a socket must never be used by
+        # two threads at once, and the fsync and rotation threads can both commit at the same moment.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poked = False
+        try:
+            self.log = Log.open(self.directory, config=config.log, on_commit=self._on_commit,
+                                on_stop=self._on_stop, fsync_thread=not (self._sync_in_loop or self._commit_in_loop))
+        except BaseException:
+            self._close_wake_pipe()
+            raise
         self.metrics_server = None
         self._ingest = IngestSession(max_batch_bytes=self.log.config.max_batch_bytes,
                                      max_record_bytes=self.log.config.max_record_bytes)
@@ -168,6 +176,7 @@ class Writer:
             if hasattr(self, "ctx"):
                 self.ctx.destroy(linger=0)
             self.log.close()
+            self._close_wake_pipe()
             raise
 
     # -- sockets ---------------------------------------------------------------------------------------
@@ -175,10 +184,6 @@ class Writer:
     def _open_sockets(self) -> None:
         svc = self.config.service
         self.ctx = zmq.Context()
-        self.wake_rx = self.ctx.socket(zmq.PAIR)
-        self.wake_rx.bind("inproc://walsvc-wake")
-        self.wake_tx = self.ctx.socket(zmq.PAIR)
-        self.wake_tx.connect("inproc://walsvc-wake")
         if svc.ingest and svc.publish and svc.control:
             eps = Endpoints(svc.ingest, svc.publish, svc.control)
             self._bind(eps)
@@ -244,7 +249,7 @@ class Writer:
         rec = self.log.recovery
         if rec.corruption:
             self.metrics.event("corruption_found", detail=rec.corruption, quarantined=",".join(rec.quarantined))
-        self._seen = self.log.stats()
+        self._seen = self.log.activity()
         self._next_watch = 0.0
         self._snapshot = self.status()
         port = self.config.service.metrics_port
@@ -259,16 +264,16 @@ class Writer:
         if now < self._next_watch:
             return
         self._next_watch = now + 0.25
-        st, seen = self.log.stats(), self._seen
+        st, seen = self.log.activity(), self._seen
         rolled = (st["segments"] + st["segments_deleted"]) - (seen["segments"] + seen["segments_deleted"])
         if rolled > 0:
             self.metrics.event("segment_rolled", segments=st["segments"], next_lsn=st["next_lsn"])
         if st["segments_deleted"] > seen["segments_deleted"]:
             self.metrics.event("retention_deleted", segments=st["segments_deleted"] - seen["segments_deleted"],
                                first_lsn=st["first_lsn"])
-        slow = st["fsync_latency"]["slow"] - seen["fsync_latency"]["slow"]
+        slow = st["slow_fsyncs"] - seen["slow_fsyncs"]
         if slow > 0:
-            self.metrics.event("slow_fsync", count=slow, max_s=round(st["fsync_latency"]["max_us"] / 1e6, 3))
+            self.metrics.event("slow_fsync", count=slow, max_s=round(st["fsync_max_us"] / 1e6, 3))
         if st["stopped"] and not seen["stopped"]:
             self.metrics.event("log_stopped", reason=st["stopped"])
         if self.metrics_server is not None and not self.metrics_server.thread.is_alive():
@@ -291,10 +296,29 @@ class Writer:
         self._poke_from_flusher()
 
     def _poke_from_flusher(self) -> None:
-        if threading.get_ident() != self._main_thread:
-            if not self._flusher_poke.is_set():
-                self._flusher_poke.set()
-                self.wake_tx.send(b"", zmq.NOBLOCK)
+        """Wake the loop from another thread.  A write to a pipe is safe from any number of threads; the flag
+        only saves writes while a wake-up is already pending (a stale read of it costs one byte more)."""
+        if threading.get_ident() != self._main_thread and not self._poked:
+            self._poked = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups the loop has yet to read: it wakes anyway
+
+    def _take_pokes(self) -> None:
+        """Read the pipe empty, then clear the flag.  A poke skipped while the flag was still set came after a
+        commit made before the clear, which the loop publishes later in this turn.  (Cleared first, a poke
+        landing in between set the flag, and this read ate its byte: no later poke would write one.)"""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._poked = False
+
+    def _close_wake_pipe(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _sync_appended(self) -> None:
         """Under `always`: make this turn's appends durable now, in this thread (one fdatasync for all of
@@ -545,16 +569,14 @@ class Writer:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.rep, zmq.POLLIN)
-        poller.register(self.wake_rx, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
         self._publish_commits()
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
-                if self.wake_rx in events:
-                    while self.wake_rx.poll(0):
-                        self.wake_rx.recv(zmq.NOBLOCK)
-                    self._flusher_poke.clear()
+                if self._wake_r in events:
+                    self._take_pokes()
                 if self.pull in events:
                     while self._drain() == DRAIN_LIMIT:
                         self._sync_appended()
@@ -593,6 +615,7 @@ class Writer:
             for lock in self._group_locks:
                 lock.release()
             self.ctx.destroy(linger=1000)
+            self._close_wake_pipe()  # last: the log's threads, which poke through it, have ended
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
