@@ -112,6 +112,25 @@ def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Pa
     assert any("event=writer_stopped committed_lsn=300" in e for e in events), events
 
 
+def test_a_scrape_shows_every_record_acked_before_it(tmp_path: Path, writers) -> None:
+    """The loop builds each scrape's snapshot when asked, so a scrape right after an ack counts that record
+    (a snapshot refreshed on a timer lagged by up to its period)."""
+    port = free_port()
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f"[service]\nmetrics_port = {port}\n")
+    d = tmp_path / "wal"
+    writer = writers(d, config=config).start()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with walsvc.Producer(d) as producer:
+        for round_ in range(1, 6):
+            for i in range(10):
+                producer.put(f"r{round_}-{i}", b"v")
+            producer.flush(30)
+            m = scrape(url)
+            assert (m["walsvc_records_appended_total"], m["walsvc_committed_lsn"]) == (10 * round_, 10 * round_)
+    assert writer.stop() == 0
+
+
 def test_the_writer_loop_turns_a_slow_fsync_into_an_event(tmp_path: Path) -> None:
     """The loop's watch (`Writer._watch`, from `Log.activity`) reports an fsync of about a second or more once,
     with its duration, and a stop once; a turn with nothing new reports nothing."""
@@ -138,3 +157,52 @@ def test_the_writer_loop_turns_a_slow_fsync_into_an_event(tmp_path: Path) -> Non
         assert w.metrics.events["log_stopped"] == 1
     finally:
         w.close()
+
+
+def test_scraping_in_a_loop_cannot_take_the_writer_loop_over(tmp_path: Path) -> None:
+    """Four threads scraping as fast as they can for a second get fresh figures, built by the writer's loop at
+    most once per SCRAPE_EVERY_S (each build costs the loop about 0.4 ms), and no scrape waits out
+    SCRAPE_WAIT_S."""
+    import threading
+    import time
+
+    from walsvc.config import load
+    from walsvc.writer import SCRAPE_EVERY_S, SCRAPE_WAIT_S, Writer
+
+    made: list[Writer] = []
+    built = [0]
+
+    def serve() -> None:
+        w = Writer(load(directory=tmp_path / "wal"))
+        status = w.status
+
+        def counted() -> dict:
+            built[0] += 1
+            return status()
+        w.status = counted
+        made.append(w)
+        w.serve()
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    wait_for(lambda: made, 30, "the writer to start")
+    w = made[0]
+    waits: list[float] = []
+
+    def scrape_loop() -> None:
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            started = time.monotonic()
+            assert w._scrape_snapshot()["pid"] > 0
+            waits.append(time.monotonic() - started)
+
+    scrapers = [threading.Thread(target=scrape_loop) for _ in range(4)]
+    for t in scrapers:
+        t.start()
+    for t in scrapers:
+        t.join(30)
+    w.stop()
+    loop.join(30)
+    assert len(waits) > 40, len(waits)
+    assert 10 <= built[0] <= 1.5 / SCRAPE_EVERY_S, (built[0], len(waits))
+    assert max(waits) < SCRAPE_WAIT_S, max(waits)

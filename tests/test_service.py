@@ -359,7 +359,7 @@ def test_the_log_threads_wake_the_loop_safely_from_many_threads(tmp_path: Path) 
 
     def poke(i: int) -> None:
         while not stop.is_set():
-            w._poke_from_flusher()
+            w._wake_loop()
             pokes[i] += 1
             time.sleep(0.0002)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -61,6 +62,8 @@ DRAIN_LIMIT = 2000
 LOOK_BEFORE_RECV = 5  # see _drain: a drain of one batch from each of up to 4 producers ends on a look, not an Again
 GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (and when the writer stops)
 CONTROL_HWM = 16
+SCRAPE_WAIT_S = 1.0  # how long a /metrics scrape waits for the loop's fresh snapshot before taking the last one
+SCRAPE_EVERY_S = 0.02  # the loop builds at most one per this, however fast scrapes come
 
 
 class RateLimitedLog:
@@ -252,14 +255,45 @@ class Writer:
         self._seen = self.log.activity()
         self._next_watch = 0.0
         self._snapshot = self.status()
+        self._scrapes: list[threading.Event] = []
+        self._scrapes_lock = threading.Lock()
+        self._next_snapshot = 0.0
         port = self.config.service.metrics_port
         if port:
             from .prometheus import MetricsServer
-            self.metrics_server = MetricsServer(port, lambda: self._snapshot,
+            self.metrics_server = MetricsServer(port, self._scrape_snapshot,
                                                 lambda detail: self.metrics.event("metrics_error", detail=detail))
 
+    def _scrape_snapshot(self) -> dict[str, Any]:
+        """A scrape's status (the metrics thread): the loop builds it between two turns, since only the loop
+        may touch the log.  Built per scrape, not on a timer: a status costs the loop about 0.4 ms,
+        which every record behind it would wait out; and at most one per SCRAPE_EVERY_S, so that scraping in
+        a loop cannot take the loop over.  A loop that does not answer within SCRAPE_WAIT_S (stopping) leaves
+        the last one built."""
+        done = threading.Event()
+        with self._scrapes_lock:
+            self._scrapes.append(done)
+        self._wake_loop()
+        done.wait(SCRAPE_WAIT_S)
+        return self._snapshot
+
+    def _scrape_due_ms(self) -> int:
+        """How long the loop may sleep while a scrape waits: until it may build the next snapshot."""
+        return max(0, min(100, math.ceil((self._next_snapshot - time.monotonic()) * 1000)))
+
+    def _answer_scrapes(self) -> None:
+        now = time.monotonic()
+        if now < self._next_snapshot:
+            return  # a later turn answers: the loop sleeps no longer than until then (`_scrape_due_ms`)
+        self._next_snapshot = now + SCRAPE_EVERY_S
+        with self._scrapes_lock:
+            waiting, self._scrapes = self._scrapes, []
+        self._snapshot = self.status()
+        for done in waiting:
+            done.set()
+
     def _watch(self) -> None:
-        """Turn changes in the log's state into events, and refresh the snapshot /metrics serves."""
+        """Turn changes in the log's state into events."""
         now = time.monotonic()
         if now < self._next_watch:
             return
@@ -280,8 +314,6 @@ class Writer:
             self.metrics.event("metrics_error", detail="the metrics thread ended")
             self.metrics_server = None
         self._seen = st
-        if self.metrics_server is not None:
-            self._snapshot = self.status()
 
     # -- commits ---------------------------------------------------------------------------------------
 
@@ -289,13 +321,13 @@ class Writer:
         """Called by the log after each commit; from another thread, only poke the loop (from the loop itself,
         after each drain under `always` and `os`, nothing: it publishes right after)."""
         if threading.get_ident() != self._main_thread:
-            self._poke_from_flusher()
+            self._wake_loop()
 
     def _on_stop(self, reason: LogStoppedError) -> None:
         """Called once by the log when it stops; from another thread, wake the loop so it nacks at once."""
-        self._poke_from_flusher()
+        self._wake_loop()
 
-    def _poke_from_flusher(self) -> None:
+    def _wake_loop(self) -> None:
         """Wake the loop from another thread.  A write to a pipe is safe from any number of threads; the flag
         only saves writes while a wake-up is already pending (a stale read of it costs one byte more)."""
         if threading.get_ident() != self._main_thread and not self._poked:
@@ -574,7 +606,7 @@ class Writer:
         self._publish_commits()
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(100))
+                events = dict(poller.poll(self._scrape_due_ms() if self._scrapes else 100))
                 if self._wake_r in events:
                     self._take_pokes()
                 if self.pull in events:
@@ -587,6 +619,8 @@ class Writer:
                 self._publish_commits()
                 self._store_group_positions()
                 self._watch()
+                if self._scrapes:
+                    self._answer_scrapes()
                 if self.pub in events:
                     self._confirm_subscriptions()
             while self._drain():
