@@ -8,6 +8,7 @@ consumer was killed while holding its range (at-least-once, GUARANTEES.md "Consu
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import subprocess
 import sys
@@ -139,3 +140,56 @@ def test_a_failed_group_cursor_store_stops_the_log(tmp_path: Path, writers) -> N
         stopped = wait_for(lambda: status(d)["stopped"], 10, "the log to stop")
     assert stopped["operation"].startswith("group cursor store (g)"), stopped
     assert writer.running() and status(d)["stopped"] == stopped  # still answering, with the reason
+
+
+def test_a_stuck_group_cursor_store_does_not_hold_up_the_writer(tmp_path: Path, writers) -> None:
+    """The group's cursor is stored on a thread of its own: while that store hangs (a FIFO where its temp file
+    goes: opening it for writing waits for a reader), producers are still acked.  Once it opens, fsyncing a
+    FIFO fails (EINVAL) and the log stops, naming the store."""
+    import time
+
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(10)])]
+        (d / "cursors").mkdir(exist_ok=True)
+        fifo = d / "cursors" / f".g.cursor.{writer.pid}.tmp"
+        os.mkfifo(fifo)
+        with walsvc.Reader(d, group="g", consumer="a") as member:
+            assert len(member.poll(5)) == 10
+            member.commit(10)
+            time.sleep(0.5)  # the store has started and waits in open()
+            started = time.monotonic()
+            lsns = [producer.put(b"after%d" % i, b"v").result(5) for i in range(20)]
+            took = time.monotonic() - started
+            assert lsns == list(range(11, 31)) and status(d)["stopped"] is None
+            assert took < 4, f"20 acks took {took:.1f} s behind a stuck cursor store"
+            reader_end = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                stopped = wait_for(lambda: status(d)["stopped"], 10, "the log to stop")
+            finally:
+                os.close(reader_end)
+    assert stopped["operation"] == "group cursor store (g)", stopped
+    assert writer.running()
+
+
+def test_the_cursor_thread_stores_the_latest_position_and_reports_a_failure(tmp_path: Path) -> None:
+    """Positions put faster than they are stored collapse to the latest; a failed store is reported through
+    `fail` with the cursor's name, and ends the thread without leaving `flush` waiting."""
+    from walsvc import cursor
+
+    failures: list[tuple[str, BaseException]] = []
+    storer = cursor.CursorStorer(tmp_path, lambda op, exc: failures.append((op, exc)))
+    for lsn in range(1, 200):
+        storer.put({"a": lsn, "b": 2 * lsn})
+    storer.flush()
+    assert (cursor.load(tmp_path, "a"), cursor.load(tmp_path, "b")) == (199, 398)
+    (tmp_path / "cursors" / f".c.cursor.{os.getpid()}.tmp").mkdir()  # its temp file cannot be opened: EISDIR
+    storer.put({"c": 5})
+    storer.flush()
+    assert [op for op, _ in failures] == ["group cursor store (c)"]
+    assert isinstance(failures[0][1], IsADirectoryError)
+    storer.put({"a": 500})
+    storer.flush()  # returns: the failed thread stores nothing more
+    assert cursor.load(tmp_path, "a") == 199 and cursor.load(tmp_path, "c") is None
+    storer.close()

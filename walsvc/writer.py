@@ -150,6 +150,7 @@ class Writer:
         self.groups = GroupTable(cursor.check_name,
                                  lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
         self._groups_stored_at = 0.0
+        self._cursor_storer: cursor.CursorStorer | None = None
         self._sync_in_loop = config.log.fsync == "always"
         self._commit_in_loop = config.log.fsync == "os"
         self._pipelining = Pipelining()
@@ -349,6 +350,7 @@ class Writer:
         self._poked = False
 
     def _close_wake_pipe(self) -> None:
+        self._poked = True  # no more writes: a late scrape thread must not write into a reused descriptor
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -579,17 +581,17 @@ class Writer:
 
     def _store_group_positions(self, force: bool = False) -> None:
         """Store each moved group position as the group's cursor, at most every GROUP_STORE_S: an fsync per
-        ack would cap a group at a few hundred acks/s; a crash redelivers at most that window's records."""
+        ack would cap a group at a few hundred acks/s; a crash redelivers at most that window's records.  The
+        cursor thread stores them (`cursor.CursorStorer`): two fsyncs each, which this loop must not wait for."""
         now = time.monotonic()
         if (not force and now - self._groups_stored_at < GROUP_STORE_S) or self.log.stop_reason is not None:
             return
         self._groups_stored_at = now
-        for name, position in self.groups.take_moved().items():
-            try:
-                cursor.store(self.directory, name, position - 1)
-            except OSError as exc:  # a write-path I/O error like any other: fail-stop, never retried
-                self.log.stop(f"group cursor store ({name})", exc)
-                return
+        moved = self.groups.take_moved()
+        if moved:
+            if self._cursor_storer is None:  # started by the first group to move: most logs have none
+                self._cursor_storer = cursor.CursorStorer(self.directory, self.log.stop)
+            self._cursor_storer.put({name: position - 1 for name, position in moved.items()})
 
     # -- loop ------------------------------------------------------------------------------------------
 
@@ -640,6 +642,8 @@ class Writer:
         here: the stop was reported when it happened, and every acked batch is durable."""
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self._cursor_storer is not None:
+            self._cursor_storer.close()  # every group position handed over is stored before the locks go
         self.metrics.event("writer_stopped", committed_lsn=self.log.committed_lsn)
         try:
             self.log.close()
