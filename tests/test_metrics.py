@@ -9,6 +9,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, strategies
 
@@ -55,13 +56,17 @@ def test_histogram_quantile_is_a_recorded_sample_at_its_rank(seconds: list[float
     assert h.cumulative()[-1][1] == len(seconds)
 
 
-def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Path, writers) -> None:
+def metrics_writer(tmp_path: Path, writers, toml: str = "") -> tuple[Path, Any, Path, str]:
+    """A writer process serving /metrics on a free port: (directory, writer, config file, metrics URL)."""
     port = free_port()
     config = tmp_path / "walsvc.toml"
-    config.write_text(f"[log]\nsegment_bytes = 1048576\n[service]\nmetrics_port = {port}\n")
+    config.write_text(f"{toml}[service]\nmetrics_port = {port}\n")
     d = tmp_path / "wal"
-    writer = writers(d, config=config).start()
-    url = f"http://127.0.0.1:{port}/metrics"
+    return d, writers(d, config=config).start(), config, f"http://127.0.0.1:{port}/metrics"
+
+
+def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Path, writers) -> None:
+    d, writer, config, url = metrics_writer(tmp_path, writers, "[log]\nsegment_bytes = 1048576\n")
 
     # From the start, every counter is there at 0: in status --json and in the scrape.
     st = json.loads(run_cli("status", "--dir", str(d), "--json").stdout)
@@ -115,12 +120,7 @@ def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Pa
 def test_a_scrape_shows_every_record_acked_before_it(tmp_path: Path, writers) -> None:
     """The loop builds each scrape's snapshot when asked, so a scrape right after an ack counts that record
     (a snapshot refreshed on a timer lagged by up to its period)."""
-    port = free_port()
-    config = tmp_path / "walsvc.toml"
-    config.write_text(f"[service]\nmetrics_port = {port}\n")
-    d = tmp_path / "wal"
-    writer = writers(d, config=config).start()
-    url = f"http://127.0.0.1:{port}/metrics"
+    d, writer, _, url = metrics_writer(tmp_path, writers)
     with walsvc.Producer(d) as producer:
         for round_ in range(1, 6):
             for i in range(10):
