@@ -317,3 +317,17 @@ def test_serve_runs_the_writer_and_all_its_threads_on_the_cpus_asked(tmp_path: P
     with walsvc.Producer(w.directory) as producer:
         assert producer.put(b"k", b"v").result(10) == 1
     assert status(w.directory)["cpus"] == [cpu]  # and status says so
+    assert io_thread_policies(w.pid) == [os.SCHED_BATCH]  # it never preempts the loop on their one CPU
+
+
+def io_thread_policies(pid: int) -> list[int]:
+    """The scheduling policy of each of libzmq's I/O threads in process `pid`."""
+    return [os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()
+            if (task / "comm").read_text().startswith("ZMQbg/IO")]
+
+
+def test_an_unpinned_writer_leaves_its_io_thread_to_the_usual_scheduling(tmp_path: Path, writers) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("a process on one CPU is pinned")
+    w = writers().start()
+    assert io_thread_policies(w.pid) == [os.SCHED_OTHER]

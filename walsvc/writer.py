@@ -133,6 +133,12 @@ def pin_cpus(cpus: str) -> None:
     log.info("the writer runs on CPUs %s", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
 
 
+def one_cpu() -> bool:
+    """Whether this thread may run on one CPU only (`[service] cpus`, a cpuset, a one-CPU machine), where the
+    scheduler can say so."""
+    return hasattr(os, "SCHED_BATCH") and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
+
+
 class Writer:
     def __init__(self, config: Config) -> None:
         pin_cpus(config.service.cpus)  # first: every thread started below inherits it
@@ -188,6 +194,11 @@ class Writer:
     def _open_sockets(self) -> None:
         svc = self.config.service
         self.ctx = zmq.Context()
+        if one_cpu():
+            # On the loop's one CPU, libzmq's I/O thread preempted the loop each time it woke (a message read,
+            # an ack to send).  As SCHED_BATCH it never preempts: it runs while the loop sleeps in poll.  Pinned
+            # append-to-reader p99 fell from 601-763 to 394-607 us (PERFORMANCE.md 21.3).
+            self.ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
         if svc.ingest and svc.publish and svc.control:
             eps = Endpoints(svc.ingest, svc.publish, svc.control)
             self._bind(eps)
