@@ -175,7 +175,8 @@ def test_a_stuck_group_cursor_store_does_not_hold_up_the_writer(tmp_path: Path, 
 
 def test_the_cursor_thread_stores_the_latest_position_and_reports_a_failure(tmp_path: Path) -> None:
     """Positions put faster than they are stored collapse to the latest; a failed store is reported through
-    `fail` with the cursor's name, and ends the thread without leaving `flush` waiting."""
+    `fail` with the cursor's name, a bug as the thread's failure, and either ends the thread without leaving
+    `flush` waiting."""
     from walsvc import cursor
 
     failures: list[tuple[str, BaseException]] = []
@@ -193,3 +194,10 @@ def test_the_cursor_thread_stores_the_latest_position_and_reports_a_failure(tmp_
     storer.flush()  # returns: the failed thread stores nothing more
     assert cursor.load(tmp_path, "a") == 199 and cursor.load(tmp_path, "c") is None
     storer.close()
+
+    # Not an OSError (a bug): reported the same way, as the thread's failure.
+    broken = cursor.CursorStorer(tmp_path, lambda op, exc: failures.append((op, exc)))
+    broken.put({"d": "not an LSN"})
+    broken.flush()
+    assert [op for op, _ in failures[1:]] == ["cursor thread"] and not broken._thread.is_alive()
+    broken.close()
