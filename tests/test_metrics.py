@@ -206,3 +206,37 @@ def test_scraping_in_a_loop_cannot_take_the_writer_loop_over(tmp_path: Path) -> 
     assert len(waits) > 40, len(waits)
     assert 10 <= built[0] <= 1.5 / SCRAPE_EVERY_S, (built[0], len(waits))
     assert max(waits) < SCRAPE_WAIT_S, max(waits)
+
+
+def test_a_status_that_fails_for_a_scrape_leaves_the_loop_serving(tmp_path: Path) -> None:
+    """A real fault under the status a scrape asks for (a file where the cursors folder goes: listing it
+    fails) is counted and logged as `metrics_error`; the scrape gets the last figures and the loop serves on."""
+    import threading
+
+    from walsvc.config import load
+    from walsvc.writer import Writer
+
+    made: list[Writer] = []
+
+    def serve() -> None:
+        made.append(Writer(load(directory=tmp_path / "wal")))
+        made[0].serve()
+
+    loop = threading.Thread(target=serve, daemon=True)
+    loop.start()
+    wait_for(lambda: made, 30, "the writer to start")
+    w = made[0]
+    try:
+        cursors = tmp_path / "wal" / "cursors"
+        if cursors.is_dir():
+            cursors.rmdir()
+        cursors.write_text("not a folder")
+        last = w._snapshot
+        assert w._scrape_snapshot() is last
+        assert w.metrics.events["metrics_error"] == 1
+        with walsvc.Producer(tmp_path / "wal") as producer:
+            assert producer.put(b"k", b"v").result(10) == 1
+        assert loop.is_alive()
+    finally:
+        w.stop()
+        loop.join(30)

@@ -300,9 +300,13 @@ class Writer:
         self._next_snapshot = now + SCRAPE_EVERY_S
         with self._scrapes_lock:
             waiting, self._scrapes = self._scrapes, []
-        self._snapshot = self.status()
-        for done in waiting:
-            done.set()
+        try:
+            self._snapshot = self.status()
+        except Exception as exc:  # an unreadable cursors folder, say: the scrape gets the last one
+            self.metrics.event("metrics_error", detail=f"status for a scrape: {type(exc).__name__}: {exc}")
+        finally:
+            for done in waiting:
+                done.set()
 
     def _watch(self) -> None:
         """Turn changes in the log's state into events."""
