@@ -176,28 +176,26 @@ def test_a_stuck_group_cursor_store_does_not_hold_up_the_writer(tmp_path: Path, 
 def test_the_cursor_thread_stores_the_latest_position_and_reports_a_failure(tmp_path: Path) -> None:
     """Positions put faster than they are stored collapse to the latest; a failed store is reported through
     `fail` with the cursor's name, a bug as the thread's failure, and either ends the thread without leaving
-    `flush` waiting."""
+    `close` waiting."""
     from walsvc import cursor
 
     failures: list[tuple[str, BaseException]] = []
     storer = cursor.CursorStorer(tmp_path, lambda op, exc: failures.append((op, exc)))
     for lsn in range(1, 200):
         storer.put({"a": lsn, "b": 2 * lsn})
-    storer.flush()
+    storer.close()  # stores what is pending first
     assert (cursor.load(tmp_path, "a"), cursor.load(tmp_path, "b")) == (199, 398)
     (tmp_path / "cursors" / f".c.cursor.{os.getpid()}.tmp").mkdir()  # its temp file cannot be opened: EISDIR
-    storer.put({"c": 5})
-    storer.flush()
+    failing = cursor.CursorStorer(tmp_path, lambda op, exc: failures.append((op, exc)))
+    failing.put({"c": 5})
+    failing.put({"a": 500})
+    failing.close()  # returns: the failed thread stores nothing more
     assert [op for op, _ in failures] == ["group cursor store (c)"]
     assert isinstance(failures[0][1], IsADirectoryError)
-    storer.put({"a": 500})
-    storer.flush()  # returns: the failed thread stores nothing more
     assert cursor.load(tmp_path, "a") == 199 and cursor.load(tmp_path, "c") is None
-    storer.close()
 
     # Not an OSError (a bug): reported the same way, as the thread's failure.
     broken = cursor.CursorStorer(tmp_path, lambda op, exc: failures.append((op, exc)))
     broken.put({"d": "not an LSN"})
-    broken.flush()
-    assert [op for op, _ in failures[1:]] == ["cursor thread"] and not broken._thread.is_alive()
     broken.close()
+    assert [op for op, _ in failures[1:]] == ["cursor thread"]

@@ -74,7 +74,6 @@ class CursorStorer:
         self.directory = directory
         self._fail = fail
         self._pending: dict[str, int] = {}
-        self._busy = False
         self._stop = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="walsvc-cursors", daemon=True)
@@ -86,12 +85,6 @@ class CursorStorer:
             self._pending.update(positions)
             self._cond.notify_all()
 
-    def flush(self) -> None:
-        """Wait until every position put so far is stored, or the thread has failed."""
-        with self._cond:
-            while (self._pending or self._busy) and self._thread.is_alive():
-                self._cond.wait(0.1)
-
     def close(self) -> None:
         """Store what is pending, then end the thread."""
         with self._cond:
@@ -100,12 +93,7 @@ class CursorStorer:
         self._thread.join()
 
     def _run(self) -> None:
-        try:
-            fail_stop(self._store_until_stopped, lambda exc: self._fail("cursor thread", exc))
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+        fail_stop(self._store_until_stopped, lambda exc: self._fail("cursor thread", exc))
 
     def _store_until_stopped(self) -> None:
         while True:
@@ -115,16 +103,12 @@ class CursorStorer:
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, {}
-                self._busy = True
             for name, lsn in batch.items():
                 try:
                     store(self.directory, name, lsn)
                 except OSError as exc:  # a write-path I/O error like any other: fail-stop, never retried
                     self._fail(f"group cursor store ({name})", exc)
                     return
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
 
 
 def load_all(directory: Path) -> dict[str, int]:
