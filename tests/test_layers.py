@@ -17,7 +17,7 @@ LAYERS = {
         "repair"},
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "rotation",
         "log", "logid", "seek", "nori"},
-    2: {"endpoints", "wakeup", "writer", "_writer_c", "producer", "reader", "group_reader", "mirror", "jetstream", "prometheus"},
+    2: {"endpoints", "wakeup", "writer", "_writer_c", "producer", "reader", "mirror", "jetstream", "prometheus"},
     3: {"cli", "verify", "status", "up", "__main__", "workers"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
@@ -64,6 +64,37 @@ def test_no_module_imports_a_higher_layer() -> None:
             if layer < 2 and name in SERVICE_ONLY:
                 wrong.append(f"{path.relative_to(ROOT)} ({NAMES[layer]}) imports {name}, a service dependency")
     assert not wrong, "\n".join(wrong)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = _module(path)
+        if module != "__init__":
+            graph.setdefault(module, set()).update(n for n in _imports(path) if n in LAYER_OF and n != module)
+    return graph
+
+
+def test_no_modules_import_each_other() -> None:
+    """Within a layer too, imports run one way: a circle (even through a lazy import) means two modules are
+    one concept split in two, or one reaches up into the other's caller."""
+    graph = _import_graph()
+    circles = []
+    for start in sorted(graph):
+        path, seen = [start], {start}
+        stack = [iter(sorted(graph[start]))]
+        while stack:  # depth-first from `start` through modules named after it (each circle once, from its first)
+            step = next(stack[-1], None)
+            if step is None:
+                stack.pop()
+                seen.discard(path.pop())
+            elif step == start:
+                circles.append(" -> ".join([*path, start]))
+            elif step not in seen and step > start:
+                path.append(step)
+                seen.add(step)
+                stack.append(iter(sorted(graph.get(step, ()))))
+    assert not circles, "modules that import each other:\n" + "\n".join(circles)
 
 
 NO_ZMQ = r"""
