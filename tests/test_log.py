@@ -424,6 +424,23 @@ def test_batch_flusher_never_strands_a_write_racing_its_fsync(tmp_path):
         os.close(fd)
 
 
+def test_a_commit_never_publishes_an_end_below_one_already_published() -> None:
+    """Under `os` the writer's loop commits what it wrote while the rotation thread commits a sealed
+    segment's end: whichever reaches the commit second must not publish a lower end after a higher one
+    (HEAD, and every reader's bound, would step back).  Here the lower commit waits for the lock while the
+    higher one is published."""
+    from walsvc.fsync import Syncer
+    published: list[int] = []
+    syncer = Syncer("os", 0, lambda: (0, 0, None), lambda end: None, 1, publish=published.append, thread=False)
+    with syncer._fail_lock:
+        lower = threading.Thread(target=syncer._commit, args=(10,))
+        lower.start()
+        time.sleep(0.1)  # it has looked at the committed end and waits for the lock
+        syncer._commit(20)  # the lock is reentrant: this thread holds it
+    lower.join(5)
+    assert published == [20] and syncer.committed_end == 20
+
+
 def test_read_batches_gives_what_read_gives_a_list_at_a_time(tmp_path: Path) -> None:
     with Log.open(tmp_path, fsync="os") as log:
         for i in range(30):

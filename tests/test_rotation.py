@@ -202,3 +202,58 @@ def test_kill_9_around_a_rotation_keeps_every_acked_record(tmp_path, delay, poli
         assert spare_found, "no kill found a prepared spare: the test did not exercise recovery's cleanup"
     else:
         assert seal_pending, "no kill caught a seal in flight: the test did not exercise recovery's seal"
+
+
+class _OwnedLock:
+    """threading.Lock that knows which thread holds it (a plain Lock can only say that someone does)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def acquire(self, *args: object) -> bool:
+        got = self._lock.acquire(*args)
+        if got:
+            self.owner = threading.get_ident()
+        return got
+
+    def release(self) -> None:
+        self.owner = None
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@pytest.mark.parametrize("policy", ["batch", "always", "os"])
+def test_every_fsync_of_a_segment_holds_the_syncer_lock(open_log, monkeypatch, policy):
+    """Linux reports a lost write-back once per file, to whichever fsync asks first: were the rotation
+    thread's fsync of the active segment to run beside the fsync thread's, that one could return 0 and
+    commit frames whose write-back had failed.  So every fsync of a segment after the open (the rotation
+    thread's before it prepares a spare, the settling of a switched-from segment, the fsync thread's) runs
+    with the syncer's lock held by the thread that calls it, and a failure is recorded before it is
+    released."""
+    import walsvc.fsync as fsync_module
+    import walsvc.log as log_module
+    log = open_log(segment_bytes=MiB, fsync=policy)
+    lock = _OwnedLock()
+    log._syncer.lock = lock
+    calls: list[tuple[str, bool]] = []
+    for module in (fsync_module, log_module):
+        real = module.sync_data
+
+        def checked(fd: int, real=real) -> None:
+            calls.append((threading.current_thread().name, lock.owner == threading.get_ident()))
+            real(fd)
+
+        monkeypatch.setattr(module, "sync_data", checked)
+    for i in range(400):  # 4 MB: three switches or more
+        log.append_batch([Record.put(b"k%05d-%d" % (i, j), b"v" * 1000) for j in range(10)])
+    log.close()
+    assert log.stats()["segments"] >= 4
+    threads = {name for name, _ in calls}
+    assert "walsvc-rotation" in threads, threads
+    unlocked = [name for name, owned in calls if not owned]
+    assert not unlocked, f"fsyncs of a segment without the syncer's lock, on threads {sorted(set(unlocked))}"

@@ -253,17 +253,20 @@ class Syncer:
         return self.committed_end
 
     def _commit(self, end_lsn: int) -> None:
-        if end_lsn > self.committed_end:
-            with self._fail_lock:
-                self.check()
-                if self._publish is not None:
-                    self._publishing = True  # a failure in it is no time to commit (`fail`)
-                    try:
-                        self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
-                    finally:
-                        self._publishing = False
-                self.committed_end = end_lsn
-            self._on_commit(end_lsn)
+        # Compared under the lock: the loop's `commit_written` and the rotation thread's `mark_durable` may
+        # commit at once, and the lower end must not be published after the higher one (HEAD going back).
+        with self._fail_lock:
+            if end_lsn <= self.committed_end:
+                return
+            self.check()
+            if self._publish is not None:
+                self._publishing = True  # a failure in it is no time to commit (`fail`)
+                try:
+                    self._publish(end_lsn)  # raises LogStoppedError if HEAD could not be updated: no commit
+                finally:
+                    self._publishing = False
+            self.committed_end = end_lsn
+        self._on_commit(end_lsn)
 
     def mark_durable(self, end_lsn: int) -> None:
         """The log fsynced on its own (sealing a segment): everything up to `end_lsn` is durable."""

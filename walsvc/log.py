@@ -398,10 +398,14 @@ class Log:
         The spare is ready only after, so no rename can come first; no new segment can be switched to
         meanwhile, so the active one cannot change under this thread."""
         seg = self._active
-        try:
-            sync_data(seg.fd)
-        except OSError as exc:
-            raise self._syncer.fail("fdatasync", seg.path, exc) from exc
+        # Under the syncer's lock, failure recorded before it is released: Linux reports a lost write-back
+        # once per file, to whichever fsync asks first, so an fsync of this file on the fsync thread at the
+        # same moment could return 0 and commit frames whose write-back failed here.
+        with self._syncer.lock:
+            try:
+                sync_data(seg.fd)
+            except OSError as exc:
+                raise self._syncer.fail("fdatasync", seg.path, exc) from exc
         try:
             return create_spare(self.directory, self.config.segment_bytes, self.config.preallocate)
         except OSError as exc:
