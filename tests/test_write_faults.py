@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_acks, finish, python_env, read_acks,
-                     read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
+from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_acks, control, finish, python_env,
+                     read_acks, read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
 from walsvc import Log, frame as F, protocol as P
@@ -486,6 +486,42 @@ def test_after_a_stop_each_batch_gets_one_true_answer(tmp_path: Path, writers, s
         client.close()
     assert writer.stop() == 0
     assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"one")]
+
+
+def test_a_failed_directory_fsync_for_a_new_group_stops_the_log(tmp_path: Path, writers, shim: Path) -> None:
+    """The first consumer group makes the cursors folder and fsyncs the log directory.  That fsync failing
+    stops the log, as the directory fsync after a segment switch does: Linux reports a lost write-back of the
+    directory once, so the next fsync of it would return 0.  Before, the claim was refused and the log went
+    on acking.  A claim refused for another reason (a folder where the group's lock file goes, on a second
+    log) refuses that group alone."""
+    d = tmp_path / "wal"
+    fault = Fault(Site("group-dir-fsync", "shim", "fsync", "directory fsync", ""), errno.EIO, True, tmp_path, shim)
+    writer = writers(d, fsync="os", wrapper=fault.wrapper, env=fault.env).start()  # `os`: no fsync but this one
+    with walsvc.Producer(d) as producer:
+        assert producer.put(b"before", b"1").result(10) == 1
+        fault.arm(writer.pid)
+        reply = control(d, "group_claim", group="billing", consumer="c1", max_records=10)
+        assert not reply["ok"], reply
+        assert "log stopped: directory fsync after making the cursors folder failed" in reply["error"], reply
+        assert "walsvc_fault: fsync" in writer.stderr()
+        stopped = status(d)["stopped"]
+        assert stopped["operation"] == "directory fsync after making the cursors folder", stopped
+        assert stopped["path"] == str(d) and stopped["errno_name"] == "EIO", stopped
+        with pytest.raises(LogStoppedError):
+            producer.put(b"after", b"2").result(10)
+    assert writer.stop() == 0
+    assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"before")]
+
+    other = tmp_path / "other"
+    writer = writers(other, fsync="os").start()
+    (other / "cursors" / "billing.lock").mkdir(parents=True)  # a folder where the group's lock file goes
+    reply = control(other, "group_claim", group="billing", consumer="c1", max_records=10)
+    assert not reply["ok"] and "cannot take its cursor lock" in reply["error"], reply
+    assert "Is a directory" in reply["error"], reply
+    assert status(other)["stopped"] is None
+    with walsvc.Producer(other) as producer:
+        assert producer.put(b"still", b"1").result(10) == 1
+    assert writer.stop() == 0
 
 
 def test_cpus_the_kernel_refuses_are_a_config_error_and_no_log_is_made(tmp_path: Path, shim: Path) -> None:

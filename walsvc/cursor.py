@@ -135,7 +135,7 @@ class CursorLock(PidLock):
         cdir = Path(directory) / DIRNAME
         if not cdir.is_dir():
             make_dir(cdir)
-            sync_dir(Path(directory))
+            sync_dir(Path(directory), "directory fsync after making the cursors folder")
         super().__init__(cdir / (check_name(name) + LOCK_SUFFIX),
                          lambda pid: CursorBusyError(str(directory), name, pid))
 

@@ -25,6 +25,7 @@ An unexpected exception while handling a batch stops the log too, with that exce
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import math
@@ -41,7 +42,8 @@ from . import cursor
 from . import protocol as P
 from .config import Config, cpu_list
 from .endpoints import Endpoints, ipc_candidates, ipc_endpoints, private_dir, share_sockets
-from .errors import ConfigError, GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError
+from .errors import (ConfigError, GroupError, LogStoppedError, ProtocolError, ServiceUnavailableError,
+                     WriteStepError)
 from .frame import Appended
 from .group import GROUP_OPS, GroupTable
 from .ingest import IngestSession, Refuse, Store
@@ -153,8 +155,7 @@ class Writer:
         self._stop = threading.Event()
         self.started = time.time()
         self._group_locks: list[cursor.CursorLock] = []
-        self.groups = GroupTable(cursor.check_name,
-                                 lambda name: self._group_locks.append(cursor.CursorLock(self.directory, name)))
+        self.groups = GroupTable(cursor.check_name, self._claim_group_name)
         self._groups_stored_at = 0.0
         self._cursor_storer: cursor.CursorStorer | None = None
         self._sync_in_loop = config.log.fsync == "always"
@@ -584,6 +585,23 @@ class Writer:
             log.exception("control request failed")
             reply = {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
         self.rep.send(json.dumps(reply).encode())
+
+    def _claim_group_name(self, name: str) -> None:
+        """Hold a new group's cursor lock while the group lives (no named reader may take the name).
+
+        The first group creates the cursors folder and fsyncs the log directory.  That fsync failing stops
+        the log like any write-path fsync: Linux reports a lost write-back of the directory once, so the
+        next one, after a segment switch, would return 0 for entries that never reached the disk.  An EIO
+        anywhere in the claim does too.  Any other refusal (another process holds the name, no permission,
+        a folder where the lock file goes) refuses this group alone and the log serves on."""
+        try:
+            lock = cursor.CursorLock(self.directory, name)
+        except OSError as exc:
+            if isinstance(exc, WriteStepError) or exc.errno == errno.EIO:
+                raise self.log.stop(f"group {name} cursor lock", exc) from exc
+            raise GroupError(name, f"cannot take its cursor lock in {self.directory / cursor.DIRNAME}: "
+                                   f"{exc}") from None
+        self._group_locks.append(lock)
 
     def _group_request(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
