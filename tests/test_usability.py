@@ -78,15 +78,19 @@ def test_errors_name_the_subcommand_and_suggest(tmp_path: Path) -> None:
 def test_a_typo_in_dir_is_an_error_not_empty_output(tmp_path: Path) -> None:
     make_log(tmp_path / "wal", [[walsvc.Record.put(b"k", b"v")]])
     (tmp_path / "empty").mkdir()
-    commands = [["tail"], ["dump"], ["status"], ["cursors", "list"]]
+    commands = [["tail"], ["dump"], ["status"], ["cursors", "list"], ["verify"]]
+    n = len(commands)
     results = run_all(*[c + ["--dir", str(tmp_path / "wall")] for c in commands],
                       *[c + ["--dir", str(tmp_path / "empty")] for c in commands],
-                      ["tail", "--dir", str(tmp_path / "wal")])
-    for result in results[:4]:
+                      ["verify", "--dir", str(REPO_ROOT / "walsvc")], ["verify", "--dir", ""],
+                      ["tail", "--dir", str(tmp_path / "wal")], ["verify", "--dir", str(tmp_path / "wal")])
+    for result in results[:n]:
         one_line_error(result, "--dir", "does not exist")
-    for result in results[4:8]:
+    for result in results[n:2 * n + 1]:  # verify said "OK. 0 segments" with exit 0 for any directory
         one_line_error(result, "--dir", "not a walsvc log")
-    assert len(lines(results[8])) == 1
+    one_line_error(results[2 * n + 1], "--dir", "empty")  # not the working directory
+    assert len(lines(results[2 * n + 2])) == 1
+    assert "OK" in lines(results[2 * n + 3])[0]
 
 
 def test_log_open_on_a_file_is_a_walsvc_error(tmp_path: Path) -> None:

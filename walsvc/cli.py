@@ -88,6 +88,8 @@ _count = _not_negative(int, "a whole number")
 
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     """The config file (or defaults), with --dir and any non-None flag overrides applied."""
+    if args.dir == "":  # Path("") is the working directory: a script's unset variable must not pick it
+        raise ConfigError("--dir", "is empty: give the log directory")
     cfg = C.load(args.config, directory=args.dir)
     if cfg.directory.exists() and not cfg.directory.is_dir():  # else a traceback from deep inside
         raise ConfigError("--dir" if args.dir is not None else "log.dir", f"{cfg.directory} is not a directory")
@@ -340,6 +342,7 @@ def _progress_bar(what: str, unit: str = "segment") -> Any:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
     cfg = _load(args)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")  # not "OK, 0 segments" for /etc
     bar = _progress_bar(f"verify {cfg.directory}")
 
     def progress(done: int, total: int) -> None:
