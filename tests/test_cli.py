@@ -62,6 +62,11 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path) -> None:
         (["up", "--dir", str(tmp_path / "w"), "--consumers", "two"], "--consumers"),
         (["up", "--dir", str(tmp_path / "w"), "--seconds", "abc"], "--seconds"),
         (["produce", "--dir", str(tmp_path / "w"), "--linger-ms", "abc"], "--linger-ms"),
+        (["produce", "--dir", str(tmp_path / "w"), "--linger-ms", "-1"], "--linger-ms"),  # not producer.linger_ms
+        (["produce", "--dir", str(tmp_path / "w"), "--timeout", "-1"], "--timeout"),
+        (["produce", "--dir", str(tmp_path / "w"), "--timeout", "nan"], "--timeout"),
+        (["produce", "--dir", str(tmp_path / "w"), "--timeout", "0"], "--timeout"),
+        (["produce", "--dir", str(tmp_path / "w"), "--timeout", "1e300"], "--timeout"),
         (["status", "--dir", str(tmp_path / "w"), "--bogus"], "--bogus"),
         (["frobnicate"], "frobnicate"),
         (["status", "--dir", str(tmp_path / "missing")], "--dir"),
@@ -161,6 +166,22 @@ def test_produce_without_a_writer_fails_at_once(tmp_path: Path, writers) -> None
     none = run_cli("produce", "--dir", str(tmp_path / "empty"), input="x\n")
     assert none.returncode == 1 and len(none.stderr.splitlines()) == 1 and "Traceback" not in none.stderr
     assert "walsvc serve" in none.stderr
+
+
+def test_produce_fails_when_the_lsns_cannot_be_written_to_stdout(tmp_path: Path, writers) -> None:
+    """A full disk under stdout (/dev/full) ended the acks thread silently and produce exited 0."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    d = tmp_path / "wal"
+    writers(d).start()
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(walsvc_cmd("produce", "--dir", str(d)), input="1\n2\n3\n4\n5\n", stdout=full,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=python_env(), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "cannot write the LSNs to stdout: No space left on device" in proc.stderr, proc.stderr
+    assert "all 5 appended line(s) were stored" in proc.stderr, proc.stderr
+    assert status(d)["committed_lsn"] == 5
 
 
 def test_tail_json_from_earliest(tmp_path: Path, writers) -> None:

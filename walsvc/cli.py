@@ -86,6 +86,20 @@ _seconds = _not_negative(float, "a number of seconds")
 _count = _not_negative(int, "a whole number")
 
 
+def _interval(value: str) -> float:
+    """An argparse type for a wait or a period in seconds: more than 0 (0 is no wait, or a busy loop) and at
+    most what `time.sleep` and lock timeouts take (else OverflowError deep inside)."""
+    import threading
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not 0 < seconds <= threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {threading.TIMEOUT_MAX:.0f} seconds, "
+                                         f"got {value}")
+    return seconds
+
+
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
     """The config file (or defaults), with --dir and any non-None flag overrides applied."""
     if args.dir == "":  # Path("") is the working directory: a script's unset variable must not pick it
@@ -148,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 class _LsnPrinter:
     """Prints each record's LSN, in input order, as soon as it is durable, from its own thread: stdin may
-    block (a person typing) while acks arrive.  Stops at the first failed record and keeps its error."""
+    block (a person typing) while acks arrive.  Stops at the first failed record, or at the first failed
+    write to stdout (a full disk, a closed pipe), and keeps its error."""
 
     def __init__(self) -> None:
         import queue
@@ -156,7 +171,9 @@ class _LsnPrinter:
         self.queue: "queue.Queue[Any]" = queue.Queue()
         self.error: BaseException | None = None
         self.printed = 0
+        self._done = False  # the thread reached the end of the queue (not killed by an unexpected exception)
         self._stop = threading.Event()
+        self._print_lock = threading.Lock()  # `finish` takes it: no LSN goes out after the caller's report
         self._thread = threading.Thread(target=self._run, name="walsvc-produce-acks", daemon=True)
         self._thread.start()
 
@@ -170,20 +187,28 @@ class _LsnPrinter:
                 except Exception as exc:  # a nack or a closed producer: reported by the main thread
                     self.error = exc
                     break
-                try:
-                    print(lsn, flush=True)
-                except BrokenPipeError:
-                    self.error = BrokenPipeError("stdout closed")
-                    break
-                self.printed += 1
+                with self._print_lock:
+                    if self._stop.is_set():
+                        break
+                    try:
+                        print(lsn, flush=True)
+                    except OSError as exc:  # EPIPE, ENOSPC (> /dev/full), EIO: the LSNs can no longer be shown
+                        self.error = exc
+                        break
+                    self.printed += 1
                 break
+        self._done = True
 
     def finish(self, timeout: float) -> bool:
-        """Wait up to `timeout` for every queued LSN to print; False if some are still unknown."""
+        """Wait up to `timeout` for every queued LSN to print, then stop printing; False if some LSNs are
+        still unknown or the thread died without saying why (never a silent success)."""
         self.queue.put(None)
         self._thread.join(timeout)
-        self._stop.set()
-        return not self._thread.is_alive()
+        with self._print_lock:
+            self._stop.set()
+        if not self._thread.is_alive() and not self._done and self.error is None:
+            self.error = RuntimeError("the thread printing the LSNs stopped unexpectedly")
+        return self._done
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -196,7 +221,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.delete and args.ttl_ms is not None:
         raise ConfigError("--ttl", "a tombstone (--delete) has no time to live; use one or the other")
-    producer = Producer(cfg, linger_ms=args.linger_ms)
+    try:
+        producer = Producer(cfg, linger_ms=args.linger_ms)
+    except ConfigError as exc:
+        if exc.key == "producer.linger_ms" and args.linger_ms is not None:
+            raise ConfigError("--linger-ms", exc.detail) from None  # name what the user typed
+        raise
     printer = _LsnPrinter()
     appended = 0
 
@@ -208,7 +238,11 @@ def cmd_produce(args: argparse.Namespace) -> int:
         except (TimeoutError, WalError) as exc:
             printer.finish(max(0.0, deadline - time.monotonic()))
             return f"{exc}; {printer.printed} of {appended} appended line(s) confirmed stored (their LSNs are above)"
-        if not printer.finish(max(1.0, deadline - time.monotonic())) or printer.error is not None:
+        finished = printer.finish(max(1.0, deadline - time.monotonic()))
+        if isinstance(printer.error, OSError):  # every record is stored (flushed above); only the output failed
+            return (f"cannot write the LSNs to stdout: {printer.error.strerror or printer.error}; all {appended} "
+                    f"appended line(s) were stored, but only the first {printer.printed} LSN(s) were printed")
+        if not finished or printer.error is not None:
             return (f"{printer.error or 'acks did not arrive in time'}; {printer.printed} of {appended} appended "
                     "line(s) confirmed stored (their LSNs are above)")
         return ""
@@ -559,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("produce", "append one record per stdin line; print each LSN once durable")
     p.add_argument("--kv", action="store_true", help="split each line into key<TAB>value")
     p.add_argument("--linger-ms", type=float, help="batching delay (default: [producer] linger_ms, 1)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the last acks (default 60)")
+    p.add_argument("--timeout", type=_interval, default=60.0, help="seconds to wait for the last acks (default 60)")
     p.add_argument("--delete", action="store_true",
                    help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
     p.add_argument("--ttl", dest="ttl_ms", type=_count, metavar="MS",
