@@ -107,6 +107,15 @@ def test_a_new_log_takes_16_mib_not_128(tmp_path: Path) -> None:
     assert walsvc.LogConfig().segment_bytes == 16 * 2**20
 
 
+def test_status_watch_takes_only_a_positive_finite_interval(tmp_path: Path) -> None:
+    """--watch -1 / nan printed once then a ValueError traceback; inf and 1e300 an OverflowError one."""
+    d = tmp_path / "wal"
+    make_log(d, [[walsvc.Record.put(b"k", b"v")]])
+    for result in run_all(*[["status", "--dir", str(d), "--watch", v] for v in ("-1", "nan", "inf", "1e300", "0")]):
+        one_line_error(result, "--watch", "more than 0")
+        assert result.stdout == "", result.stdout
+
+
 # -- produce, tail, dump options -------------------------------------------------------------------------
 
 def test_produce_delete_and_ttl_then_tail_and_dump_ranges(tmp_path: Path, writers) -> None:

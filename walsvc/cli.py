@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("status", "the writer's state, LSNs, segments, rates, latency, producers, cursors, counters")
     p.add_argument("--json", action="store_true", help="JSON (fields in docs/PROTOCOL.md)")
-    p.add_argument("--watch", type=float, metavar="SECONDS",
+    p.add_argument("--watch", type=_interval, metavar="SECONDS",
                    help="repeat every SECONDS, with rates over the last interval")
     p.set_defaults(func=cmd_status)
 
