@@ -140,6 +140,24 @@ def test_produce_delete_and_ttl_then_tail_and_dump_ranges(tmp_path: Path, writer
     assert len(lines(follow)) == 5
 
 
+def test_tail_text_escapes_what_could_pass_for_another_field_or_record(tmp_path: Path) -> None:
+    """Keys and values went out raw (a value with "\\n7\\tPUT\\tfake\\tvalue" read as a second record) and bytes
+    that are not UTF-8 were replaced lossily; now each line is one record and reads back to the stored bytes."""
+    d = tmp_path / "wal"
+    put = walsvc.Record.put
+    make_log(d, [[put(b"k", b"ok\n7\tPUT\tfake\tvalue"), put(b"a\tb", b"back\\slash\r"),
+                  put(b"\xff\xfe", "caf\u00e9 \x1b[31m \u0085 \U0001f600".encode()), walsvc.Record.delete(b"\\x41")]])
+    tail, json_tail = run_all(["tail", "--dir", str(d)], ["tail", "--dir", str(d), "--json"])
+    assert lines(tail) == ["1\tPUT\tk\tok\\n7\\tPUT\\tfake\\tvalue",
+                           "2\tPUT\ta\\tb\tback\\\\slash\\r",
+                           "3\tPUT\t\\xff\\xfe\tcaf\u00e9 \\x1b[31m \\u0085 \U0001f600",
+                           "4\tDEL\t\\\\x41\t"]
+    rows = [json.loads(x) for x in lines(json_tail)]  # unchanged: JSON has its own escapes
+    assert rows[0]["value"] == "ok\n7\tPUT\tfake\tvalue" and rows[3]["key"] == "\\x41"
+    assert "key_b64" in rows[2]
+    assert "\\xff" in run_cli("tail", "--help").stdout
+
+
 def test_produce_reports_what_was_stored_before_a_bad_line(tmp_path: Path, writers) -> None:
     d = tmp_path / "wal"
     writers(d, fsync="os").start()

@@ -299,6 +299,31 @@ def _stop_at(args: argparse.Namespace) -> Callable[[int, int], bool]:
     return lambda lsn, count: (to is not None and lsn > to) or (limit is not None and count >= limit)
 
 
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(data: bytes) -> str:
+    """`data` for a line of tail's text output: a key or value holding a TAB or newline must not pass for more
+    fields or another record, nor undecodable bytes be lost.  So \\, TAB, LF and CR become \\\\, \\t, \\n and \\r,
+    other non-printable characters \\xNN (below 0x80) or \\uNNNN / \\UNNNNNNNN, and bytes that are not UTF-8
+    \\xNN (0x80-0xff): every line reads back to exactly the bytes stored."""
+    text = data.decode("utf-8", errors="surrogateescape")  # an undecodable byte B becomes U+DC00+B
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for c in text:
+        code = ord(c)
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        elif code < 0x80 or 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code & 0xFF:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return "".join(out)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from . import cursor
     from .record import record_dict
@@ -334,8 +359,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     lines.append(json.dumps(record_dict(r)))
                 else:
                     kind = "DEL" if r.tombstone else "PUT"
-                    lines.append(f"{r.lsn}\t{kind}\t{r.key.decode(errors='replace')}\t"
-                                 f"{r.value.decode(errors='replace')}")
+                    lines.append(f"{r.lsn}\t{kind}\t{_escape(r.key)}\t{_escape(r.value)}")
                 printed += 1
                 last = r.lsn
             if lines:
@@ -601,6 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_produce)
 
     p = command("tail", "print records as JSON lines or text")
+    p.epilog = ("Text output is one line per record: LSN<TAB>PUT or DEL<TAB>key<TAB>value, where a backslash, TAB, "
+                "newline and CR in a key or value are written \\\\, \\t, \\n and \\r, other control characters "
+                "\\xNN or \\uNNNN, and bytes that are not UTF-8 \\xNN (e.g. \\xff): each line is exactly one "
+                "record. --json is not escaped this way (bytes that are not UTF-8 go in key_b64/value_b64).")
     _range_flags(p)
     p.add_argument("--follow", action="store_true", help="keep waiting for new records")
     p.add_argument("--name", help="named reader: resume after its durable cursor and commit as it prints "
