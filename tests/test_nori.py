@@ -489,6 +489,27 @@ def test_segment_names(tmp_path: Path) -> None:
         import_nori(d, d)
 
 
+def test_a_source_without_nori_segments_is_an_error_before_dst_is_made(tmp_path: Path) -> None:
+    """An empty directory (or one of other files) as SRC 'succeeded': it made a 16 MiB log at DST and recorded
+    the import of nothing as done.  A SRC that does not exist was exit 1; both are bad arguments, exit 2."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    sources = [tmp_path / "empty", REPO_ROOT / "walsvc", tmp_path / "missing", tmp_path / "afile"]
+    commands = [["import-nori", str(src), "--dir", str(tmp_path / f"dst{i}")] for i, src in enumerate(sources)]
+    procs = [subprocess.Popen([sys.executable, "-m", "walsvc", *args], cwd=REPO_ROOT, env=python_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands + [["dump", "--nori", str(tmp_path / "empty")]]]
+    words = ["not a nori-wal log", "not a nori-wal log", "does not exist", "not a directory", "not a nori-wal log"]
+    for proc, word in zip(procs, words):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and len(err.splitlines()) == 1 and word in err, (proc.args, out, err)
+        assert "SRC" in err or "--nori" in err, err
+    assert not any((tmp_path / f"dst{i}").exists() for i in range(len(sources)))
+    with pytest.raises(NoriFormatError, match="no nori-wal segment files"):
+        import_nori(tmp_path / "empty", tmp_path / "api-dst")
+    assert not (tmp_path / "api-dst").exists()
+
+
 # -- property: whatever the records and the cut, the scanner returns exactly what was written ------------------
 
 record_st = st.builds(

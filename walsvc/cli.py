@@ -133,6 +133,19 @@ def _require_log(directory: Path, key: str) -> None:
         raise ConfigError(key, f"{directory} is not a walsvc log (no segment files, no HEAD)")
 
 
+def _require_nori(source: str, key: str) -> None:
+    """SRC must hold a nori-wal log: a typo or the wrong directory is a bad argument (exit 2), found before
+    --dir is created (an import of an empty directory made a 16 MiB log and recorded the import as done)."""
+    from .nori import list_nori_segments
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(key, f"{source} does not exist (no nori-wal log there)")
+    if not path.is_dir():
+        raise ConfigError(key, f"{source} is not a directory")
+    if not list_nori_segments(path)[0]:
+        raise ConfigError(key, f"{source} is not a nori-wal log (no <number>.wal segment files)")
+
+
 # -- subcommands ---------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -446,6 +459,7 @@ def _dump_nori(args: argparse.Namespace, cfg: C.Config) -> int:
     from .nori import dump_nori
     if args.frames or args.start is not None or args.from_time is not None:
         return _fail("dump --nori: nori-wal records have no frames or LSNs; --frames, --from and --from-time do not apply", 2)
+    _require_nori(args.nori, "--nori")
     for item in dump_nori(args.nori, max_record_bytes=cfg.log.max_record_bytes, skip_damaged=args.skip_damaged,
                           on_issue=lambda issue: print(f"walsvc: note: {issue}", file=sys.stderr)):
         print(json.dumps(item))
@@ -457,6 +471,7 @@ def cmd_import_nori(args: argparse.Namespace) -> int:
 
     from .nori import import_nori
     cfg = _load(args)
+    _require_nori(args.source, "import-nori SRC")
     shown = [0.0]
 
     def progress(phase: str, done: int, total: int, records: int) -> None:

@@ -497,7 +497,9 @@ def import_nori(src: str | os.PathLike, dst: str | os.PathLike, *, config: LogCo
     src, dst = directory_path(src, "src").resolve(), directory_path(dst, "dst").resolve()
     if src == dst:
         raise NoriImportRefusedError(f"{src} is both the nori-wal source and the walsvc destination")
-    list_nori_segments(src)  # a missing source fails here, before anything else
+    if not list_nori_segments(src)[0]:  # a missing source fails there, a directory of no nori-wal log here
+        raise NoriFormatError(f"{src} holds no nori-wal segment files (<number>.wal): nothing to import, and an "
+                              "import of nothing must not be recorded as done")
     if dst.is_dir():  # refuse at once what will be refused anyway (checked again under the lock)
         _entry_for(load_imports(dst), src, dst, None)
     fingerprint = _check(src, config.max_record_bytes, skip_damaged, progress)
