@@ -3,7 +3,10 @@ rejection, each with its nack code."""
 
 from __future__ import annotations
 
+import json
 import struct
+import time
+from typing import Any
 
 import pytest
 from hypothesis import given, strategies as st
@@ -108,6 +111,49 @@ def test_control_limits_are_checked_before_the_parser():
         P.decode_json(P.encode_request("ping").replace(b'"version": 1', b'"version": 2'))
     assert info.value.code == P.UNKNOWN_VERSION
     assert P.decode_json(b'{"op": "ping"}') == {"op": "ping"}  # version may be left out
+
+
+_FULL = P.MAX_CONTROL_BYTES
+
+
+@pytest.mark.parametrize("msg", [
+    b'"' + b'\\"' * (_FULL // 2 - 1),               # an unterminated string of escaped quotes: 24 s before
+    b'"\\' * (_FULL // 2),                          # quote, backslash, quote, ...
+    b'"' + b'\\\\"' * (_FULL // 3 - 1),              # escaped backslashes then a quote: strings end and start
+    b'"' + b"\\" * (_FULL - 1),                      # one unterminated string of backslashes
+    b'"' * _FULL,
+    b'"' + b"[" * (_FULL - 1),                       # brackets inside an unterminated string
+    b"[" + b'"\\"[' * (_FULL // 4 - 1),              # nesting hidden in strings with escaped quotes
+    b"[" * _FULL,
+], ids=["escaped-quotes", "quote-backslash", "backslash-runs", "backslashes", "quotes", "unterminated",
+        "brackets-in-strings", "brackets"])
+def test_json_depth_is_linear_on_adversarial_requests(msg):
+    """It runs in the writer's loop before every control request is parsed, so it must never backtrack."""
+    assert len(msg) <= _FULL
+    start = time.perf_counter()
+    P.json_depth(msg)
+    assert time.perf_counter() - start < 0.5
+    with pytest.raises(ProtocolError):
+        P.decode_json(msg)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+_TEXT = st.text(st.sampled_from('ab"\\[]{}/\x00\u00e9\u2028\U0001f600'), max_size=8)
+_JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | _TEXT,
+                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+                            max_leaves=30)
+
+
+@given(_JSON_VALUES, st.booleans())
+def test_json_depth_is_the_nesting_of_valid_json(value, ascii_only):
+    assert P.json_depth(json.dumps(value, ensure_ascii=ascii_only).encode()) == _depth(value)
 
 
 @pytest.mark.parametrize("msg, expected", [

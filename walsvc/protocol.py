@@ -174,12 +174,16 @@ def encode_request(op: str, **args: Any) -> bytes:
     return json.dumps({"op": op, "version": VERSION, **args}).encode()
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+# A string, or an unterminated one running to the end of the message (the parser stops there too). Possessive
+# quantifiers and the end alternative make every quote outside a string start exactly one match that never
+# fails: a pattern that can fail restarts at each later quote, quadratic in escaped quotes (b'"' + b'\\"' * n).
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.S)
 _JSON_BRACKETS = re.compile(rb"[\[{\]}]")
 
 
 def json_depth(msg: bytes) -> int:
-    """How deep arrays and objects nest in `msg`, brackets inside strings excluded (linear, no recursion)."""
+    """How deep arrays and objects nest in `msg`, brackets inside strings excluded (linear, no recursion), so
+    that a request too deep for the recursive JSON parser is refused before it runs."""
     depth = deepest = 0
     for bracket in _JSON_BRACKETS.findall(_JSON_STRING.sub(b'""', msg)):
         if bracket in b"[{":
