@@ -287,7 +287,19 @@ def test_reader_start_default_from_a_datetime_or_config_object(tmp_path: Path) -
 
 @pytest.mark.parametrize("text, cpus", [("0", {0}), ("0,2", {0, 2}), ("1-3", {1, 2, 3}), (" 0 , 4-5", {0, 4, 5})])
 def test_a_cpu_list_reads_as_taskset_takes_it(text: str, cpus: set[int]) -> None:
-    assert cpu_list(text) == cpus
+    assert cpu_list(text, 8) == cpus
+    with pytest.raises(ValueError, match=f"CPU {max(cpus)} does not exist"):
+        cpu_list(text, max(cpus))
+
+
+@pytest.mark.parametrize("text", ["0-99999999999", "99999999998-99999999999", "0,1-99999999999"])
+def test_a_huge_cpu_range_is_refused_before_it_is_expanded(tmp_path: Path, text: str) -> None:
+    """Expanded first, `0-99999999999` was a set of 10**11 numbers: 8 GB in 8 s before the check."""
+    path = tmp_path / "c.toml"
+    path.write_text(f'[service]\ncpus = "{text}"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "service.cpus" and "CPU 99999999999 does not exist" in str(info.value)
 
 
 @pytest.mark.parametrize("value, says", [

@@ -221,9 +221,11 @@ class ServiceConfig(Section):
                                       "curve_secret_key and curve_public_key")
 
 
-def cpu_list(text: str) -> set[int]:
-    """The CPUs of a list as `taskset -c` takes it: numbers and ranges, comma-separated ("0", "2,3", "0-3").
-    Raises ValueError with the reason."""
+def cpu_list(text: str, count: int | None = None) -> set[int]:
+    """The CPUs of a list as `taskset -c` takes it: numbers and ranges, comma-separated ("0", "2,3", "0-3"),
+    each below `count` (this machine's CPU count unless given).  Raises ValueError with the reason.  A range
+    is bounded before it is expanded: `0-99999999999` would otherwise be a set of 10**11 numbers (8 GB)."""
+    count = (os.cpu_count() or 1) if count is None else count
     cpus: set[int] = set()
     for part in text.split(","):
         lo, dash, hi = part.strip().partition("-")
@@ -232,6 +234,8 @@ def cpu_list(text: str) -> set[int]:
         first, last = int(lo), int(hi) if dash else int(lo)
         if last < first:
             raise ValueError(f"range {first}-{last} runs backwards")
+        if last >= count:
+            raise ValueError(f"CPU {last} does not exist: this machine's CPUs are 0-{count - 1}")
         cpus.update(range(first, last + 1))
     return cpus
 
@@ -244,12 +248,9 @@ def _cpu_problem(text: str) -> str | None:
     if not hasattr(os, "sched_getaffinity"):
         return "CPU affinity is not supported on this platform; leave it empty"
     try:
-        cpus = cpu_list(text)
+        cpu_list(text)
     except ValueError as exc:
-        return f"{exc} (expected a list such as \"0\", \"2,3\" or \"0-3\")"
-    count = os.cpu_count() or 1
-    if max(cpus) >= count:
-        return f"CPU {max(cpus)} does not exist: this machine's CPUs are 0-{count - 1}"
+        return str(exc)
     return None
 
 
