@@ -16,7 +16,7 @@ LAYERS = {
     0: {"errors", "metrics", "record", "_record_c", "frame", "protocol", "group", "producer_session", "ingest",
         "repair"},
     1: {"config", "access", "fsync", "segment", "scan", "recovery", "head", "lock", "cursor", "retention", "rotation",
-        "log", "logid", "seek", "nori"},
+        "log", "logid", "seek", "nori", "stopped"},
     2: {"endpoints", "wakeup", "writer", "_writer_c", "producer", "reader", "mirror", "jetstream", "prometheus"},
     3: {"cli", "verify", "status", "up", "__main__", "workers"},
 }

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import frame_offsets, segment_paths
 from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_acks, control, finish, python_env,
                      read_acks, read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
-from walsvc import Log, frame as F, protocol as P
+from walsvc import Log, frame as F, protocol as P, stopped
 from walsvc.errors import LogStoppedError, WriteStepError
 from walsvc.frame import Appended
 from walsvc.record import Record
@@ -202,6 +203,8 @@ def _restart_and_check(writer, directory: Path, acked: dict[str, int], failed: l
     assert writer.stop() == 0, writer.stderr()
     assert "walsvc log had stopped" in writer.stdout()
     assert "Traceback" not in writer.stderr()
+    stop = stopped.load(directory)  # recorded unless the fault keeps the disk from taking even that
+    assert stop is None or stop.committed_lsn == committed, (stop, committed)
     if real_restart:
         writer.start(faulty=False)
         assert writer.ready_committed_lsn() >= max(acked.values())
@@ -219,6 +222,10 @@ def _restart_and_check(writer, directory: Path, acked: dict[str, int], failed: l
     where = {r.key.decode(): r.lsn for r in records}
     nacked_committed = [(k, where[k]) for k in failed if k in where and where[k] <= committed]
     assert not nacked_committed, f"committed (LSN <= {committed}) but nacked: {nacked_committed[:5]}"
+    if stop is not None:  # the restart cut everything after the stop's committed LSN
+        kept = [k for k in failed if k in where]
+        assert not kept, f"nacked after the stop, yet kept by the restart: {kept[:5]}"
+        assert stopped.load(directory) is None
 
 
 def _case(site: Site, err: int, once: bool, policy: str) -> pytest.param:
@@ -522,6 +529,56 @@ def test_a_failed_directory_fsync_for_a_new_group_stops_the_log(tmp_path: Path, 
     with walsvc.Producer(other) as producer:
         assert producer.put(b"still", b"1").result(10) == 1
     assert writer.stop() == 0
+
+
+def test_after_a_stop_nothing_past_the_committed_lsn_is_read_or_kept(tmp_path: Path, writers, shim: Path) -> None:
+    """An fdatasync fails (EIO, once) under `always` while a producer has many batches in flight: some are
+    written after the failed fsync and nacked.  Linux may have dropped those pages while the page cache still
+    shows them, and a restart's fsync would "succeed" on them.  So the stop is recorded (STOPPED, with the
+    committed LSN): with the writer gone, readers read exactly the committed records, and the restart cuts
+    the rest into quarantine/, never reusing its LSNs.  Before, a reader read the nacked records and the
+    restart committed them."""
+    d = tmp_path / "wal"
+    fault = Fault(Site("fdatasync-in-flight", "shim", "fdatasync", "fdatasync", ".wal", shim_options="path=.wal"),
+                  errno.EIO, True, tmp_path, shim)
+    writer = writers(d, fsync="always", wrapper=fault.wrapper, env=fault.env).start()
+    producer = walsvc.Producer(d, ack_timeout_s=30)
+    acked = [producer.put(b"before", b"%d" % i).result(10) for i in range(50)]
+    fault.arm(writer.pid)
+    futures = [producer.put(b"after", b"%d" % i) for i in range(2000)]
+    for future in futures:
+        try:
+            acked.append(future.result(30))
+        except LogStoppedError:
+            pass
+    producer.close(1)
+    committed = status(d)["committed_lsn"]
+    assert writer.stop() == 0
+    assert committed == max(acked), (committed, max(acked))
+    written = max(h.end_lsn - 1 for path in segment_paths(d) for _, h in frame_offsets(path) if h.kind == F.KIND_DATA)
+    assert written > committed, "no batch was written past the failed fsync: the test proves nothing"
+    stop = stopped.load(d)
+    assert stop is not None and stop.committed_lsn == committed and "fdatasync" in stop.reason, stop
+
+    with walsvc.LogReader(d) as reader:  # no writer: the stop record bounds it
+        assert [r.lsn for r in reader] == list(range(1, committed + 1))
+    with walsvc.Reader(d, "earliest") as reader:
+        seen = []
+        while batch := reader.poll(0.2):
+            seen += [r.lsn for r in batch]
+    assert seen == list(range(1, committed + 1))
+    shown = run_cli("tail", "--dir", str(d), "--from", "earliest", "--json").stdout.splitlines()
+    assert [json.loads(line)["lsn"] for line in shown] == list(range(1, committed + 1))
+
+    writer.start(faulty=False)
+    assert writer.ready_committed_lsn() == committed
+    with walsvc.Producer(d) as producer:
+        assert producer.put(b"after-restart", b"x").result(30) > written  # the cut LSNs are not reused
+    assert writer.stop() == 0
+    records = verify_log(d)
+    assert [r.lsn for r in records][:-1] == list(range(1, committed + 1)) and records[-1].key == b"after-restart"
+    assert stopped.load(d) is None
+    assert list((d / "quarantine").iterdir()), "the cut bytes were not kept"
 
 
 def test_cpus_the_kernel_refuses_are_a_config_error_and_no_log_is_made(tmp_path: Path, shim: Path) -> None:

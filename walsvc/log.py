@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Iterator
 
 from . import frame as F
-from . import access, logid, retention
+from . import access, logid, retention, stopped
 from .config import LogConfig, check_lsn, directory_path
 from .cursor import lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
@@ -110,8 +110,8 @@ class Log:
         self._publish_head(committed_end - 1, self._pid, committed_end - 1, durable=True)
         self._head_synced = time.monotonic()
         self._syncer = Syncer(config.fsync, config.fsync_window_ms, self._sync_target, self._committed,
-                              committed_end, publish=self._publish_committed, on_stop=on_stop,
-                              thread=fsync_thread)
+                              committed_end, publish=self._publish_committed,
+                              on_stop=lambda reason: self._record_stop(reason, on_stop), thread=fsync_thread)
         self._last_ts = 0
         self.records_appended = 0
         self.bytes_appended = 0
@@ -178,6 +178,18 @@ class Log:
         """Stop the log for good because `operation` failed with `exc` (for a caller's thread that hit an
         unexpected error while writing); returns the stop reason."""
         return self._syncer.fail(operation, None, exc)
+
+    def _record_stop(self, reason: LogStoppedError, on_stop: Callable[[LogStoppedError], None] | None) -> None:
+        """The log just stopped, in the thread that failed: record how far it had committed (walsvc/stopped.py),
+        so readers with no writer and the next open keep nothing that was never committed; then tell the
+        owner.  A disk that refuses even that leaves the files as they are, and says so."""
+        try:
+            stopped.write(self.directory, stopped.Stopped(self._syncer.committed_end - 1, str(reason)))
+        except OSError as exc:
+            logger.error("could not record the stop in %s (%s): the next open keeps what reached the files, "
+                         "committed or not", self.directory / stopped.NAME, exc)
+        if on_stop is not None:
+            on_stop(reason)
 
     def stats(self) -> dict[str, Any]:
         s = self._syncer

@@ -16,6 +16,7 @@ lost, with nothing durable in it, is dropped first (`_drop_headerless_last`, `re
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Iterable
 from crc32c import crc32c
 
 from . import frame as F
+from . import stopped
 from .access import make_dir, open_file
 from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import pwrite_all, sync_data, sync_dir
@@ -36,6 +38,8 @@ from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, is_zero_from, lis
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class RecoveryInfo:
     truncated_at: tuple[str, int] | None = None  # (segment file, offset) where bytes were cut
     quarantined: list[str] = field(default_factory=list)
     skipped_lsns: tuple[int, int] | None = None  # [first, end) of a torn batch whose LSNs are never reused
+    cut_after_stop: int | None = None  # the log had stopped (STOPPED): everything after this LSN was cut
     first_lsn: int = 1
     last_lsn: int = 0
     duration_s: float = 0.0
@@ -63,6 +68,10 @@ class RecoveryInfo:
             parts.append(f"torn tail of {self.bytes_truncated} bytes cut at {Location(*self.truncated_at)}")
         if self.corruption:
             parts.append(f"CORRUPTION repaired by truncation: {self.corruption}; quarantined {self.quarantined}")
+        if self.cut_after_stop is not None:
+            parts.append(f"the log had stopped on an error: what was written after LSN {self.cut_after_stop} was "
+                         f"never committed and is cut ({self.bytes_truncated} bytes; quarantined "
+                         f"{self.quarantined})")
         return "recovered " + ", ".join(parts)
 
 
@@ -133,6 +142,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             state.next_lsn = info.first_lsn = dropped
             info.duration_s = time.perf_counter() - started
             return info, state
+    segments = _cut_after_stop(directory, segments, cfg, info)
     info.first_lsn = segments[0][0]
     expected = segments[0][0]
     truncate = cfg.on_corruption == "truncate"
@@ -210,6 +220,59 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     state.next_lsn = expected
     info.duration_s = time.perf_counter() - started
     return info, state
+
+
+def _cut_after_stop(directory: Path, segments: list[tuple[int, Path]], cfg: LogConfig,
+                    info: RecoveryInfo) -> list[tuple[int, Path]]:
+    """The log stopped on an error (walsvc/stopped.py): cut everything written after the LSN it had
+    committed, so no batch that was nacked, or whose fsync failed, survives the restart.  The cut bytes and
+    the segments after them go to quarantine/, and an empty frame keeps their LSNs from being handed out
+    again.  Returns the segments left.  Safe to repeat after a crash: the stop record is cleared last."""
+    stop = stopped.load(directory)
+    if stop is None:
+        return segments
+    keep = stop.committed_lsn
+    target = max([i for i, (base, _) in enumerate(segments) if base <= keep + 1], default=0)
+    base, path = segments[target]
+    later = [p for _, p in segments[target + 1:]]
+    burned = max((_end_lsn(p) for p in later), default=0)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        cut_at = data_end = F.SEGMENT_HEADER_SIZE  # cut_at: the end of the last frame with a committed LSN
+        kept_end = base  # one past the last LSN before cut_at
+        for off, h, _ in FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size):
+            data_end = off + h.size
+            if h.kind == F.KIND_SEAL:
+                continue
+            if h.base_lsn <= keep:
+                cut_at, kept_end = data_end, max(kept_end, h.end_lsn)
+            else:
+                burned = max(burned, h.end_lsn)
+        if kept_end <= keep:
+            # Data the log had committed is not all there (`os`, then a crash of the OS): not a cut for the
+            # stop to decide.  Recovery's own rules judge the segment, as without the record.
+            logger.warning("%s: the log had stopped at LSN %d, but the data ends before it; recovering as "
+                           "after a crash", directory / stopped.NAME, keep)
+        elif later or not is_zero_from(fd, cut_at, size):
+            info.cut_after_stop = keep
+            info.truncated_at = (path.name, cut_at)
+            info.bytes_truncated = max(0, data_end - cut_at)
+            if data_end > cut_at:
+                _save_tail(directory, path, fd, cut_at, data_end, info)
+            end = cut_at
+            if burned > keep + 1:
+                info.skipped_lsns = (keep + 1, burned)
+                marker = F.encode_frame(F.KIND_DATA, b"", 0, burned, now_us())
+                pwrite_all(fd, marker, cut_at)
+                end += len(marker)
+            truncate_and_reserve(fd, end, cfg.segment_bytes, cfg.preallocate)
+            _quarantine(directory, later, info)
+            segments = segments[:target + 1]
+    finally:
+        os.close(fd)
+    stopped.clear(directory)
+    return segments
 
 
 def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,

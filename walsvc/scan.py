@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import frame as F
+from . import stopped
 from .config import directory_path
 from .errors import (ChecksumError, CompressionUnavailableError, ConfigError, CorruptionError, LogClosedError,
                      MissingSegmentError, RecordError, TruncatedError)
@@ -193,6 +194,12 @@ def _header_pending(path: Path) -> bool:
         os.close(fd)
 
 
+def _stopped_at(directory: Path) -> int | None:
+    """The LSN a log that stopped on an error had committed, or None (walsvc/stopped.py)."""
+    stop = stopped.load(directory)
+    return None if stop is None else stop.committed_lsn
+
+
 class LogReader:
     """Records from `start` ("earliest", "latest" or an LSN) onwards, in order, up to `bound()`."""
 
@@ -211,6 +218,7 @@ class LogReader:
         self.max_record_bytes = max_record_bytes
         self.max_batch_bytes = max_batch_bytes  # what one batch may decompress to, as its writer allowed
         self._seg: OpenSegment | None = None
+        self._cap: int | None = None  # the last LSN this read may return: the bound, or a stopped log's end
         self._retried = False
         self._batch_bytes = 0
         self._closed = False
@@ -271,7 +279,10 @@ class LogReader:
         if self._closed:
             raise LogClosedError("reader is closed")
         bound = self._bound()
-        if bound is not None and self.next_lsn > bound:
+        # With no writer, a log that stopped on an error ends at the LSN it had committed (walsvc/stopped.py):
+        # what follows was never committed, and the next open cuts it.
+        self._cap = bound if bound is not None else _stopped_at(self.directory)
+        if self._cap is not None and self.next_lsn > self._cap:
             return []
         if self._seg is None and not self._open_segment_for(self.next_lsn):
             return []
@@ -290,7 +301,7 @@ class LogReader:
             if records is None:
                 break
             out.extend(records)
-            if bound is not None and self.next_lsn > bound:
+            if self._cap is not None and self.next_lsn > self._cap:
                 break  # all that is committed is read: looking further would only re-read the file's end
         return out
 
@@ -298,7 +309,7 @@ class LogReader:
         """One frame: its wanted records ([] after skipping or changing segment), None when nothing more
         can be read now."""
         seg = self._seg
-        whole = seg.scanner.take_data_frame(self.next_lsn, bound, self.max_record_bytes)
+        whole = seg.scanner.take_data_frame(self.next_lsn, self._cap, self.max_record_bytes)
         if whole is not None:  # the common case in one compiled call; anything else goes the way below
             records, self.next_lsn, payload_len = whole
             self._batch_bytes += payload_len
@@ -310,7 +321,7 @@ class LogReader:
                 if self._next_segment(h.base_lsn):
                     return []
                 return None
-            if bound is not None and h.base_lsn > bound:
+            if self._cap is not None and h.base_lsn > self._cap:
                 seg.scanner.offset = off
                 return None
             if h.end_lsn <= self.next_lsn:
