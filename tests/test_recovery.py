@@ -404,3 +404,41 @@ def test_verify_with_truncate_mode_cuts_a_damaged_sealed_segment(tmp_path):
         assert all((qdir / p.name).is_file() for p in paths[1:])
         assert _lsns(list(log.read())) == list(range(1, bad_h.base_lsn))
         assert log.append(Record.put(b"k", b"v")) > lsns[-1]
+
+
+@pytest.mark.parametrize("where", ["active", "older"])
+def test_a_stop_record_cuts_what_follows_its_lsn_across_segments(tmp_path: Path, where: str) -> None:
+    """STOPPED names the committed LSN of a log that stopped on an error.  Readers with no writer stop there;
+    the next open cuts the rest, in the segment holding that LSN and every later one (quarantined), writes
+    a skip marker so no cut LSN is handed out again, and deletes the record.  Opening again cuts nothing
+    more."""
+    from walsvc import stopped
+    d = tmp_path / "wal"
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        for i in range(30):
+            log.append_batch([Record.put(b"k%02d-%03d" % (i, j), b"v" * 1000) for j in range(100)])
+    paths = segment_paths(d)
+    assert len(paths) >= 3
+    bases = [int(p.name[:20]) for p in paths]
+    last = 3000
+    # A batch boundary in the newest segment, or in the first one (two later segments to quarantine).
+    keep = bases[-1] + 199 if where == "active" else 500
+    stopped.write(d, stopped.Stopped(keep, "fdatasync failed on a test's behalf"))
+    with LogReader(d) as reader:
+        assert [r.lsn for r in reader] == list(range(1, keep + 1))
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        assert log.recovery.cut_after_stop == keep
+        assert log.recovery.skipped_lsns == (keep + 1, last + 1)
+        assert log.committed_lsn == keep
+    assert stopped.load(d) is None
+    quarantined = sorted(p.name for p in (d / QUARANTINE).iterdir())
+    moved = [p.name for p in paths if int(p.name[:20]) > keep + 1]
+    assert set(moved) <= set(quarantined) and any(".from-" in n for n in quarantined), quarantined
+    assert len(moved) == (0 if where == "active" else len(paths) - 1)
+    # A crash after the cut, before the record was deleted: the same cut again, the same skip.
+    stopped.write(d, stopped.Stopped(keep, "fdatasync failed on a test's behalf"))
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        assert log.append_batch([Record.put(b"after", b"x")]) == [last + 1]
+    with Log.open(d, segment_bytes=MiB, fsync="os") as log:
+        assert [r.lsn for r in log.read()] == [*range(1, keep + 1), last + 1]
+        assert log.recovery.cut_after_stop is None
