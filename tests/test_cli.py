@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -182,6 +184,26 @@ def test_produce_fails_when_the_lsns_cannot_be_written_to_stdout(tmp_path: Path,
     assert "cannot write the LSNs to stdout: No space left on device" in proc.stderr, proc.stderr
     assert "all 5 appended line(s) were stored" in proc.stderr, proc.stderr
     assert status(d)["committed_lsn"] == 5
+
+
+def test_serve_on_a_log_of_another_account_says_so(tmp_path: Path) -> None:
+    """A 0700 log owned by another uid was reported as 'open to other users'."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another account (chown) needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    d = tmp_path / "wal"
+    with walsvc.Log.open(d, fsync="os") as log:
+        log.append(Record.put(b"k", b"v"))
+    for path in [d, *d.rglob("*")]:
+        os.chown(path, nobody, -1)
+    # Without the capabilities that let root ignore file modes, as the writer of another account would run.
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner,-chown"] if setpriv else []
+    result = subprocess.run(prefix + walsvc_cmd("serve", "--dir", str(d)), capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT, env=python_env())
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"log directory {d} belongs to another account: {d} is owned by uid {nobody}" in result.stderr
+    assert "open to other users" not in result.stderr and "run it as the owner" in result.stderr
 
 
 def test_tail_json_from_earliest(tmp_path: Path, writers) -> None:
