@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from crc32c import crc32c
 
-from walsvc import Log, LogLockedError, Record
+from walsvc import Log, LogLockedError, Reader, Record
 from walsvc import frame as F
 from walsvc.errors import ConfigError, CorruptionError
 from walsvc.verify import dump, verify
@@ -244,6 +244,19 @@ def test_verify_damaged_cursor(healthy):
     (d / "cursors" / "good.cursor").write_bytes(b"")  # wrong size
     report = verify(d)
     assert not report.ok and any("cursors/good.cursor" in p and "damaged" in p for p in report.problems)
+
+
+def test_verify_is_quiet_about_cursor_lock_files(healthy):
+    """After a named reader ran, verify noted 'cursors/billing.lock is not a cursor file': a lock is normal."""
+    d, _ = healthy
+    with Reader(d, "earliest", name="billing") as reader:
+        reader.commit(reader.poll(1)[-1].lsn)
+    (d / "cursors" / "stray.txt").write_text("x")
+    assert {p.name for p in (d / "cursors").iterdir()} == {"billing.cursor", "billing.lock", "stray.txt"}
+    report = verify(d)
+    assert report.ok, report.problems
+    assert not any("billing" in n for n in report.notes), report.notes
+    assert any("cursors/stray.txt is not a cursor file" in n for n in report.notes), report.notes
 
 
 def test_verify_live_log_is_read_only_and_takes_no_lock(tmp_path, monkeypatch):

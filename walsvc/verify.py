@@ -537,6 +537,8 @@ class _Verifier:
                     r.notes.append(f"{C.DIRNAME}/{fname} is a leftover temporary file of an interrupted cursor "
                                    "write")
                 continue
+            if fname.endswith(C.LOCK_SUFFIX):  # NAME.lock: the lock of a cursor in use, or once used (FORMAT.md)
+                continue
             if not fname.endswith(C.SUFFIX):
                 r.notes.append(f"{C.DIRNAME}/{fname} is not a cursor file (ignored)")
                 continue
