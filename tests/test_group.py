@@ -7,7 +7,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from walsvc.errors import GroupError
-from walsvc.group import Group
+from walsvc.group import MAX_GROUPS, Group, GroupTable
 
 
 def test_claims_hand_out_consecutive_ranges_up_to_the_committed_lsn() -> None:
@@ -65,6 +65,42 @@ def test_a_lease_can_only_be_acked_by_its_holder_and_bad_arguments_are_refused()
         g.claim("a", 9, 0, now_ms=1)
     with pytest.raises(GroupError, match="lease_ms"):
         Group("g", 0, 0)
+
+
+def _table() -> tuple[GroupTable, list[str]]:
+    claimed: list[str] = []
+    return GroupTable(lambda name: name, claimed.append), claimed
+
+
+def _claim(table: GroupTable, group: str, **fields: object) -> dict[str, object]:
+    req = {"op": "group_claim", "group": group, "consumer": "c1", "max_records": 10, **fields}
+    return table.request(req, committed_lsn=100, first_lsn=1, now_ms=0, stored=lambda name: None)
+
+
+def test_a_refused_claim_leaves_no_group_behind() -> None:
+    """Every field of a first claim is checked before its group exists: before, a claim refused for a bad
+    max_records created the group with that claim's start and lease, and took the name's cursor lock."""
+    table, claimed = _table()
+    with pytest.raises(GroupError, match="max_records"):
+        _claim(table, "billing", max_records="ten", start="latest", lease_ms=5)
+    with pytest.raises(GroupError, match="past the end of the log"):
+        _claim(table, "billing", start=2 ** 80)
+    assert table.groups == {} and claimed == []
+    reply = _claim(table, "billing", start="earliest")
+    assert reply["lease"]["first"] == 1 and reply["lease"]["lease_ms"] == 30_000 and claimed == ["billing"]
+    assert type(reply["lease"]["lease_ms"]) is int  # as given, or the default (it was 30000.0)
+
+
+def test_a_writer_serves_at_most_max_groups() -> None:
+    """Each group holds its cursor lock's file open: a flood of names would run the writer out of file
+    descriptors (libzmq aborts the process on EMFILE), so the table refuses past MAX_GROUPS."""
+    table, claimed = _table()
+    for i in range(MAX_GROUPS):
+        _claim(table, f"g{i}")
+    with pytest.raises(GroupError, match=f"already serves {MAX_GROUPS} groups"):
+        _claim(table, "one-more")
+    assert len(claimed) == MAX_GROUPS
+    assert _claim(table, "g0")["ok"]  # the groups it has go on
 
 
 class GroupMachine(RuleBasedStateMachine):

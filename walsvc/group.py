@@ -26,7 +26,7 @@ from typing import Callable
 
 from .errors import GroupError, WalError
 
-DEFAULT_LEASE_MS = 30_000.0
+DEFAULT_LEASE_MS = 30_000
 
 
 @dataclass
@@ -145,6 +145,7 @@ class Group:
 
 GROUP_OPS = ("group_claim", "group_ack", "group_renew", "group_leave")
 MAX_CLAIM = 100_000  # records in one lease at most: a lease is work one consumer does before it acks
+MAX_GROUPS = 256  # groups one writer serves: each holds its cursor lock's file open while the writer runs
 
 
 def _field(req: dict, key: str, kind: type, group: str) -> object:
@@ -182,23 +183,28 @@ class GroupTable:
         if not 1 <= len(consumer) <= 200:
             raise GroupError(name, "consumer names are 1-200 characters")
         op = req["op"]
+        max_records = _field(req, "max_records", int, name) if op == "group_claim" else 0
         group = self.groups.get(name)
         if group is None:
+            # Every field is checked before the group exists: a refused claim leaves nothing behind (no
+            # group, no settings taken from it, no cursor lock held on the name).
             if op != "group_claim":
                 raise GroupError(name, "no such group on this writer (a claim creates it; a writer restart "
                                        "forgets leases, so claim again)")
             lease_ms = req.get("lease_ms", DEFAULT_LEASE_MS)
             if not isinstance(lease_ms, (int, float)) or isinstance(lease_ms, bool) or not 1 <= lease_ms <= 86_400_000:
                 raise GroupError(name, f"lease_ms must be a number of milliseconds from 1 to 86400000, not {lease_ms!r}")
+            if len(self.groups) >= MAX_GROUPS:
+                raise GroupError(name, f"this writer already serves {MAX_GROUPS} groups, the most it holds (each "
+                                       "keeps its cursor lock open); a writer restart forgets them")
             position = self._start(req, name, committed_lsn, first_lsn, stored)
             try:
                 self._claim_name(name)
             except WalError as exc:
                 raise GroupError(name, str(exc)) from None
-            group = self.groups[name] = Group(name, position, float(lease_ms))
+            group = self.groups[name] = Group(name, position, lease_ms)
         before = group.position
         if op == "group_claim":
-            max_records = _field(req, "max_records", int, name)
             lease = group.claim(consumer, committed_lsn, min(max_records, MAX_CLAIM), now_ms)
             reply: dict[str, object] = {"ok": True, "lease": None if lease is None else
                                         {"id": lease.id, "first": lease.first, "end": lease.end,
@@ -228,9 +234,12 @@ class GroupTable:
             return first_lsn
         if start == "latest":
             return committed_lsn + 1
-        if isinstance(start, int) and not isinstance(start, bool) and start >= 1:
+        if isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= committed_lsn + 1:
             return max(start, first_lsn)
-        raise GroupError(name, f"start must be 'earliest', 'latest' or an LSN >= 1, not {start!r}")
+        if isinstance(start, int) and not isinstance(start, bool) and start > committed_lsn + 1:
+            raise GroupError(name, f"start LSN {start} is past the end of the log (committed up to LSN "
+                                   f"{committed_lsn}); start 'latest' waits for new records")
+        raise GroupError(name, f"start must be 'earliest', 'latest' or an LSN >= 1, not {start!r:.60}")
 
     def take_moved(self) -> dict[str, int]:
         """Groups whose position moved since the last call, with the new position (to store)."""
