@@ -69,10 +69,16 @@ def test_bare_command_lists_commands_and_version_is_the_package_version() -> Non
 
 
 def test_errors_name_the_subcommand_and_suggest(tmp_path: Path) -> None:
-    typo, flag, unknown = run_all(["stauts"], ["status", "--dir", str(tmp_path), "--jsn"], ["tail", "--bogus"])
+    typo, flag, unknown, policy, action = run_all(
+        ["stauts"], ["status", "--dir", str(tmp_path), "--jsn"], ["tail", "--bogus"],
+        ["serve", "--dir", str(tmp_path / "w"), "--fsync", "bogus"], ["cursors", "dleete", "--dir", str(tmp_path)])
     one_line_error(typo, "'stauts'", "did you mean status")
     one_line_error(flag, "walsvc status:", "--jsn", "did you mean --json")
     one_line_error(unknown, "walsvc tail:", "--bogus")
+    # A flag's or an argument's value gets the choices, no guess: "did you mean os?" steered to the least
+    # durable fsync policy.
+    assert "did you mean" not in one_line_error(policy, "--fsync", "'always', 'batch', 'os'")
+    assert "did you mean" not in one_line_error(action, "'list', 'reset', 'delete'")
 
 
 def test_a_typo_in_dir_is_an_error_not_empty_output(tmp_path: Path) -> None:

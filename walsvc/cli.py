@@ -25,8 +25,11 @@ from .errors import ConfigError, WalError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if bad:  # a misspelled subcommand: suggest the nearest ones
-            choices = re.findall(r"'([^']*)'", bad.group(2))
+        commands = [a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        choices = re.findall(r"'([^']*)'", bad.group(2)) if bad else []
+        # A misspelled subcommand: suggest the nearest ones.  Never for a flag's value: `--fsync bogus`
+        # suggested `os`, the least durable policy, and a typo in `cursors dleete` is no reason to offer delete.
+        if bad and commands and set(choices) == set(commands[0]):
             near = difflib.get_close_matches(bad.group(1), choices, n=2, cutoff=0.5)
             message += f"; did you mean {' or '.join(near)}?" if near else ""
         raise SystemExit(_fail(f"{self.prog}: {message}", 2))
