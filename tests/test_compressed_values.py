@@ -98,6 +98,42 @@ def test_zstd_odd_values_are_decompression_errors(stored):
         _all_decoders(_record(stored))
 
 
+def _block(last: int, kind: int, size: int) -> bytes:
+    return ((size << 3) | (kind << 1) | last).to_bytes(3, "little")
+
+
+_EMPTY = R.ZSTD_MAGIC + bytes((0x20, 0))  # single segment, content size 0, no checksum
+_EMPTY_CHECKED = zstandard.ZstdCompressor(write_checksum=True).compress(b"")
+
+
+@pytest.mark.parametrize("codec", ["compiled", "pure"])
+@pytest.mark.parametrize("stored", [
+    _EMPTY + _block(1, 0, 5) + b"abcde",                        # a raw block of 5 bytes
+    _EMPTY + _block(1, 2, 10) + b"\xff" * 10,                   # a compressed block of garbage
+    _EMPTY + _block(1, 1, 100) + b"x",                          # an RLE block of 100 bytes
+    _EMPTY + _block(0, 0, 0) * 1000 + _block(1, 2, 10) + b"\xff" * 10,  # garbage after empty blocks
+    _EMPTY_CHECKED[:-1] + bytes((_EMPTY_CHECKED[-1] ^ 1,)),     # a wrong checksum
+], ids=["raw", "garbage", "rle", "late-garbage", "checksum"])
+def test_zstd_frame_declaring_no_content_must_have_empty_blocks(stored, codec, monkeypatch):
+    """python-zstandard's decompress() returns b"" for a frame that declares content size 0 without decoding
+    its blocks: such values were stored as b"" and passed verify."""
+    if codec == "pure":
+        monkeypatch.setattr(R, "_c", None)
+    with pytest.raises(DecompressionError) as info:
+        _all_decoders(_record(stored))
+    assert "does not decompress" in str(info.value)
+
+
+@pytest.mark.parametrize("codec", ["compiled", "pure"])
+@pytest.mark.parametrize("stored", [_EMPTY + _block(1, 0, 0), _EMPTY + _block(1, 1, 0) + b"x", _EMPTY_CHECKED,
+                                    zstandard.ZstdCompressor().compress(b"")])
+def test_zstd_frame_of_no_content_is_the_empty_value(stored, codec, monkeypatch):
+    if codec == "pure":
+        monkeypatch.setattr(R, "_c", None)
+    assert R.decode(_record(stored))[0].value == b""
+    assert R.count_records(_record(stored), 0, len(_record(stored))) == 1
+
+
 def test_zstd_bomb_with_content_size_is_refused_before_inflating():
     bomb = _rle_zstd(64 * 1024 * MiB)  # 64 GiB from 2 MiB of RLE blocks
     data = _record(bomb)

@@ -189,3 +189,22 @@ def test_zip_bombs_and_damaged_zstd_values_are_nacked(tmp_path: Path, writers) -
     assert writer.stop() == 0
     records = verify_log(d)
     assert [(r.key, r.value) for r in records] == [(b"sync", b"s"), (b"k", value)]
+
+
+def test_zstd_frame_declaring_no_content_with_blocks_is_nacked(tmp_path: Path, writers) -> None:
+    """A frame whose header declares content size 0 but which carries a garbage block was acked, stored as b""
+    and passed verify (python-zstandard's decompress() returns b"" for it without decoding the blocks)."""
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    bad, good = 0xC001, 0xC002
+    client = RawClient(d, (bad, good))
+    garbage = ZSTD_MAGIC + bytes((0x20, 0)) + (1 | 2 << 1 | 10 << 3).to_bytes(3, "little") + b"\xff" * 10
+    try:
+        client.send(P.encode_append(bad, 1, 1, zstd_record(garbage)))
+        reply = client.wait_reply(bad, 1)
+        assert client.sync(good, zstd_record(zstandard.ZstdCompressor().compress(b""), key=b"empty")).base_lsn == 1
+    finally:
+        client.close()
+    assert reply.code == P.MALFORMED and "does not decompress" in reply.detail, reply
+    assert writer.stop() == 0
+    assert [(r.key, r.value) for r in verify_log(d)] == [(b"empty", b"")]

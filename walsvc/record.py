@@ -266,11 +266,13 @@ def _unzstd(stored: bytes, limit: int) -> bytes:
             raise RecordTooLargeError(f"zstd value declares {size} bytes decompressed, above its limit of {limit}")
         # The block headers prove the frame whole, with nothing after it, before anything is inflated.
         most = _zstd_walk(stored, zstandard.frame_header_size(stored), params.has_checksum, params.window_size)
-        if known:  # zstd itself checks the output length against the declared size
+        if known and size:  # zstd itself checks the output length against the declared size
             return _zstd_decompressor().decompress(stored, allow_extra_data=False)
-        if most <= limit:
+        if not known and most <= limit:
             return _zstd_decompressor().decompress(stored, max_output_size=max(most, 1))
-        # No content size (streaming encoders) and room for more than the limit: inflate under a hard cap.
+        # No content size (streaming encoders) and room for more than the limit: inflate under a hard cap.  Also
+        # a declared size of 0, for which decompress() returns b"" without decoding (or checksumming) the blocks;
+        # the streaming decoder decodes them and refuses any output beyond the declared size.
         with _zstd_decompressor().stream_reader(stored) as reader:
             out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
