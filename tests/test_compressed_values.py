@@ -76,6 +76,15 @@ def test_zstd_frame_cut_short_is_refused_everywhere(frame, cut):
     assert "zstd" in str(info.value) and "offset 0" in str(info.value)
 
 
+@pytest.mark.parametrize("stored, missing", [
+    (R.ZSTD_MAGIC + b"\x00\x00" + (1 | 100 << 3).to_bytes(3, "little") + b"abc", 97),  # a raw block of 100
+    (zstandard.ZstdCompressor(write_checksum=True).compress(VALUE)[:-3], 3),          # the checksum
+], ids=["block-data", "checksum"])
+def test_zstd_frame_cut_short_says_how_many_bytes_are_missing(stored, missing):
+    with pytest.raises(DecompressionError, match=rf"cut short \({missing} bytes missing\)"):
+        _all_decoders(_record(stored))
+
+
 @pytest.mark.parametrize("frame", [_with_size, _no_size], ids=["content-size", "no-content-size"])
 @pytest.mark.parametrize("junk", [b"\0", b"xyz", b"\x28\xb5\x2f\xfd", None])
 def test_zstd_bytes_after_the_frame_are_refused(frame, junk):

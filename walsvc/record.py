@@ -246,7 +246,7 @@ def _zstd_walk(stored: bytes, pos: int, checksum: bool, window: int) -> int:
             break
     pos += 4 if checksum else 0
     if pos != end:
-        raise DecompressionError(f"zstd frame is cut short ({end - pos} bytes missing)" if pos > end else
+        raise DecompressionError(f"zstd frame is cut short ({pos - end} bytes missing)" if pos > end else
                                  f"zstd value has {end - pos} bytes after its frame")
     return most
 
