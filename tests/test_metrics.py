@@ -240,3 +240,29 @@ def test_a_status_that_fails_for_a_scrape_leaves_the_loop_serving(tmp_path: Path
     finally:
         w.stop()
         loop.join(30)
+
+
+def test_idle_connections_to_metrics_cannot_exhaust_the_writer(tmp_path: Path, writers) -> None:
+    """Slow-loris: 40 connections that never send a request.  Before, each held a thread and a descriptor
+    for good (the writer died of EMFILE, inside libzmq, once they ran out).  Now at most 8 are served at
+    once, the others are closed at once, and each idle one is closed after 5 s; the writer acks all along,
+    and a scrape works once the idle ones are gone."""
+    from walsvc.prometheus import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
+    d, writer, _, url = metrics_writer(tmp_path, writers)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    threads_before = len(list(Path(f"/proc/{writer.pid}/task").iterdir()))
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    try:
+        with walsvc.Producer(d) as producer:
+            assert producer.put(b"k", b"v").result(10) == 1
+        threads = len(list(Path(f"/proc/{writer.pid}/task").iterdir()))
+        assert threads <= threads_before + MAX_CONNECTIONS, (threads_before, threads)
+        closed = 0
+        for s in idle:  # every one is closed by the writer: at once past the limit, else after the timeout
+            s.settimeout(REQUEST_TIMEOUT_S + 5)
+            closed += s.recv(1) == b""
+        assert closed == len(idle)
+    finally:
+        for s in idle:
+            s.close()
+    assert scrape(url)["walsvc_committed_lsn"] == 1

@@ -270,8 +270,11 @@ def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
     shutil.rmtree(d)
     for stream in ("PER", "PACK"):
         target = tmp_path / f"restored-{stream}"
-        r = run_cli("restore", "--dir", target, "--servers", ",".join(cluster.urls), "--stream", stream)
+        r = subprocess.run(walsvc_cmd("restore", "--dir", target, "--servers", ",".join(cluster.urls), "--stream",
+                                      stream), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                           env=python_env(), umask=0o022)  # a usual umask: the directory is 0700 all the same
         assert r.returncode == 0, r.stderr
+        assert target.stat().st_mode & 0o777 == 0o700, oct(target.stat().st_mode)
         assert json.loads(r.stdout)["last_lsn"] == original[-1].lsn
         assert run_cli("verify", "--dir", target).returncode == 0
         with Log.open(target) as log:
@@ -421,9 +424,24 @@ def test_mirror_and_restore_say_why_they_cannot_start(cluster, tmp_path):
     assert r.returncode == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in r.stderr, r.stderr
     r = run_cli("restore", "--dir", tmp_path / "r", "--servers", ",".join(cluster.urls), "--stream", "MISSING")
     assert r.returncode == 1 and "stream MISSING does not exist" in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()  # an empty directory was left behind
     (d / logid.FILENAME).unlink()
     r = run_mirror(d, cluster, "MISSING")
     assert r.returncode == 1 and "has no log id yet" in r.stderr, r.stderr
+
+
+def test_mirror_and_restore_without_a_log_or_a_server_leave_nothing_behind(tmp_path):
+    """`mirror --dir` a directory that does not exist said 'has no log id yet: start its writer', exit 1;
+    `restore` with no NATS reachable left an empty directory (0755 under a usual umask) behind."""
+    mirror = run_cli("mirror", "--dir", tmp_path / "nodir", "--servers", "nats://127.0.0.1:1", "--stream", "S",
+                     "--open-timeout", "2")
+    assert mirror.returncode == 2 and len(mirror.stderr.splitlines()) == 1, mirror.stderr
+    assert "--dir" in mirror.stderr and "does not exist" in mirror.stderr, mirror.stderr
+    r = subprocess.run(walsvc_cmd("restore", "--dir", tmp_path / "new", "--servers", "nats://127.0.0.1:1",
+                                  "--stream", "S"), capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                       env=python_env(), umask=0o022)
+    assert r.returncode == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in r.stderr, r.stderr
+    assert not (tmp_path / "new").exists()
 
 
 def test_create_waits_for_the_peers_a_replicated_stream_needs(tmp_path):

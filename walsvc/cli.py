@@ -585,6 +585,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
     from .mirror import Mirror
     cfg = _load(args)
+    _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s walsvc %(levelname)s %(message)s")
     mirror = Mirror(cfg.directory, _sink(args), name=args.name, packed=args.packed, window=args.window,
                     ack_timeout_s=args.ack_timeout, commit_interval_s=args.commit_interval_ms / 1000,

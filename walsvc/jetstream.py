@@ -25,7 +25,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from . import logid
+from . import access, logid
 from .errors import ConfigError, LogClosedError, MirrorError, SinkUnavailableError, TruncatedError
 from .mirror import H_COUNT, H_LOG_ID, H_LSN, Message, decode_message
 from .record import Record
@@ -394,7 +394,6 @@ def restore(directory: str | os.PathLike, servers: Sequence[str], stream: str, *
     directory = Path(directory)
     if directory.exists() and (list_segments(directory) or logid.load(directory)):
         raise MirrorError(f"{directory} already holds a log; restore only into an empty or new directory")
-    directory.mkdir(parents=True, exist_ok=True)
     restored = 0
     with StreamReader(servers, stream, "earliest", subject=subject, log_id=log_id) as reader:
         end = reader.last_lsn()
@@ -407,7 +406,8 @@ def restore(directory: str | os.PathLike, servers: Sequence[str], stream: str, *
                 if not batch:
                     raise MirrorError(f"stream {stream} stopped delivering at LSN {reader.next_lsn} "
                                       f"(expected up to {end}) for {idle_timeout_s:g} s")
-                if log is None:
+                if log is None:  # the directory is made only now the stream answered, private like any log's
+                    access.prepare(directory, "")
                     logid.store(directory, reader.log_id)
                     log = Log.open(directory, first_lsn=batch[0].lsn, fsync="os")
                 run: list[Record] = []

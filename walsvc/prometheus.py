@@ -24,6 +24,8 @@ from .errors import ConfigError
 
 log = logging.getLogger("walsvc.metrics")
 HOST = "127.0.0.1"
+MAX_CONNECTIONS = 8  # scrapes served at once; a connection past them is closed at once
+REQUEST_TIMEOUT_S = 5.0  # a connection that sends no whole request within this is closed
 
 
 def _histogram(name: str, doc: str, summary: dict[str, Any]) -> HistogramMetricFamily:
@@ -83,15 +85,39 @@ class MetricsServer:
         registry.register(_Collector(snapshot))
         on_request_error = on_error
 
+        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
+            timeout = REQUEST_TIMEOUT_S
+
         class Server(ThreadingHTTPServer):
+            """A thread per connection, but only MAX_CONNECTIONS of them, each closed after REQUEST_TIMEOUT_S
+            of silence: idle connections held open (slow-loris) ran the writer out of threads and file
+            descriptors, and libzmq aborts the whole process when an accept meets EMFILE."""
             daemon_threads = True
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not slots.acquire(blocking=False):
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
             def handle_error(self, request: Any, client_address: Any) -> None:  # a failed scrape: say so
                 log.exception("metrics: scrape from %s failed", client_address)
                 on_request_error("scrape failed")
 
         try:
-            self.httpd = Server((HOST, port), MetricsHandler.factory(registry))
+            self.httpd = Server((HOST, port), Handler)
         except OSError as exc:
             raise ConfigError("service.metrics_port", f"cannot serve metrics on {HOST}:{port}: "
                               f"{exc.strerror or exc}") from None
