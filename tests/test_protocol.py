@@ -113,6 +113,13 @@ def test_control_limits_are_checked_before_the_parser():
     assert P.decode_json(b'{"op": "ping"}') == {"op": "ping"}  # version may be left out
 
 
+@pytest.mark.parametrize("version", [b"true", b"1.0", b'"1"', b"null", b"[1]"])
+def test_control_version_must_be_the_integer_1(version):
+    with pytest.raises(ProtocolError) as info:
+        P.decode_json(b'{"op": "ping", "version": ' + version + b"}")
+    assert info.value.code == P.UNKNOWN_VERSION
+
+
 _FULL = P.MAX_CONTROL_BYTES
 
 

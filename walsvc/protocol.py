@@ -211,7 +211,8 @@ def decode_json(msg: bytes) -> dict[str, Any]:
         raise ProtocolError(MALFORMED, f"control message is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError(MALFORMED, "control message must be a JSON object")
-    if value.get("version", VERSION) != VERSION:
-        raise ProtocolError(UNKNOWN_VERSION, f"control request version {value['version']!r:.40}; this writer speaks "
+    version = value.get("version", VERSION)
+    if type(version) is not int or version != VERSION:  # true and 1.0 equal 1 in Python, not in the protocol
+        raise ProtocolError(UNKNOWN_VERSION, f"control request version {version!r:.40}; this writer speaks "
                                              f"{VERSION}")
     return value
