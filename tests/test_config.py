@@ -292,6 +292,17 @@ def test_a_cpu_list_reads_as_taskset_takes_it(text: str, cpus: set[int]) -> None
         cpu_list(text, max(cpus))
 
 
+def test_a_socket_dir_with_a_nul_byte_is_refused_by_key(tmp_path: Path) -> None:
+    """os.mkdir raised a bare ValueError (a traceback) when the writer started."""
+    path = tmp_path / "c.toml"
+    path.write_text('[service]\nsocket_dir = "/tmp/a\\u0000b"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "service.socket_dir" and "NUL" in str(info.value)
+    proc = run_cli("serve", "--config", str(path), "--dir", str(tmp_path / "wal"), timeout=20)
+    assert proc.returncode == 2 and "service.socket_dir" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("text", ["0-99999999999", "99999999998-99999999999", "0,1-99999999999"])
 def test_a_huge_cpu_range_is_refused_before_it_is_expanded(tmp_path: Path, text: str) -> None:
     """Expanded first, `0-99999999999` was a set of 10**11 numbers: 8 GB in 8 s before the check."""

@@ -208,6 +208,8 @@ class ServiceConfig(Section):
     }
 
     def _check_together(self) -> None:
+        if "\0" in self.socket_dir:  # os.mkdir would raise a bare ValueError when the writer starts
+            raise ConfigError("service.socket_dir", f"must not contain a NUL byte, got {self.socket_dir!r}")
         for name in ("ingest", "publish", "control"):
             endpoint = getattr(self, name)
             if endpoint and not endpoint.startswith(("ipc://", "tcp://")):
