@@ -303,6 +303,24 @@ def test_a_socket_dir_with_a_nul_byte_is_refused_by_key(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "service.socket_dir" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("given, missing", [
+    ({"ingest": "tcp://127.0.0.1:1"}, "publish"),
+    ({"control": "ipc:///tmp/c.sock"}, "ingest"),
+    ({"ingest": "tcp://127.0.0.1:1", "publish": "tcp://127.0.0.1:2"}, "control"),
+])
+def test_explicit_endpoints_are_all_three_or_none(tmp_path: Path, given: dict[str, str], missing: str) -> None:
+    """The writer binds explicit endpoints only when all three are set: one or two were silently ignored (it
+    bound ipc sockets instead)."""
+    path = tmp_path / "c.toml"
+    path.write_text("[service]\n" + "".join(f'{key} = "{value}"\n' for key, value in given.items()))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == f"service.{missing}" and "all set" in str(info.value)
+    every = {"ingest": "tcp://127.0.0.1:1", "publish": "tcp://127.0.0.1:2", "control": "tcp://127.0.0.1:3"}
+    path.write_text("[service]\n" + "".join(f'{key} = "{value}"\n' for key, value in every.items()))
+    assert load(path).service.control == every["control"]
+
+
 @pytest.mark.parametrize("text", ["0-99999999999", "99999999998-99999999999", "0,1-99999999999"])
 def test_a_huge_cpu_range_is_refused_before_it_is_expanded(tmp_path: Path, text: str) -> None:
     """Expanded first, `0-99999999999` was a set of 10**11 numbers: 8 GB in 8 s before the check."""

@@ -221,6 +221,12 @@ class ServiceConfig(Section):
                 if not (self.curve_secret_key and self.curve_public_key):
                     raise ConfigError("service.curve_secret_key", "a non-loopback bind needs "
                                       "curve_secret_key and curve_public_key")
+        endpoints = {name: getattr(self, name) for name in ("ingest", "publish", "control")}
+        unset = [name for name, endpoint in endpoints.items() if not endpoint]
+        if unset and len(unset) < len(endpoints):  # the writer binds all three as given, or ipc sockets: never a mix
+            given = " and ".join(name for name in endpoints if name not in unset)
+            raise ConfigError(f"service.{unset[0]}", f"must be set too: the writer binds explicit endpoints only when "
+                              f"ingest, publish and control are all set (only {given} is), else ipc sockets")
 
 
 def cpu_list(text: str, count: int | None = None) -> set[int]:
