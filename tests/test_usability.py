@@ -202,14 +202,18 @@ def test_from_time_starts_at_the_first_record_written_then(tmp_path: Path) -> No
     between = datetime.datetime.fromtimestamp((stamps[0] + stamps[1]) / 2e6, tz=datetime.timezone.utc)
     assert walsvc.lsn_at_time(d, between) == 2 and walsvc.lsn_at_time(d, stamps[0]) == 1
     tail = ["tail", "--dir", str(d), "--from-time"]
-    mid, early, late, bad, both = run_all(tail + [between.isoformat()], ["dump", "--dir", str(d), "--from-time",
-                                          "2000-01-01T00:00:00Z"], tail + ["2999-01-01T00:00:00+00:00"],
-                                          tail + ["yesterday"], tail + [between.isoformat(), "--from", "1"])
+    mid, early, late, bad, both, ancient, first = run_all(
+        tail + [between.isoformat()], ["dump", "--dir", str(d), "--from-time", "2000-01-01T00:00:00Z"],
+        tail + ["2999-01-01T00:00:00+00:00"], tail + ["yesterday"], tail + [between.isoformat(), "--from", "1"],
+        tail + ["0001-01-01"], tail + ["0001-01-01T00:00:00Z"])
     assert [x.split("\t")[:3] for x in lines(mid)] == [["2", "PUT", "new"], ["3", "PUT", "new"]]
     assert [json.loads(x)["lsn"] for x in lines(early)] == [1, 2, 3]
     assert lines(late) == []
     one_line_error(bad, "--from-time")
     one_line_error(both, "--from")
+    # A local time before year 1 in UTC said "invalid _time value" (the parser's function name).
+    assert "_time" not in one_line_error(ancient, "--from-time", "'0001-01-01'", "0001-01-01T00:00:00Z")
+    assert len(lines(first)) == 3
 
 
 # -- named cursors ---------------------------------------------------------------------------------------
@@ -255,7 +259,13 @@ def test_cursors_move_forward_only_unless_reset_on_purpose(tmp_path: Path) -> No
     assert lines(run_cli("cursors", "reset", "c", "--to", "2", "--dir", str(d))) == ["cursor c: the reader resumes at LSN 2"]
     assert json.loads(run_cli("cursors", "list", "--json", "--dir", str(d)).stdout) == {"c": {"lsn": 1, "lag_records": 4}}
     assert [x.split("\t")[0] for x in lines(run_cli("tail", "--dir", str(d), "--name", "c", "--limit", "1"))] == ["2"]
-    one_line_error(run_cli("cursors", "reset", "c", "--to", "9", "--dir", str(d)), "LSN from 1 to 6", code=1)
+    # A bad argument: exit 2 naming --to (it was exit 1, naming nothing); `list` takes no name (it was ignored).
+    past, extra = run_all(["cursors", "reset", "c", "--to", "9", "--dir", str(d)],
+                          ["cursors", "list", "c", "--dir", str(d)])
+    one_line_error(past, "--to", "LSN 9 is past the end", "committed up to LSN 5", "LSN 6 at most")
+    one_line_error(extra, "cursors list", "takes no cursor name", "'c'")
+    resumes = lines(run_cli("cursors", "reset", "c", "--to", "6", "--dir", str(d)))  # one past the end: allowed
+    assert resumes == ["cursor c: the reader resumes at LSN 6"]
     assert walsvc.reset_cursor(d, "c", "latest") == 5
     assert lines(run_cli("cursors", "delete", "c", "--dir", str(d))) == ["cursor c deleted"]
     assert walsvc.list_cursors(d) == {}

@@ -500,6 +500,9 @@ def cmd_cursors(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _require_log(cfg.directory, "--dir" if args.dir is not None else "log.dir")
     if args.action == "list":
+        if args.name is not None:  # `cursors list billing` must not print every cursor as if filtered
+            raise ConfigError("cursors list", f"takes no cursor name, got {args.name!r}: walsvc cursors list "
+                              "lists them all")
         cursors = list_cursors(cfg.directory)
         end = committed_end(cfg.directory)
         rows = lag_rows(dict(sorted(cursors.items())), end)
@@ -516,6 +519,10 @@ def cmd_cursors(args: argparse.Namespace) -> int:
     if args.action == "reset":
         if args.to is None:
             raise ConfigError("--to", "reset needs --to LSN, earliest or latest (where the reader resumes)")
+        end = committed_end(cfg.directory)
+        if isinstance(args.to, int) and args.to > end + 1:  # a bad argument: exit 2 naming it, as --from does
+            raise ConfigError("--to", f"LSN {args.to} is past the end of the log (committed up to LSN {end}): "
+                              f"the reader can resume at LSN {end + 1} at most (--to latest)")
         lsn = reset_cursor(cfg.directory, args.name, args.to)
         print(f"cursor {args.name}: the reader resumes at LSN {lsn + 1}")
         return 0
@@ -551,14 +558,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _time(value: str) -> int:
-    """ISO 8601 (a time without a zone is local time) -> µs since the epoch."""
+    """ISO 8601 (a time without a zone is local time) -> µs since the epoch.  Every failure is an
+    ArgumentTypeError: argparse turns a bare ValueError into "invalid _time value" and lets others through."""
     import datetime
     try:
         when = datetime.datetime.fromisoformat(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an ISO 8601 time such as 2026-01-31T12:00:00Z, "
                                          f"not {value!r}") from None
-    return int(when.timestamp() * 1_000_000)
+    try:
+        return int(when.timestamp() * 1_000_000)
+    except (ValueError, OverflowError, OSError) as exc:  # 0001-01-01 local time: "year 0 is out of range"
+        raise argparse.ArgumentTypeError(f"{value!r} cannot be converted to a time since the epoch ({exc}); "
+                                         "give a time with a zone, such as 0001-01-01T00:00:00Z") from None
 
 
 def _range_flags(p: argparse.ArgumentParser) -> None:
