@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 import threading
 import time
@@ -424,3 +426,22 @@ def test_clients_accept_a_config_file(tmp_path: Path, writers) -> None:
         assert producer.put(b"k", b"v").result(20) == 1
     with walsvc.Reader(C.load(config), "earliest") as reader:
         assert [r.key for r in reader.poll(10)] == [b"k"]
+
+
+def test_the_writer_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path, writers) -> None:
+    """Started with a soft limit of 64 open files (hard 4096), the writer raises it to 4096 and serves 100
+    producer connections.  Before, its accepts met EMFILE past the limit: here no producer got an ack within
+    30 s, and with `ulimit -n 256` and 300 connections libzmq aborted the writer (SIGABRT)."""
+    if not shutil.which("prlimit"):
+        pytest.skip("needs util-linux's prlimit")
+    d = tmp_path / "wal"
+    writer = writers(d, wrapper=["prlimit", "--nofile=64:4096", "--"]).start()
+    limits = Path(f"/proc/{writer.pid}/limits").read_text()
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    producers = [walsvc.Producer(d) for _ in range(100)]
+    try:
+        assert sorted(p.put(b"k", b"v").result(30) for p in producers) == list(range(1, 101))
+    finally:
+        for p in producers:
+            p.close()
+    assert writer.stop() == 0

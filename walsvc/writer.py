@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -141,9 +142,23 @@ def one_cpu() -> bool:
     return hasattr(os, "SCHED_BATCH") and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) == 1
 
 
+def raise_file_limit() -> None:
+    """Raise the soft limit on open files to the hard one.  Each producer connection, group and /metrics
+    scrape costs the writer a descriptor, and libzmq aborts the whole process when an accept meets EMFILE:
+    the soft limit is often 1,024 where the hard one is far higher."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # a kernel that caps it lower (nr_open): keep what we have
+            log.info("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+
+
 class Writer:
     def __init__(self, config: Config) -> None:
         pin_cpus(config.service.cpus)  # first: every thread started below inherits it
+        raise_file_limit()
         self.config = config
         self.directory = config.directory
         self.metrics = Metrics()
