@@ -445,3 +445,47 @@ def test_the_writer_raises_its_open_file_limit_to_the_hard_one(tmp_path: Path, w
         for p in producers:
             p.close()
     assert writer.stop() == 0
+
+
+def test_subscription_spam_gets_at_most_ten_readies_a_second_and_never_none(tmp_path: Path, writers) -> None:
+    """Any account that may read the publish socket can subscribe to a producer's reply topic, and each READY
+    makes that producer resend everything in flight.  2,000 subscriptions in a burst now get one READY at
+    once and one more when 100 ms have passed (before, the listener got 1,000 in half a second); a
+    subscription after a quiet spell gets its READY at once."""
+    import zmq
+    from walsvc.endpoints import load as load_endpoints
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    eps = load_endpoints(d)
+    ctx = zmq.Context()
+    try:
+        listener = ctx.socket(zmq.SUB)
+        listener.connect(eps.publish)
+        topic = P.reply_topic(0xBAD)
+        listener.setsockopt(zmq.SUBSCRIBE, topic)  # itself a subscription: one READY
+        attacker = ctx.socket(zmq.XSUB)  # sends every subscription message on, repeats included
+        attacker.connect(eps.publish)
+        time.sleep(0.3)
+
+        def readies(window: float) -> list[float]:
+            got, end = [], time.monotonic() + window
+            while (left := end - time.monotonic()) > 0:
+                if listener.poll(int(left * 1000) + 1):
+                    reply = P.decode_reply(listener.recv())
+                    assert reply.status == P.READY and reply.producer_id == 0xBAD
+                    got.append(time.monotonic())
+            return got
+
+        assert len(readies(0.3)) == 1
+        for _ in range(2000):
+            attacker.send(b"\x01" + topic)
+        burst = readies(0.5)
+        assert 1 <= len(burst) <= 3, len(burst)  # at once, then the one deferred
+        time.sleep(0.2)
+        attacker.send(b"\x01" + topic)
+        start = time.monotonic()
+        late = readies(0.5)
+        assert len(late) == 1 and late[0] - start < 0.05, late
+    finally:
+        ctx.destroy(linger=0)
+    assert writer.stop() == 0

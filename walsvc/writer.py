@@ -67,6 +67,7 @@ GROUP_STORE_S = 0.1  # consumer group positions are stored at most this often (a
 CONTROL_HWM = 16
 SCRAPE_WAIT_S = 1.0  # how long a /metrics scrape waits for the loop's fresh snapshot before taking the last one
 SCRAPE_EVERY_S = 0.02  # the loop builds at most one per this, however fast scrapes come
+READY_EVERY_S = 0.1  # READYs for one producer id at most this often; a subscription in between waits
 
 
 class RateLimitedLog:
@@ -166,6 +167,8 @@ class Writer:
         # (last LSN, perf_counter at append, the encoded reply) per batch answered once that LSN is committed
         self._pending: collections.deque[tuple[int, float, bytes]] = collections.deque()
         self._published_commit = -1
+        self._ready_sent: dict[int, float] = {}  # producer id -> when its last READY went out
+        self._ready_due: dict[int, float] = {}  # producer id -> when its deferred READY is due
         self._main_thread = threading.get_ident()
         self._stop = threading.Event()
         self.started = time.time()
@@ -439,15 +442,38 @@ class Writer:
 
     def _confirm_subscriptions(self) -> None:
         """Answer each producer's reply subscription with READY: from then on no reply to it can be dropped,
-        so a producer sends only after READY, and resends what is unacked on each later one (a reconnect)."""
+        so a producer sends only after READY, and resends what is unacked on each later one (a reconnect).
+
+        At most one READY per producer id every READY_EVERY_S: a subscription sooner than that gets its READY
+        when that time comes (never none).  Any account that may read the publish socket can subscribe to
+        any topic, and each READY makes that producer resend everything in flight."""
+        now = time.monotonic()
         for _ in range(DRAIN_LIMIT):
             try:
                 msg = self.pub.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             producer_id = P.subscribed_producer(msg)
-            if producer_id is not None:
-                self.pub.send(P.encode_ready(producer_id))
+            if producer_id is None or producer_id in self._ready_due:
+                continue
+            sent = self._ready_sent.get(producer_id)
+            if sent is not None and now - sent < READY_EVERY_S:
+                self._ready_due[producer_id] = sent + READY_EVERY_S
+            else:
+                self._send_ready(producer_id, now)
+        if len(self._ready_sent) > 4096:  # forget ids whose window has passed
+            self._ready_sent = {pid: at for pid, at in self._ready_sent.items() if now - at < READY_EVERY_S}
+
+    def _send_ready(self, producer_id: int, now: float) -> None:
+        self.pub.send(P.encode_ready(producer_id))
+        self._ready_sent[producer_id] = now
+
+    def _send_due_readies(self) -> None:
+        now = time.monotonic()
+        for producer_id, due in list(self._ready_due.items()):
+            if due <= now:
+                del self._ready_due[producer_id]
+                self._send_ready(producer_id, now)
 
     def _reply(self, reply: P.Reply) -> None:
         self.pub.send(P.encode_reply(reply))
@@ -656,7 +682,8 @@ class Writer:
         self._publish_commits()
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(self._scrape_due_ms() if self._scrapes else 100))
+                timeout = self._scrape_due_ms() if self._scrapes else 100
+                events = dict(poller.poll(min(timeout, 10) if self._ready_due else timeout))
                 if self._wake_r in events:
                     self._take_pokes()
                 if self.pull in events:
@@ -673,6 +700,8 @@ class Writer:
                     self._answer_scrapes()
                 if self.pub in events:
                     self._confirm_subscriptions()
+                if self._ready_due:
+                    self._send_due_readies()
             while self._drain():
                 pass
             if self.log.stop_reason is None:
