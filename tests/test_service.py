@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (RawClient, control, finish, parse_key, producer_key, read_acks, read_log,
-                     read_seen, spawn_producer, spawn_reader, status, verify_log, wait_ready)
+                     read_seen, run_cli, spawn_producer, spawn_reader, status, verify_log, wait_ready)
 
 import walsvc
 from walsvc import protocol as P, record as R
@@ -489,3 +490,18 @@ def test_subscription_spam_gets_at_most_ten_readies_a_second_and_never_none(tmp_
     finally:
         ctx.destroy(linger=0)
     assert writer.stop() == 0
+
+
+def test_explicit_endpoints_that_cannot_be_bound_are_a_config_error(tmp_path: Path) -> None:
+    """Two endpoints on one port: the second bind fails.  Before, a ZMQError traceback (exit 1); now one line
+    naming the key and the endpoint, exit 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "walsvc.toml"
+    config.write_text(f'[service]\ningest = "tcp://127.0.0.1:{port}"\npublish = "tcp://127.0.0.1:{port}"\n'
+                      f'control = "tcp://127.0.0.1:{port + 1}"\n')
+    proc = run_cli("serve", "--dir", str(tmp_path / "wal"), "--config", str(config))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "service.publish" in proc.stderr, proc.stderr
+    assert f"tcp://127.0.0.1:{port}" in proc.stderr and "Address already in use" in proc.stderr, proc.stderr

@@ -220,7 +220,7 @@ class Writer:
             self.ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
         if svc.ingest and svc.publish and svc.control:
             eps = Endpoints(svc.ingest, svc.publish, svc.control)
-            self._bind(eps)
+            self._bind(eps, explicit=True)
         else:
             eps = self._bind_ipc()
         self.endpoints = Endpoints(eps.ingest, eps.publish, eps.control, os.getpid(), svc.curve_public_key,
@@ -228,8 +228,9 @@ class Writer:
                                    self.config.max_message_bytes)
         self.endpoints.save(self.directory)
 
-    def _bind(self, eps: Endpoints) -> None:
-        """Create the three service sockets and bind them; on failure close them again."""
+    def _bind(self, eps: Endpoints, explicit: bool = False) -> None:
+        """Create the three service sockets and bind them; on failure close them again, and for endpoints the
+        config names (`explicit`) say which one and why, as a ConfigError (ipc candidates are tried in turn)."""
         svc = self.config.service
         # What ZeroMQ may hold for one connected producer before the writer sees it: RCVHWM messages queued
         # plus one its I/O thread has read, each at most MAXMSGSIZE (docs/PROTOCOL.md, "Input limits and the
@@ -248,17 +249,21 @@ class Writer:
         self.rep.setsockopt(zmq.MAXMSGSIZE, P.CONTROL_SOCKET_MAX_BYTES)
         self.rep.setsockopt(zmq.RCVHWM, CONTROL_HWM)
         sockets = (self.pull, self.pub, self.rep)
+        key = ""
         try:
-            for sock, endpoint in zip(sockets, (eps.ingest, eps.publish, eps.control)):
+            for sock, key, endpoint in zip(sockets, ("ingest", "publish", "control"),
+                                           (eps.ingest, eps.publish, eps.control)):
                 sock.setsockopt(zmq.LINGER, 1000)
                 if svc.curve_secret_key:
                     sock.curve_server = True
                     sock.curve_secretkey = svc.curve_secret_key.encode()
                     sock.curve_publickey = svc.curve_public_key.encode()
                 sock.bind(endpoint)
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             for sock in sockets:
                 sock.close(linger=0)
+            if explicit:
+                raise ConfigError(f"service.{key}", f"cannot bind {getattr(eps, key)!r}: {exc}") from None
             raise
 
     def _bind_ipc(self) -> Endpoints:
