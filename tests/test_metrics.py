@@ -7,10 +7,12 @@ import json
 import re
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, strategies
 
 from helpers import REPO_ROOT, python_env, run_cli, wait_for, walsvc_cmd
@@ -266,3 +268,14 @@ def test_idle_connections_to_metrics_cannot_exhaust_the_writer(tmp_path: Path, w
         for s in idle:
             s.close()
     assert scrape(url)["walsvc_committed_lsn"] == 1
+
+
+def test_metrics_serves_its_one_path_and_404_elsewhere(tmp_path: Path, writers) -> None:
+    """Before, every path answered 200 with the metrics, so a scrape config with a typo never failed."""
+    _, _, _, url = metrics_writer(tmp_path, writers)
+    assert "walsvc_committed_lsn" in scrape(url)
+    base = url.rsplit("/", 1)[0]
+    for path in ("/", "/metric", "/metrics/x", "/nonexistent"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert caught.value.code == 404, path

@@ -90,6 +90,13 @@ class MetricsServer:
         class Handler(MetricsHandler.factory(registry)):  # type: ignore[misc]
             timeout = REQUEST_TIMEOUT_S
 
+            def do_GET(self) -> None:
+                """/metrics only: a typo in a scrape config should fail loudly, not scrape happily."""
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404, "this server serves /metrics only")
+                    return
+                super().do_GET()
+
         class Server(ThreadingHTTPServer):
             """A thread per connection, but only MAX_CONNECTIONS of them, each closed after REQUEST_TIMEOUT_S
             of silence: idle connections held open (slow-loris) ran the writer out of threads and file
