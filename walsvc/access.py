@@ -129,7 +129,7 @@ def prepare(directory: Path, group: str) -> None:
     if st.st_uid != os.geteuid():
         raise UnsafePermissionsError(str(directory), [f"{directory} is owned by uid {st.st_uid}"],
                                      f"the writer runs as uid {os.geteuid()}: run it as the owner, or "
-                                     f"`chown -R {os.geteuid()} {directory}`")
+                                     f"`chown -R {os.geteuid()} {directory}`", what="belongs to another account")
     if not os.listdir(directory):
         if gid is None:
             os.chmod(directory, PRIVATE_DIR)

@@ -297,13 +297,10 @@ class UnsafePermissionsError(WalError):
     """The log directory (or a file in it) is open to other accounts, or the directory is another account's;
     the writer will not use it as it is."""
 
-    def __init__(self, directory: str, problems: list[str], fix: str) -> None:
+    def __init__(self, directory: str, problems: list[str], fix: str, what: str = "is open to other users") -> None:
         self.directory = directory
         self.problems = problems
         named = "; ".join(problems[:20]) + (f"; and {len(problems) - 20} more" if len(problems) > 20 else "")
-        # A 0700 directory of another uid is not "open to other users": say whose it is (access.prepare).
-        owned = bool(problems) and all(p.startswith(f"{directory} is owned by uid ") for p in problems)
-        what = "belongs to another account" if owned else "is open to other users"
         super().__init__(f"log directory {directory} {what}: {named}; {fix}")
 
 
