@@ -398,7 +398,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         st = collect(cfg.directory)
         print(json.dumps(st, indent=1) if args.json else format_text(st, before, args.watch or 0.0), flush=True)
         if not args.watch:
-            return 0
+            return 1 if st.get("damage") else 0  # a damaged log is a state problem, as verify's are
         before = st
         time.sleep(args.watch)
         if not args.json:

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .head import Head, HeadReader
+
 
 def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | None:
     """The writer's status reply, or None when no writer runs or it does not answer within the timeout."""
@@ -17,7 +19,6 @@ def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | No
 
     from .endpoints import load as load_endpoints
     from .errors import ServiceUnavailableError
-    from .head import HeadReader
     from .protocol import encode_request
     head = HeadReader(directory).read()
     if head is None or not head.writer_alive():
@@ -39,39 +40,53 @@ def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | No
         ctx.destroy(linger=0)
 
 
-def offline_status(directory: Path) -> dict[str, Any]:
-    """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer)."""
+def offline_status(directory: Path, live_head: Head | None = None) -> dict[str, Any]:
+    """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer).
+
+    With no writer the end is where the next open would end the log (`seek.offline_end`), and `damage` says
+    what that open would refuse.  `live_head`: the HEAD of a writer that runs but did not answer; its
+    committed LSN is the end (the bytes past it are a write in progress, not damage).
+    """
     from .cursor import lag_rows, load_all
-    from .head import HeadReader
     from .logid import load as load_log_id
-    from .scan import end_of_valid_data
+    from .seek import offline_end
     from .segment import list_segments
     segments = list_segments(directory)
-    head = HeadReader(directory).read()
-    last = end_of_valid_data(directory) - 1 if segments else 0
+    head = live_head or HeadReader(directory).read()
+    damage = torn = stop = None
+    if live_head is not None:
+        last = live_head.committed_lsn
+    else:
+        end = offline_end(directory)
+        last, torn = end.committed_lsn, end.torn_tail
+        if end.damage is not None:
+            damage = end.damage.location.after(end.damage.detail)
+        if end.stop is not None:
+            stop = {"committed_lsn": end.stop.committed_lsn, "reason": end.stop.reason}
     return {"writer": "offline", "directory": str(directory), "log_id": load_log_id(directory),
             "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
-            "head_committed_lsn": head.committed_lsn if head else None,
-            "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
+            "head_committed_lsn": head.committed_lsn if head else None, "damage": damage, "torn_tail": torn,
+            "stopped_at": stop, "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
             "cursors": lag_rows(load_all(directory), last)}
 
 
 def collect(directory: Path) -> dict[str, Any]:
     """The writer's status if one answers, else the offline view with `writer` saying why; with the state
     of every mirror (`walsvc mirror`) either way."""
-    from .head import HeadReader
     from .mirror import load_all_states
     status = query_writer(directory)
     if status is not None:
         status.pop("ok", None)
         status["writer"] = "stopped" if status.get("stopped") else "running"
     else:
-        status = offline_status(directory)
         head = HeadReader(directory).read()
         if head is not None and head.writer_alive():
             # The process exists but did not answer within the timeout: stopped (SIGSTOP) or overloaded.
+            status = offline_status(directory, head)
             status["writer"] = "unresponsive"
             status["writer_pid"] = head.writer_pid
+        else:
+            status = offline_status(directory)
     status["mirrors"] = load_all_states(directory)
     return status
 
@@ -103,6 +118,8 @@ def _rate(now: dict[str, Any], before: dict[str, Any] | None, key: str, seconds:
 def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interval: float = 0.0) -> str:
     """Plain words, the writer's state first.  `before` (an earlier status) adds rates over `interval`."""
     lines = []
+    if st.get("damage"):
+        lines.append(f"DAMAGED: {st['damage']}; run walsvc verify")
     w = st["writer"]
     if w == "running":
         lines.append(f"writer: running, pid {st['pid']}, up {st['uptime_s']:,.0f} s, fsync {st['fsync']}, "
@@ -120,7 +137,18 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
     lines.append(f"directory: {st['directory']}" + (f", log id {st['log_id']}" if st.get("log_id") else ""))
     first, last = st["first_lsn"], st["committed_lsn"]
     held = f"LSNs {first:,} to {last:,}" if last >= first else "no records"
-    lines.append(f"records: {held}, committed up to LSN {last:,}")
+    if st.get("damage"):
+        said = st.get("head_committed_lsn")
+        lines.append(f"records: {held} readable up to the damage"
+                     + (f"; HEAD says committed up to LSN {said:,}" if said is not None else ""))
+    else:
+        lines.append(f"records: {held}, committed up to LSN {last:,}")
+    stop = st.get("stopped_at")
+    if stop:
+        lines.append(f"stopped on an error at LSN {stop['committed_lsn']:,}: {stop['reason']}; the next start "
+                     "cuts what was written after it")
+    if st.get("torn_tail"):
+        lines.append(f"torn tail: {st['torn_tail']}; the next start cuts it (what a crash leaves, not damage)")
     lines.append(f"segments: {st['segments']:,}, {_bytes(st['bytes'])}")
     if w in ("running", "stopped"):
         c = st.get("counters", {})

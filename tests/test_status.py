@@ -1,0 +1,101 @@
+"""`walsvc status` with no writer: the end of the log as the next open would find it, damage said plainly.
+
+Real logs written with the embedded API, damaged on disk, then `python -m walsvc` processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import flip_bit, frame_offsets, zero_from
+from helpers import REPO_ROOT, python_env, walsvc_cmd
+
+import walsvc
+from walsvc import stopped
+
+
+def six_batches(directory: Path) -> Path:
+    """A closed log of six one-record batches (LSNs 1..6, one frame each); returns its segment file."""
+    with walsvc.Log.open(directory, fsync="os") as log:
+        for i in range(6):
+            log.append(walsvc.Record.put(f"k{i}", f"v{i}"))
+    return next(directory.glob("*.wal"))
+
+
+def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent `walsvc` commands at once: each spends most of its time starting Python."""
+    procs = [subprocess.Popen(walsvc_cmd(*c), cwd=REPO_ROOT, env=python_env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    out = []
+    for c, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=60)
+        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    return out
+
+
+def test_status_calls_a_corrupt_log_damaged_and_tail_raises_the_corruption(tmp_path: Path) -> None:
+    """A flipped byte in frame 2 of 6, intact frames after it: serve would refuse the log and readers stop
+    there.  Status used to say "committed up to LSN 1", exit 0, and tail --from 3 called LSN 3 past the end."""
+    d = tmp_path / "wal"
+    seg = six_batches(d)
+    second = frame_offsets(seg)[1][0]
+    flip_bit(seg, second)
+    text, js, tail = run_all(["status", "--dir", d], ["status", "--dir", d, "--json"],
+                             ["tail", "--dir", d, "--from", "3"])
+    assert text.returncode == 1, (text.stdout, text.stderr)
+    first = text.stdout.splitlines()[0]
+    assert first.startswith("DAMAGED: ") and first.endswith("; run walsvc verify"), text.stdout
+    assert f"segment {seg.name}, offset {second}, LSN 2" in first, first
+    assert "committed up to LSN 1" not in text.stdout
+    assert "HEAD says committed up to LSN 6" in text.stdout, text.stdout
+    assert js.returncode == 1, js.stderr
+    st = json.loads(js.stdout)
+    assert f"offset {second}" in st["damage"] and st["head_committed_lsn"] == 6, st
+    assert tail.returncode == 1, (tail.stdout, tail.stderr)
+    assert "corruption: " in tail.stderr and "past the end" not in tail.stderr, tail.stderr
+    assert f"offset {second}" in tail.stderr, tail.stderr
+
+
+@pytest.mark.parametrize("tear", ["truncated", "zero-filled"])
+def test_a_torn_tail_in_the_newest_segment_is_not_damage(tmp_path: Path, tear: str) -> None:
+    """What a crash leaves (the last frame cut short) is cut silently by the next open: status says so and
+    exits 0, and every record before it reads."""
+    d = tmp_path / "wal"
+    seg = six_batches(d)
+    last = frame_offsets(seg)[-1][0]
+    if tear == "truncated":
+        os.truncate(seg, last + 20)
+    else:
+        zero_from(seg, last + 20)
+    text, js, tail = run_all(["status", "--dir", d], ["status", "--dir", d, "--json"],
+                             ["tail", "--dir", d, "--from", "3"])
+    assert text.returncode == 0, (text.stdout, text.stderr)
+    assert "DAMAGED" not in text.stdout and "committed up to LSN 5" in text.stdout, text.stdout
+    assert "torn tail: " in text.stdout and f"offset {last}); the next start cuts it" in text.stdout, text.stdout
+    st = json.loads(js.stdout)
+    assert (js.returncode, st["damage"], st["committed_lsn"]) == (0, None, 5), st
+    assert [line.split("\t")[0] for line in tail.stdout.splitlines()] == ["3", "4", "5"], tail.stderr
+
+
+def test_status_shows_a_log_that_stopped_on_an_error(tmp_path: Path) -> None:
+    """A stopped log ends at the LSN it had committed (readers read no further, the next open cuts the rest),
+    damage after that LSN included: a state to show, exit 0, not damage."""
+    d = tmp_path / "wal"
+    seg = six_batches(d)
+    stopped.write(d, stopped.Stopped(4, "fdatasync failed on 00000000000000000001.wal (EIO)"))
+    flip_bit(seg, frame_offsets(seg)[4][0])  # LSN 5: written after the stop, never committed
+    text, js, tail = run_all(["status", "--dir", d], ["status", "--dir", d, "--json"],
+                             ["tail", "--dir", d, "--from", "6"])
+    assert text.returncode == 0, (text.stdout, text.stderr)
+    assert "DAMAGED" not in text.stdout and "committed up to LSN 4" in text.stdout, text.stdout
+    assert ("stopped on an error at LSN 4: fdatasync failed on 00000000000000000001.wal (EIO); the next start "
+            "cuts what was written after it") in text.stdout, text.stdout
+    st = json.loads(js.stdout)
+    assert st["stopped_at"] == {"committed_lsn": 4, "reason": "fdatasync failed on 00000000000000000001.wal (EIO)"}
+    assert (st["damage"], st["committed_lsn"]) == (None, 4), st
+    assert tail.returncode == 2 and "committed up to LSN 4" in tail.stderr, tail.stderr
