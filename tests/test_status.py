@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import flip_bit, frame_offsets, zero_from
-from helpers import REPO_ROOT, python_env, walsvc_cmd
+from helpers import REPO_ROOT, python_env, run_cli, walsvc_cmd
 
 import walsvc
+from walsvc import head as H
 from walsvc import stopped
 
 
@@ -99,3 +101,45 @@ def test_status_shows_a_log_that_stopped_on_an_error(tmp_path: Path) -> None:
     assert st["stopped_at"] == {"committed_lsn": 4, "reason": "fdatasync failed on 00000000000000000001.wal (EIO)"}
     assert (st["damage"], st["committed_lsn"]) == (None, 4), st
     assert tail.returncode == 2 and "committed up to LSN 4" in tail.stderr, tail.stderr
+
+
+def test_a_dead_writers_pid_held_by_another_process_is_no_writer(tmp_path: Path, writers) -> None:
+    """After kill -9 the writer's PID stays in HEAD, LOCK and ENDPOINTS, and another process may get it (PIDs
+    are few in a container).  Here a `sleep` child stands in for that process: HEAD and LOCK name its PID, LOCK
+    with the dead writer's start time.  Status used to call the writer unresponsive, produce waited for acks
+    from it, verify said it was running, and a Reader was not offline."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync="os").start()
+    with walsvc.Producer(d) as producer:
+        assert producer.put("k", "v").result(30) == 1
+    writer.kill9()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        head = H.load(d)
+        assert head.writer_pid == writer.pid and head.writer_alive() is False
+        pid, *ticks = (d / "LOCK").read_text().split()  # "PID START": the writer's PID and start time
+        assert pid == str(writer.pid)
+        (d / "LOCK").write_text(" ".join([str(sleeper.pid), *ticks]) + "\n")  # its PID reused, not its start
+        (d / "HEAD").write_bytes(H.encode(head._replace(writer_pid=sleeper.pid)))
+        (d / "ENDPOINTS").write_text((d / "ENDPOINTS").read_text().replace(f'"pid": {writer.pid}',
+                                                                           f'"pid": {sleeper.pid}'))
+        with walsvc.Reader(d) as reader:
+            assert reader.offline and [r.lsn for r in reader.poll(0.1)] == [1]
+        started = time.monotonic()
+        produce = run_cli("produce", "--dir", str(d), "--timeout", "30", input="x\n")
+        assert time.monotonic() - started < 20, "produce waited for acks from a process that is no writer"
+        text, js, verify = run_all(["status", "--dir", d], ["status", "--dir", d, "--json"],
+                                   ["verify", "--dir", d, "--json"])
+        assert text.returncode == 0 and text.stdout.startswith("writer: not running"), text.stdout
+        assert json.loads(js.stdout)["writer"] == "offline", js.stdout
+        assert produce.returncode == 1 and "no writer is running" in produce.stderr, produce.stderr
+        assert verify.returncode == 0 and json.loads(verify.stdout)["live"] is False, verify.stdout
+
+        # HEAD naming a live PID that LOCK does not name: a later writer took the lock, this one is gone.
+        (d / "LOCK").write_text(" ".join([pid, *ticks]) + "\n")
+        other = run_all(["status", "--dir", d, "--json"])[0]
+        assert json.loads(other.stdout)["writer"] == "offline", other.stdout
+        assert len(ticks) == 1, "LOCK does not record the writer's start time"
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -21,6 +21,7 @@ on disk lags the acks by about that much at most.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from pathlib import Path
@@ -31,6 +32,7 @@ from crc32c import crc32c
 from .access import open_file
 from .errors import WriteStepError
 from .fsync import pwrite_all, sync_data
+from .lock import WriterProbe, signalable
 from .record import _c
 
 NAME = "HEAD"
@@ -48,17 +50,22 @@ class Head(NamedTuple):
     active_end: int = 0
     durable_lsn: int = 0
 
+    # The `lock.WriterProbe` of the directory this HEAD was read from: HeadReader and load() decode into a
+    # subclass that sets it (`_of`), so a HEAD costs nothing more to decode; None for one from bytes alone.
+    probe = None
+
     def writer_alive(self) -> bool:
-        """Whether the process that last wrote this head still runs (kill -9 leaves its PID behind)."""
-        if not self.writer_pid:
-            return False
-        try:
-            os.kill(self.writer_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        """Whether the process that last wrote this HEAD still runs and is still that writer: kill -9 leaves its
+        PID behind, and another process may get that PID (`lock.WriterProbe`; kill(pid, 0) without a probe)."""
+        if self.probe is None:
+            return signalable(self.writer_pid)
+        return self.probe.running(self.writer_pid)
+
+
+@functools.lru_cache(maxsize=64)
+def _of(directory: Path) -> type[Head]:
+    """Head, with `writer_alive` asking `directory`'s LOCK (one class and probe per directory)."""
+    return type("Head", (Head,), {"__slots__": (), "probe": WriterProbe(directory)})
 
 
 def encode(head: Head) -> bytes:
@@ -76,23 +83,23 @@ def encode_py(head: Head) -> bytes:
     return body + _U32.pack(crc32c(body))
 
 
-def decode(data: bytes) -> Head | None:
-    """HEAD's fields, or None when `data` is short or damaged (a reader polls it: the compiled twin's one call
-    when it was built)."""
+def decode(data: bytes, cls: type[Head] = Head) -> Head | None:
+    """HEAD's fields as `cls`, or None when `data` is short or damaged (a reader polls it: the compiled twin's
+    one call when it was built)."""
     if _c is not None:
-        head = _c.decode_head(Head, data)
+        head = _c.decode_head(cls, data)
         if head is not None:
             return head
-    return decode_py(data)
+    return decode_py(data, cls)
 
 
-def decode_py(data: bytes) -> Head | None:
+def decode_py(data: bytes, cls: type[Head] = Head) -> Head | None:
     if len(data) < SIZE:
         return None
     magic, committed, pid, base, end, durable = _LAYOUT.unpack_from(data)
     if magic != MAGIC or crc32c(data[:_LAYOUT.size]) != _U32.unpack_from(data, _LAYOUT.size)[0]:
         return None
-    return Head(committed, pid, base, end, durable)
+    return cls(committed, pid, base, end, durable)
 
 
 def load(directory: Path) -> Head | None:
@@ -100,7 +107,7 @@ def load(directory: Path) -> Head | None:
     offline tools, when no writer can be rewriting it)."""
     try:
         with open(directory / NAME, "rb") as f:
-            return decode(f.read(SIZE))
+            return decode(f.read(SIZE), _of(directory))
     except FileNotFoundError:
         return None
 
@@ -131,6 +138,7 @@ class HeadReader:
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
         self.fd: int | None = None
+        self._cls = _of(directory)
 
     def read(self) -> Head | None:
         if self.fd is None:
@@ -139,7 +147,7 @@ class HeadReader:
             except FileNotFoundError:
                 return None
         for _ in range(100):
-            head = decode(os.pread(self.fd, SIZE, 0))
+            head = decode(os.pread(self.fd, SIZE, 0), self._cls)
             if head is not None:
                 return head
         return None

@@ -1,7 +1,8 @@
 """One writer per log directory, enforced by the OS: an exclusive flock on `DIR/LOCK`.
 
 The lock dies with its process (kill -9 included), so a stale lock never blocks a restart.  The file holds
-the owner's PID so that a refused second writer can say who holds the log.
+the owner's PID, so that a refused second writer can say who holds the log, and the owner's start time, so
+that a reader can tell the writer from another process that got its PID after a kill -9 (`WriterProbe`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,104 @@ from .fsync import pwrite_all
 NAME = "LOCK"
 
 
+def start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22): with the PID it names
+    one process, where the PID alone may name a later one.  None where /proc cannot tell: no /proc (not
+    Linux), a /proc that hides other users' processes (hidepid), or no such process (kill(pid, 0) then says
+    which).  ProcessLookupError when it exited, zombies included (no lock, no socket: its parent has not yet
+    reaped it, as a container's PID 1 often never does)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1024)
+    except OSError:  # ESRCH: it exited since the open
+        raise ProcessLookupError(pid) from None
+    finally:
+        os.close(fd)
+    # Field 2, the command, is in parentheses and may hold spaces or ')': fields 3 on follow the last ')'.
+    fields = data[data.rfind(b")") + 2:].split(None, 20)
+    if len(fields) < 20 or not fields[19].isdigit():
+        return None
+    if fields[0] in (b"Z", b"X"):
+        raise ProcessLookupError(pid)
+    return int(fields[19])
+
+
+def signalable(pid: int) -> bool:
+    """Whether a process `pid` exists (kill(pid, 0)): all that can be known where /proc cannot tell more."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, under another account
+    return True
+
+
+def parse(data: bytes) -> tuple[int, int | None] | None:
+    """(PID, start ticks or None) from a lock file's first line, "PID START" (or "PID" from older writers, or
+    where /proc is missing); None for anything else (empty: never locked, or another format)."""
+    fields = data.split(b"\n", 1)[0].split()
+    try:
+        pid = int(fields[0])
+        started = int(fields[1]) if len(fields) > 1 else None
+    except (ValueError, IndexError):
+        return None
+    return (pid, started) if pid > 0 and len(fields) <= 2 else None
+
+
+class WriterProbe:
+    """Whether a PID (from HEAD or ENDPOINTS) is this log's writer, not merely a running process.
+
+    kill(pid, 0) says a process with that PID exists; after a kill -9 the PID may soon belong to another one
+    (in a container PIDs are few and reused fast), and every tool would then wait on a dead writer.  So the
+    PID is the writer only while the LOCK file names it with the start time /proc gives for it now.  LOCK is
+    read, never locked (a reader's flock, even shared, would make a starting writer's LOCK_EX|LOCK_NB fail),
+    and read again only when the PID or its start time differ from what it said last: about 6 µs a call, for
+    a tailing reader only when HEAD stands still.  Where /proc or LOCK cannot tell (another OS, hidepid, an
+    unreadable or old-format LOCK) it falls back to kill(pid, 0).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / NAME
+        self._said: tuple[int, int | None] | None = None  # what LOCK said when last read
+
+    def _read(self) -> tuple[int, int | None] | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return parse(os.pread(fd, 64, 0))
+        finally:
+            os.close(fd)
+
+    def running(self, pid: int) -> bool:
+        if pid <= 0:
+            return False
+        try:
+            started = start_ticks(pid)
+        except ProcessLookupError:
+            return False
+        if started is None:
+            return signalable(pid)
+        if self._said != (pid, started):
+            self._said = self._read()
+        said = self._said
+        if said is None or said[1] is None:
+            return True  # the process exists; LOCK cannot say whether it is the writer
+        # Another PID in LOCK: a later writer took the lock (so this one is gone); the same PID with another
+        # start time: the writer died and the PID went to an unrelated process.
+        return said == (pid, started)
+
+
 class PidLock:
-    """An exclusive flock on `path` that records the holder's PID, so a refusal can name it: `busy(pid)`
-    builds the error to raise when another process holds the lock."""
+    """An exclusive flock on `path` that records the holder's PID and start time, so a refusal can name it:
+    `busy(pid)` builds the error to raise when another process holds the lock."""
 
     def __init__(self, path: Path, busy: Callable[[int | None], Exception]) -> None:
         self.path = path
@@ -28,14 +124,15 @@ class PidLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            try:
-                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
-            except (ValueError, UnicodeDecodeError):
-                pid = None
+            holder = parse(os.pread(fd, 64, 0))
             os.close(fd)
-            raise busy(pid) from None
-        os.ftruncate(fd, 0)
-        pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
+            raise busy(holder[0] if holder else None) from None
+        pid = os.getpid()
+        started = start_ticks(pid)
+        data = f"{pid}\n" if started is None else f"{pid} {started}\n"
+        # Written over the old line, then cut: a reader never finds the file empty, and its first line whole.
+        pwrite_all(fd, data.encode(), 0)
+        os.ftruncate(fd, len(data))
         self.fd = fd
 
     def release(self) -> None:
@@ -54,6 +151,7 @@ class DirectoryLock(PidLock):
 def holder_pid(directory: Path) -> int | None:
     """The PID written by the current (or last) owner, if readable."""
     try:
-        return int((directory / NAME).read_text().strip() or 0) or None
-    except (OSError, ValueError):
+        holder = parse((directory / NAME).read_bytes())
+    except OSError:
         return None
+    return holder[0] if holder else None
