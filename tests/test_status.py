@@ -17,6 +17,7 @@ from conftest import flip_bit, frame_offsets, zero_from
 from helpers import REPO_ROOT, python_env, run_cli, walsvc_cmd
 
 import walsvc
+from walsvc.errors import ServiceUnavailableError
 from walsvc import head as H
 from walsvc import stopped
 
@@ -134,6 +135,8 @@ def test_a_dead_writers_pid_held_by_another_process_is_no_writer(tmp_path: Path,
         assert json.loads(js.stdout)["writer"] == "offline", js.stdout
         assert produce.returncode == 1 and "no writer is running" in produce.stderr, produce.stderr
         assert verify.returncode == 0 and json.loads(verify.stdout)["live"] is False, verify.stdout
+        with pytest.raises(ServiceUnavailableError, match="no writer is running"):
+            walsvc.Producer(d)  # the Python API asks the same question
 
         # HEAD naming a live PID that LOCK does not name: a later writer took the lock, this one is gone.
         (d / "LOCK").write_text(" ".join([pid, *ticks]) + "\n")

@@ -232,8 +232,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
     what was already stored is printed before the message, so the user knows exactly which lines made it."""
     import time
 
-    from .errors import ServiceUnavailableError
-    from .lock import WriterProbe
     from .producer import Producer
     from .record import Record
     cfg = _load(args)
@@ -245,14 +243,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
         if exc.key == "producer.linger_ms" and args.linger_ms is not None:
             raise ConfigError("--linger-ms", exc.detail) from None  # name what the user typed
         raise
-    pid = producer.endpoints.pid
-    if not WriterProbe(cfg.directory).running(pid):
-        # The Producer asked only whether the PID runs: after a kill -9 another process may have it, and every
-        # line would then wait --timeout for acks from a writer that is gone.
-        producer.close(0)
-        raise ServiceUnavailableError(f"no writer is running for {cfg.directory} (pid {pid}, which recorded its "
-                                      f"endpoints, is not running it); start one with `walsvc serve --dir "
-                                      f"{cfg.directory}`")
     printer = _LsnPrinter()
     appended = 0
 

@@ -28,6 +28,7 @@ from .access import group_id, open_file
 from .config import ServiceConfig
 from .errors import ServiceUnavailableError
 from .fsync import sync_dir
+from .lock import WriterProbe
 
 FILENAME = "ENDPOINTS"
 SOCKET_SUBDIR = "sockets"
@@ -58,17 +59,10 @@ class Endpoints:
             sock.curve_secretkey = secret
         return sock
 
-    def writer_running(self) -> bool:
-        """Whether the process that recorded these endpoints is alive (the writer died if not)."""
-        if self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # alive, under another account
-        return True
+    def writer_running(self, directory: Path) -> bool:
+        """Whether the process that recorded these endpoints still runs as `directory`'s writer: after a kill -9
+        another process may have its PID (`lock.WriterProbe`)."""
+        return WriterProbe(directory).running(self.pid)
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{FILENAME}.tmp"

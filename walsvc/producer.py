@@ -209,9 +209,9 @@ class Producer:
         if producer_id is not None and (type(producer_id) is not int or not 0 < producer_id < 1 << 64):
             raise ConfigError("producer_id", f"must be an integer from 1 to 2**64-1, got {producer_id!r}")
         self.endpoints = endpoints or load_endpoints(self.directory)
-        if endpoints is None and not self.endpoints.writer_running():
+        if endpoints is None and not self.endpoints.writer_running(self.directory):
             raise ServiceUnavailableError(f"no writer is running for {self.directory} (pid {self.endpoints.pid}, "
-                                          f"which recorded its endpoints, has exited); start one with "
+                                          f"which recorded its endpoints, is not running it); start one with "
                                           f"`walsvc serve --dir {self.directory}`")
         self.producer_id = producer_id or (secrets.randbits(64) | 1)
         self.linger = settings.linger_ms / 1000.0
@@ -392,7 +392,7 @@ class Producer:
             endpoints = load_endpoints(self.directory)
         except ServiceUnavailableError as exc:
             return str(exc)
-        if endpoints.writer_running():
+        if endpoints.writer_running(self.directory):
             return f"the writer for {self.directory} (pid {endpoints.pid}) runs but has not acknowledged them"
         return (f"no writer is running for {self.directory} (pid {endpoints.pid} has exited); start one with "
                 f"`walsvc serve --dir {self.directory}`")
@@ -408,7 +408,7 @@ class Producer:
                 unacked = sum(batch.count for batch in self._session.tokens()) + self._pending.count
             if unacked:
                 try:
-                    running = load_endpoints(self.directory).writer_running()
+                    running = load_endpoints(self.directory).writer_running(self.directory)
                 except ServiceUnavailableError:
                     running = False
                 if not running:
