@@ -89,6 +89,14 @@ _seconds = _not_negative(float, "a number of seconds")
 _count = _not_negative(int, "a whole number")
 
 
+def _ttl(value: str) -> int:
+    """An argparse type for a TTL in milliseconds: what a record can store (a u64)."""
+    ms = _count(value)
+    if ms >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"must be at most {(1 << 64) - 1} ms, got {value}")
+    return ms
+
+
 def _interval(value: str) -> float:
     """An argparse type for a wait or a period in seconds: more than 0 (0 is no wait, or a busy loop) and at
     most what `time.sleep` and lock timeouts take (else OverflowError deep inside)."""
@@ -557,6 +565,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(argv) or 0
 
 
+def _age(value: str) -> float:
+    """An argparse type for a stream setting in seconds where 0 means none: 0 or more, and finite."""
+    import math
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value}")
+    return seconds
+
+
 def _time(value: str) -> int:
     """ISO 8601 (a time without a zone is local time) -> µs since the epoch.  Every failure is an
     ArgumentTypeError: argparse turns a bare ValueError into "invalid _time value" and lets others through."""
@@ -651,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_interval, default=60.0, help="seconds to wait for the last acks (default 60)")
     p.add_argument("--delete", action="store_true",
                    help="each line is a key to delete (a tombstone); with --kv, the part before a TAB")
-    p.add_argument("--ttl", dest="ttl_ms", type=_count, metavar="MS",
+    p.add_argument("--ttl", dest="ttl_ms", type=_ttl, metavar="MS",
                    help="time to live of each record in milliseconds, counted from its write timestamp")
     p.set_defaults(func=cmd_produce)
 
@@ -722,15 +742,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="create the stream if it does not exist")
     p.add_argument("--replicas", type=_count, default=3, help="replicas of a created stream (default 3)")
     p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
-    p.add_argument("--max-age", type=float, default=0.0, help="created stream's max age in seconds (0: none)")
-    p.add_argument("--duplicate-window", type=float, default=120.0, help="created stream's dedup window, s")
+    p.add_argument("--max-age", type=_age, default=0.0, help="created stream's max age in seconds (0: none)")
+    p.add_argument("--duplicate-window", type=_interval, default=120.0, help="created stream's dedup window, s")
     p.add_argument("--shared-stream", action="store_true",
                    help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
-    p.add_argument("--open-timeout", type=float, default=60.0,
+    p.add_argument("--open-timeout", type=_interval, default=60.0,
                    help="seconds to wait for NATS and the stream at start before giving up (default 60)")
     p.add_argument("--window", type=_count, default=256, help="publishes in flight (default 256)")
-    p.add_argument("--ack-timeout", type=float, default=5.0, help="seconds to wait for a PubAck (default 5)")
-    p.add_argument("--commit-interval-ms", type=float, default=200.0, help="cursor commit interval (default 200)")
+    p.add_argument("--ack-timeout", type=_interval, default=5.0, help="seconds to wait for a PubAck (default 5)")
+    p.add_argument("--commit-interval-ms", type=_interval, default=200.0, help="cursor commit interval (default 200)")
     p.add_argument("--from", dest="start", type=_start, default="earliest", help="start of a new cursor")
     p.add_argument("--once", action="store_true", help="exit once everything committed at start is mirrored")
     p.set_defaults(func=cmd_mirror)
