@@ -197,6 +197,10 @@ def test_reader_never_goes_past_committed_lsn(open_log):
     log = open_log(fsync="batch", fsync_window_ms=1000)
     first = fill(log, 1)
     assert log.sync() == 1  # an fsync just ended: under `batch` the next one waits a window (1 s)
+    # The flusher may already have decided to fsync the first record and be waiting for the lock (held by
+    # that sync, or by the rotation thread's fsync as it prepares the next segment after the open): such a
+    # late fsync would cover what is written next.  Let it run first; it finds nothing to do.
+    time.sleep(0.1)
     t0 = time.monotonic()
     lsns = fill(log, 10)
     visible = _lsns(list(log.read()))

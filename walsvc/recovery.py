@@ -5,7 +5,9 @@ so open time is bounded by the active segment, not the size of the log.  An unse
 scan -> plan -> apply: `scan.scan_segment` reports its frames and where and how the valid data stops,
 `repair.plan_segment` decides (a clean end, a torn tail to cut, corruption to refuse or, with
 `on_corruption = "truncate"`, to cut with every later segment moved to `quarantine/`; see repair.py for
-the rules), and the small functions here carry the plan out.  `walsvc verify` reports the same plan.
+the rules), and the small functions here carry the plan out.  `walsvc verify` reports the same plan, and
+`offline_end` makes the same judgement without changing a byte (where a log with no writer ends, for
+`walsvc status` and readers' start positions).
 
 The writer renames the next segment into place before its rotation thread seals the old one (rotation.py),
 so a crash in between leaves an unsealed segment before the last one whose frames end exactly where the next
@@ -153,11 +155,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
         try:
             info.segments_scanned += 1
             size = os.fstat(fd).st_size
-            try:
-                header = read_header(fd)
-            except RecordError as exc:
-                raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
-            _check_base(header, base, expected, i, path)
+            header = read_checked_header(fd, path, base, expected, i)
             state.next_segment_id = header.segment_id + 1
             sealed = read_seal(fd, size)
             if sealed is not None and verify:
@@ -204,7 +202,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 expected = action.next_lsn
                 continue
             if isinstance(action, Refuse):
-                raise _refusal(plan, action, path)
+                raise refusal(plan, action, path)
             if isinstance(action, Cut):
                 expected = _apply_cut(directory, path, seg, scan.expected, plan, action, later, info, cfg)
             else:
@@ -281,16 +279,11 @@ def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: 
     in it was durable (`repair.header_lost`); True if it was.  Done first, so the segment before it is
     judged as the last one."""
     base, path = last
+    if not header_lost_in(base, path, durable_lsn):
+        return False
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        try:
-            read_header(fd)
-            return False
-        except RecordError:
-            if not header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size), durable_lsn):
-                return False
-        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, size)
+        empty = is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size)
     finally:
         os.close(fd)
     if empty:
@@ -301,7 +294,33 @@ def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: 
     return True
 
 
-def _check_base(header: F.SegmentHeader, base: int, expected: int, i: int, path: Path) -> None:
+def header_lost_in(base: int, path: Path, durable_lsn: int | None) -> bool:
+    """Whether the newest segment's header does not decode and it holds nothing a crash must keep
+    (`repair.header_lost`): recovery deletes or quarantines it, readers and tools treat it as absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        read_header(fd)
+        return False
+    except RecordError:
+        return header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size), durable_lsn)
+    finally:
+        os.close(fd)
+
+
+def read_checked_header(fd: int, path: Path, base: int, expected: int, i: int) -> F.SegmentHeader:
+    """Segment `i`'s header, which must decode and start where the log so far ends (`check_base`)."""
+    try:
+        header = read_header(fd)
+    except RecordError as exc:
+        raise CorruptionError(f"bad segment header: {exc.detail}", segment=path.name, offset=0) from None
+    check_base(header, base, expected, i, path)
+    return header
+
+
+def check_base(header: F.SegmentHeader, base: int, expected: int, i: int, path: Path) -> None:
     """The segment starts where the log so far ends (its name, its header and the previous seal agree)."""
     if header.base_lsn != base or base < expected:
         raise CorruptionError(f"segment header says base LSN {header.base_lsn}, expected {base} "
@@ -340,7 +359,7 @@ def _finish_seal(fd: int, action: FinishSeal) -> None:
     os.fsync(fd)
 
 
-def _refusal(plan: Plan, action: Refuse, path: Path) -> CorruptionError:
+def refusal(plan: Plan, action: Refuse, path: Path) -> CorruptionError:
     if action.repairable:
         return CorruptionError(f"{action.detail}; valid data follows, so this is not a torn tail (set "
                                "on_corruption = \"truncate\" to cut here and quarantine later segments)",
@@ -414,3 +433,67 @@ def _quarantine(directory: Path, paths: list[Path], info: RecoveryInfo) -> None:
         info.quarantined.append(str(target))
     sync_dir(qdir)
     sync_dir(directory)
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineEnd:
+    """Where a log with no writer ends, judged by recovery's rules (what the next open would do)."""
+    committed_lsn: int  # the last LSN a reader may see: the valid end, or a stopped log's committed LSN
+    damage: CorruptionError | None  # what the next open would refuse (readers stop there too), None if none
+    torn_tail: str | None  # a torn tail the next open cuts: what a crash leaves, not damage
+    stop: stopped.Stopped | None  # the log stopped on an error (the STOPPED file)
+
+
+def offline_end(directory: Path) -> OfflineEnd:
+    """The end of the log as the next open's recovery would find it, without changing a byte.
+
+    Sealed segments are taken from their seals, unsealed ones scanned and planned (`repair.plan_segment`)
+    as recovery does, so "damaged" here means exactly what `serve` would refuse and a reader would raise.
+    A log that stopped on an error ends at the LSN it had committed: recovery cuts what follows, damage
+    included.  The last segment alone (its frames up to the first stop) would call a log ending at a
+    corrupt frame healthy.
+    """
+    try:
+        stop = stopped.load(directory)
+    except CorruptionError as exc:
+        return OfflineEnd(0, exc, None, None)
+    keep = stop.committed_lsn if stop is not None else None
+    segments = list_segments(directory)
+    head = load_head(directory)
+    durable = head.durable_lsn if head is not None else None
+    if segments and header_lost_in(*segments[-1], durable):
+        dropped, _ = segments.pop()  # recovery drops it before judging the others
+        if not segments:
+            return OfflineEnd(dropped - 1, None, None, stop)
+    expected = segments[0][0] if segments else 1
+    torn = None
+    for i, (base, path) in enumerate(segments):
+        if keep is not None and expected > keep:
+            break  # everything from here on is cut after the stop
+        next_base = segments[i + 1][0] if i + 1 < len(segments) else None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            read_checked_header(fd, path, base, expected, i)
+            sealed = read_seal(fd, size)
+            if sealed is not None:
+                expected = sealed[0].next_lsn
+                continue
+            scan = scan_segment(fd, size, expected)
+        except CorruptionError as exc:
+            return OfflineEnd(expected - 1, exc, None, stop)
+        finally:
+            os.close(fd)
+        plan = plan_segment(scan, is_last=next_base is None, durable_lsn=durable, truncate=False,
+                            next_base_lsn=next_base)
+        if isinstance(plan.action, (FinishSeal, WriteSeal)):
+            expected = plan.action.next_lsn
+            continue
+        if isinstance(plan.action, Refuse) and (keep is None or scan.expected <= keep):
+            return OfflineEnd(scan.expected - 1, refusal(plan, plan.action, path), None, stop)
+        expected = scan.expected
+        if isinstance(plan.action, Cut) and (keep is None or expected <= keep):
+            torn = Location(path.name, plan.offset).after(plan.detail)
+        break  # the newest segment, or a cut that moves every later one to quarantine/
+    end = expected - 1
+    return OfflineEnd(end if keep is None else min(end, keep), None, torn, stop)

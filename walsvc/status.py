@@ -43,13 +43,13 @@ def query_writer(directory: Path, timeout_ms: int = 1000) -> dict[str, Any] | No
 def offline_status(directory: Path, live_head: Head | None = None) -> dict[str, Any]:
     """What the files say: LSN range, segments, bytes, cursors (no counters: they live in the writer).
 
-    With no writer the end is where the next open would end the log (`seek.offline_end`), and `damage` says
+    With no writer the end is where the next open would end the log (`recovery.offline_end`), and `damage` says
     what that open would refuse.  `live_head`: the HEAD of a writer that runs but did not answer; its
     committed LSN is the end (the bytes past it are a write in progress, not damage).
     """
     from .cursor import lag_rows, load_all
     from .logid import load as load_log_id
-    from .seek import offline_end
+    from .recovery import offline_end
     from .segment import list_segments
     segments = list_segments(directory)
     head = live_head or HeadReader(directory).read()

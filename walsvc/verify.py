@@ -25,7 +25,7 @@ from .config import GiB
 from .errors import ConfigError, CorruptionError, Location, MissingSegmentError, RecordError
 from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment, stop_facts
 from .record import count_records, decode, record_dict
-from .recovery import QUARANTINE, verify_sealed
+from .recovery import QUARANTINE, header_lost_in, verify_sealed
 from .repair import (NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, WriteSeal, header_lost, plan_segment,
                      seal_unfinished)
 from .segment import (SUFFIX, ScanStop, find_valid_header, is_zero_from, list_segments, read_header, read_seal,
@@ -217,7 +217,7 @@ class _Verifier:
         # Recovery drops a newest segment whose header a power cut lost before it judges the others: the one
         # before it is then the newest.
         newest = len(segments) - 1
-        if newest > 0 and self._header_lost(*segments[-1]):
+        if newest > 0 and header_lost_in(*segments[-1], self._durable_lsn()):
             newest -= 1
         expected: int | None = None
         prev_id: int | None = None
@@ -253,19 +253,6 @@ class _Verifier:
         r.duration_s = time.perf_counter() - started
         return r
 
-    def _header_lost(self, base: int, path: Path) -> bool:
-        """Whether the newest segment's header does not decode and it holds nothing durable (`repair.header_lost`)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            read_header(fd)
-            return False
-        except RecordError:
-            return header_lost(base, is_zero_from(fd, F.SEGMENT_HEADER_SIZE, os.fstat(fd).st_size), self._durable_lsn())
-        finally:
-            os.close(fd)
 
     # One segment -------------------------------------------------------------------------------------
 
