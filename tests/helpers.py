@@ -70,6 +70,17 @@ def run_cli(*args: str, input: str | bytes | None = None, timeout: float = 60.0,
                           cwd=REPO_ROOT, env=python_env())
 
 
+def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """Independent `walsvc` commands at once: each spends most of its time starting Python."""
+    procs = [subprocess.Popen(walsvc_cmd(*c), cwd=REPO_ROOT, env=python_env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    out = []
+    for c, p in zip(commands, procs):
+        stdout, stderr = p.communicate(timeout=60)
+        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    return out
+
+
 def run_with_terminal_stderr(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
     """`python -m walsvc ARGS` with stderr on a pseudo-terminal (80x24), as a person at a terminal runs it;
     returns (exit code, stdout, what the terminal showed).  Skips the test where no pty can be opened."""

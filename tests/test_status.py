@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import flip_bit, frame_offsets, zero_from
-from helpers import REPO_ROOT, python_env, run_cli, walsvc_cmd
+from helpers import run_all, run_cli
 
 import walsvc
 from walsvc.errors import ServiceUnavailableError
@@ -28,17 +28,6 @@ def six_batches(directory: Path) -> Path:
         for i in range(6):
             log.append(walsvc.Record.put(f"k{i}", f"v{i}"))
     return next(directory.glob("*.wal"))
-
-
-def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """Independent `walsvc` commands at once: each spends most of its time starting Python."""
-    procs = [subprocess.Popen(walsvc_cmd(*c), cwd=REPO_ROOT, env=python_env(), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    out = []
-    for c, p in zip(commands, procs):
-        stdout, stderr = p.communicate(timeout=60)
-        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
-    return out
 
 
 def test_status_calls_a_corrupt_log_damaged_and_tail_raises_the_corruption(tmp_path: Path) -> None:

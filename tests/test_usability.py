@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO_ROOT, python_env, run_cli, wait_for, walsvc_cmd
+from helpers import REPO_ROOT, python_env, run_all, run_cli, wait_for, walsvc_cmd
 
 import walsvc
 from walsvc.errors import ConfigError, CursorBusyError, CursorError
@@ -29,17 +29,6 @@ def make_log(directory: Path, batches: list[list[walsvc.Record]], pause: float =
             firsts.append(log.append_batch(batch)[0])
             time.sleep(pause)
     return firsts
-
-
-def run_all(*commands: list[str]) -> list[subprocess.CompletedProcess]:
-    """Independent `walsvc` commands at once: each spends most of its time starting Python."""
-    procs = [subprocess.Popen(walsvc_cmd(*c), cwd=REPO_ROOT, env=python_env(), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    out = []
-    for c, p in zip(commands, procs):
-        stdout, stderr = p.communicate(timeout=60)
-        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
-    return out
 
 
 def lines(result: subprocess.CompletedProcess) -> list[str]:

@@ -31,6 +31,7 @@ from . import cursor, logid
 from .access import make_dir, replace_file
 from .errors import InvalidRecordError, MirrorError, SinkUnavailableError
 from .fsync import sync_dir
+from .lock import signalable
 from .reader import Reader
 from .record import Record, decode_payload, encode_many
 
@@ -217,21 +218,11 @@ def load_all_states(directory: Path) -> dict[str, dict[str, Any]]:
                 continue
             if st is not None:
                 d = asdict(st)
-                d["running"] = _alive(st.pid)
+                d["running"] = signalable(st.pid)
                 out[st.name] = d
     return out
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def resume_refusal(cursor_lsn: int | None, state: MirrorState | None, window_s: float, now: float,
