@@ -10,6 +10,7 @@ What "LSNs are never reused" means here (asserted below):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -442,3 +443,74 @@ def test_a_stop_record_cuts_what_follows_its_lsn_across_segments(tmp_path: Path,
     with Log.open(d, segment_bytes=MiB, fsync="os") as log:
         assert [r.lsn for r in log.read()] == [*range(1, keep + 1), last + 1]
         assert log.recovery.cut_after_stop is None
+
+
+def test_a_stop_record_with_no_segment_left_to_cut_is_forgotten(tmp_path: Path) -> None:
+    """The only segment lost its header (a power cut after a switch; retention had deleted the rest) or no
+    segment exists: nothing to cut, and the record must go, or the next open would cut what the next writer
+    acks.  Before, it stayed, and a later open cut five acked records."""
+    from walsvc import stopped
+    from walsvc.segment import segment_name
+    d = tmp_path / "wal"
+    with Log.open(d, fsync="always") as log:
+        log.append_batch([Record.put(b"k%d" % i, b"v") for i in range(10)])
+    only = segment_paths(d)[0]
+    headerless = d / segment_name(11)
+    os.rename(only, headerless)
+    with open(headerless, "r+b") as f:
+        f.write(b"\0" * F.SEGMENT_HEADER_SIZE)
+    stopped.write(d, stopped.Stopped(10, "fdatasync failed on a test's behalf"))
+    with Log.open(d, fsync="always") as log:
+        assert stopped.load(d) is None
+        acked = log.append_batch([Record.put(b"acked%d" % i, b"v") for i in range(5)])
+    with Log.open(d, fsync="always") as log:
+        assert [r.lsn for r in log.read()] == acked
+
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    stopped.write(empty, stopped.Stopped(3, "fdatasync failed on a test's behalf"))
+    with Log.open(empty, fsync="always") as log:
+        assert stopped.load(empty) is None
+
+
+def test_a_committed_skip_marker_right_after_the_stop_lsn_is_kept_and_the_rest_cut(tmp_path: Path) -> None:
+    """`Log.skip_to(100)` commits through 99 with an empty frame based at 100; batches written after it and
+    never committed are cut at the next open.  Before, the marker counted as uncommitted, recovery found
+    the data ending below the stop LSN and cut nothing: the three never-committed records were kept."""
+    from walsvc import stopped
+    from walsvc.recovery import offline_end
+    from walsvc.record import encode_many
+    d = tmp_path / "wal"
+    log = Log.open(d, fsync="batch", fsync_window_ms=1000)
+    log.append_batch([Record.put(b"k%d" % i, b"v") for i in range(5)])
+    log.sync()
+    log.skip_to(100)
+    assert log.committed_lsn == 99
+    log.append_encoded(encode_many([Record.put(b"never", b"acked")] * 3, 1 << 20), 3, wait=False)
+    log.stop("fdatasync (on a test's behalf)", OSError(5, "Input/output error"))
+    log.close()
+    assert stopped.load(d).committed_lsn == 99
+    assert offline_end(d).committed_lsn == 99
+    with Log.open(d, fsync="always") as log:
+        assert log.recovery.cut_after_stop == 99 and log.recovery.skipped_lsns == (100, 103)
+        assert [r.lsn for r in log.read()] == [1, 2, 3, 4, 5]
+        assert log.append_batch([Record.put(b"next", b"v")]) == [103]  # the cut LSNs are never handed out
+
+
+def test_cutting_again_after_a_crash_keeps_the_first_cuts_evidence(tmp_path: Path) -> None:
+    """A crash after the cut, before the stop record was deleted: the repeated cut saves to a new name, and
+    the bytes the first cut saved (the never-committed batch) stay.  Before, they were overwritten."""
+    from walsvc import stopped
+    from walsvc.record import encode_many
+    d = tmp_path / "wal"
+    log = Log.open(d, fsync="batch", fsync_window_ms=1000)
+    log.append_batch([Record.put(b"k", b"v")])
+    log.sync()
+    log.append_encoded(encode_many([Record.put(b"never", b"NACKED-evidence")], 1 << 20), 1, wait=False)
+    log.stop("fdatasync (on a test's behalf)", OSError(5, "Input/output error"))
+    log.close()
+    Log.open(d, fsync="always").close()
+    stopped.write(d, stopped.Stopped(1, "the same stop, the record not yet deleted"))
+    Log.open(d, fsync="always").close()
+    saved = sorted((d / QUARANTINE).iterdir())
+    assert len(saved) == 2 and b"NACKED-evidence" in saved[0].read_bytes(), saved

@@ -37,6 +37,7 @@ from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, WriteSeal, header_lo
 from .scan import scan_segment
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, is_zero_from, list_segments, now_us, read_header,
                       read_seal, seal_segment, seal_table, segment_name, truncate_and_reserve)
+from .segment import data_end as segment_data_end
 from .config import LogConfig
 
 QUARANTINE = "quarantine"
@@ -134,6 +135,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     segments = list_segments(directory)
     state = Recovered(None, 1, 1)
     if not segments:
+        _forget_stop(directory)
         info.duration_s = time.perf_counter() - started
         return info, state
     head = load_head(directory)
@@ -141,6 +143,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
     if _drop_headerless_last(directory, segments[-1], durable_lsn, info):
         dropped, _ = segments.pop()
         if not segments:  # the log starts again where that segment would have (retention may have run)
+            _forget_stop(directory)
             state.next_lsn = info.first_lsn = dropped
             info.duration_s = time.perf_counter() - started
             return info, state
@@ -237,22 +240,24 @@ def _cut_after_stop(directory: Path, segments: list[tuple[int, Path]], cfg: LogC
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        cut_at = data_end = F.SEGMENT_HEADER_SIZE  # cut_at: the end of the last frame with a committed LSN
+        cut_at = F.SEGMENT_HEADER_SIZE  # the end of the last frame with a committed LSN
         kept_end = base  # one past the last LSN before cut_at
         for off, h, _ in FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size):
-            data_end = off + h.size
             if h.kind == F.KIND_SEAL:
                 continue
-            if h.base_lsn <= keep:
-                cut_at, kept_end = data_end, max(kept_end, h.end_lsn)
+            # Committed: a frame holding LSNs up to `keep`, or a skip marker (count 0) to keep + 1 at most
+            # (`Log.skip_to` commits through the LSN before its marker).
+            if h.base_lsn <= keep or h.end_lsn <= keep + 1:
+                cut_at, kept_end = off + h.size, max(kept_end, h.end_lsn)
             else:
                 burned = max(burned, h.end_lsn)
+        data_end = segment_data_end(fd, cut_at, size)
         if kept_end <= keep:
             # Data the log had committed is not all there (`os`, then a crash of the OS): not a cut for the
             # stop to decide.  Recovery's own rules judge the segment, as without the record.
             logger.warning("%s: the log had stopped at LSN %d, but the data ends before it; recovering as "
                            "after a crash", directory / stopped.NAME, keep)
-        elif later or not is_zero_from(fd, cut_at, size):
+        elif later or data_end > cut_at:
             info.cut_after_stop = keep
             info.truncated_at = (path.name, cut_at)
             info.bytes_truncated = max(0, data_end - cut_at)
@@ -271,6 +276,13 @@ def _cut_after_stop(directory: Path, segments: list[tuple[int, Path]], cfg: LogC
         os.close(fd)
     stopped.clear(directory)
     return segments
+
+
+def _forget_stop(directory: Path) -> None:
+    """No segment is left to cut after a stop (none was made, or the only one lost its header): the stop
+    record must not outlive it, or a later open would cut what the next writer acks."""
+    if stopped.load(directory) is not None:
+        stopped.clear(directory)
 
 
 def _drop_headerless_last(directory: Path, last: tuple[int, Path], durable_lsn: int | None,
@@ -410,6 +422,10 @@ def _save_tail(directory: Path, path: Path, fd: int, start: int, size: int, info
     qdir = directory / QUARANTINE
     make_dir(qdir)
     target = qdir / f"{path.name}.from-{start}"
+    n = 1
+    while target.exists():  # a repair repeated after a crash: keep what the first one saved
+        n += 1
+        target = qdir / f"{path.name}.from-{start}.{n}"
     with os.fdopen(open_file(target, os.O_WRONLY | os.O_TRUNC), "wb") as out:
         pos = start
         while pos < size:
