@@ -321,3 +321,28 @@ def test_a_reader_whose_writer_died_reads_an_unsealed_segment_past_its_last_know
         seen += reader.poll(0.1)
     reader.close()
     assert [r.lsn for r in seen] == list(range(1, total + 1))
+
+
+def test_a_reader_across_a_stop_and_a_restart_never_returns_a_cut_record(tmp_path: Path) -> None:
+    """A reader tails a log that stops on an error (LSN 4 written, never committed), then keeps polling
+    while a new writer's recovery cuts LSN 4 and appends 5-7 over those bytes.  It must return 1-3, then
+    5-7.  Before, its buffer still held the old frame past the stop: it returned LSN 4 (b"NACKED") and then
+    raised CorruptionError on the new bytes."""
+    d = tmp_path / "wal"
+    log = Log.open(d, fsync="batch", fsync_window_ms=1000)
+    log.append_batch([Record.put(b"k%d" % i, b"committed") for i in range(3)])
+    log.sync()
+    log.append_encoded(walsvc.record.encode_many([Record.put(b"k3", b"NACKED")], 1 << 20), 1, wait=False)
+    log.stop("fdatasync (on a test's behalf)", OSError(5, "Input/output error"))
+    log.close()
+    with walsvc.Reader(d, "earliest", recheck_s=0.01) as reader:
+        seen = [(r.lsn, r.value) for r in reader.poll(0.2)]
+        assert seen == [(1, b"committed"), (2, b"committed"), (3, b"committed")] and reader.offline
+        assert reader.poll(0.05) == []
+        with Log.open(d, fsync="always") as log:
+            assert log.append_batch([Record.put(b"new%d" % i, b"after") for i in range(3)]) == [5, 6, 7]
+            later: list[tuple[int, bytes]] = []
+            deadline = time.monotonic() + 5
+            while len(later) < 3 and time.monotonic() < deadline:
+                later += [(r.lsn, r.value) for r in reader.poll(0.1)]
+        assert later == [(5, b"after"), (6, b"after"), (7, b"after")]

@@ -118,6 +118,7 @@ class Reader:
         self._checked_at = 0.0  # monotonic time of the last HEAD read
         self._wakeup: Wakeup | None = None
         self._cursor_lock: cursor.CursorLock | None = None
+        self._log: LogReader | None = None
         try:
             self._watch_head()  # before HEAD is first read: a commit in between must still wake us
             self._read_head()  # set `offline` now: it said True beside a live writer until the first poll
@@ -182,6 +183,8 @@ class Reader:
         # still is asked about, so a writer's death is noticed on the next poll that finds nothing new.
         moved = (last is not None and not self.offline and h is not None and h.writer_pid == last.writer_pid
                  and h.committed_lsn != last.committed_lsn)
+        if last is not None and h is not None and h.writer_pid != last.writer_pid and self._log is not None:
+            self._log.reopen()  # another writer: what we buffered past the old one's commits may be gone
         self.offline = h is None or not (moved or h.writer_alive())
         if self.offline:
             return None

@@ -426,10 +426,17 @@ class LogReader:
             return None
         return self._seg.base_lsn, self._seg.scanner.offset
 
-    def close(self) -> None:
+    def reopen(self) -> None:
+        """Drop the open segment, its buffered bytes and its seal: the next read opens the files afresh at
+        `next_lsn`.  For a new writer: the bytes past the old one's committed LSN may have been cut by its
+        recovery (a stopped log, a torn tail) and written over, and a seal cut with them."""
         if self._seg is not None:
             self._seg.close()
             self._seg = None
+        self._retried = False
+
+    def close(self) -> None:
+        self.reopen()
         self._closed = True
 
     def __enter__(self) -> "LogReader":
