@@ -107,7 +107,7 @@ def test_a_dead_writers_pid_held_by_another_process_is_no_writer(tmp_path: Path,
     try:
         head = H.load(d)
         assert head.writer_pid == writer.pid and head.writer_alive() is False
-        pid, *ticks = (d / "LOCK").read_text().split()  # "PID START": the writer's PID and start time
+        pid, *ticks = (d / "LOCK").read_text().split()  # "PID START NS": PID, start time, PID namespace
         assert pid == str(writer.pid)
         (d / "LOCK").write_text(" ".join([str(sleeper.pid), *ticks]) + "\n")  # its PID reused, not its start
         (d / "HEAD").write_bytes(H.encode(head._replace(writer_pid=sleeper.pid)))
@@ -131,7 +131,29 @@ def test_a_dead_writers_pid_held_by_another_process_is_no_writer(tmp_path: Path,
         (d / "LOCK").write_text(" ".join([pid, *ticks]) + "\n")
         other = run_all(["status", "--dir", d, "--json"])[0]
         assert json.loads(other.stdout)["writer"] == "offline", other.stdout
-        assert len(ticks) == 1, "LOCK does not record the writer's start time"
+        assert len(ticks) == 2, "LOCK does not record the writer's start time and PID namespace"
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_writer_in_another_pid_namespace_is_taken_to_run(tmp_path: Path) -> None:
+    """A writer in a container (often PID 1 there) records its namespace's PID: here, that PID names another
+    process or none, so its liveness cannot be told, and it is taken to run (HEAD then bounds readers, which
+    is safe).  Taking it for dead would let readers read past its commits.  LOCK names the namespace; a
+    LOCK from this namespace is judged as before."""
+    from walsvc.lock import WriterProbe, pid_namespace, start_ticks
+    d = tmp_path / "wal"
+    d.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours = pid_namespace()
+    assert ours is not None
+    (d / "LOCK").write_text(f"{dead.pid} 12345 {ours + 1}\n")
+    assert WriterProbe(d).running(dead.pid) is True  # another namespace: cannot tell, so it runs
+    assert WriterProbe(d).running(1) is True
+    (d / "LOCK").write_text(f"{dead.pid} 12345 {ours}\n")
+    assert WriterProbe(d).running(dead.pid) is False  # this namespace: the process is gone
+    me = os.getpid()
+    (d / "LOCK").write_text(f"{me} {start_ticks(me)} {ours}\n")
+    assert WriterProbe(d).running(me) is True

@@ -57,16 +57,27 @@ def signalable(pid: int) -> bool:
     return True
 
 
-def parse(data: bytes) -> tuple[int, int | None] | None:
-    """(PID, start ticks or None) from a lock file's first line, "PID START" (or "PID" from older writers, or
-    where /proc is missing); None for anything else (empty: never locked, or another format)."""
+def pid_namespace() -> int | None:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), or None where /proc cannot tell: PIDs
+    and start times from another namespace name other processes here (a writer in a container is often 1)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def parse(data: bytes) -> tuple[int, int | None, int | None] | None:
+    """(PID, start ticks or None, PID namespace or None) from a lock file's first line, "PID START NS" ("PID"
+    or "PID START" from older writers, or where /proc is missing); None for anything else (empty: never
+    locked, or another format)."""
     fields = data.split(b"\n", 1)[0].split()
     try:
         pid = int(fields[0])
         started = int(fields[1]) if len(fields) > 1 else None
+        namespace = int(fields[2]) if len(fields) > 2 else None
     except (ValueError, IndexError):
         return None
-    return (pid, started) if pid > 0 and len(fields) <= 2 else None
+    return (pid, started, namespace) if pid > 0 and len(fields) <= 3 else None
 
 
 class WriterProbe:
@@ -78,14 +89,16 @@ class WriterProbe:
     read, never locked (a reader's flock, even shared, would make a starting writer's LOCK_EX|LOCK_NB fail),
     and read again only when the PID or its start time differ from what it said last: about 6 µs a call, for
     a tailing reader only when HEAD stands still.  Where /proc or LOCK cannot tell (another OS, hidepid, an
-    unreadable or old-format LOCK) it falls back to kill(pid, 0).
+    unreadable or old-format LOCK) it falls back to kill(pid, 0); a writer in another PID namespace is taken
+    to run (`_elsewhere`).
     """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
-        self._said: tuple[int, int | None] | None = None  # what LOCK said when last read
+        self._said: tuple[int, int | None, int | None] | None = None  # what LOCK said when last read
+        self._namespace = pid_namespace()
 
-    def _read(self) -> tuple[int, int | None] | None:
+    def _read(self) -> tuple[int, int | None, int | None] | None:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
@@ -95,23 +108,36 @@ class WriterProbe:
         finally:
             os.close(fd)
 
+    def _elsewhere(self, said: tuple[int, int | None, int | None] | None) -> bool:
+        """Whether LOCK was written in another PID namespace (a writer in a container, a reader outside it, or
+        the reverse): its PID and start time name other processes here, so nothing here can tell whether it
+        runs.  It is then taken to run: HEAD still bounds readers, which is safe, where taking a live writer
+        for dead would let them read past its commits."""
+        return said is not None and said[2] is not None and said[2] != self._namespace
+
     def running(self, pid: int) -> bool:
         if pid <= 0:
             return False
+        said = self._said
+        if said is None or said[0] != pid:
+            said = self._said = self._read()
+        if self._elsewhere(said):
+            return True
         try:
             started = start_ticks(pid)
         except ProcessLookupError:
             return False
         if started is None:
             return signalable(pid)
-        if self._said != (pid, started):
-            self._said = self._read()
-        said = self._said
+        if said is None or said[:2] != (pid, started):
+            said = self._said = self._read()
+            if self._elsewhere(said):
+                return True
         if said is None or said[1] is None:
             return True  # the process exists; LOCK cannot say whether it is the writer
         # Another PID in LOCK: a later writer took the lock (so this one is gone); the same PID with another
         # start time: the writer died and the PID went to an unrelated process.
-        return said == (pid, started)
+        return said[:2] == (pid, started)
 
 
 class PidLock:
@@ -128,8 +154,8 @@ class PidLock:
             os.close(fd)
             raise busy(holder[0] if holder else None) from None
         pid = os.getpid()
-        started = start_ticks(pid)
-        data = f"{pid}\n" if started is None else f"{pid} {started}\n"
+        started, namespace = start_ticks(pid), pid_namespace()
+        data = f"{pid}\n" if started is None or namespace is None else f"{pid} {started} {namespace}\n"
         # Written over the old line, then cut: a reader never finds the file empty, and its first line whole.
         pwrite_all(fd, data.encode(), 0)
         os.ftruncate(fd, len(data))
