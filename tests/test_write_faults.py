@@ -35,7 +35,7 @@ from helpers import (REPO_ROOT, RawClient, check_acked_exactly_once, collect_ack
                      read_acks, read_stopped, run_cli, spawn_producer, status, verify_log, wait_for, walsvc_cmd)
 
 import walsvc
-from walsvc import Log, frame as F, protocol as P, stopped
+from walsvc import Log, frame as F, head as H, protocol as P, stopped
 from walsvc.errors import LogStoppedError, WriteStepError
 from walsvc.frame import Appended
 from walsvc.record import Record
@@ -593,3 +593,31 @@ def test_cpus_the_kernel_refuses_are_a_config_error_and_no_log_is_made(tmp_path:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("walsvc: error:")]
     assert errors == ["walsvc: error: --cpus: cannot run the writer on CPUs 0: Invalid argument"], proc.stderr
     assert not directory.exists()
+
+
+def test_a_head_whose_own_fsync_failed_is_what_the_stop_records(tmp_path: Path, writers, shim: Path) -> None:
+    """HEAD is written (readers may read up to it) and then its fsync fails: that commit did not happen, but
+    its frames were fsynced before HEAD was written.  The stop record takes HEAD's LSN, so the restart keeps
+    what readers may have read.  Before, it took the last commit's, and the restart cut records that a
+    reader could already have processed."""
+    d = tmp_path / "wal"
+    fault = Fault(Site("head-fsync", "shim", "fdatasync", "HEAD update", "HEAD", shim_options="path=HEAD"),
+                  errno.EIO, True, tmp_path, shim)
+    writer = writers(d, fsync="always", wrapper=fault.wrapper, env=fault.env).start()
+    with walsvc.Producer(d, ack_timeout_s=30) as producer:
+        assert producer.put(b"before", b"v").result(10) == 1
+        fault.arm(writer.pid)
+        with pytest.raises(LogStoppedError):
+            for i in range(2000):  # HEAD is fsynced at most every 100 ms: one of these meets the fault
+                producer.put(b"after", b"%d" % i).result(30)
+                time.sleep(0.001)
+        st = status(d)
+        shown = H.load(d).committed_lsn  # the last HEAD written, still on the file while the writer runs
+        assert "HEAD update" in st["stopped"]["operation"], st["stopped"]
+        assert shown > st["committed_lsn"], (shown, st["committed_lsn"])
+    assert writer.stop() == 0
+    assert stopped.load(d).committed_lsn == shown
+    writer.start(faulty=False)
+    assert writer.ready_committed_lsn() == shown
+    assert writer.stop() == 0
+    assert [r.lsn for r in verify_log(d)] == list(range(1, shown + 1))

@@ -118,6 +118,7 @@ class HeadWriter:
     def __init__(self, directory: Path) -> None:
         self.path = directory / NAME
         self.fd = open_file(self.path, os.O_RDWR)
+        self.shown = 0  # the committed LSN of the last HEAD written whole: readers may have read up to it
 
     def publish(self, head: Head, durable: bool = False) -> None:
         """Rewrite HEAD; `durable` also fsyncs it (recovery trusts its durable LSN, docs/FORMAT.md)."""
@@ -126,6 +127,7 @@ class HeadWriter:
             written = os.pwrite(self.fd, data, 0)
             if written != SIZE:  # never seen for 52 bytes in place, but a short write is legal: finish it
                 pwrite_all(self.fd, data, 0, written)
+            self.shown = head.committed_lsn
             if durable:
                 sync_data(self.fd)
         except OSError as exc:

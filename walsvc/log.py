@@ -183,8 +183,11 @@ class Log:
         """The log just stopped, in the thread that failed: record how far it had committed (walsvc/stopped.py),
         so readers with no writer and the next open keep nothing that was never committed; then tell the
         owner.  A disk that refuses even that leaves the files as they are, and says so."""
+        # A HEAD written whole whose own fsync then failed did not commit, but readers may have read up to it;
+        # its frames were durable before it was written (always, batch) or count as committed (os).
+        keep = max(self._syncer.committed_end - 1, self._head.shown)
         try:
-            stopped.write(self.directory, stopped.Stopped(self._syncer.committed_end - 1, str(reason)))
+            stopped.write(self.directory, stopped.Stopped(keep, str(reason)))
         except OSError as exc:
             logger.error("could not record the stop in %s (%s): the next open keeps what reached the files, "
                          "committed or not", self.directory / stopped.NAME, exc)
