@@ -176,3 +176,25 @@ class GroupMachine(RuleBasedStateMachine):
 
 TestGroupMachine = GroupMachine.TestCase
 TestGroupMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+def test_a_new_group_hands_its_start_to_be_stored_and_never_starts_in_deleted_records() -> None:
+    """A new group's start is handed out to be stored (`take_moved`) at once: before, only a moved position
+    was, so a restart started the group anew; a group resuming after its stored cursor has nothing new to
+    store.  A start below the oldest LSN is refused, as a reader's is; so is a stored cursor retention
+    deleted past (before, both started later and skipped records silently)."""
+    table, _ = _table()
+    stored = {"resumed": 41, "behind": 3}
+
+    def claim(group: str, **fields: object) -> dict[str, object]:
+        req = {"op": "group_claim", "group": group, "consumer": "c1", "max_records": 10, **fields}
+        return table.request(req, committed_lsn=100, first_lsn=20, now_ms=0, stored=stored.get)
+
+    assert claim("new", start="latest")["position"] == 101
+    assert claim("resumed", start="latest")["position"] == 42
+    assert table.take_moved() == {"new": 101}
+    with pytest.raises(GroupError, match="deleted by retention; the oldest is LSN 20"):
+        claim("early", start=5)
+    with pytest.raises(GroupError, match="retention deleted the log up to LSN 19"):
+        claim("behind")
+    assert claim("edge", start=20)["lease"]["first"] == 20

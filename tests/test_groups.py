@@ -199,3 +199,25 @@ def test_the_cursor_thread_stores_the_latest_position_and_reports_a_failure(tmp_
     broken.put({"d": "not an LSN"})
     broken.close()
     assert [op for op, _ in failures[1:]] == ["cursor thread"]
+
+
+def test_a_new_groups_start_survives_a_writer_restart_before_any_ack(tmp_path: Path, writers) -> None:
+    """A group starts at 'latest' (LSN 11); its first consumer claims 11..20 and dies without an ack; the
+    writer restarts.  The group resumes at 11, and retention keeps its records.  Before, nothing stored the
+    start until an ack moved it: after the restart 'latest' meant LSN 21, and 11..20 were never delivered."""
+    from helpers import control
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"old%d" % i, b"v") for i in range(10)])]
+    first = control(d, "group_claim", group="g", consumer="a", max_records=100, start="latest")
+    assert first["ok"] and first["lease"] is None and first["position"] == 11, first
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"new%d" % i, b"v") for i in range(10)])]
+    held = control(d, "group_claim", group="g", consumer="a", max_records=100)
+    assert (held["lease"]["first"], held["lease"]["end"]) == (11, 21), held
+    wait_for(lambda: walsvc.list_cursors(d).get("g") == 10, 10, "the group's start to be stored")
+    assert writer.stop() == 0
+    writer.start()
+    with walsvc.Reader(d, group="g", consumer="b", start="latest") as member:
+        assert [r.lsn for r in member.poll(5)] == list(range(11, 21))

@@ -160,7 +160,10 @@ class GroupTable:
 
     No I/O: the caller passes the log's positions and a lookup of stored cursors in, stores the positions
     `take_moved` hands out (the group's cursor is position - 1, like a named reader's), and takes the name's
-    cursor lock in `claim_name` when a group starts (so no named reader can use the name meanwhile).
+    cursor lock in `claim_name` when a group starts (so no named reader can use the name meanwhile).  A new
+    group's starting position is handed out to be stored like a moved one: before, nothing stored it until
+    an ack moved it, so a writer restart started the group anew ("latest" later than before) and retention
+    kept none of its records.
     """
 
     def __init__(self, check_name: Callable[[str], str], claim_name: Callable[[str], None]) -> None:
@@ -197,12 +200,19 @@ class GroupTable:
             if len(self.groups) >= MAX_GROUPS:
                 raise GroupError(name, f"this writer already serves {MAX_GROUPS} groups, the most it holds (each "
                                        "keeps its cursor lock open); a writer restart forgets them")
-            position = self._start(req, name, committed_lsn, first_lsn, stored)
+            last = stored(name)
+            if last is not None and last + 1 < first_lsn:
+                raise GroupError(name, f"its stored cursor is at LSN {last}, but retention deleted the log up to LSN "
+                                       f"{first_lsn - 1} (it lagged past max_cursor_lag_bytes): move it on "
+                                       f"purpose with `walsvc cursors reset {name} --to earliest`")
+            position = last + 1 if last is not None else self._start(req, name, committed_lsn, first_lsn)
             try:
                 self._claim_name(name)
             except WalError as exc:
                 raise GroupError(name, str(exc)) from None
             group = self.groups[name] = Group(name, position, lease_ms)
+            if last is None:
+                self._moved[name] = position
         before = group.position
         if op == "group_claim":
             lease = group.claim(consumer, committed_lsn, min(max_records, MAX_CLAIM), now_ms)
@@ -223,19 +233,19 @@ class GroupTable:
         return reply
 
     @staticmethod
-    def _start(req: dict, name: str, committed_lsn: int, first_lsn: int,
-               stored: Callable[[str], int | None]) -> int:
-        """A group resumes after its stored cursor; a new one starts where its first claim says."""
-        last = stored(name)
-        if last is not None:
-            return last + 1
+    def _start(req: dict, name: str, committed_lsn: int, first_lsn: int) -> int:
+        """Where a new group (no stored cursor) starts: where its first claim says.  An LSN retention deleted
+        is refused, as a reader's start is (TruncatedError): starting later would skip records silently."""
         start = req.get("start", "earliest")
         if start == "earliest":
             return first_lsn
         if start == "latest":
             return committed_lsn + 1
-        if isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= committed_lsn + 1:
-            return max(start, first_lsn)
+        if isinstance(start, int) and not isinstance(start, bool) and first_lsn <= start <= committed_lsn + 1:
+            return start
+        if isinstance(start, int) and not isinstance(start, bool) and 1 <= start < first_lsn:
+            raise GroupError(name, f"start LSN {start} was deleted by retention; the oldest is LSN {first_lsn} "
+                                   "(start 'earliest' begins there)")
         if isinstance(start, int) and not isinstance(start, bool) and start > committed_lsn + 1:
             raise GroupError(name, f"start LSN {start} is past the end of the log (committed up to LSN "
                                    f"{committed_lsn}); start 'latest' waits for new records")
