@@ -290,6 +290,21 @@ def test_put_rejects_bad_arguments():
     with pytest.raises(InvalidRecordError):
         Record.put(b"k", 5)  # type: ignore[arg-type]
     assert Record.put("ключ", "值").key == "ключ".encode()
+    with pytest.raises(InvalidRecordError, match="ttl_ms"):
+        Record.put(b"k", b"v", ttl_ms=True)  # a bool is no TTL (it was stored as 1 ms)
+
+
+@pytest.mark.parametrize("field,value", [("ttl_ms", 2 ** 70), ("ttl_ms", -5), ("ttl_ms", 1.5), ("ttl_ms", True),
+                                         ("version", (1,)), ("version", (1, -1)), ("version", [1, 2]),
+                                         ("version", (1, 2 ** 64))])
+def test_a_record_built_directly_with_a_field_the_format_cannot_hold_is_refused(field, value):
+    """`Record(...)` skips `Record.put`'s checks: encode refuses what v1 cannot hold, by name.  Before, a TTL
+    of 2**70 went out and the writer refused the whole batch (every other caller's records in it too), and
+    the others raised ValueError or IndexError."""
+    with pytest.raises(InvalidRecordError, match=field):
+        R.encode(Record(b"k", b"v", **{field: value}))
+    with pytest.raises(InvalidRecordError, match=field):
+        R.encode_many([Record(b"ok", b"v"), Record(b"k", b"v", **{field: value})])
 
 
 # -- properties ------------------------------------------------------------------------------------------

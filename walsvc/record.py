@@ -83,8 +83,8 @@ class Record:
         """A put; str arguments are UTF-8 encoded.  `compression` is "zstd", "lz4" or None."""
         if compression not in COMPRESSION_CODES:
             raise InvalidRecordError(f"unknown compression {compression!r}; use 'zstd', 'lz4' or None")
-        if ttl_ms is not None and not (isinstance(ttl_ms, int) and 0 <= ttl_ms <= _MAX_U64):
-            raise InvalidRecordError(f"ttl_ms must be a non-negative integer, not {ttl_ms!r}")
+        if ttl_ms is not None and not (type(ttl_ms) is int and 0 <= ttl_ms <= _MAX_U64):
+            raise InvalidRecordError(f"ttl_ms must be an integer from 0 to 2**64-1, not {ttl_ms!r:.60}")
         return cls(_as_bytes(key), _as_bytes(value), False, ttl_ms, compression)
 
     @classmethod
@@ -330,12 +330,21 @@ def encode(record: Record, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> 
             flags |= code << 2
     head = encode_varint(len(key)) + encode_varint(len(value))
     tail = b""
-    if record.ttl_ms is not None:
+    ttl, version = record.ttl_ms, record.version
+    if ttl is not None:
+        # A Record built directly is checked here, before any byte goes out: a value the format cannot hold
+        # would make the writer refuse the whole batch, other callers' records in it included.
+        if not (type(ttl) is int and 0 <= ttl <= _MAX_U64):
+            raise InvalidRecordError(f"ttl_ms must be an integer from 0 to 2**64-1, not {ttl!r:.60}")
         flags |= FLAG_TTL
-        tail = encode_varint(record.ttl_ms)
-    if record.version is not None:
+        tail = encode_varint(ttl)
+    if version is not None:
+        if not (type(version) is tuple and len(version) == 2
+                and all(type(v) is int and 0 <= v <= _MAX_U64 for v in version)):
+            raise InvalidRecordError(f"version must be a (term, index) pair of integers from 0 to 2**64-1, "
+                                     f"not {version!r:.60}")
         flags |= FLAG_VERSION
-        tail += encode_varint(record.version[0]) + encode_varint(record.version[1])
+        tail += encode_varint(version[0]) + encode_varint(version[1])
     body = b"".join((head, bytes((flags,)), tail, key, value))
     return body + _U32.pack(crc32c(body))
 
