@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 from helpers import python_env, run_cli, wait_for, walsvc_cmd, REPO_ROOT
 from nats_cluster import Cluster
 from walsvc import Log, Record
-from walsvc import logid
+from walsvc import cursor, logid
 from walsvc.errors import ConfigError, LogIdError, MirrorError
 from walsvc.record import decode, encode
 from walsvc.jetstream import JetStreamSink, StreamReader, restore
@@ -391,6 +392,112 @@ def test_refuses_to_resume_past_the_duplicate_window_and_retention_keeps_unmirro
         assert len(lsns) > 1700 and lsns == list(range(1, len(lsns) + 1))  # nothing stored twice
     with pytest.raises(MirrorError):
         restore(tmp_path / "nothing", cluster.urls, "NO-SUCH-STREAM")
+
+
+def test_refuses_to_resume_after_a_kill_before_its_first_cursor_store(cluster, tmp_path):
+    """A mirror killed before it stored a cursor past its start (its commit interval is longer than the run),
+    restarted after the duplicate window, must refuse.  Before, it kept no cursor file until the first
+    stored ack, and the resume check ran only with one: the restart started over from `--from` and stored
+    every record published so far a second time.  A state left without its cursor is checked too."""
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append_batch([Record.put(b"k%d" % i, b"v" * 100) for i in range(2000)])
+        log_id = log.log_id
+    proc = spawn_mirror(d, cluster, "FIRST", tmp_path / "mirror.out", "--create", "--replicas", "1",
+                        "--duplicate-window", "2", "--commit-interval-ms", "600000")
+    wait_for(lambda: stream_count(cluster, "FIRST") > 0, 60, "the first publishes")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    time.sleep(2.5)  # past the stream's 2 s duplicate window
+    r = run_mirror(d, cluster, "FIRST")
+    assert r.returncode == 1 and "refuses to resume" in r.stderr and "LSNs after 0" in r.stderr, r.stdout + r.stderr
+    assert cursor.load(d, "mirror") == 0  # stored before the first publish
+    (d / cursor.DIRNAME / f"mirror{cursor.SUFFIX}").unlink()  # the state alone, as a mirror before the fix left it
+    r = run_mirror(d, cluster, "FIRST")
+    assert r.returncode == 1 and "refuses to resume" in r.stderr and "LSNs after 0" in r.stderr, r.stdout + r.stderr
+    lsns = mirrored_lsns(cluster, "FIRST", log_id)
+    assert lsns and lsns == list(range(1, len(lsns) + 1))  # nothing stored twice
+
+
+class AckDropProxy:
+    """A TCP proxy to one NATS node that drops everything the server sends while `mute` is set: publishes
+    still reach the stream and are stored, their PubAcks are lost (as when a reply is lost on the way)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.mute = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"nats://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.port))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not (from_server and self.mute.is_set()):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+    def close(self) -> None:
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_resends_of_publishes_stored_without_their_puback_keep_safe_since(cluster, tmp_path):
+    """Publishes the stream stored but whose PubAcks were lost are resent at every retry; the stream's
+    duplicate window counts from the stored copies, so `safe_since` must stay at their first publish.
+    Before, each retry stored `safe_since` = now (only the resends in flight counted), and after a kill -9
+    the restart passed the resume check and stored the records a second time (20 duplicates here)."""
+    d = tmp_path / "w"
+    proxy = AckDropProxy(cluster.client_ports[0])
+    out = tmp_path / "mirror.out"
+    try:
+        with Log.open(d) as log:
+            log.append_batch([Record.put(b"a%d" % i, b"v") for i in range(100)])
+            with open(out, "ab") as f:
+                proc = subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", proxy.url, "--stream", "ACKLOST",
+                                                   "--create", "--replicas", "1", "--duplicate-window", "6",
+                                                   "--ack-timeout", "1"),
+                                        stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=python_env())
+            try:
+                wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 100, 60, "the first records")
+                proxy.mute.set()
+                log.append_batch([Record.put(b"b%d" % i, b"v") for i in range(20)])
+                wait_for(lambda: stream_count(cluster, "ACKLOST") == 120, 30, "the stream to store LSNs 101-120")
+                stored_by = time.time()
+                # The state is stored at each retry: kill right after the fourth (~9 s after the first publish).
+                wait_for(lambda: load_state(d, "mirror").publish_errors >= 4, 60, "four failed rounds")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            state = load_state(d, "mirror")
+            assert state.mirrored_lsn == 100 and not state.clean
+            assert state.safe_since <= stored_by, (state.safe_since, stored_by)
+            r = run_mirror(d, cluster, "ACKLOST")  # straight to the cluster
+            assert r.returncode == 1, r.stdout + r.stderr + out.read_text()[-3000:]
+            assert "refuses to resume" in r.stderr and "duplicate window is 6 s" in r.stderr, r.stderr
+            log_id = log.log_id
+    finally:
+        proxy.close()
+    assert mirrored_lsns(cluster, "ACKLOST", log_id) == list(range(1, 121))
 
 
 def test_mirror_worker_program_stops_cleanly_on_sigterm(cluster, tmp_path):

@@ -5,8 +5,8 @@ has not mirrored yet), publishes every committed record to a `Sink` with up to `
 flight, and advances the cursor only past messages the sink acknowledged durably.  After a crash it resends
 from the cursor; the sink drops what it already holds by message id (`<log-id>:<lsn>`).  That dedup lasts
 only as long as the sink's duplicate window, so the mirror records, beside its cursor, the time from which
-every message past the cursor was published (`safe_since`), and refuses to resume once that is older than
-the window (see docs/SCALE-OUT.md for the whole argument).
+every message past the cursor was first published (`safe_since`), and refuses to resume once that is older
+than the window (see docs/SCALE-OUT.md for the whole argument).
 
 A sink is anything with the `Sink` shape: JetStream (walsvc/jetstream.py) is one; a Kafka sink would be a
 second class of the same shape (an idempotent producer's acks for PubAcks, the topic's retention for the
@@ -63,7 +63,9 @@ class Message:
     payload: bytes
     headers: dict[str, str]
     prev_id: str | None = None  # the message published just before it in this run: a sink may require it
-    sent: bool = False  # published at least once (it may be in the sink even if never acknowledged)
+    # When it was first published (unix s), kept through resends: from then on it may be in the sink, even if
+    # never acknowledged, and the sink's duplicate window counts from the copy it stored, not from a resend.
+    first_sent: float | None = None
 
 
 def msg_id(log_id: str, lsn: int) -> str:
@@ -166,7 +168,7 @@ class MirrorState:
     sink: str
     mode: str
     mirrored_lsn: int = 0
-    safe_since: float = 0.0  # every message past the cursor was published at or after this (unix s)
+    safe_since: float = 0.0  # every message past the cursor was first published at or after this (unix s)
     clean: bool = False      # stopped with nothing in flight: nothing past the cursor was published
     committed_lsn: int = 0
     lag_records: int = 0
@@ -298,12 +300,15 @@ class Mirror:
             if previous is not None and previous.log_id != log_id:
                 raise MirrorError(f"mirror state {state_path(self.directory, self.name)} belongs to log "
                                   f"{previous.log_id}, not this log ({log_id})")
-            if stored is not None and not (previous is not None and previous.clean):
+            # A state that did not stop cleanly is checked even without a cursor file (one lost, or left by a
+            # version that stored no cursor before its first ack): its mirrored_lsn is then the cursor.
+            resume_lsn = stored if stored is not None else previous.mirrored_lsn if previous is not None else None
+            if resume_lsn is not None and not (previous is not None and previous.clean):
                 sink_last = await self.sink.last_lsn(log_id)
-                why = resume_refusal(stored, previous, self.sink.dedup_window_s, time.time(), sink_last)
+                why = resume_refusal(resume_lsn, previous, self.sink.dedup_window_s, time.time(), sink_last)
                 if why:
                     raise MirrorError(f"mirror {self.name!r} refuses to resume: {why}.  Check the stream for "
-                                      f"LSNs after {stored}, then delete {cursor.DIRNAME}/{self.name}"
+                                      f"LSNs after {resume_lsn}, then delete {cursor.DIRNAME}/{self.name}"
                                       f"{cursor.SUFFIX} and {STATE_DIR}/{self.name}.json and mirror with "
                                       "--from set past the stream's last LSN")
             self.state = MirrorState(self.name, log_id, self.sink.description, PACKED if self.packed else PER_RECORD,
@@ -312,9 +317,15 @@ class Mirror:
             with Reader(self.directory, self.start, name=self.name) as reader:
                 self._acked = self._stored = reader.next_lsn - 1
                 self.state.mirrored_lsn = self._acked
-                self._store(reader, clean=False)
+                self._store(reader, clean=False, force=True)
+                # The cursor too, before the first publish: without one a restart started over from `start`
+                # with no resume check, after the duplicate window too.  After the state: a kill in between
+                # leaves an unclean state with nothing published past it, which resumes within the window,
+                # where a cursor without a state would be refused whenever the stream is empty.
+                reader.commit(self._stored)
                 await self._loop(reader, log_id)
-                self._store(reader, clean=not self._inflight and not any(m.sent for m in self._pending), force=True)
+                sent = bool(self._inflight) or any(m.first_sent is not None for m in self._pending)
+                self._store(reader, clean=not sent, force=True)
         finally:
             await self.sink.close()
         return self.state
@@ -341,11 +352,13 @@ class Mirror:
                         and self._inflight_bytes < self.max_inflight_bytes:
                     msg = self._pending[0]
                     msg.prev_id = self._prev_id
+                    now = time.time()
                     fut = await self.sink.publish(msg)
                     self._prev_id = msg.msg_id
-                    msg.sent = True
+                    if msg.first_sent is None:
+                        msg.first_sent = now
                     self._pending.popleft()
-                    self._inflight.append((msg, fut, time.time()))
+                    self._inflight.append((msg, fut, now))
                     self._inflight_bytes += len(msg.payload)
                     self.state.published += 1
                 if self._inflight:
@@ -437,7 +450,10 @@ class Mirror:
         if self._acked > self._stored:
             reader.commit(self._acked)
             self._stored = self._acked
-        st.safe_since = min((sent for _, _, sent in self._inflight), default=now)
+        # The first publish of every message not yet acknowledged, resent ones included: a resend's time would
+        # move safe_since past a copy the sink stored earlier, whose PubAck was lost (see `resume_refusal`).
+        unacked = [m for m, _, _ in self._inflight] + [m for m in self._pending if m.first_sent is not None]
+        st.safe_since = min((m.first_sent for m in unacked), default=now)
         st.clean = clean
         st.mirrored_lsn = self._stored
         lag = reader.lag()
