@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import MiB, check_records, fill, frame_offsets, segment_paths
-from walsvc import Log, LogReader
-from walsvc import cursor
+from walsvc import Log, LogReader, Reader
+from walsvc import cursor, retention
 from walsvc import frame as F
 from walsvc.errors import ConfigError, TruncatedError
 
@@ -169,3 +170,98 @@ def test_reader_keeps_reading_a_segment_deleted_under_it(open_log):
         check_records(rest, 1000)
     finally:
         reader.close()
+
+
+def _over_size(open_log) -> Log:
+    """A log over max_bytes with nothing protecting its first segments: the next pass deletes some."""
+    log = open_log(segment_bytes=MiB, max_bytes=2 * MiB)
+    cursor.store(log.directory, "hold", 0)
+    fill(log, 4000, size=1000, per_batch=10)
+    assert cursor.delete_cursor(log.directory, "hold") and _bases(log.directory)[0] == 1
+    return log
+
+
+def _reset_earliest(log: Log) -> None:
+    cursor.reset_cursor(log.directory, "late", "earliest")
+
+
+def _first_commit(log: Log) -> None:
+    with Reader(log.directory, "earliest", name="late") as reader:
+        reader.commit(reader.poll(1)[0].lsn)
+
+
+@pytest.mark.parametrize("store", [_reset_earliest, _first_commit], ids=["reset-earliest", "first-commit"])
+def test_a_cursor_store_in_flight_holds_off_retention(open_log, monkeypatch, caplog, store):
+    """The auditor's race (exp3): a cursor decided before a retention pass read the cursors and written after
+    it did, then the deletes: the reader found its records gone.  Here the store pauses between its decision
+    and its write; the pass waits for it, then skips, and the next pass sees the cursor."""
+    log = _over_size(open_log)
+    real = cursor.replace_file
+    decided, resume = threading.Event(), threading.Event()
+
+    def paused(path: Path, data: bytes) -> None:
+        decided.set()
+        assert resume.wait(10)
+        real(path, data)
+
+    monkeypatch.setattr(cursor, "replace_file", paused)
+    storer = threading.Thread(target=store, args=(log,))
+    storer.start()
+    try:
+        assert decided.wait(10)
+        started = time.monotonic()
+        assert log.apply_retention() == []
+        assert time.monotonic() - started >= retention.LOCK_WAIT_S
+        assert "retention skipped this pass" in caplog.text
+    finally:
+        resume.set()
+        storer.join(10)
+    assert log.apply_retention() == [] and _bases(log.directory)[0] == 1
+    with Reader(log.directory, name="late") as reader:
+        assert reader.poll(1)[0].lsn == cursor.load(log.directory, "late") + 1
+
+
+def test_a_reset_to_earliest_waits_for_a_retention_pass(open_log, monkeypatch):
+    """reset_cursor listed the segments for 'earliest' before anything stopped retention: a pass paused
+    between its decision and its deletes (exp3's slow retention, here held by an event) let the reset store
+    LSN 0, then deleted LSN 1 under it.  Now the reset waits for the pass and starts from what it left."""
+    log = _over_size(open_log)
+    real = retention.select
+    decided, resume = threading.Event(), threading.Event()
+
+    def paused(*args, **kwargs):
+        doomed = real(*args, **kwargs)
+        decided.set()
+        assert resume.wait(10)
+        return doomed
+
+    monkeypatch.setattr(retention, "select", paused)
+    passer = threading.Thread(target=log.apply_retention)
+    passer.start()
+    try:
+        assert decided.wait(10)
+        resetter = threading.Thread(target=_reset_earliest, args=(log,))
+        resetter.start()
+        resetter.join(0.5)
+        assert resetter.is_alive(), "the reset stored its cursor in the middle of a retention pass"
+    finally:
+        resume.set()
+        passer.join(10)
+    resetter.join(10)
+    first = _bases(log.directory)[0]
+    assert first > 1 and cursor.load(log.directory, "late") == first - 1
+    with Reader(log.directory, name="late") as reader:
+        assert reader.poll(1)[0].lsn == first
+
+
+def test_reset_to_a_deleted_lsn_is_refused(open_log):
+    """Before, the reset stored it and the reader's next open raised TruncatedError instead."""
+    log = open_log(segment_bytes=MiB, max_bytes=2 * MiB)
+    fill(log, 4000, size=1000, per_batch=10)
+    first = _bases(log.directory)[0]
+    assert first > 1
+    with pytest.raises(TruncatedError) as info:
+        cursor.reset_cursor(log.directory, "r", first - 1)
+    assert (info.value.requested, info.value.oldest) == (first - 1, first)
+    assert cursor.load(log.directory, "r") is None
+    assert cursor.reset_cursor(log.directory, "r", first) == first - 1

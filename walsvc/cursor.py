@@ -5,7 +5,9 @@ after any crash.  A named cursor has one reader at a time: `CursorLock` holds an
 `DIR/cursors/NAME.lock` (holding the owner's PID) for as long as the reader is open, and dies with it.
 Cursors only move forward through `advance` (a reader's commit); `reset_cursor` moves one anywhere on
 purpose.  Retention reads them so that it never deletes what a named reader still needs (within
-`max_cursor_lag_bytes`).
+`max_cursor_lag_bytes`).  The flock on the `cursors/` folder itself orders the two: a store holds it shared
+while it decides and writes a position, retention holds it exclusively from reading the cursors until its
+deletes are durable (`for_retention`), so no store lands between retention's decision and its deletes.
 
     0 8  last processed LSN
     8 4  CRC32C over bytes 0..8
@@ -13,18 +15,21 @@ purpose.  Retention reads them so that it never deletes what a named reader stil
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import struct
 import threading
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from crc32c import crc32c
 
 from .access import make_dir, replace_file
 from .config import check_lsn, directory_path
-from .errors import ConfigError, CursorBusyError, CursorError
+from .errors import ConfigError, CursorBusyError, CursorError, TruncatedError
 from .fsync import fail_stop, sync_dir
 from .lock import PidLock
 
@@ -33,6 +38,7 @@ SUFFIX = ".cursor"
 LOCK_SUFFIX = ".lock"
 _LAYOUT = struct.Struct("<QI")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_RETRY_S = 0.001  # how often retention retries the folder's flock while stores hold it
 
 
 def check_name(name: str) -> str:
@@ -54,13 +60,71 @@ def load(directory: Path, name: str) -> int | None:
     return lsn if crc32c(data[:8]) == crc else None
 
 
-def store(directory: Path, name: str, lsn: int) -> None:
+def _cursor_dir(directory: Path) -> Path:
+    """`DIR/cursors`, made (and its entry fsynced) if it is missing."""
     cdir = directory / DIRNAME
     if not cdir.is_dir():
         make_dir(cdir)
-        sync_dir(directory)
+        sync_dir(directory, "directory fsync after making the cursors folder")
+    return cdir
+
+
+def _open_cursor_dir(directory: Path) -> int:
+    """A descriptor of `DIR/cursors` (made if missing) to flock.  Every cursor store pays for this: no stat
+    first, and a str path (a Path join costs more than the open and the flock together)."""
+    try:
+        return os.open(os.path.join(directory, DIRNAME), os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return os.open(_cursor_dir(directory), os.O_RDONLY | os.O_DIRECTORY)
+
+
+@contextlib.contextmanager
+def _storing(directory: Path) -> Iterator[None]:
+    """A shared flock on the cursors folder while a position is decided and written: a retention pass
+    (exclusive) then sees the stored position, or ran wholly before the decision.  A descriptor of its own
+    each time (under 10 us with the flock, against 0.5 ms for the store): an flock belongs to an open file,
+    so threads or a forked child sharing one would release each other's."""
+    fd = _open_cursor_dir(directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _write(directory: Path, name: str, lsn: int) -> None:
     body = struct.pack("<Q", lsn)
-    replace_file(cdir / (check_name(name) + SUFFIX), body + struct.pack("<I", crc32c(body)))
+    replace_file(directory / DIRNAME / (name + SUFFIX), body + struct.pack("<I", crc32c(body)))
+
+
+def store(directory: Path, name: str, lsn: int) -> None:
+    """Store `lsn` as the cursor `name`, whatever it was (the writer's group positions; tests)."""
+    check_name(name)
+    with _storing(directory):
+        _write(directory, name, lsn)
+
+
+@contextlib.contextmanager
+def for_retention(directory: Path, wait_s: float) -> Iterator[dict[str, int] | None]:
+    """Every cursor (`load_all`), read under an exclusive flock on the cursors folder that lasts until the
+    block ends: retention deletes and fsyncs inside it, so no cursor store lands in between.  None when
+    stores hold the flock for `wait_s`: retention then deletes nothing this time rather than hold up the
+    rotation thread (and the appends waiting on its next spare segment)."""
+    fd = _open_cursor_dir(directory)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield None
+                    return
+                time.sleep(_RETRY_S)
+        yield load_all(directory)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class CursorStorer:
@@ -132,11 +196,8 @@ class CursorLock(PidLock):
     """Exclusive use of one named cursor, released by `release()` or by the process's death."""
 
     def __init__(self, directory: Path, name: str) -> None:
-        cdir = Path(directory) / DIRNAME
-        if not cdir.is_dir():
-            make_dir(cdir)
-            sync_dir(Path(directory), "directory fsync after making the cursors folder")
-        super().__init__(cdir / (check_name(name) + LOCK_SUFFIX),
+        check_name(name)
+        super().__init__(_cursor_dir(Path(directory)) / (name + LOCK_SUFFIX),
                          lambda pid: CursorBusyError(str(directory), name, pid))
 
 
@@ -150,13 +211,15 @@ def advance(directory: Path, name: str, lsn: int) -> None:
     """A reader's commit: forward only.  The same LSN again is a no-op; an earlier one is an error, because
     storing it would make the reader process those records twice after a restart."""
     check_lsn("lsn", lsn, lowest=0)
-    stored = load(directory, name)
-    if stored is not None and lsn <= stored:
-        if lsn == stored:
-            return
-        raise CursorError(f"cursor {name!r} is at LSN {stored}; commit({lsn}) would move it backwards "
-                          "(walsvc.reset_cursor or `walsvc cursors reset` moves it on purpose)")
-    store(directory, name, lsn)
+    check_name(name)
+    with _storing(directory):
+        stored = load(directory, name)
+        if stored is not None and lsn <= stored:
+            if lsn == stored:
+                return
+            raise CursorError(f"cursor {name!r} is at LSN {stored}; commit({lsn}) would move it backwards "
+                              "(walsvc.reset_cursor or `walsvc cursors reset` moves it on purpose)")
+        _write(directory, name, lsn)
 
 
 def list_cursors(directory: str | os.PathLike) -> dict[str, int]:
@@ -167,7 +230,8 @@ def list_cursors(directory: str | os.PathLike) -> dict[str, int]:
 def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> int:
     """Make the reader `name` resume at `start` (an LSN, "earliest" or "latest") on its next open.
 
-    Refused while a reader holds the cursor.  Returns the stored value (the LSN before `start`)."""
+    Refused while a reader holds the cursor, and (TruncatedError) for an LSN retention already deleted: the
+    reader could not resume there.  Returns the stored value (the LSN before `start`)."""
     from .seek import committed_end
     from .segment import list_segments
     directory = directory_path(directory)
@@ -175,19 +239,19 @@ def reset_cursor(directory: str | os.PathLike, name: str, start: int | str) -> i
     if not directory.is_dir():
         raise ConfigError("directory", f"{directory} is not a log directory (it does not exist)")
     end = committed_end(directory)
-    if start == "earliest":
-        segments = list_segments(directory)
-        lsn = (segments[0][0] if segments else 1) - 1
-    elif start == "latest":
-        lsn = end
-    elif isinstance(start, int) and not isinstance(start, bool) and 1 <= start <= end + 1:
-        lsn = start - 1
-    else:
+    explicit = isinstance(start, int) and not isinstance(start, bool)
+    if not (start in ("earliest", "latest") or explicit and 1 <= start <= end + 1):
         raise CursorError(f"cannot reset cursor {name!r} to {start!r}: give 'earliest', 'latest' or an LSN "
                           f"from 1 to {end + 1} (one past the committed end)")
     lock = CursorLock(directory, name)
     try:
-        store(directory, name, lsn)
+        with _storing(directory):  # the oldest segment listed here stays until the cursor is stored
+            segments = list_segments(directory)
+            first = segments[0][0] if segments else 1
+            if explicit and start < first:
+                raise TruncatedError(start, first)
+            lsn = first - 1 if start == "earliest" else end if start == "latest" else start - 1
+            _write(directory, name, lsn)
     finally:
         lock.release()
     return lsn

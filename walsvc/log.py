@@ -29,7 +29,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator
 from . import frame as F
 from . import access, logid, retention, stopped
 from .config import LogConfig, check_lsn, directory_path
-from .cursor import lag_rows, load_all as load_cursors
+from .cursor import for_retention, lag_rows, load_all as load_cursors
 from .errors import ConfigError, InvalidRecordError, LogClosedError, LogStoppedError, RecordTooLargeError
 from .fsync import Syncer, pwrite_all, sync_data, sync_dir
 from .head import Head, HeadWriter
@@ -505,22 +505,30 @@ class Log:
         self._syncer.check()
         cfg = self.config
         deleted: list[Path] = []
+        if not cfg.max_bytes and not cfg.max_age_s:
+            return deleted  # nothing can go: no cursors folder to make or lock
         with self._retention_lock:
             try:
-                # Only segments already sealed: a pending one may still be written by the rotation thread.
-                with self._segments_lock:
-                    sealed = self._sealed[:len(self._sealed) - len(self._rotations)]
-                doomed = retention.select(sealed, active_bytes, now_us(), max_bytes=cfg.max_bytes,
-                                          max_age_s=cfg.max_age_s, cursors=load_cursors(self.directory),
-                                          max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
-                for seg in doomed:
-                    unlink_segment(seg.path)
-                    with self._segments_lock:  # gone from the directory: gone from the list, whatever follows
-                        self._sealed.pop(0)
-                    self.segments_deleted += 1
-                    deleted.append(seg.path)
-                if deleted:
-                    sync_dir(self.directory, "directory fsync after retention delete")
+                # From reading the cursors until the deletes are durable, no cursor store lands (cursor.py).
+                with for_retention(self.directory, retention.LOCK_WAIT_S) as cursors:
+                    if cursors is None:
+                        logger.warning("retention skipped this pass: cursor stores held %s/cursors for %.1f s",
+                                       self.directory, retention.LOCK_WAIT_S)
+                        return deleted
+                    # Only segments already sealed: a pending one may still be written by the rotation thread.
+                    with self._segments_lock:
+                        sealed = self._sealed[:len(self._sealed) - len(self._rotations)]
+                    doomed = retention.select(sealed, active_bytes, now_us(), max_bytes=cfg.max_bytes,
+                                              max_age_s=cfg.max_age_s, cursors=cursors,
+                                              max_cursor_lag_bytes=cfg.max_cursor_lag_bytes)
+                    for seg in doomed:
+                        unlink_segment(seg.path)
+                        with self._segments_lock:  # gone from the directory: gone from the list, whatever follows
+                            self._sealed.pop(0)
+                        self.segments_deleted += 1
+                        deleted.append(seg.path)
+                    if deleted:
+                        sync_dir(self.directory, "directory fsync after retention delete")
             except OSError as exc:
                 raise self._syncer.fail("retention", self.directory, exc) from exc
         return deleted

@@ -12,6 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# How long a pass waits for cursor stores in flight (each holds the cursors folder's flock for a write and two
+# fsyncs: 0.5 ms at the median, 4 ms at p99 on the test VM) before it skips: it runs on the rotation thread.
+LOCK_WAIT_S = 0.2
+
 
 @dataclass(frozen=True, slots=True)
 class SealedSegment:
