@@ -4,14 +4,15 @@ rotation fails as on a full disk), the affected records fail at once with LogSto
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import walsvc
-from walsvc.errors import LogStoppedError
+from walsvc.errors import LogStoppedError, ProducerIdError
 from walsvc.segment import segment_name
 
-from helpers import status, verify_log
+from helpers import read_log, status, verify_log
 
 
 def test_log_stopped_fails_promptly_and_the_producer_goes_on_after_a_restart(tmp_path: Path, writers) -> None:
@@ -52,3 +53,46 @@ def test_log_stopped_fails_promptly_and_the_producer_goes_on_after_a_restart(tmp
     records = {r.key: r.lsn for r in verify_log(d)}
     assert all(records[k] == lsn for k, lsn in acked.items())
     assert records[b"after"] == after
+
+
+def test_a_new_log_at_the_same_place_never_acks_records_it_does_not_hold(tmp_path: Path, writers) -> None:
+    """While a producer streams, its writer is killed, the log moved away and a fresh writer started at the
+    same directory.  Every record acked has an LSN and is at that LSN in one of the two logs; the rest fail
+    with ProducerIdError (or LogStoppedError, never here).  Before, records the fresh writer never stored were
+    acked "stored, LSNs unknown" (result None) and were in neither log."""
+    d, old = tmp_path / "wal", tmp_path / "wal.old"
+    writer = writers(d, fsync="os").start()
+    futures: list[tuple[bytes, walsvc.RecordFuture]] = []
+    streaming = threading.Event()
+    streaming.set()
+
+    def stream() -> None:
+        i = 0
+        while streaming.is_set():
+            futures.append((b"k%d" % i, producer.put(b"k%d" % i, b"v" * 20)))
+            i += 1
+            if i % 100 == 0:
+                time.sleep(0.002)
+
+    with walsvc.Producer(d, linger_ms=2) as producer:
+        assert producer.put(b"first", b"v").result(10) == 1
+        thread = threading.Thread(target=stream)
+        thread.start()
+        time.sleep(0.5)
+        writer.kill9()
+        d.rename(old)
+        writer.start()
+        time.sleep(0.5)
+        streaming.clear()
+        thread.join()
+        producer.flush(30)
+        outcomes: dict[bytes, int | None | BaseException] = {}
+        for key, f in futures:
+            try:
+                outcomes[key] = f.result(0)
+            except ProducerIdError as exc:
+                outcomes[key] = exc
+    logs = [{r.lsn: r.key for r in read_log(where)} for where in (old, d)]
+    acked = {k: v for k, v in outcomes.items() if not isinstance(v, BaseException)}
+    assert acked and None not in acked.values()
+    assert [k for k, lsn in acked.items() if k not in (logs[0].get(lsn), logs[1].get(lsn))] == []

@@ -16,7 +16,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from walsvc import protocol as P
-from walsvc.errors import LogStoppedError, NackError
+from walsvc.errors import LogStoppedError, NackError, ProducerIdError
 from walsvc.frame import Appended
 from walsvc.ingest import Duplicate, IngestSession, Refuse, Store
 from walsvc.producer_session import Fail, ProducerSession, Resolve, Subscribe
@@ -102,11 +102,12 @@ def test_max_in_flight_bounds_the_pipeline():
 @pytest.mark.parametrize("reply, result", [
     (ack(2, 7, 1), 7),
     (ack(2, 7, 1, P.DUPLICATE), 7),
-    (ack(2, 0, 0, P.DUPLICATE), None),  # stored, older than the window: LSNs unknown
 ])
 def test_ack_and_duplicates_resolve(reply, result):
     s = fresh(1)
     send_all(s)
+    s.tick(TIMEOUT)
+    send_all(s, TIMEOUT)  # sent twice: a DUPLICATE is the answer to one of its own copies
     assert s.receive(reply, 0.0) == [Resolve("b1", result)]
     assert len(s) == 0
     assert s.receive(reply, 0.0) == []  # a second (late) answer to the same batch changes nothing
@@ -150,13 +151,58 @@ def test_ack_timeout_resends_from_the_oldest():
     assert send_all(s, TIMEOUT) == [2, 3]
 
 
-def test_a_later_ready_resends_everything_unacked_at_once():
-    s = fresh(2)
+def test_a_later_ready_resends_everything_unacked_one_until_the_writer_stores_one():
+    """The path was re-made, maybe to a writer that does not know this id (another log): as for a new id, one
+    batch goes out until the writer stored one, then the rest, in sequence order."""
+    s = fresh(3)
     send_all(s, 0.0)
     s.receive(ready(), 0.5)  # the writer restarted (or the reply socket reconnected)
-    assert send_all(s, 0.5) == [2, 3]
+    assert send_all(s, 0.5) == [2]
     s.receive(ready(), 0.6)  # and again at once: no go-back debounce for READY
-    assert send_all(s, 0.6) == [2, 3]
+    assert send_all(s, 0.6) == [2]
+    assert s.receive(ack(2, 5, 1, P.DUPLICATE), 0.7) == [Resolve("b1", 5)]
+    assert send_all(s, 0.7) == [3, 4]
+
+
+def test_stored_lsns_unknown_for_an_unacked_batch_fails_it():
+    """A count-0 DUPLICATE ("stored, older than the window") cannot be about a batch still unacked (those stay
+    within the window): the writer lost track of this id, e.g. a fresh log at the same place whose writer
+    started the id at a later batch.  Before, the batch resolved as stored (None), in neither log."""
+    s = fresh(2)
+    assert send_all(s, 0.0) == [2, 3]
+    s.receive(ready(), 1.0)
+    assert send_all(s, 1.0) == [2]
+    [failed] = s.receive(ack(2, 0, 0, P.DUPLICATE), 1.0)
+    assert isinstance(failed, Fail) and failed.token == "b1" and isinstance(failed.error, ProducerIdError)
+    assert "may or may not be in the log" in str(failed.error)
+    assert send_all(s, 1.0) == [3]
+    assert s.receive(ack(3, 1, 1, P.DUPLICATE), 1.0) == [Resolve("b2", 1)]
+
+
+def test_a_new_log_behind_a_reconnect_fails_what_it_does_not_hold():
+    """The writer is replaced by a fresh log while batches are in flight: the old one took 2..4 and died
+    unanswered; 5 reached the new writer first (queued before its READY), so it started the id there.  2..4
+    fail (maybe in the old log, not in this one); 5 resolves with the new log's LSN.  Before, 2..4 resolved
+    as stored with unknown LSNs."""
+    h = Harness()
+    h.deliver(0)
+    h.submit("first")
+    h.send()
+    h.writer_step()
+    h.deliver(0)
+    for i in range(3):
+        h.submit(f"b{i}")
+    h.send()
+    h.to_writer.clear()  # the old writer died with them
+    h.w = ModelWriter()  # a new log at the same place
+    h.submit("b3")
+    h.send()
+    h.writer_step()
+    h.to_producer.append(ready())  # the new writer applied the subscription
+    h.settle()
+    assert {n: type(o.error) for n, o in h.outcomes.items() if isinstance(o, Fail)} == dict.fromkeys(
+        ["b0", "b1", "b2"], ProducerIdError)
+    assert h.outcomes["b3"] == Resolve("b3", 1) and h.w.log == [h.payloads["b3"]]
 
 
 @pytest.mark.parametrize("code", sorted(P.PERMANENT_NACKS))

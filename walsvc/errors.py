@@ -265,6 +265,12 @@ class AckTimeoutError(WalError, TimeoutError):
     """A record's ack did not come within the time the caller gave; the message says whether a writer runs."""
 
 
+class ProducerIdError(WalError):
+    """The writer's record of a producer id does not match the batches this producer sent under it: another
+    producer uses the same id, or the writer serves another log (or forgot the id).  The batch may or may not
+    be in the log; the message says which case the producer saw."""
+
+
 class NoriFormatError(WalError):
     """A directory cannot be read as a nori-wal log: it is missing, or two segment files claim one id."""
 

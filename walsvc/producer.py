@@ -65,7 +65,7 @@ def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | N
 class _Batch:
     """One batch's outcome, shared by its records' handles.  While the batch is open its records are in the
     producer's put buffer; `size` and `count` are set when it closes.  `Producer._finish` sets `base` (the
-    first LSN, None: stored, LSNs unknown) or `error`, then `done`."""
+    first LSN) or `error`, then `done`."""
 
     __slots__ = ("size", "count", "opened_at", "producer", "done", "base", "error", "_future")
 
@@ -75,7 +75,7 @@ class _Batch:
         self.count = 0
         self.opened_at = time.monotonic()
         self.done = False
-        self.base: int | None = None
+        self.base = 0
         self.error: BaseException | None = None
         self._future: concurrent.futures.Future | None = None
 
@@ -100,9 +100,7 @@ class _Batch:
 class RecordFuture:
     """The pending LSN of one appended record: `result(timeout)` blocks until the writer acked it.
 
-    A light handle (its batch and its index in the batch), made without `__init__` by the put buffer.  The
-    result is None only in the rare case the writer reports the batch as already stored but older than its
-    deduplication window, so it cannot say which LSNs it got.
+    A light handle (its batch and its index in the batch), made without `__init__` by the put buffer.
     """
 
     __slots__ = ("_batch", "_index")
@@ -111,7 +109,7 @@ class RecordFuture:
         self._batch = batch
         self._index = index
 
-    def result(self, timeout: float | None = None) -> int | None:
+    def result(self, timeout: float | None = None) -> int:
         """The LSN; AckTimeoutError (a TimeoutError) if no ack came within `timeout` seconds."""
         batch = self._batch
         if not batch.done:
@@ -120,7 +118,7 @@ class RecordFuture:
                 raise AckTimeoutError(f"no ack within {timeout} s: {batch.producer.writer_state()}")
         if batch.error is not None:
             raise batch.error
-        return None if batch.base is None else batch.base + self._index
+        return batch.base + self._index
 
     def done(self) -> bool:
         if self._batch.done:
@@ -162,7 +160,7 @@ class RecordFuture:
             yield from waiter.__await__()
         if batch.error is not None:
             raise batch.error
-        return None if batch.base is None else batch.base + self._index
+        return batch.base + self._index
 
 
 def _settle(waiter: asyncio.Future) -> None:
@@ -369,7 +367,7 @@ class Producer:
             self._poke()  # the I/O thread closes it when the linger expires
         return batch, first
 
-    async def append_async(self, record: Record) -> int | None:
+    async def append_async(self, record: Record) -> int:
         """The asyncio form: `await producer.append_async(record)` gives the LSN once committed."""
         return await self.append(record)
 
@@ -736,7 +734,7 @@ class Producer:
                 self.producer_id = action.producer_id
                 self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(action.producer_id))
 
-    def _finish(self, batch: _Batch, *, result: int | None = None, error: BaseException | None = None) -> None:
+    def _finish(self, batch: _Batch, *, result: int = 0, error: BaseException | None = None) -> None:
         self._buffered -= batch.size
         self._wake_sleepers()
         if error is not None:

@@ -9,7 +9,10 @@ resolved or failed exactly once.
 Why the rules are what they are (docs/PROTOCOL.md, "Producer sessions"):
 - Nothing goes out until the writer's READY for our reply topic: PUB drops replies published before it
   applied the subscription.  Each later READY means the path was re-made (a writer restart, a reconnect):
-  every unacked batch goes out again at once, since its reply may have been published to nobody.
+  every unacked batch goes out again at once, since its reply may have been published to nobody, one in
+  flight until the writer stores one (it may be a new log's writer, which does not know this id).
+- "Stored, LSNs unknown" (a DUPLICATE with count 0) for a batch still unacked fails it: unacked batches are
+  inside the writer's window, so the writer lost track of this id (a new log at the same place).
 - One batch in flight until the writer stored one of ours: a writer that does not know a producer starts it
   at whatever sequence arrives, so a lost batch 1 followed by batch 2 would leave 1 answered "stored" unstored.
 - A refusal for good (malformed, too_large, unknown_version) does not consume the sequence number: later
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from . import protocol as P
-from .errors import LogStoppedError, NackError
+from .errors import LogStoppedError, NackError, ProducerIdError
 
 SEQ_OFFSET = 12  # where the sequence sits in an APPEND header (docs/PROTOCOL.md)
 
@@ -55,10 +58,9 @@ class Outgoing:
 
 
 class Resolve(NamedTuple):
-    """The batch is in the log: its first record got `base_lsn` (None: stored, LSNs unknown).  A NamedTuple:
-    one is made for every batch."""
+    """The batch is in the log: its first record got `base_lsn`.  A NamedTuple: one is made for every batch."""
     token: Any
-    base_lsn: int | None
+    base_lsn: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,8 +194,12 @@ class ProducerSession:
     def _path_ready(self, now: float) -> None:
         first = not self.ready_seen
         self.ready_seen = True
-        if not first and self._in_flight:
-            self._go_back(min(self._in_flight), now, None, force=True)
+        if not first:
+            # The path was re-made, perhaps to a writer that does not know this id (a new log at the same
+            # place): one batch in flight again until it stores one, as for a new id.
+            self.stored_any = False
+            if self._in_flight:
+                self._go_back(min(self._in_flight), now, None, force=True)
 
     def _go_back(self, from_seq: int, now: float, producer_id: int | None, *, force: bool = False) -> None:
         """Go-back-N: every in-flight batch from `from_seq` on (of `producer_id`, or any) goes out again, in
@@ -242,7 +248,15 @@ class ProducerSession:
                 del self._in_flight[b.seq]
             self._ready.extendleft(reversed(lost))
             self.resends += len(lost)
-        return [Resolve(batch.token, reply.base_lsn if reply.count else None)]
+        if not reply.count:
+            # "Stored, LSNs unknown": older than the writer's window.  A batch still unacked is inside it (at most
+            # max_in_flight are unacked, within producer_window) unless the writer lost track of this id: it
+            # serves another log, which started the id at a later batch that reached it first.
+            return [Fail(batch.token, ProducerIdError(
+                f"{self._where} has no record of batch {reply.seq} of producer id {reply.producer_id:016x} but "
+                "holds later ones (it serves another log, or forgot the id): these records may or may not be in "
+                "the log"))]
+        return [Resolve(batch.token, reply.base_lsn)]
 
     def _refused(self, reply: P.Reply) -> list[Action]:
         """Refused for good: fail the batch; the writer did not use its sequence number, so later ones move
