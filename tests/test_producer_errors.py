@@ -85,6 +85,35 @@ def test_put_many_checks_pairs_as_put_does_and_callbacks_run(tmp_path: Path, wri
     assert [r.key for r in walsvc.LogReader(d)] == [b"text", b"raw", b"cb"]
 
 
+def test_a_done_callback_may_call_the_producer(tmp_path: Path, writers) -> None:
+    """Done callbacks run after the producer's lock is released, so one may put the next record (a chain of
+    steps, each appended once the one before is in the log), and they run in the order their batches
+    finished.  Before, `_finish` ran them under the lock: the callback's put deadlocked the producer for good
+    (its I/O thread too, so close() hung)."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    producer = walsvc.Producer(d)
+    lsns: list[int] = []
+    chained = threading.Event()
+
+    def step(future: walsvc.RecordFuture) -> None:
+        lsns.append(future.result())
+        if len(lsns) < 20:
+            producer.put(b"step%d" % len(lsns), b"v").add_done_callback(step)
+        else:
+            chained.set()
+
+    producer.put(b"step0", b"v").add_done_callback(step)
+    assert chained.wait(10), f"the chain stopped after {len(lsns)} steps"
+    assert lsns == list(range(1, 21))
+    order: list[int] = []
+    for f in producer.put_many([(b"k%d" % i, b"v") for i in range(50)]):
+        f.add_done_callback(lambda f: order.append(f.result()))
+    producer.flush(10)
+    assert order == list(range(21, 71))
+    producer.close(5)
+
+
 def test_a_file_where_a_directory_is_meant_names_the_python_argument(tmp_path: Path) -> None:
     not_toml = tmp_path / "notes.txt"
     not_toml.write_text("just words\n")

@@ -20,6 +20,7 @@ as making and resolving a Future.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -137,7 +138,10 @@ class RecordFuture:
     def add_done_callback(self, fn: "Callable[[RecordFuture], object]") -> None:
         """Call `fn(self)` once the record is acked or failed (at once if it already is), as
         concurrent.futures.Future does; it runs in the thread that receives the ack (the producer's I/O
-        thread, or a caller waiting in `result()`) with the producer's lock held, so keep it short."""
+        thread, a caller waiting in `result()`, or one whose `put` took replies), after the producer's lock
+        is released, so it may call the producer (`put` the next record); callbacks run one at a time, in the
+        order their batches finished.  Keep it short, and do not wait in it for another record: replies
+        may be taken by the very thread that runs it."""
         self._batch.future.add_done_callback(lambda _: fn(self))
         self._batch.producer._want_replies()
 
@@ -223,6 +227,10 @@ class Producer:
         self._space = threading.Condition(self._lock)
         self._sleeping = 0  # threads in `_sleep`: nobody to notify costs no notify_all
         self._future_lock = threading.Lock()  # see _Batch.future
+        # Finished batches' Futures, resolved outside `_lock` (`_resolve_futures`), in order, one thread at a time.
+        self._settling: collections.deque[tuple[concurrent.futures.Future, int, BaseException | None]] = (
+            collections.deque())
+        self._settle_lock = threading.Lock()
         self._open: _Batch | None = None
         # The open batch's records: a plain put goes straight in, without the lock where the buffer is atomic.
         self._pending = put_buffer(RecordFuture, self.max_record_bytes)
@@ -312,6 +320,8 @@ class Producer:
         if len(payload) < self.batch_bytes:
             with self._lock:
                 batch, first = self._add_locked(payload, len(items))
+            if self._settling:
+                self._resolve_futures()
             return self._pending.handles(batch, first, len(items))
         return self._add_many([encode(Record.put(k, v), self.max_record_bytes) for k, v in items])
 
@@ -322,11 +332,17 @@ class Producer:
             if batch is not None and total < self._room() - self._pending.size and not self._closed:
                 first = self._pending.add(b"".join(encoded), len(encoded))
                 return self._pending.handles(batch, first, len(encoded))
-            return [RecordFuture(*self._add_locked(data)) for data in encoded]
+            handles = [RecordFuture(*self._add_locked(data)) for data in encoded]
+        if self._settling:
+            self._resolve_futures()
+        return handles
 
     def _add(self, data: bytes) -> RecordFuture:
         with self._lock:
-            return RecordFuture(*self._add_locked(data))
+            handle = RecordFuture(*self._add_locked(data))
+        if self._settling:  # replies taken in `_add_locked`
+            self._resolve_futures()
+        return handle
 
     def _add_locked(self, data: bytes, count: int = 1) -> tuple[_Batch, int]:
         """Add `count` encoded records (laid end to end in `data`) to the open batch (lock held); returns the
@@ -425,6 +441,7 @@ class Producer:
                     self._sleep(0.1)
                 self._apply(self._session.fail_all(
                     LogClosedError("producer closed before the writer acknowledged these records")))
+            self._resolve_futures()
             self._ctx.destroy(linger=0)
 
     def __enter__(self) -> "Producer":
@@ -596,6 +613,7 @@ class Producer:
                     self._close_open_batch()
                 self._apply(self._session.fail_all(LogClosedError(self._closed_reason)))
                 self._wake_sleepers()
+            self._resolve_futures()
 
     def _run(self) -> None:
         receiving = zmq.Poller()  # while this thread holds the reply socket
@@ -644,6 +662,8 @@ class Producer:
                     self._receiver = None  # a caller waits for a reply: it receives from now on
                     self._wake_sleepers()
                 receives, timeout = self._next_turn(now)
+            if self._settling:
+                self._resolve_futures()
 
     def _next_turn(self, now: float) -> tuple[bool, int]:
         """For the I/O thread's next poll (lock held): whether it watches the reply socket, and the poll
@@ -691,6 +711,8 @@ class Producer:
         replies = self._take_replies(msg)
         with self._lock:
             self._apply_replies(replies, time.monotonic())
+        if self._settling:
+            self._resolve_futures()
 
     def _take_replies(self, msg: bytes | None = None) -> list[P.Reply]:
         """`msg` and every reply waiting on the socket, decoded.  The I/O thread and a waiting caller call it
@@ -746,7 +768,21 @@ class Producer:
             batch.done = True
             future = batch._future
         if future is not None:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+            self._settling.append((future, result, error))
+
+    def _resolve_futures(self) -> None:
+        """Resolve the Futures `_finish` queued, without the producer's lock: their done callbacks may call the
+        producer (a `put` from a callback deadlocked it while `_finish` resolved them under the lock).  One
+        thread at a time, in the order the batches finished; a thread that finds another settling leaves its
+        Futures to that one, which looks again after it lets go (a callback's own `put` lands there)."""
+        queue = self._settling
+        while queue and self._settle_lock.acquire(blocking=False):
+            try:
+                while queue:
+                    future, result, error = queue.popleft()
+                    if error is not None:
+                        future.set_exception(error)
+                    else:
+                        future.set_result(result)
+            finally:
+                self._settle_lock.release()
