@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import read_log, run_cli
 
 import walsvc
-from walsvc.errors import (AckTimeoutError, ConfigError, InvalidRecordError, ServiceUnavailableError)
+from walsvc.errors import (AckTimeoutError, ConfigError, InvalidRecordError, ProducerIdError,
+                           ServiceUnavailableError)
 
 
 def test_no_writer_is_said_at_once(tmp_path: Path, writers) -> None:
@@ -112,6 +113,23 @@ def test_a_done_callback_may_call_the_producer(tmp_path: Path, writers) -> None:
     producer.flush(10)
     assert order == list(range(21, 71))
     producer.close(5)
+
+
+def test_a_reused_producer_id_fails_loudly_and_moves_on(tmp_path: Path, writers) -> None:
+    """A second Producer with the id of one that closed: the writer holds that id's sequence 1, so the new
+    producer's first batch is answered DUPLICATE though sent once.  It fails with ProducerIdError, and the
+    producer goes on under a fresh id.  Before, its first three records resolved with the first producer's
+    LSNs 1..3 and were never stored."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d, producer_id=42) as first:
+        assert [first.put(b"run1-%d" % i, b"x").result(10) for i in range(3)] == [1, 2, 3]
+    with walsvc.Producer(d, producer_id=42) as second:
+        with pytest.raises(ProducerIdError, match="another producer uses that id"):
+            second.put(b"run2-0", b"y").result(10)
+        assert second.producer_id != 42
+        assert [second.put(b"run2-%d" % i, b"y").result(10) for i in (1, 2)] == [4, 5]
+    assert [r.key for r in read_log(d)] == [b"run1-0", b"run1-1", b"run1-2", b"run2-1", b"run2-2"]
 
 
 def test_a_file_where_a_directory_is_meant_names_the_python_argument(tmp_path: Path) -> None:

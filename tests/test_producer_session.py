@@ -264,6 +264,31 @@ def test_log_stopped_fails_that_batch_and_later_ones_and_moves_to_a_new_producer
     assert s.receive(ack(3, 10, pid=NEW_PID), 0.0) == [Resolve("b5", 10)]
 
 
+@pytest.mark.parametrize("reply", [
+    ack(2, 7, 1, P.DUPLICATE),  # another producer's batch 2 under this id
+    ack(2, 0, 0, P.DUPLICATE),  # the same, older than the writer's window
+    ack(2, 7, 3),  # an ACK for a batch of 3 records: not this one
+], ids=["duplicate", "duplicate, LSNs unknown", "count differs"])
+def test_an_id_another_producer_uses_fails_and_moves_to_a_new_id(reply):
+    """A DUPLICATE for a batch sent only once (or a reply whose count is not the batch's) answers a copy this
+    producer never sent: another producer uses the id (e.g. `Producer(producer_id=42)` again after the first
+    closed).  That batch and every later one fail with ProducerIdError, and new ones go out under a fresh id,
+    numbered on.  Before, it resolved with the other producer's LSNs and the record was never stored."""
+    s = fresh(2)
+    assert send_all(s) == [2, 3]
+    actions = s.receive(reply, 0.0)
+    assert [a.token for a in actions if isinstance(a, Fail)] == ["b1", "b2"]
+    assert all(isinstance(a.error, ProducerIdError) and "another producer uses that id" in str(a.error)
+               for a in actions[:2])
+    assert actions[2:] == [Subscribe(NEW_PID)] and len(s) == 0
+    out = s.submit("b3", encode_put(b"k", b"v"), 1)
+    assert (out.seq, out.producer_id) == (2, NEW_PID)
+    s.receive(ready(NEW_PID), 0.0)
+    assert send_all(s) == [2]
+    assert s.receive(ack(3, 8, 1, P.DUPLICATE), 0.0) == []  # the rest, for the old id: nothing left there
+    assert s.receive(ack(2, 9, pid=NEW_PID), 0.0) == [Resolve("b3", 9)]
+
+
 def test_a_stale_log_stopped_changes_nothing():
     s = fresh(1)
     send_all(s)

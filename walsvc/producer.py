@@ -189,6 +189,15 @@ class Producer:
     writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
     They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
 
+    producer_id: the id the writer deduplicates this producer's batches by (with their sequence numbers, from
+    1); it is stored in each frame's header, so a fixed one names the producer in the log.  Default: random.
+    It must be unique to one Producer for its whole life, never reused by a later one: the writer remembers
+    an id's batches across restarts, so a reused id's batches look like resends.  A batch the writer says it
+    already holds though this producer sent it once fails with ProducerIdError, as does every later batch
+    under that id, and the producer goes on under a fresh random id (`producer_id` tells which).  Two
+    producers using one id at once are caught only when one of them meets such a reply; until then one may
+    take the other's acks for its own.
+
     Replies nobody watches for (records put and not waited on) are taken in bulk, not with one wake-up of
     the I/O thread per ack: by the caller once the pipeline is nearly full, else by the I/O thread at its
     next turn (every LAZY_TURN_S while batches are unacked; right after a caller's own wait, within

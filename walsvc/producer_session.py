@@ -21,6 +21,9 @@ Why the rules are what they are (docs/PROTOCOL.md, "Producer sessions"):
   skipping N is safe under this producer id.  N and every later batch fail with LogStoppedError (the writer
   stored none after N); new batches go out under a fresh producer id, numbered on from N so that a sequence
   number still names one batch in this session.  Earlier batches keep their id: their acks may be on the way.
+- A DUPLICATE for a batch sent once (or a reply whose count is not the batch's) answers a copy this
+  producer never sent: another producer uses the id.  That batch and every later one fail with
+  ProducerIdError and new batches go out under a fresh id, as after log_stopped.
 """
 
 from __future__ import annotations
@@ -248,6 +251,13 @@ class ProducerSession:
                 del self._in_flight[b.seq]
             self._ready.extendleft(reversed(lost))
             self.resends += len(lost)
+        if (reply.status == P.DUPLICATE and batch.sends == 1) or (reply.count and reply.count != batch.count):
+            # The writer holds (id, sequence) from a copy this producer never sent: another producer uses the id.
+            return self._abandon_id(reply.producer_id, reply.seq, [batch], ProducerIdError(
+                f"{self._where} already holds batch {reply.seq} of producer id {reply.producer_id:016x}, which "
+                "this producer sent once: another producer uses that id (each Producer needs an id of its own, "
+                "never reused), or the writer serves another log; these records may or may not be in the log, "
+                "and records appended from now on go out under a new producer id"))
         if not reply.count:
             # "Stored, LSNs unknown": older than the writer's window.  A batch still unacked is inside it (at most
             # max_in_flight are unacked, within producer_window) unless the writer lost track of this id: it
@@ -283,14 +293,18 @@ class ProducerSession:
         return [Fail(batch.token, NackError(reply.code, reply.detail.split(": ", 1)[-1]))]
 
     def _log_stopped(self, reply: P.Reply) -> list[Action]:
-        seq, pid = reply.seq, reply.producer_id
-        doomed = [b for b in self._unacked() if b.producer_id == pid and b.seq >= seq]
-        if not doomed:
-            return []  # a stale nack: nothing of that id at or after that number
         detail = reply.detail.split(": ", 1)[-1]
         error = LogStoppedError("writer", None, None, detail, message=(
             f"{self._where} stopped its log ({detail}); these records may or may not be in the log: a restarted "
             "writer recovers what was written, and records appended from now on go out under a new producer id"))
+        return self._abandon_id(reply.producer_id, reply.seq, [], error)
+
+    def _abandon_id(self, pid: int, seq: int, taken: list[Outgoing], error: BaseException) -> list[Action]:
+        """`taken` and every unacked batch of `pid` from `seq` on fail with `error`; if `pid` is the current
+        id, new batches go out under a fresh one (see the module docstring, log_stopped)."""
+        doomed = taken + [b for b in self._unacked() if b.producer_id == pid and b.seq >= seq]
+        if not doomed:
+            return []  # a stale nack: nothing of that id at or after that number
         self._ready = collections.deque(b for b in self._ready if not (b.producer_id == pid and b.seq >= seq))
         for b in doomed:
             self._in_flight.pop(b.seq, None)
