@@ -3,6 +3,8 @@ arguments.  Real writer processes (killed and stopped for real), no mocks."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -130,6 +132,45 @@ def test_a_reused_producer_id_fails_loudly_and_moves_on(tmp_path: Path, writers)
         assert second.producer_id != 42
         assert [second.put(b"run2-%d" % i, b"y").result(10) for i in (1, 2)] == [4, 5]
     assert [r.key for r in read_log(d)] == [b"run1-0", b"run1-1", b"run1-2", b"run2-1", b"run2-2"]
+
+
+def test_a_producer_in_a_forked_child_refuses_every_call(tmp_path: Path, writers) -> None:
+    """In a forked child every entry point raises LogClosedError at once (the sockets and I/O thread stay in
+    the parent); the parent's producer goes on.  Before, the child's put was accepted and result(timeout=2)
+    spun at 100 % CPU for ever."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        assert producer.put(b"parent", b"p").result(10) == 1
+        unacked = producer.put(b"open", b"p")  # may be acked or not when the child looks: both must refuse
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report each call's outcome, never return into pytest
+            outcomes = []
+            for call in (lambda: producer.put(b"child", b"c"), lambda: producer.put(b"k", b"v", ttl_ms=5),
+                         lambda: producer.put_many([(b"a", b"b")]), lambda: producer.append_many([]),
+                         lambda: producer.flush(1), lambda: producer.close(1)):
+                try:
+                    call()
+                    outcomes.append("accepted")
+                except walsvc.LogClosedError as exc:
+                    outcomes.append("refused" if "create a new Producer after fork" in str(exc) else str(exc))
+                except BaseException as exc:
+                    outcomes.append(repr(exc))
+            os.write(write_end, " ".join(outcomes).encode())
+            os._exit(0)
+        os.close(write_end)
+        deadline = time.monotonic() + 15
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child never finished its calls")
+            time.sleep(0.05)
+        with os.fdopen(read_end, "rb") as f:
+            assert f.read().decode().split(" ") == ["refused"] * 6
+        assert unacked.result(10) == 2
+        assert producer.put(b"after", b"p").result(10) == 3
 
 
 def test_a_file_where_a_directory_is_meant_names_the_python_argument(tmp_path: Path) -> None:

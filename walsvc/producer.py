@@ -28,6 +28,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from typing import Callable, Iterable
 import zmq
 
@@ -46,6 +47,7 @@ RECEIVE_SLICE_MS = 100  # a caller receiving its reply looks at `close` and its 
 LOOK_BEFORE_RECV = 5  # see _take_replies
 LAZY_TURN_S = 0.01  # while nobody watches for replies, the I/O thread takes them this often (see _next_turn)
 IDLE_POLL_MS = 1000  # the I/O thread's longest sleep when nothing is due
+_LIVE: "weakref.WeakSet[Producer]" = weakref.WeakSet()  # marked by `_after_fork` in a forked child
 
 
 def _limits(endpoints: Endpoints, config: Config | None, own_max_record: int | None,
@@ -142,14 +144,16 @@ class RecordFuture:
         is released, so it may call the producer (`put` the next record); callbacks run one at a time, in the
         order their batches finished.  Keep it short, and do not wait in it for another record: replies
         may be taken by the very thread that runs it."""
+        producer = self._batch.producer
+        producer._check_process()  # before the batch's Future lock, which the parent may have held at fork
         self._batch.future.add_done_callback(lambda _: fn(self))
-        self._batch.producer._want_replies()
+        producer._want_replies()
 
     def __await__(self):
         """Await the LSN.  Each await has its own asyncio future, woken by the batch's: cancelling the
         awaiting task cancels that one only, never the batch's outcome, which other records share."""
         batch = self._batch
-        batch.producer._want_replies()
+        batch.producer._want_replies()  # before the batch's Future lock: LogClosedError in a forked child
         if not batch.done:
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
@@ -188,6 +192,9 @@ class Producer:
     refuse as too large is refused here (RecordTooLargeError) before it is sent, and batches stay within the
     writer's max_batch_bytes and max_message_bytes.  `max_record_bytes` may only lower the writer's limit.
     They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
+
+    A Producer serves the process that made it: in a forked child every call raises LogClosedError (its
+    sockets and I/O thread stay in the parent); make a new Producer there.
 
     producer_id: the id the writer deduplicates this producer's batches by (with their sequence numbers, from
     1); it is stored in each frame's header, so a fixed one names the producer in the log.  Default: random.
@@ -249,6 +256,9 @@ class Producer:
                                         where=f"the writer for {self.directory}")
         self._closed = False
         self._closed_reason = "producer is closed"
+        self._pid = os.getpid()
+        self._forked = False  # set in a forked child (`_after_fork`): every entry point refuses
+        _LIVE.add(self)
         self._receiver: str | None = None  # who may use the reply socket now: "io", "caller" or nobody
         self._waiters = 0  # callers inside `_await`
         # The I/O thread holds the reply socket but is not watching it (it looks every LAZY_TURN_S): whoever
@@ -300,10 +310,11 @@ class Producer:
             compression: str | None = None) -> RecordFuture:
         if ttl_ms is None and compression is None:
             # The common case, kept short: no Record object, straight into the open batch if it has room.
-            fast = self._put_fast
+            fast = self._put_fast  # None in a forked child (`_after_fork`)
             if fast is not None:
                 handle = fast(key, value)
             else:
+                self._check_process()
                 with self._lock:
                     handle = self._pending.put(key, value)
             if handle is not None:
@@ -327,6 +338,7 @@ class Producer:
             return []
         payload = encode_puts(items, self.max_record_bytes)
         if len(payload) < self.batch_bytes:
+            self._check_process()
             with self._lock:
                 batch, first = self._add_locked(payload, len(items))
             if self._settling:
@@ -336,6 +348,7 @@ class Producer:
 
     def _add_many(self, encoded: list[bytes]) -> list[RecordFuture]:
         total = sum(map(len, encoded))
+        self._check_process()
         with self._lock:
             batch = self._open
             if batch is not None and total < self._room() - self._pending.size and not self._closed:
@@ -347,6 +360,8 @@ class Producer:
         return handles
 
     def _add(self, data: bytes) -> RecordFuture:
+        if self._forked:  # a plain test here: a put of one record in flight comes this way every time
+            self._check_process()
         with self._lock:
             handle = RecordFuture(*self._add_locked(data))
         if self._settling:  # replies taken in `_add_locked`
@@ -399,6 +414,7 @@ class Producer:
     def flush(self, timeout: float | None = None) -> None:
         """Send the open batch now and wait until every appended record is acked or failed (each future
         tells which); AckTimeoutError if some are still waiting after `timeout` seconds."""
+        self._check_process()
         with self._lock:
             if self._open is not None:
                 self._close_open_batch()
@@ -423,6 +439,7 @@ class Producer:
     def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to `timeout`), then stop the I/O thread.  Unacked records fail with LogClosedError; with
         no writer running that is at once (ServiceUnavailableError), not after `timeout`."""
+        self._check_process()
         if self._closed:
             self._ctx.destroy(linger=0)  # closed by a failed I/O thread: the sockets are still ours to free
             return
@@ -460,6 +477,14 @@ class Producer:
         self.close()
 
     # -- caller side (lock held) -----------------------------------------------------------------------
+
+    def _check_process(self) -> None:
+        """LogClosedError in a forked child: the sockets and the I/O thread are the parent's (the child has no
+        I/O thread, and its copies of the locks may be held for good), so nothing here may touch them."""
+        if self._forked:
+            raise LogClosedError(f"this producer belongs to process {self._pid} and cannot be used in a forked "
+                                 "child (its sockets and I/O thread stay in the parent): create a new Producer "
+                                 "after fork")
 
     def _poke(self) -> None:
         try:
@@ -524,6 +549,7 @@ class Producer:
     # -- waiting for an ack ------------------------------------------------------------------------------
 
     def _want_replies(self) -> None:
+        self._check_process()
         with self._lock:
             self._want_replies_locked()
 
@@ -540,6 +566,7 @@ class Producer:
         """Return once `batch` is done or `timeout` passed.  If no thread is receiving replies, receive them
         in this one (the I/O thread hands the socket over when asked), so the reply wakes this thread
         directly; other waiters sleep until the receiver resolves their batches or hands the socket on."""
+        self._check_process()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._waiters += 1
@@ -795,3 +822,14 @@ class Producer:
                         future.set_result(result)
             finally:
                 self._settle_lock.release()
+
+
+def _after_fork() -> None:
+    """In a forked child, every Producer inherited refuses to be used (`Producer._check_process`); its plain
+    `put` loses its lock-free path, which would take records nothing sends."""
+    for producer in list(_LIVE):
+        producer._forked = True
+        producer._put_fast = None
+
+
+os.register_at_fork(after_in_child=_after_fork)
