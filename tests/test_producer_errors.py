@@ -64,6 +64,16 @@ def test_a_timeout_says_whether_the_writer_runs(tmp_path: Path, writers) -> None
         finally:
             writer.resume()
         assert future.result(30) == 2
+    producer = walsvc.Producer(d)
+    writer.pause()
+    try:
+        future = producer.put(b"late", b"v")
+        with pytest.raises(AckTimeoutError, match="still unacknowledged after 0.3 s"):
+            producer.close(0.3)  # documented: closed all the same, the record failed
+        with pytest.raises(walsvc.LogClosedError, match="closed before the writer acknowledged"):
+            future.result(0)
+    finally:
+        writer.resume()
 
 
 def test_put_many_checks_pairs_as_put_does_and_callbacks_run(tmp_path: Path, writers) -> None:

@@ -437,8 +437,10 @@ class Producer:
                 f"`walsvc serve --dir {self.directory}`")
 
     def close(self, timeout: float | None = 30.0) -> None:
-        """Flush (up to `timeout`), then stop the I/O thread.  Unacked records fail with LogClosedError; with
-        no writer running that is at once (ServiceUnavailableError), not after `timeout`."""
+        """Flush (up to `timeout`), then stop the I/O thread; the producer is closed whatever it raises, and
+        records still unacked fail with LogClosedError.  Raises AckTimeoutError (as `flush`) when records were
+        still unacked after `timeout`, ServiceUnavailableError at once (not after `timeout`) when no writer
+        runs, and LogClosedError in a forked child."""
         self._check_process()
         if self._closed:
             self._ctx.destroy(linger=0)  # closed by a failed I/O thread: the sockets are still ours to free
