@@ -184,15 +184,7 @@ def test_a_new_log_behind_a_reconnect_fails_what_it_does_not_hold():
     unanswered; 5 reached the new writer first (queued before its READY), so it started the id there.  2..4
     fail (maybe in the old log, not in this one); 5 resolves with the new log's LSN.  Before, 2..4 resolved
     as stored with unknown LSNs."""
-    h = Harness()
-    h.deliver(0)
-    h.submit("first")
-    h.send()
-    h.writer_step()
-    h.deliver(0)
-    for i in range(3):
-        h.submit(f"b{i}")
-    h.send()
+    h = Harness.after_a_first_ack([(f"b{i}", True) for i in range(3)])
     h.to_writer.clear()  # the old writer died with them
     h.w = ModelWriter()  # a new log at the same place
     h.submit("b3")
@@ -350,6 +342,20 @@ class Harness:
         self.to_writer: collections.deque[bytes] = collections.deque()  # PUSH keeps order; it may drop
         self.to_producer: list[P.Reply] = [ready()]
 
+    @classmethod
+    def after_a_first_ack(cls, batches: list[tuple[str, bool]]) -> "Harness":
+        """A session whose first batch was acked, then `batches` (name, good) submitted and sent."""
+        h = cls()
+        h.deliver(0)
+        h.submit("first")
+        h.send()
+        h.writer_step()
+        h.deliver(0)
+        for name, good in batches:
+            h.submit(name, good=good)
+        h.send()
+        return h
+
     def submit(self, name: str, good: bool = True) -> None:
         payload = encode_put(name.encode(), b"v") if good else b"\xff" * 8
         self.payloads[name] = payload
@@ -418,15 +424,7 @@ FATES = ("ack", "lost", "bad")  # the batch's reply arrives / is dropped / the b
 def test_every_combination_of_reply_fates(fates, order, resend):
     """Three batches in flight after a first ack; each one's reply is delivered, lost or a refusal, in order
     or reversed, with every batch sent once or twice (duplicates); then the network is faithful."""
-    h = Harness()
-    h.deliver(0)
-    h.submit("first")
-    h.send()
-    h.writer_step()
-    h.deliver(0)
-    for i, fate in enumerate(fates):
-        h.submit(f"b{i}", good=fate != "bad")
-    h.send()
+    h = Harness.after_a_first_ack([(f"b{i}", fate != "bad") for i, fate in enumerate(fates)])
     if resend:
         h.now += TIMEOUT
         h.s.tick(h.now)
