@@ -97,18 +97,25 @@ def _ttl(value: str) -> int:
     return ms
 
 
-def _interval(value: str) -> float:
-    """An argparse type for a wait or a period in seconds: more than 0 (0 is no wait, or a busy loop) and at
+def _positive(unit: str, per_second: int) -> Callable[[str], float]:
+    """An argparse type for a wait or a period in `unit`s: more than 0 (0 is no wait, or a busy loop) and at
     most what `time.sleep` and lock timeouts take (else OverflowError deep inside)."""
     import threading
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not 0 < seconds <= threading.TIMEOUT_MAX:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {threading.TIMEOUT_MAX:.0f} seconds, "
-                                         f"got {value}")
-    return seconds
+    most = threading.TIMEOUT_MAX * per_second
+
+    def parse(value: str) -> float:
+        try:
+            n = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of {unit}, not {value!r}") from None
+        if not 0 < n <= most:
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {most:.0f} {unit}, got {value}")
+        return n
+    return parse
+
+
+_interval = _positive("seconds", 1)
+_interval_ms = _positive("milliseconds", 1000)
 
 
 def _load(args: argparse.Namespace, **overrides: Any) -> C.Config:
@@ -565,18 +572,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(argv) or 0
 
 
-def _age(value: str) -> float:
-    """An argparse type for a stream setting in seconds where 0 means none: 0 or more, and finite."""
-    import math
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {value!r}") from None
-    if not (seconds >= 0 and math.isfinite(seconds)):
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {value}")
-    return seconds
-
-
 def _time(value: str) -> int:
     """ISO 8601 (a time without a zone is local time) -> µs since the epoch.  Every failure is an
     ArgumentTypeError: argparse turns a bare ValueError into "invalid _time value" and lets others through."""
@@ -742,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create", action="store_true", help="create the stream if it does not exist")
     p.add_argument("--replicas", type=_count, default=3, help="replicas of a created stream (default 3)")
     p.add_argument("--retention", default="limits", choices=["limits", "interest", "workqueue"])
-    p.add_argument("--max-age", type=_age, default=0.0, help="created stream's max age in seconds (0: none)")
+    p.add_argument("--max-age", type=_seconds, default=0.0, help="created stream's max age in seconds (0: none)")
     p.add_argument("--duplicate-window", type=_interval, default=120.0, help="created stream's dedup window, s")
     p.add_argument("--shared-stream", action="store_true",
                    help="others publish to the stream too: no Nats-Expected-Last-Msg-Id order check")
@@ -750,7 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for NATS and the stream at start before giving up (default 60)")
     p.add_argument("--window", type=_count, default=256, help="publishes in flight (default 256)")
     p.add_argument("--ack-timeout", type=_interval, default=5.0, help="seconds to wait for a PubAck (default 5)")
-    p.add_argument("--commit-interval-ms", type=_interval, default=200.0, help="cursor commit interval (default 200)")
+    p.add_argument("--commit-interval-ms", type=_interval_ms, default=200.0, help="cursor commit interval (default 200)")
     p.add_argument("--from", dest="start", type=_start, default="earliest", help="start of a new cursor")
     p.add_argument("--once", action="store_true", help="exit once everything committed at start is mirrored")
     p.set_defaults(func=cmd_mirror)
