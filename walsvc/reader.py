@@ -310,10 +310,9 @@ class GroupReader(Reader):
     it straight from the files, as any reader does.  The writer decides who gets what (walsvc/group.py); a
     consumer that dies or stalls past `lease_ms` loses its range to the next consumer that claims.
 
-    See `walsvc.Reader` for the options it shares.  `max_records` bounds one
-    claimed range; `lease_ms` is how long the group waits for its ack before giving the range to another.
-    These two, `start` and `recheck_s` take their defaults from the `[reader]` section of a given Config or
-    config file."""
+    See `walsvc.Reader` for the options it shares.  `max_records` bounds one claimed range; `lease_ms` is how
+    long the group waits for its ack before giving the range to another.  These two, `start` and `recheck_s`
+    take their defaults from the `[reader]` section of a given Config or config file."""
 
     def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str | None = None, *,
                  group: str, consumer: str, max_records: int | None = None, lease_ms: int | None = None,
