@@ -346,3 +346,25 @@ def test_a_reader_across_a_stop_and_a_restart_never_returns_a_cut_record(tmp_pat
             while len(later) < 3 and time.monotonic() < deadline:
                 later += [(r.lsn, r.value) for r in reader.poll(0.1)]
         assert later == [(5, b"after"), (6, b"after"), (7, b"after")]
+
+
+def test_bytes_past_the_committed_bound_are_read_again_not_kept(tmp_path: Path) -> None:
+    """A tailing reader stops at its bound with the next frame already in its buffer (written, not yet
+    committed).  The writer stops, and a new one's recovery cuts that frame and writes 5-7 over its bytes; a
+    bound from the new writer's COMMIT arrives without a HEAD read in between (`wake="commit"`), so nothing
+    tells the reader that the writer changed.  It must return 5-7, never the cut LSN 4 from its old buffer."""
+    d = tmp_path / "wal"
+    log = Log.open(d, fsync="always", fsync_thread=False)  # LSN 4 stays uncommitted: nobody syncs it
+    log.append_batch([Record.put(b"k%d" % i, b"committed") for i in range(3)])
+    log.sync()
+    log.append_encoded(walsvc.record.encode_many([Record.put(b"k3", b"NACKED")], 1 << 20), 1, wait=False)
+    bound = [3]
+    reader = LogReader(d, 1, bound=lambda: bound[0])
+    assert [(r.lsn, r.value) for r in reader] == [(1, b"committed"), (2, b"committed"), (3, b"committed")]
+    log.stop("fdatasync (on a test's behalf)", OSError(5, "Input/output error"))
+    log.close()
+    with Log.open(d, fsync="always") as log:
+        assert log.append_batch([Record.put(b"new%d" % i, b"after") for i in range(3)]) == [5, 6, 7]
+        bound[0] = 7
+        assert [(r.lsn, r.value) for r in reader] == [(5, b"after"), (6, b"after"), (7, b"after")]
+    reader.close()

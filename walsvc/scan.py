@@ -303,6 +303,10 @@ class LogReader:
             out.extend(records)
             if self._cap is not None and self.next_lsn > self._cap:
                 break  # all that is committed is read: looking further would only re-read the file's end
+        if self._seg is not None and self._cap is not None and self.next_lsn > self._cap:
+            # Buffered bytes past the bound were written, not committed: a new writer's recovery may cut them
+            # and write others there, and a bound from its COMMIT comes with no HEAD read to tell us.
+            self._seg.scanner.rewind(self._seg.scanner.offset)
         return out
 
     def _step(self, bound: int | None) -> list[Record] | None:
@@ -322,7 +326,7 @@ class LogReader:
                     return []
                 return None
             if self._cap is not None and h.base_lsn > self._cap:
-                seg.scanner.offset = off
+                seg.scanner.rewind(off)  # what follows is not committed: see the end of read_batch
                 return None
             if h.end_lsn <= self.next_lsn:
                 return []

@@ -257,6 +257,11 @@ class FrameScanner:
         self.view_buf, self.view_pos = self._buf, rel
         return memoryview(self._buf)[rel:rel + n]
 
+    def rewind(self, offset: int) -> None:
+        """Scan from `offset` again, reading its bytes afresh from the file (the buffer is forgotten)."""
+        self.offset = offset
+        self._buf, self._buf_at = b"", offset
+
     def take_data_frame(self, next_lsn: int, bound: int | None, max_record_bytes: int) -> tuple[list, int, int] | None:
         """The next frame in one compiled call, when it is a DATA frame that lies whole in the chunk buffer (read
         from the file first if the buffer does not reach its header), passes its CRCs, starts at or below
