@@ -338,36 +338,14 @@ def test_close_while_a_caller_receives(tmp_path: Path, writers) -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], LogClosedError), outcome
 
 
-class _BoundWatchingReader(walsvc.Reader):
-    """Notes every bound the reader reads up to, with HEAD's committed LSN read from the file right after,
-    and how many bounds came from HEAD itself (the code under test is unchanged)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.bounds: list[tuple[int, int]] = []
-        self.head_reads = 0
-        super().__init__(*args, **kwargs)
-
-    def _read_head(self) -> int | None:
-        self.head_reads += 1
-        return super()._read_head()
-
-    def _bound(self) -> int | None:
-        bound = super()._bound()
-        head = H.load(self.directory)
-        if bound is not None and head is not None:
-            self.bounds.append((bound, head.committed_lsn))
-        return bound
-
-
 @pytest.mark.parametrize("wake", ["commit", "auto"])
-def test_a_reader_reads_up_to_the_commit_that_woke_it_never_past_head(tmp_path: Path, writers, wake: str) -> None:
-    """A tailing reader's bound is never past the committed LSN HEAD holds, and it sees every record once, in
-    order, whatever wakes it.  Woken by COMMIT messages it takes most bounds from them (fewer HEAD reads than
-    reads); woken by the HEAD watch it reads HEAD for each."""
+def test_a_reader_sees_every_record_once_in_order_whatever_wakes_it(tmp_path: Path, writers, wake: str) -> None:
+    """A tailing reader woken by COMMIT messages or by the HEAD watch, polled while the producer goes on,
+    sees every record once, in order, each within 10 s of its ack."""
     d = tmp_path / "wal"
     writer = writers(d, fsync="os").start()
     total = 400
-    with _BoundWatchingReader(d, "earliest", wake=wake) as reader, walsvc.Producer(d) as producer:
+    with walsvc.Reader(d, "earliest", wake=wake) as reader, walsvc.Producer(d) as producer:
         assert reader.woken_by == ("commit" if wake == "commit" else "head")
         got: list[int] = []
         for i in range(total):
@@ -380,13 +358,6 @@ def test_a_reader_reads_up_to_the_commit_that_woke_it_never_past_head(tmp_path: 
         while len(got) < total:
             got.extend(r.lsn for r in reader.poll(10))
     assert got == list(range(1, total + 1))
-    past = [(bound, head) for bound, head in reader.bounds if bound > head]
-    assert not past, f"bounds past HEAD's committed LSN: {past[:5]}"
-    from_commits = len(reader.bounds) - reader.head_reads
-    if wake == "commit":
-        assert from_commits > len(reader.bounds) // 4, (len(reader.bounds), reader.head_reads)
-    else:
-        assert from_commits <= 1, (len(reader.bounds), reader.head_reads)
     assert writer.stop() == 0
 
 

@@ -1,8 +1,8 @@
 """The service's tailing reader: reads the files itself (walsvc/scan.py), woken by the writer's commits.
 
-Its bound is the committed LSN: from HEAD, or from the writer's COMMIT message when one woke it (the writer
-updates HEAD before it publishes, so a COMMIT never names more than HEAD already says).  What wakes it is
-walsvc/wakeup.py's choice: the writer's rewrite of HEAD (inotify) or its COMMIT message.  A missed or late
+Its bound is the committed LSN, read from HEAD after every wake-up.  What wakes it is walsvc/wakeup.py's
+choice: the writer's rewrite of HEAD (inotify) or its COMMIT message; either way HEAD also names the writer,
+and a new one means the bytes past the old one's commits may have been cut and written over.  A missed or late
 wake-up costs at most `recheck_s`, after which HEAD is read again.  A named reader keeps a durable cursor,
 and `Reader(group=...)` is a consumer of a group instead (`GroupReader`, at the end of this module: it is a
 reader that claims its ranges from the writer before it reads them).
@@ -84,10 +84,10 @@ class Reader:
     defaults of `start`, `wake` and `recheck_s` (a keyword argument wins over the file).  The record and batch
     limits default to the largest the writer (ENDPOINTS), the config or the defaults allow.  A
     named reader (`name=`) resumes after its stored cursor and feeds retention with `commit(lsn)`.  The bound
-    is the committed LSN: the one a COMMIT message carries when one woke the reader (HEAD said as much before
-    the writer sent it), else HEAD's, reread at least every `recheck_s` (50 ms by default) while idle, so
-    a missed or late wake-up costs at most that.  `wake` chooses what wakes it: "auto" (the default) watches
-    HEAD with inotify where it can, "commit" subscribes to the writer's COMMIT messages (walsvc/wakeup.py).
+    is HEAD's committed LSN, read after each wake-up and at least every `recheck_s` (50 ms by default) while
+    idle, so a missed or late wake-up costs at most that.  `wake` chooses what wakes it: "auto" (the default)
+    watches HEAD with inotify where it can, "commit" subscribes to the writer's COMMIT messages
+    (walsvc/wakeup.py).
     With no writer running `offline` is True and the reader reads what the next open will keep; damage short
     of that end raises CorruptionError (see `LogReader._check_offline_stop`).
     """
@@ -113,7 +113,6 @@ class Reader:
         self.wake = settings.wake
         self.offline = True
         self.last_head: Head | None = None
-        self._woken = 0  # the highest committed LSN COMMIT messages carried, not yet used as a bound
         self._known = 0  # the highest committed LSN seen, from HEAD or a COMMIT
         self._checked_at = 0.0  # monotonic time of the last HEAD read
         self._wakeup: Wakeup | None = None
@@ -127,7 +126,7 @@ class Reader:
                 stored = cursor.load(self.directory, self.name)
                 if stored is not None:
                     start = stored + 1
-            self._log = LogReader(self.directory, start, bound=self._bound, written_end=self._written_end,
+            self._log = LogReader(self.directory, start, bound=self._read_head, written_end=self._written_end,
                                   max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
         except BaseException:
             if self._cursor_lock is not None:
@@ -191,14 +190,6 @@ class Reader:
         self._known = max(self._known, h.committed_lsn)
         return h.committed_lsn
 
-    def _bound(self) -> int | None:
-        """The bound of one read: the committed LSN of the COMMIT that woke us, without reading HEAD (which
-        already said as much when the writer sent it), else HEAD's."""
-        woken, self._woken = self._woken, 0
-        if woken and not self.offline and woken >= self._log.next_lsn:
-            return woken
-        return self._read_head()
-
     def _written_end(self) -> tuple[int, int] | None:
         """Where the writer's frames end in the active segment, for the scan limit: from HEAD, read again
         if the one we have predates the commit we read up to (the writer updated HEAD before the COMMIT)."""
@@ -218,8 +209,6 @@ class Reader:
     def _news(self, committed: int) -> bool:
         """Note a COMMIT's LSN (0: unreadable); True if it names a record we have not read (or is unreadable)."""
         self._known = max(self._known, committed)
-        if committed >= self._log.next_lsn:
-            self._woken = max(self._woken, committed)
         return committed == 0 or committed >= self._log.next_lsn
 
     @property
