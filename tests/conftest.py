@@ -36,6 +36,7 @@ CODEC_BUILD_ERROR = _build_record_codec()
 
 from walsvc import Log, Record  # noqa: E402
 from walsvc import frame as F  # noqa: E402
+from walsvc import head as H  # noqa: E402
 from walsvc.segment import list_segments  # noqa: E402
 
 # The suite runs under umask 077, as a careful operator's shell would: a file a test puts into a log directory
@@ -164,6 +165,17 @@ def zero_from(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(b"\0" * (size - offset))
+
+
+def rewind_head(directory: Path, committed_lsn: int) -> None:
+    """Make HEAD say what it said when `committed_lsn` was the last commit (committed and durable), with no
+    writer: the HEAD a crash leaves while later batches are still being written.  A test that tears those
+    batches needs it, since no crash leaves a HEAD that calls torn batches committed and fsynced."""
+    head = H.load(directory)
+    assert head is not None and head.committed_lsn >= committed_lsn
+    with open(directory / H.NAME, "r+b") as f:
+        f.write(H.encode(H.Head(committed_lsn, 0, head.active_base_lsn, head.active_end,
+                                min(head.durable_lsn, committed_lsn))))
 
 
 def python_env() -> dict[str, str]:

@@ -5,18 +5,24 @@ What "LSNs are never reused" means here (asserted below):
   handed out by the writer, so every later append gets an LSN above the torn batch's last LSN, also after
   further restarts;
 - if the header did not survive, nothing on disk says which LSNs it had, so the next append continues right
-  after the last intact batch (those LSNs never reached a reader or an acknowledged producer).
+  after the last intact batch (those LSNs never reached a reader or an acknowledged producer);
+- unless HEAD called them committed: then they may have reached both, and the next append gets an LSN above
+  HEAD's committed LSN (a loss refused as damage if HEAD says they were fsynced).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import MiB, check_records, fill, flip_bit, frame_offsets, key_for, segment_paths, value_for, zero_from
+from conftest import (MiB, check_records, fill, flip_bit, frame_offsets, key_for, rewind_head, segment_paths, value_for,
+                      zero_from)
+from helpers import run_all
+import walsvc
 from walsvc import Log, LogReader, Record
 from walsvc import frame as F
 from walsvc.errors import CorruptionError
@@ -62,8 +68,11 @@ def test_torn_tail_at_every_byte_of_last_batch(tmp_path):
     assert last_h.base_lsn == 4 and last_h.count == 3
     previous = [lsn for batch in lsns[:-1] for lsn in batch]
     handed_out_end = lsns[-1][-1] + 1  # one past any LSN ever returned
+    rewind_head(directory, previous[-1])  # the crash came while the last batch was being written
+    head = (directory / "HEAD").read_bytes()
     for k in range(last_h.size + 1):
         path.write_bytes(pristine)
+        (directory / "HEAD").write_bytes(head)
         zero_from(path, last_off + k)
         with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
             info = log.recovery
@@ -129,6 +138,7 @@ def test_torn_tail_without_preallocation(tmp_path):
     last_off, last_h = frame_offsets(path)[-1]
     assert path.stat().st_size == last_off + last_h.size  # not preallocated: the file ends with the data
     pristine = path.read_bytes()
+    rewind_head(directory, lsns[0][-1])  # the crash came while the last batch was being written
     for k in (1, 30, F.FRAME_HEADER_SIZE, last_h.size - 1):
         path.write_bytes(pristine[:last_off + k])
         with Log.open(directory, segment_bytes=MiB, fsync="os", preallocate=False) as log:
@@ -146,6 +156,7 @@ def test_append_batch_is_atomic(tmp_path):
     frames = frame_offsets(path)
     assert len(frames) == 2 and frames[1][1].count == 10
     off, h = frames[1]
+    rewind_head(directory, lsns[0][-1])  # the crash came while the second batch was being written
     pristine = path.read_bytes()
     for k in range(1, h.size, 17):
         path.write_bytes(pristine)
@@ -167,6 +178,7 @@ def test_recovery_property_cut_inside_last_batch(tmp_path_factory, batches, data
     last_off, last_h = frame_offsets(path)[-1]
     k = data.draw(st.integers(0, last_h.size - 1), label="cut")
     zero_from(path, last_off + k)
+    rewind_head(directory, lsns[-1][0] - 1)  # the crash came while the last batch was being written
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         expected = [lsn for batch in lsns[:-1] for lsn in batch]
         got = list(log.read())
@@ -210,6 +222,7 @@ def test_segment_whose_header_never_reached_disk_is_dropped(tmp_path, open_log):
     last = paths[-1]
     zero_from(last, 0)
     before = list(range(1, int(last.name[:20])))
+    rewind_head(tmp_path / "wal", before[-1])
     log = open_log()
     assert not log.recovery.torn_tail and log.recovery.corruption is None
     assert _lsns(list(log.read())) == before
@@ -514,3 +527,54 @@ def test_cutting_again_after_a_crash_keeps_the_first_cuts_evidence(tmp_path: Pat
     Log.open(d, fsync="always").close()
     saved = sorted((d / QUARANTINE).iterdir())
     assert len(saved) == 2 and b"NACKED-evidence" in saved[0].read_bytes(), saved
+
+
+def _acked_then_lost(tmp_path: Path, writers, fsync: str) -> Path:
+    """Ten records acked by a writer under `fsync`, the writer killed, then the last frame's bytes gone from
+    the file: what a crash of the OS leaves when that page never reached the disk."""
+    d = tmp_path / "wal"
+    writer = writers(d, fsync=fsync).start()
+    with walsvc.Producer(d) as producer:
+        assert [producer.put(b"k%d" % i, b"v" * 100).result(30) for i in range(10)] == list(range(1, 11))
+    writer.kill9()
+    path = segment_paths(d)[-1]
+    offset, last = frame_offsets(path)[-1]
+    assert last.base_lsn == 10
+    zero_from(path, offset)
+    return d
+
+
+def test_lsns_committed_under_os_and_lost_in_a_crash_are_never_handed_out_again(tmp_path: Path, writers) -> None:
+    """Under `os` a commit is a write to the page cache: a crash of the OS may take it, as the policy allows.
+    But LSN 10 was acked, and readers, cursors and a mirror may have it; the next writer must not give LSN 10
+    to another record (a mirror would drop the new one as a duplicate of the old).  status and verify say
+    what was lost and call the log healthy; the next open skips to LSN 11."""
+    d = _acked_then_lost(tmp_path, writers, "os")
+    status, verify, status_json = run_all(["status", "--dir", str(d)],
+                                          ["verify", "--dir", str(d)],
+                                          ["status", "--dir", str(d), "--json"])
+    assert status.returncode == 0 and "lost: LSNs 10 to 10 were committed" in status.stdout, status
+    assert verify.returncode == 0, verify
+    assert "LSNs 10..10 were committed (HEAD) but the log's data ends" in verify.stdout, verify.stdout
+    assert json.loads(status_json.stdout)["lost"] == {"first_lsn": 10, "last_lsn": 10}
+    with Log.open(d, fsync="os") as log:
+        assert log.recovery.lost_lsns == (10, 11)
+        assert log.append_batch([Record.put(b"after", b"crash")]) == [11]
+    assert [r.lsn for r in LogReader(d)] == list(range(1, 10)) + [11]
+
+
+def test_lsns_fsynced_and_then_missing_are_refused_as_damage(tmp_path: Path, writers) -> None:
+    """Under `always` HEAD says LSN 10 was fsynced, so its loss is not a crash but damage (a disk that lied,
+    a file changed by hand): the open refuses and changes no byte, status says DAMAGED and verify reports it.
+    on_corruption = "truncate" starts without it, and LSN 10 is not handed out again."""
+    d = _acked_then_lost(tmp_path, writers, "always")
+    before = segment_paths(d)[-1].read_bytes()
+    status, verify = run_all(["status", "--dir", str(d)], ["verify", "--dir", str(d)])
+    assert status.returncode == 1 and "DAMAGED: LSNs 10..10 were committed and fsynced" in status.stdout, status
+    assert verify.returncode == 1 and "committed records are missing" in verify.stdout, verify
+    with pytest.raises(CorruptionError, match=r"LSNs 10\.\.10 were committed and fsynced"):
+        Log.open(d, fsync="always")
+    assert segment_paths(d)[-1].read_bytes() == before
+    with Log.open(d, fsync="always", on_corruption="truncate") as log:
+        assert log.recovery.lost_lsns == (10, 11)
+        assert log.append_batch([Record.put(b"after", b"damage")]) == [11]

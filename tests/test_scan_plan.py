@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import key_for, value_for
+from conftest import key_for, rewind_head, value_for
 from walsvc import Log, LogReader, Record
 from walsvc import frame as F
 from walsvc import head as H
 from walsvc.errors import CorruptionError
 from walsvc.record import decode_payload, encode_many
 from walsvc.repair import (NOT_SEALED, Cut, FinishSeal, Keep, Refuse, SegmentScan, StopKind, Verdict, WriteSeal,
-                           header_lost, plan_segment)
+                           header_lost, lost_after, plan_segment)
 from walsvc.scan import scan_segment
 from walsvc.segment import bytes_reader, segment_name, valid_headers
 from walsvc.verify import verify
@@ -351,6 +351,8 @@ def test_recovery_and_verify_follow_the_same_plan(tmp_path_factory, sizes, data)
     at = HEADER + sum(map(len, frames[:victim])) + data.draw(st.integers(0, len(frames[victim]) - 1), label="byte")
     img[at] ^= 0x04
     path.write_bytes(bytes(img))
+    # The HEAD a crash left: it may name any commit up to the last (then the damage is to fsynced records).
+    rewind_head(directory, data.draw(st.integers(0, sum(sizes)), label="HEAD's committed LSN"))
     head = H.load(directory)
     plan = _plan(img, durable=head.durable_lsn if head is not None else None)
     report = verify(directory)
@@ -359,6 +361,13 @@ def test_recovery_and_verify_follow_the_same_plan(tmp_path_factory, sizes, data)
         with pytest.raises(CorruptionError) as exc:
             Log.open(directory, preallocate=False)
         assert exc.value.offset == plan.action.offset
+        return
+    lost = lost_after(max(plan.action.next_lsn, _scan(img).expected), head.committed_lsn, head.durable_lsn)
+    if lost is not None and lost.durable:  # the log was closed: a cut would lose fsynced, acked records
+        assert not report.ok
+        with pytest.raises(CorruptionError, match="were committed and fsynced"):
+            Log.open(directory, preallocate=False)
+        assert path.read_bytes() == bytes(img)
         return
     with Log.open(directory, preallocate=False) as log:
         assert log.recovery.torn_tail == (plan.verdict is Verdict.TORN)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import flip_bit, frame_offsets, zero_from
+from conftest import flip_bit, frame_offsets, rewind_head, zero_from
 from helpers import run_all, run_cli
 
 import walsvc
@@ -60,6 +60,7 @@ def test_a_torn_tail_in_the_newest_segment_is_not_damage(tmp_path: Path, tear: s
     d = tmp_path / "wal"
     seg = six_batches(d)
     last = frame_offsets(seg)[-1][0]
+    rewind_head(d, 5)  # the crash came while LSN 6 was being written
     if tear == "truncated":
         os.truncate(seg, last + 20)
     else:
@@ -80,6 +81,7 @@ def test_status_shows_a_log_that_stopped_on_an_error(tmp_path: Path) -> None:
     d = tmp_path / "wal"
     seg = six_batches(d)
     stopped.write(d, stopped.Stopped(4, "fdatasync failed on 00000000000000000001.wal (EIO)"))
+    rewind_head(d, 4)  # a stopped log's HEAD never names more than its stop record
     flip_bit(seg, frame_offsets(seg)[4][0])  # LSN 5: written after the stop, never committed
     text, js, tail = run_all(["status", "--dir", d], ["status", "--dir", d, "--json"],
                              ["tail", "--dir", d, "--from", "6"])

@@ -118,6 +118,11 @@ class Log:
         self.segments_deleted = 0
         self._pipeline = Pipeline(self._prepare_spare, lambda op, exc: self._syncer.fail(op, None, exc),
                                   lambda: self._syncer.failed)
+        if self.recovery.lost_lsns is not None:
+            first, end = self.recovery.lost_lsns
+            logger.warning("%s: LSNs %d..%d were committed but are not on disk (lost in a crash, or cut as "
+                           "damage); they are never handed out again", directory, first, end - 1)
+            self.skip_to(end)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,

@@ -32,8 +32,9 @@ from . import stopped
 from .access import make_dir, open_file
 from .errors import CorruptionError, Location, MissingSegmentError, RecordError
 from .fsync import pwrite_all, sync_data, sync_dir
+from .head import Head
 from .head import load as load_head
-from .repair import Cut, FinishSeal, Plan, Refuse, Verdict, WriteSeal, header_lost, plan_segment
+from .repair import Cut, FinishSeal, Lost, Plan, Refuse, Verdict, WriteSeal, header_lost, lost_after, plan_segment
 from .scan import scan_segment
 from .segment import (SCAN_CHUNK, ActiveSegment, FrameScanner, is_zero_from, list_segments, now_us, read_header,
                       read_seal, seal_segment, seal_table, segment_name, truncate_and_reserve)
@@ -59,6 +60,10 @@ class RecoveryInfo:
     quarantined: list[str] = field(default_factory=list)
     skipped_lsns: tuple[int, int] | None = None  # [first, end) of a torn batch whose LSNs are never reused
     cut_after_stop: int | None = None  # the log had stopped (STOPPED): everything after this LSN was cut
+    # [first, end) of LSNs HEAD called committed that are not on disk (acked under `os`, then a crash of the
+    # OS): the writer never hands them out again, or a reader, cursor or mirror that had them would take a
+    # new record for the old one
+    lost_lsns: tuple[int, int] | None = None
     first_lsn: int = 1
     last_lsn: int = 0
     duration_s: float = 0.0
@@ -75,6 +80,9 @@ class RecoveryInfo:
             parts.append(f"the log had stopped on an error: what was written after LSN {self.cut_after_stop} was "
                          f"never committed and is cut ({self.bytes_truncated} bytes; quarantined "
                          f"{self.quarantined})")
+        if self.lost_lsns is not None:
+            parts.append(f"LSNs {self.lost_lsns[0]}..{self.lost_lsns[1] - 1} were committed but are not on disk "
+                         "(lost in a crash, or cut as damage); they are never handed out again")
         return "recovered " + ", ".join(parts)
 
 
@@ -145,6 +153,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
         if not segments:  # the log starts again where that segment would have (retention may have run)
             _forget_stop(directory)
             state.next_lsn = info.first_lsn = dropped
+            info.lost_lsns = _check_lost(head, dropped, cfg)
             info.duration_s = time.perf_counter() - started
             return info, state
     segments = _cut_after_stop(directory, segments, cfg, info)
@@ -206,6 +215,9 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
                 continue
             if isinstance(action, Refuse):
                 raise refusal(plan, action, path)
+            if is_last or (isinstance(action, Cut) and action.quarantine_later):
+                # The log ends here: refuse a loss of fsynced records before cutting a byte.
+                _check_lost(head, max(scan.expected, action.next_lsn if isinstance(action, Cut) else 0), cfg)
             if isinstance(action, Cut):
                 expected = _apply_cut(directory, path, seg, scan.expected, plan, action, later, info, cfg)
             else:
@@ -219,8 +231,28 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if fd >= 0 and not keep_fd:
                 os.close(fd)
     state.next_lsn = expected
+    info.lost_lsns = _check_lost(head, expected, cfg)
     info.duration_s = time.perf_counter() - started
     return info, state
+
+
+def head_lost(head: Head | None, next_lsn: int) -> Lost | None:
+    """`repair.lost_after` for a log whose data ends before `next_lsn`, with HEAD's word (None: no HEAD)."""
+    return lost_after(next_lsn, head.committed_lsn, head.durable_lsn) if head is not None else None
+
+
+def _check_lost(head: Head | None, next_lsn: int, cfg: LogConfig) -> tuple[int, int] | None:
+    """The LSNs HEAD calls committed that the data does not reach, [first, end); refused (unless
+    on_corruption = "truncate") when HEAD calls them fsynced too (a lying disk, a file changed by hand)."""
+    lost = head_lost(head, next_lsn)
+    if lost is None:
+        return None
+    if lost.durable and cfg.on_corruption != "truncate":
+        raise CorruptionError(f"LSNs {lost.first}..{lost.end - 1} were committed and fsynced (HEAD's durable LSN is "
+                              f"{head.durable_lsn}), but the log's data ends before them: the disk lost "
+                              "acknowledged writes; `walsvc verify` shows the log, and on_corruption = \"truncate\" "
+                              "starts without them (their LSNs are never handed out again)")
+    return lost.first, lost.end
 
 
 def _cut_after_stop(directory: Path, segments: list[tuple[int, Path]], cfg: LogConfig,

@@ -182,6 +182,27 @@ def verdict(stop: Stop | None, expected: int, is_last: bool, durable_lsn: int | 
     return classify(stop, stop.zeros_after, stop.valid_frame_after, is_last, beyond_durable(expected, durable_lsn))
 
 
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """LSNs [first, end) that HEAD calls committed, past where the log's data ends."""
+    first: int
+    end: int
+    durable: bool  # HEAD calls some of them fsynced too: a disk that honours fsync never loses those
+
+
+def lost_after(next_lsn: int, committed_lsn: int | None, durable_lsn: int | None) -> Lost | None:
+    """What a log whose data ends before `next_lsn` lost of what HEAD says (None: nothing).
+
+    Under `os` a commit is a write to the page cache, which a crash of the OS can take: readers, cursors and
+    mirrors may know those LSNs, so they are never handed out again.  Under `always` and `batch` HEAD also
+    calls them durable, and losing them is damage, not a crash.  HEAD is not fsynced with every commit, so
+    this is what the HEAD that reached the disk knew.
+    """
+    if committed_lsn is None or committed_lsn < next_lsn:
+        return None
+    return Lost(next_lsn, committed_lsn + 1, durable_lsn is not None and durable_lsn >= next_lsn)
+
+
 def header_lost(base_lsn: int, zeros_after_header: bool, durable_lsn: int | None) -> bool:
     """Whether the newest segment, whose header does not decode, holds nothing a crash must keep (recovery
     then deletes it, or quarantines it if it holds any bytes; readers treat it as absent).

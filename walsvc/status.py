@@ -49,11 +49,11 @@ def offline_status(directory: Path, live_head: Head | None = None) -> dict[str, 
     """
     from .cursor import lag_rows, load_all
     from .logid import load as load_log_id
-    from .recovery import offline_end
+    from .recovery import head_lost, offline_end
     from .segment import list_segments
     segments = list_segments(directory)
     head = live_head or HeadReader(directory).read()
-    damage = torn = stop = None
+    damage = torn = stop = lost = None
     if live_head is not None:
         last = live_head.committed_lsn
     else:
@@ -61,11 +61,18 @@ def offline_status(directory: Path, live_head: Head | None = None) -> dict[str, 
         last, torn = end.committed_lsn, end.torn_tail
         if end.damage is not None:
             damage = end.damage.location.after(end.damage.detail)
+        else:
+            lost = head_lost(head, last + 1)
+            if lost is not None and lost.durable:
+                damage = (f"LSNs {lost.first}..{lost.end - 1} were committed and fsynced (HEAD's durable LSN is "
+                          f"{head.durable_lsn}) but are not on disk")
+                lost = None
         if end.stop is not None:
             stop = {"committed_lsn": end.stop.committed_lsn, "reason": end.stop.reason}
     return {"writer": "offline", "directory": str(directory), "log_id": load_log_id(directory),
             "first_lsn": segments[0][0] if segments else 1, "committed_lsn": last,
             "head_committed_lsn": head.committed_lsn if head else None, "damage": damage, "torn_tail": torn,
+            "lost": {"first_lsn": lost.first, "last_lsn": lost.end - 1} if lost else None,
             "stopped_at": stop, "segments": len(segments), "bytes": sum(p.stat().st_size for _, p in segments),
             "cursors": lag_rows(load_all(directory), last)}
 
@@ -149,6 +156,11 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
                      "cuts what was written after it")
     if st.get("torn_tail"):
         lines.append(f"torn tail: {st['torn_tail']}; the next start cuts it (what a crash leaves, not damage)")
+    lost = st.get("lost")
+    if lost:
+        lines.append(f"lost: LSNs {lost['first_lsn']:,} to {lost['last_lsn']:,} were committed (HEAD says so) but "
+                     "the log's data ends before them: never fsynced (fsync \"os\"), a crash lost or tore them; the "
+                     "next start never hands them out again")
     lines.append(f"segments: {st['segments']:,}, {_bytes(st['bytes'])}")
     if w in ("running", "stopped"):
         c = st.get("counters", {})

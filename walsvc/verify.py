@@ -25,7 +25,7 @@ from .config import GiB
 from .errors import ConfigError, CorruptionError, Location, MissingSegmentError, RecordError
 from .scan import LogReader, OpenSegment, examine_stop, resolve_start, scan_segment, stop_facts
 from .record import count_records, decode, record_dict
-from .recovery import QUARANTINE, header_lost_in, verify_sealed
+from .recovery import QUARANTINE, head_lost, header_lost_in, verify_sealed
 from .repair import (NOT_SEALED, Cut, Plan, Refuse, SegmentScan, Stop, Verdict, WriteSeal, header_lost, plan_segment,
                      seal_unfinished)
 from .segment import (SUFFIX, ScanStop, find_valid_header, is_zero_from, list_segments, read_header, read_seal,
@@ -245,9 +245,15 @@ class _Verifier:
             if i == newest and res.tail is not None:
                 r.tail, r.tail_segment, r.tail_offset = res.tail, path.name, res.tail_offset
         r.next_lsn = expected if segments else 1
-        if head is not None and expected is not None and head.committed_lsn >= expected:
-            self.problem(f"HEAD says LSN {head.committed_lsn} is committed, but the log's valid data ends below "
-                         f"LSN {expected}: committed records are missing")
+        lost = head_lost(head, expected) if expected is not None else None
+        if lost is not None and not r.live and not lost.durable:
+            r.notes.append(f"LSNs {lost.first}..{lost.end - 1} were committed (HEAD) but the log's data ends before "
+                           f"them: never fsynced (HEAD's durable LSN is {head.durable_lsn}), a crash lost or tore "
+                           "them, as fsync = \"os\" allows; the next start never hands them out again")
+        elif lost is not None:
+            self.problem(f"HEAD says LSN {head.committed_lsn} is committed"
+                         + ("" if r.live else f" and LSN {head.durable_lsn} durable")
+                         + f", but the log's valid data ends below LSN {expected}: committed records are missing")
         self.check_cursors()
         self.check_other_files()
         r.duration_s = time.perf_counter() - started
@@ -498,10 +504,10 @@ class _Verifier:
                 burned = f"; its LSNs {expected}..{plan.action.next_lsn - 1} will never be reused"
                 res.next_lsn = plan.action.next_lsn
             detail = f"torn tail: {plan.detail}; recovery cuts it at offset {where}{burned}"
-            if committed is not None and committed >= expected:
+            if live and committed is not None and committed >= expected:
                 res.issues.append(Problem(f"{detail}, but HEAD says LSN {committed} was committed", name, where,
                                           expected))
-            else:
+            else:  # with no writer, HEAD's committed LSN is judged once, against the log's end (run)
                 res.notes.append(f"{name} offset {where}: {detail}")
             return
         detail = plan.detail
