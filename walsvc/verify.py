@@ -99,7 +99,7 @@ class VerifyReport:
         if self.tail != "none":
             text.append(f"Tail of {self.tail_segment}: {self.tail} at offset {self.tail_offset}.")
         if self.gaps:
-            text.append("LSN gaps (never assigned to a record): "
+            text.append("LSN gaps (skipped: no record in the log has them): "
                         + ", ".join(f"{a}..{b - 1}" for a, b in self.gaps[:10])
                         + (f" and {len(self.gaps) - 10} more" if len(self.gaps) > 10 else "") + ".")
         text.extend(f"Problem: {p}." for p in self.problems)
