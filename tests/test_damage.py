@@ -126,6 +126,31 @@ def test_damage_mid_active_segment_stops_offline_readers(tmp_path, where):
     _cli_fails_naming(directory, path.name)
 
 
+def test_a_frame_whose_lsn_goes_backwards_stops_readers(tmp_path):
+    """Frame 8's header names LSN 13 instead of 8, with valid CRCs (a gap, which readers accept); frame 9 then
+    starts at LSN 9, below the next LSN 14: damage, as recovery and verify call it.  An offline reader hands
+    out LSNs 1-7 and 13, then raises there.  Before, it skipped frame 9's records as if seeking, read LSN 10
+    on and exited 0, while the next open refused the log."""
+    directory = tmp_path / "wal"
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        fill(log, 20, per_batch=1)
+    (path,) = segment_paths(directory)
+    frames = frame_offsets(path)
+    off, h = frames[7]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(F.encode_frame_header(h.kind, h.payload_len, h.count, h.base_lsn + 5, h.timestamp_us,
+                                      h.producer_id, h.producer_seq, h.payload_crc))
+    with LogReader(directory) as reader:
+        assert [r.lsn for r in reader.read_batch()] == [1, 2, 3, 4, 5, 6, 7, 13]
+        with pytest.raises(CorruptionError, match="goes backwards") as info:
+            reader.read_batch()
+    assert (info.value.segment, info.value.offset) == (path.name, frames[8][0])
+    _cli_fails_naming(directory, path.name)
+    with pytest.raises(CorruptionError, match="goes backwards"):
+        Log.open(directory, segment_bytes=MiB, fsync="os")
+
+
 def test_missing_middle_segment_is_a_hole_not_retention(tmp_path):
     directory = tmp_path / "wal"
     _sealed_log(directory, 4)

@@ -679,18 +679,19 @@ static PyObject *decode_frame_header(PyObject *Py_UNUSED(self), PyObject *args) 
     return new_tuple_of(cls, items, 8);
 }
 
-/* data_frame(buf, pos, end, next_lsn, bound, max_record_bytes) -> (records, frame size, end LSN, payload length)
- * | None.  A tailing reader's step (segment.FrameScanner.take_data_frame) in one call: the DATA frame at
- * buf[pos:] when it lies whole before `end`, passes its header and payload CRCs, starts at or below `bound`
- * (-1: none), ends past `next_lsn` and decodes with no compressed value; its records from `next_lsn` on.
+/* data_frame(buf, pos, end, next_lsn, bound, max_record_bytes[, min_base]) -> (records, frame size, end LSN,
+ * payload length) | None.  A tailing reader's step (segment.FrameScanner.take_data_frame) in one call: the DATA
+ * frame at buf[pos:] when it lies whole before `end`, passes its header and payload CRCs, starts at or below
+ * `bound` (-1: none) and at or above `min_base` (default 0), ends past `next_lsn` and decodes with no
+ * compressed value; its records from `next_lsn` on.
  * None for anything else: the Python scan then decides (a seal, a torn or damaged frame, one past the bound,
  * one the buffer does not hold whole) and names any fault. */
 static PyObject *data_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *obj;
     Py_ssize_t pos, end;
     long long next_lsn, bound;
-    unsigned long long max_bytes;
-    if (!PyArg_ParseTuple(args, "OnnLLK", &obj, &pos, &end, &next_lsn, &bound, &max_bytes)) return NULL;
+    unsigned long long max_bytes, min_base = 0;
+    if (!PyArg_ParseTuple(args, "OnnLLK|K", &obj, &pos, &end, &next_lsn, &bound, &max_bytes, &min_base)) return NULL;
     if (!record_type_bound()) return NULL;
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
@@ -701,7 +702,7 @@ static PyObject *data_frame(PyObject *Py_UNUSED(self), PyObject *args) {
     uint32_t payload_len = get_u32(p + 8), count = get_u32(p + 12);
     uint64_t base = get_u64(p + 16), end_lsn = base + count;
     if ((uint64_t)(end - pos - 56) < payload_len || base > (uint64_t)LLONG_MAX - count || next_lsn < 0 ||
-        end_lsn <= (uint64_t)next_lsn || (bound >= 0 && base > (uint64_t)bound) ||
+        end_lsn <= (uint64_t)next_lsn || base < min_base || (bound >= 0 && base > (uint64_t)bound) ||
         crc32c_fn(0, p + 56, payload_len) != get_u32(p + 48))
         goto decline;
     if (!(records = PyList_New(0)) || !(timestamp = PyLong_FromUnsignedLongLong(get_u64(p + 24)))) goto fail;

@@ -218,6 +218,9 @@ class LogReader:
         self.max_record_bytes = max_record_bytes
         self.max_batch_bytes = max_batch_bytes  # what one batch may decompress to, as its writer allowed
         self._seg: OpenSegment | None = None
+        # True while the scan may meet frames below next_lsn: after a seek lands on the indexed frame at or below
+        # it.  Once a frame reaches it, every later frame starts at or past the LSN before it (else: damage).
+        self._seeking = True
         self._cap: int | None = None  # the last LSN this read may return: the bound, or a stopped log's end
         self._retried = False
         self._batch_bytes = 0
@@ -236,6 +239,7 @@ class LogReader:
             return False
         self._seg = self._open(lsn, *segments[i])
         self._seg.seek(lsn)
+        self._seeking = True
         return True
 
     def _next_segment(self, next_lsn: int) -> bool:
@@ -313,8 +317,10 @@ class LogReader:
         """One frame: its wanted records ([] after skipping or changing segment), None when nothing more
         can be read now."""
         seg = self._seg
-        whole = seg.scanner.take_data_frame(self.next_lsn, self._cap, self.max_record_bytes)
+        whole = seg.scanner.take_data_frame(self.next_lsn, self._cap, self.max_record_bytes,
+                                            0 if self._seeking else self.next_lsn)
         if whole is not None:  # the common case in one compiled call; anything else goes the way below
+            self._seeking = False
             records, self.next_lsn, payload_len = whole
             self._batch_bytes += payload_len
             self._retried = False
@@ -328,6 +334,11 @@ class LogReader:
             if self._cap is not None and h.base_lsn > self._cap:
                 seg.scanner.rewind(off)  # what follows is not committed: see the end of read_batch
                 return None
+            if h.base_lsn < self.next_lsn and not self._seeking:  # a stop, as recovery's scan_segment makes it
+                seg.scanner.offset = off
+                seg.scanner.stop = ScanStop(off, RecordError(f"frame LSN {h.base_lsn} goes backwards (expected >= "
+                                                             f"{self.next_lsn})", offset=off, lsn=h.base_lsn), h)
+                break
             if h.end_lsn <= self.next_lsn:
                 return []
             try:
@@ -343,6 +354,7 @@ class LogReader:
                 seg.scanner.offset = off  # stay on the bad frame: a retry must raise again, not skip it
                 raise CorruptionError(f"undecodable batch: {exc.detail}", segment=seg.path.name, offset=off,
                                       lsn=h.base_lsn) from None
+            self._seeking = False
             self.next_lsn = h.end_lsn
             self._batch_bytes += h.payload_len
             self._retried = False

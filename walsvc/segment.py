@@ -262,12 +262,13 @@ class FrameScanner:
         self.offset = offset
         self._buf, self._buf_at = b"", offset
 
-    def take_data_frame(self, next_lsn: int, bound: int | None, max_record_bytes: int) -> tuple[list, int, int] | None:
+    def take_data_frame(self, next_lsn: int, bound: int | None, max_record_bytes: int,
+                        min_base: int = 0) -> tuple[list, int, int] | None:
         """The next frame in one compiled call, when it is a DATA frame that lies whole in the chunk buffer (read
         from the file first if the buffer does not reach its header), passes its CRCs, starts at or below
-        `bound`, ends past `next_lsn` and decodes: (its records from `next_lsn` on, its end LSN, its payload
-        length), the scan moved past it.  None for anything else, the scan where it was: iterating decides
-        and names any fault.  A tailing reader takes this step at every poll."""
+        `bound` and at or above `min_base`, ends past `next_lsn` and decodes: (its records from `next_lsn` on,
+        its end LSN, its payload length), the scan moved past it.  None for anything else, the scan where it
+        was: iterating decides and names any fault.  A tailing reader takes this step at every poll."""
         if _c is None or self.offset >= self.limit:
             return None
         rel = self.offset - self._buf_at
@@ -275,7 +276,7 @@ class FrameScanner:
             self._view(self.offset, F.FRAME_HEADER_SIZE)
             rel = 0
         got = _c.data_frame(self._buf, rel, self.limit - self._buf_at, next_lsn, -1 if bound is None else bound,
-                            max_record_bytes)
+                            max_record_bytes, min_base)
         if got is None:
             return None
         records, size, end_lsn, payload_len = got

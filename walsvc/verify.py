@@ -624,10 +624,15 @@ def _dump_frames(directory: Path, start: int | str, bound: int | None) -> Iterat
             continue  # deleted by retention since the listing
         try:
             seg.seek(first)
-            expected = base
+            expected = base  # the seek lands on a frame at or past the segment's base; then each frame's end
             for off, h, data in seg.scanner:
                 if h.kind == F.KIND_DATA and bound is not None and h.base_lsn > bound:
                     return
+                if h.kind == F.KIND_DATA and h.base_lsn < expected:  # a stop, as recovery's scan makes it
+                    seg.scanner.stop = ScanStop(off, RecordError(f"frame LSN {h.base_lsn} goes backwards (expected "
+                                                                 f">= {expected})", offset=off, lsn=h.base_lsn), h)
+                    seg.scanner.offset = seg.scanner.limit = off  # the scan ends here, with that stop
+                    continue
                 if h.kind == F.KIND_SEAL:
                     next_base = h.base_lsn
                 else:
