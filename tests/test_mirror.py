@@ -574,3 +574,52 @@ def test_create_waits_for_the_peers_a_replicated_stream_needs(tmp_path):
         asyncio.run(open_then_start_the_third())
     finally:
         c.close()
+
+
+def test_a_resume_keeps_the_last_runs_safe_since_until_its_copies_are_behind_the_cursor(cluster, tmp_path):
+    """The stream stored LSNs 101-120, their PubAcks lost, and the mirror was killed.  A restart within the
+    duplicate window resumes; killed again right after its first state store, it must leave the first run's
+    `safe_since`: the stored copies' window counts from then.  Before, that store said "now", and a third
+    start after the window (measured from the copies) passed the resume check and stored 101-120 twice."""
+    d = tmp_path / "w"
+    proxy = AckDropProxy(cluster.client_ports[0])
+    out = tmp_path / "mirror.out"
+
+    def spawn(*flags: str) -> subprocess.Popen:
+        with open(out, "ab") as f:
+            return subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", proxy.url, "--stream", "CARRY",
+                                               "--ack-timeout", "1", *flags),
+                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=python_env())
+    try:
+        with Log.open(d) as log:
+            log.append_batch([Record.put(b"a%d" % i, b"v") for i in range(100)])
+            proc = spawn("--create", "--replicas", "1", "--duplicate-window", "10")
+            try:
+                wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 100, 60, "the first records")
+                proxy.mute.set()
+                log.append_batch([Record.put(b"b%d" % i, b"v") for i in range(20)])
+                wait_for(lambda: stream_count(cluster, "CARRY") == 120, 30, "the stream to store LSNs 101-120")
+                stored_by = time.time()
+                wait_for(lambda: load_state(d, "mirror").safe_since <= stored_by < load_state(d, "mirror").updated,
+                         30, "a state store with 101-120 in flight")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            proxy.mute.clear()
+            time.sleep(max(0.0, stored_by + 3 - time.time()))
+            proc = spawn("--commit-interval-ms", "600000")  # resumes (within the window); stores at start only
+            try:
+                wait_for(lambda: load_state(d, "mirror").pid == proc.pid, 30, "the resumed mirror's first store")
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            state = load_state(d, "mirror")
+            assert not state.clean and state.safe_since <= stored_by, (state.safe_since, stored_by)
+            time.sleep(max(0.0, stored_by + 10.5 - time.time()))  # past the window of the copies, not of the resume
+            r = run_mirror(d, cluster, "CARRY")
+            assert r.returncode == 1, r.stdout + r.stderr + out.read_text()[-3000:]
+            assert "refuses to resume" in r.stderr and "duplicate window is 10 s" in r.stderr, r.stderr
+            log_id = log.log_id
+    finally:
+        proxy.close()
+    assert mirrored_lsns(cluster, "CARRY", log_id) == list(range(1, 121))

@@ -281,6 +281,7 @@ class Mirror:
         self._prev_id: str | None = None
         self._stored = 0
         self._last_store = 0.0
+        self._carried: tuple[float, int] | None = None  # (safe_since of an unclean last run, until this LSN)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -303,6 +304,7 @@ class Mirror:
             # A state that did not stop cleanly is checked even without a cursor file (one lost, or left by a
             # version that stored no cursor before its first ack): its mirrored_lsn is then the cursor.
             resume_lsn = stored if stored is not None else previous.mirrored_lsn if previous is not None else None
+            sink_last = None
             if resume_lsn is not None and not (previous is not None and previous.clean):
                 sink_last = await self.sink.last_lsn(log_id)
                 why = resume_refusal(resume_lsn, previous, self.sink.dedup_window_s, time.time(), sink_last)
@@ -317,6 +319,13 @@ class Mirror:
             with Reader(self.directory, self.start, name=self.name) as reader:
                 self._acked = self._stored = reader.next_lsn - 1
                 self.state.mirrored_lsn = self._acked
+                if previous is not None and not previous.clean and resume_lsn is not None:
+                    # Copies the last run published may be in the sink, their window counting from then: keep
+                    # that safe_since until the cursor passes every LSN they can hold (the sink's last, or,
+                    # when it cannot say, every LSN committed by now), or a kill soon after this resume would
+                    # date them from now.
+                    until = sink_last if sink_last is not None else reader.lag()["committed_lsn"]
+                    self._carried = (previous.safe_since, until)
                 self._store(reader, clean=False, force=True)
                 # The cursor too, before the first publish: without one a restart started over from `start`
                 # with no resume check, after the duplicate window too.  After the state: a kill in between
@@ -454,6 +463,11 @@ class Mirror:
         # move safe_since past a copy the sink stored earlier, whose PubAck was lost (see `resume_refusal`).
         unacked = [m for m, _, _ in self._inflight] + [m for m in self._pending if m.first_sent is not None]
         st.safe_since = min((m.first_sent for m in unacked), default=now)
+        if self._carried is not None:
+            if self._stored >= self._carried[1]:
+                self._carried = None
+            else:
+                st.safe_since = min(st.safe_since, self._carried[0])
         st.clean = clean
         st.mirrored_lsn = self._stored
         lag = reader.lag()
