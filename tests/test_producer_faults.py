@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import walsvc
+from walsvc import logid
 from walsvc.errors import LogStoppedError, ProducerIdError
 from walsvc.segment import segment_name
 
@@ -55,11 +56,12 @@ def test_log_stopped_fails_promptly_and_the_producer_goes_on_after_a_restart(tmp
     assert records[b"after"] == after
 
 
-def test_a_new_log_at_the_same_place_never_acks_records_it_does_not_hold(tmp_path: Path, writers) -> None:
+def test_a_new_log_at_the_same_place_never_acks_records_it_does_not_hold(tmp_path: Path, writers, caplog) -> None:
     """While a producer streams, its writer is killed, the log moved away and a fresh writer started at the
     same directory.  Every record acked has an LSN and is at that LSN in one of the two logs; the rest fail
     with ProducerIdError (or LogStoppedError, never here).  Before, records the fresh writer never stored were
-    acked "stored, LSNs unknown" (result None) and were in neither log."""
+    acked "stored, LSNs unknown" (result None) and were in neither log.  The producer's `log_id` names the
+    log its acks come from (the writer's READY says), and the change is logged."""
     d, old = tmp_path / "wal", tmp_path / "wal.old"
     writer = writers(d, fsync="os").start()
     futures: list[tuple[bytes, walsvc.RecordFuture]] = []
@@ -76,6 +78,8 @@ def test_a_new_log_at_the_same_place_never_acks_records_it_does_not_hold(tmp_pat
 
     with walsvc.Producer(d, linger_ms=2) as producer:
         assert producer.put(b"first", b"v").result(10) == 1
+        old_id = logid.load(d)
+        assert producer.log_id == old_id is not None
         thread = threading.Thread(target=stream)
         thread.start()
         time.sleep(0.5)
@@ -86,6 +90,9 @@ def test_a_new_log_at_the_same_place_never_acks_records_it_does_not_hold(tmp_pat
         streaming.clear()
         thread.join()
         producer.flush(30)
+        new_id = logid.load(d)
+        assert producer.log_id == new_id != old_id
+        assert f"now serves log {new_id}, not {old_id}" in caplog.text
         outcomes: dict[bytes, int | None | BaseException] = {}
         for key, f in futures:
             try:

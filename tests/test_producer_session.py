@@ -19,7 +19,7 @@ from walsvc import protocol as P
 from walsvc.errors import LogStoppedError, NackError, ProducerIdError
 from walsvc.frame import Appended
 from walsvc.ingest import Duplicate, IngestSession, Refuse, Store
-from walsvc.producer_session import Fail, ProducerSession, Resolve, Subscribe
+from walsvc.producer_session import Fail, LogChanged, ProducerSession, Resolve, Subscribe
 from walsvc.record import encode_put
 
 PID, NEW_PID = 0xA1, 0xB2
@@ -77,6 +77,24 @@ def test_nothing_goes_out_before_ready_then_one_until_the_first_ack():
     assert send_all(s) == [1]
     assert s.receive(ack(1, 10), 0.0) == [Resolve(0, 10)]
     assert send_all(s) == [2, 3]
+
+
+def test_a_ready_naming_another_log_is_reported_and_the_unacked_batch_resent():
+    """READY names the writer's log.  A later READY naming another one (a new log at the same place) is
+    reported as LogChanged, once, and the batch in flight goes out again as after any reconnect; a READY
+    without a log id (a writer older than that) changes nothing."""
+    s = make()
+    s.submit("b0", b"p", 1)
+    assert s.receive(P.Reply(PID, P.READY, 0, 0, 0, "log-a"), 0.0) == [] and s.log_id == "log-a"
+    assert send_all(s) == [1]
+    assert s.receive(P.Reply(PID, P.READY, 0, 0, 0, "log-a"), 1.0) == []  # a restart of the same log
+    assert send_all(s) == [1]
+    assert s.receive(ready(), 2.0) == [] and s.log_id == "log-a"
+    assert send_all(s) == [1]
+    assert s.receive(P.Reply(PID, P.READY, 0, 0, 0, "log-b"), 3.0) == [LogChanged("log-a", "log-b")]
+    assert s.log_id == "log-b" and send_all(s) == [1]
+    assert s.receive(ack(1, 1), 3.0) == [Resolve("b0", 1)]
+    assert s.receive(P.Reply(NEW_PID, P.READY, 0, 0, 0, "log-c"), 4.0) == [] and s.log_id == "log-b"
 
 
 def test_without_ready_for_an_ack_timeout_it_sends_anyway():

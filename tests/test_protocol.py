@@ -179,3 +179,5 @@ def test_ready_is_a_reply_with_sequence_0_on_the_producers_topic():
     msg = P.encode_ready(0x1234)
     assert msg.startswith(P.reply_topic(0x1234))
     assert P.decode_reply(msg) == P.Reply(0x1234, P.READY, 0, 0, 0)
+    log_id = "0c16c404-53b7-4ca5-9a29-b58014f2848b"
+    assert P.decode_reply(P.encode_ready(0x1234, log_id)) == P.Reply(0x1234, P.READY, 0, 0, 0, log_id)

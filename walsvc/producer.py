@@ -37,7 +37,7 @@ from .config import Config, ProducerConfig, client_config
 from .endpoints import Endpoints, load as load_endpoints
 from .errors import (AckTimeoutError, BackpressureError, CompressionUnavailableError, ConfigError, LogClosedError,
                      RecordTooLargeError, ServiceUnavailableError)
-from .producer_session import Action, Fail, ProducerSession, Resolve, Subscribe
+from .producer_session import Action, Fail, LogChanged, ProducerSession, Resolve, Subscribe
 from .record import (DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_OVERHEAD, Record, encode,
                      encode_put, encode_puts, put_buffer)
 
@@ -290,6 +290,13 @@ class Producer:
         self._poke_in = [(self._poke_rx, zmq.POLLIN)]
         self._io = threading.Thread(target=self._io_main, name="walsvc-producer-io", daemon=True)
         self._io.start()
+
+    @property
+    def log_id(self) -> str | None:
+        """The id of the log the writer's acks come from (its READY names it), None before the first READY.
+        With the LSN a future resolves to, it names the record world-wide; it changes only if a new log
+        replaced the old one at the same place (a warning is logged then)."""
+        return self._session.log_id
 
     @property
     def resends(self) -> int:
@@ -793,6 +800,11 @@ class Producer:
                 # topic; the old one stays, for the acks of earlier batches (one topic per writer failure).
                 self.producer_id = action.producer_id
                 self._sub.setsockopt(zmq.SUBSCRIBE, P.reply_topic(action.producer_id))
+            elif type(action) is LogChanged:
+                logger.warning("the writer for %s now serves log %s, not %s (a new log at the same place): acks "
+                               "from now on carry its LSNs; a batch sent before may be in the old log, the new one, "
+                               "or neither, and one that cannot be told fails with ProducerIdError",
+                               self.directory, action.new, action.old)
 
     def _finish(self, batch: _Batch, *, result: int = 0, error: BaseException | None = None) -> None:
         self._buffered -= batch.size

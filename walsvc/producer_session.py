@@ -79,7 +79,15 @@ class Subscribe:
     producer_id: int
 
 
-Action = Resolve | Fail | Subscribe
+@dataclass(frozen=True)
+class LogChanged:
+    """The writer's READY names another log than the one before: a new log at the same place.  Acks from now
+    on carry its LSNs; a batch unacked before may be in the old log, the new one, or neither."""
+    old: str
+    new: str
+
+
+Action = Resolve | Fail | Subscribe | LogChanged
 
 
 def _random_id() -> int:
@@ -95,6 +103,7 @@ class ProducerSession:
         self._new_id = new_producer_id
         self._where = where
         self.ready_seen = False  # the writer confirmed the reply subscription of producer_id (READY)
+        self.log_id: str | None = None  # the log the last READY named (None: none yet, or a writer older than that)
         self._ready_wait: float | None = None  # since when a batch waits for READY
         self.stored_any = False  # the writer has stored a batch under producer_id
         self._next_seq = 1
@@ -152,9 +161,11 @@ class ProducerSession:
 
     def receive(self, reply: P.Reply, now: float) -> list[Action]:
         if reply.status == P.READY:
-            if reply.producer_id == self.producer_id:
-                self._path_ready(now)
-            return []
+            if reply.producer_id != self.producer_id:
+                return []
+            self._path_ready(now)
+            old, self.log_id = self.log_id, reply.detail or self.log_id
+            return [LogChanged(old, self.log_id)] if old is not None and old != self.log_id else []
         if reply.status in (P.ACK, P.DUPLICATE):
             return self._stored(reply)
         if reply.status != P.NACK:

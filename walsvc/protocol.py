@@ -122,8 +122,10 @@ def subscribed_producer(msg: bytes) -> int | None:
     return None
 
 
-def encode_ready(producer_id: int) -> bytes:
-    return encode_reply(Reply(producer_id, READY, 0, 0, 0))
+def encode_ready(producer_id: int, log_id: str = "") -> bytes:
+    """READY for `producer_id`; its detail names the writer's log (so a producer tells a new log at the same
+    place from a restart of the old one)."""
+    return encode_reply(Reply(producer_id, READY, 0, 0, 0, log_id))
 
 
 class Reply(NamedTuple):

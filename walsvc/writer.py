@@ -470,7 +470,7 @@ class Writer:
             self._ready_sent = {pid: at for pid, at in self._ready_sent.items() if now - at < READY_EVERY_S}
 
     def _send_ready(self, producer_id: int, now: float) -> None:
-        self.pub.send(P.encode_ready(producer_id))
+        self.pub.send(P.encode_ready(producer_id, self.log.log_id))
         self._ready_sent[producer_id] = now
 
     def _send_due_readies(self) -> None:
