@@ -122,6 +122,7 @@ def test_burned_lsns_survive_a_restart_without_appends(tmp_path, keep):
     (path,) = segment_paths(directory)
     last_off, _ = frame_offsets(path)[-1]
     zero_from(path, last_off + keep)
+    rewind_head(directory, lsns[0][-1])  # the crash came while the last batch was being written
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         assert log.recovery.torn_tail
         assert log.next_lsn == lsns[-1][-1] + 1
@@ -304,6 +305,7 @@ def test_damaged_last_batch_is_a_torn_tail(tmp_path):
     (path,) = segment_paths(directory)
     off, h = frame_offsets(path)[-1]
     flip_bit(path, off + F.FRAME_HEADER_SIZE + 5)
+    rewind_head(directory, lsns[-2][-1])  # the crash came while the last batch was being written
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         assert log.recovery.torn_tail and log.recovery.corruption is None
         assert log.recovery.truncated_at == (path.name, off)
@@ -529,9 +531,9 @@ def test_cutting_again_after_a_crash_keeps_the_first_cuts_evidence(tmp_path: Pat
     assert len(saved) == 2 and b"NACKED-evidence" in saved[0].read_bytes(), saved
 
 
-def _acked_then_lost(tmp_path: Path, writers, fsync: str) -> Path:
-    """Ten records acked by a writer under `fsync`, the writer killed, then the last frame's bytes gone from
-    the file: what a crash of the OS leaves when that page never reached the disk."""
+def _acked_then_lost(tmp_path: Path, writers, fsync: str, keep: int) -> Path:
+    """Ten records acked by a writer under `fsync`, the writer killed, then the last frame's bytes from `keep`
+    on gone from the file: what a crash of the OS leaves when that page never reached the disk."""
     d = tmp_path / "wal"
     writer = writers(d, fsync=fsync).start()
     with walsvc.Producer(d) as producer:
@@ -540,16 +542,18 @@ def _acked_then_lost(tmp_path: Path, writers, fsync: str) -> Path:
     path = segment_paths(d)[-1]
     offset, last = frame_offsets(path)[-1]
     assert last.base_lsn == 10
-    zero_from(path, offset)
+    zero_from(path, offset + keep)
     return d
 
 
-def test_lsns_committed_under_os_and_lost_in_a_crash_are_never_handed_out_again(tmp_path: Path, writers) -> None:
+@pytest.mark.parametrize("keep", [0, F.FRAME_HEADER_SIZE], ids=["frame lost", "header kept"])
+def test_lsns_committed_under_os_and_lost_in_a_crash_are_never_handed_out_again(tmp_path: Path, writers,
+                                                                                  keep: int) -> None:
     """Under `os` a commit is a write to the page cache: a crash of the OS may take it, as the policy allows.
     But LSN 10 was acked, and readers, cursors and a mirror may have it; the next writer must not give LSN 10
     to another record (a mirror would drop the new one as a duplicate of the old).  status and verify say
     what was lost and call the log healthy; the next open skips to LSN 11."""
-    d = _acked_then_lost(tmp_path, writers, "os")
+    d = _acked_then_lost(tmp_path, writers, "os", keep)
     status, verify, status_json = run_all(["status", "--dir", str(d)],
                                           ["verify", "--dir", str(d)],
                                           ["status", "--dir", str(d), "--json"])
@@ -563,11 +567,12 @@ def test_lsns_committed_under_os_and_lost_in_a_crash_are_never_handed_out_again(
     assert [r.lsn for r in LogReader(d)] == list(range(1, 10)) + [11]
 
 
-def test_lsns_fsynced_and_then_missing_are_refused_as_damage(tmp_path: Path, writers) -> None:
+@pytest.mark.parametrize("keep", [0, F.FRAME_HEADER_SIZE], ids=["frame lost", "header kept"])
+def test_lsns_fsynced_and_then_missing_are_refused_as_damage(tmp_path: Path, writers, keep: int) -> None:
     """Under `always` HEAD says LSN 10 was fsynced, so its loss is not a crash but damage (a disk that lied,
     a file changed by hand): the open refuses and changes no byte, status says DAMAGED and verify reports it.
     on_corruption = "truncate" starts without it, and LSN 10 is not handed out again."""
-    d = _acked_then_lost(tmp_path, writers, "always")
+    d = _acked_then_lost(tmp_path, writers, "always", keep)
     before = segment_paths(d)[-1].read_bytes()
     status, verify = run_all(["status", "--dir", str(d)], ["verify", "--dir", str(d)])
     assert status.returncode == 1 and "DAMAGED: LSNs 10..10 were committed and fsynced" in status.stdout, status

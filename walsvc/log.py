@@ -122,7 +122,8 @@ class Log:
             first, end = self.recovery.lost_lsns
             logger.warning("%s: LSNs %d..%d were committed but are not on disk (lost in a crash, or cut as "
                            "damage); they are never handed out again", directory, first, end - 1)
-            self.skip_to(end)
+            if end > self._next_lsn:  # (a torn batch's surviving header may have burned them already)
+                self.skip_to(end)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, config: LogConfig | None = None,

@@ -216,8 +216,9 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if isinstance(action, Refuse):
                 raise refusal(plan, action, path)
             if is_last or (isinstance(action, Cut) and action.quarantine_later):
-                # The log ends here: refuse a loss of fsynced records before cutting a byte.
-                _check_lost(head, max(scan.expected, action.next_lsn if isinstance(action, Cut) else 0), cfg)
+                # The log's data ends here (LSNs a torn batch's surviving header burns are lost too): refuse a
+                # loss of fsynced records before cutting a byte.
+                info.lost_lsns = _check_lost(head, scan.expected, cfg)
             if isinstance(action, Cut):
                 expected = _apply_cut(directory, path, seg, scan.expected, plan, action, later, info, cfg)
             else:
@@ -231,7 +232,8 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if fd >= 0 and not keep_fd:
                 os.close(fd)
     state.next_lsn = expected
-    info.lost_lsns = _check_lost(head, expected, cfg)
+    if state.active is None:  # the log ends with a sealed segment: its data ends at the seal's next LSN
+        info.lost_lsns = _check_lost(head, expected, cfg)
     info.duration_s = time.perf_counter() - started
     return info, state
 

@@ -154,6 +154,7 @@ class _SegmentResult:
     first_lsn: int | None = None
     last_lsn: int | None = None
     next_lsn: int | None = None
+    data_end_lsn: int | None = None  # unsealed: one past its valid frames' LSNs, before a cut burns any more
     data_end: int = 0
     sealed: bool = False
     tail: str | None = None
@@ -242,10 +243,12 @@ class _Verifier:
             if res.last_lsn is not None:
                 r.last_lsn = res.last_lsn
             expected = res.next_lsn  # None: unknown (damaged header), the next segment is not compared
+            data_end = res.data_end_lsn if res.data_end_lsn is not None else expected
             if i == newest and res.tail is not None:
                 r.tail, r.tail_segment, r.tail_offset = res.tail, path.name, res.tail_offset
         r.next_lsn = expected if segments else 1
-        lost = head_lost(head, expected) if expected is not None else None
+        # Against the end of the valid frames: LSNs a torn batch's surviving header burns were lost too.
+        lost = head_lost(head, data_end) if segments and data_end is not None else None
         if lost is not None and not r.live and not lost.durable:
             r.notes.append(f"LSNs {lost.first}..{lost.end - 1} were committed (HEAD) but the log's data ends before "
                            f"them: never fsynced (HEAD's durable LSN is {head.durable_lsn}), a crash lost or tore "
@@ -253,7 +256,7 @@ class _Verifier:
         elif lost is not None:
             self.problem(f"HEAD says LSN {head.committed_lsn} is committed"
                          + ("" if r.live else f" and LSN {head.durable_lsn} durable")
-                         + f", but the log's valid data ends below LSN {expected}: committed records are missing")
+                         + f", but the log's valid data ends below LSN {data_end}: committed records are missing")
         self.check_cursors()
         self.check_other_files()
         r.duration_s = time.perf_counter() - started
@@ -473,7 +476,7 @@ class _Verifier:
         where = plan.offset
         expected = scan.expected
         is_last = next_base is None
-        res.next_lsn = expected
+        res.next_lsn = res.data_end_lsn = expected
         res.data_end = where
         res.tail, res.tail_offset = plan.verdict.value, where
         if isinstance(plan.action, WriteSeal) or (self.report.live and next_base == expected):
