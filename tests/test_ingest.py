@@ -40,6 +40,7 @@ def windows(pid: int):
     # bad headers, records and sizes
     (b"WS", P.MALFORMED),
     (P.encode_append(PID, 7, 2, GOOD), Refuse(P.MALFORMED, "header says 2 records, payload holds 1")),
+    (P.encode_append(PID, 7, 1, GOOD + GOOD), Refuse(P.MALFORMED, "header says 1 records, payload holds 2")),
     (P.encode_append(PID, 7, 1, GOOD[:-1] + bytes([GOOD[-1] ^ 1])), P.MALFORMED),  # CRC
     (P.encode_append(PID, 7, 1, encode_put(b"k", b"v" * 2000)), P.TOO_LARGE),       # record
     (P.encode_append(PID, 7, 1, b"x" * 5000), P.TOO_LARGE),                          # batch
