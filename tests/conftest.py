@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,3 +224,29 @@ def writers(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield make
     for w in made:
         w.cleanup()
+
+
+FS_CALLS = "openat,pwrite64,pwritev,pwritev2,write,fsync,fdatasync,ftruncate,rename,renameat,renameat2,unlink"
+_SYSCALL = re.compile(r"^(?:\d+\s+)?(\w+)\((.*)$")
+
+
+def fs_calls(code: str, work: Path) -> list[tuple[str, str]]:
+    """The file-system calls `code` makes in a fresh Python, in the order they started, as (name, arguments)
+    with descriptors shown as their paths (strace -y: `fsync(3</tmp/x/wal>)`).  For checking the order of
+    writes, fsyncs and renames that power-loss safety rests on, where no crash test can look."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace (.ci/run installs it)")
+    trace = work / "strace.txt"
+    subprocess.run(["strace", "-f", "-y", "-qq", "-e", f"trace={FS_CALLS}", "-o", str(trace), sys.executable,
+                    "-c", code], check=True, timeout=120, env=python_env(), stdout=subprocess.DEVNULL)
+    calls = []
+    for line in trace.read_text().splitlines():
+        m = _SYSCALL.match(line)
+        if m is not None and "resumed>" not in line:
+            calls.append((m.group(1), m.group(2)))
+    return calls
+
+
+def first_call(calls: list[tuple[str, str]], names: tuple[str, ...], needle: str, start: int = 0) -> int:
+    """Index of the first call at or after `start` named one of `names` whose arguments contain `needle`; -1."""
+    return next((i for i in range(start, len(calls)) if calls[i][0] in names and needle in calls[i][1]), -1)

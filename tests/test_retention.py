@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MiB, check_records, fill, frame_offsets, segment_paths
+from conftest import MiB, check_records, fill, first_call, frame_offsets, fs_calls, segment_paths
 from walsvc import Log, LogReader, Reader
 from walsvc import cursor, retention
 from walsvc import frame as F
@@ -129,6 +129,35 @@ def test_lagging_cursor_no_longer_protects(open_log):
     _assert_no_hole(log.directory)
     with pytest.raises(TruncatedError):
         list(log.read(start=2))
+
+
+def test_a_cursor_lagging_by_exactly_the_limit_still_protects():
+    """A cursor stops protecting only when it lags by *more* than max_cursor_lag_bytes (docs: an abandoned
+    reader), so a reader exactly at the limit keeps its segments."""
+    sealed = [retention.SealedSegment(1 + 100 * i, 100 * (i + 1), MiB, 0, Path(f"{i}.wal")) for i in range(4)]
+    lag = retention.cursor_lag_bytes(50, sealed, 0)
+    assert lag == 4 * MiB
+    kept = retention.select(sealed, 0, 0, max_bytes=MiB, max_age_s=0, cursors={"slow": 50}, max_cursor_lag_bytes=lag)
+    assert kept == []
+    freed = retention.select(sealed, 0, 0, max_bytes=MiB, max_age_s=0, cursors={"slow": 50},
+                             max_cursor_lag_bytes=lag - 1)
+    assert freed == sealed[:3]
+
+
+def test_a_cursor_store_makes_its_bytes_then_its_name_durable(tmp_path):
+    """A stored cursor survives a power cut: its file is fsynced before the rename, and the cursors folder
+    after it.  Without the folder's fsync the rename may be lost, and the reader processes records again."""
+    d = (tmp_path / "wal").resolve()
+    d.mkdir()
+    cursor.store(d, "audit", 1)  # the folder exists: its own creation is not what is traced
+    calls = fs_calls(f"from pathlib import Path\nfrom walsvc import cursor\ncursor.store(Path({str(d)!r}), 'audit', 7)",
+                     tmp_path)
+    cdir = str(d / "cursors")
+    renamed = first_call(calls, ("rename", "renameat", "renameat2"), f"{cdir}/audit.cursor\"")
+    assert renamed >= 0, calls
+    assert 0 <= first_call(calls, ("fsync", "fdatasync"), ".audit.cursor.") < renamed, calls
+    assert first_call(calls, ("fsync",), f"<{cdir}>", renamed) > renamed, calls
+    assert cursor.load(d, "audit") == 7
 
 
 def test_cursor_files(tmp_path):
