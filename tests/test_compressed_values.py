@@ -189,8 +189,9 @@ def test_batch_budget_stops_many_small_bombs():
     with pytest.raises(RecordTooLargeError) as info:
         R.count_records(payload, 0, len(payload))  # defaults: 16 MiB records, 32 MiB batches
     assert info.value.offset == 3 * len(one)  # the fourth record would take the batch past 32 MiB
-    with pytest.raises(RecordTooLargeError):
+    with pytest.raises(RecordTooLargeError) as info:
         R.decode_payload(payload, 1, 128, 0)
+    assert info.value.lsn == 4  # the reader stops at the same record as ingest, not at a later one
     assert time.perf_counter() - started < 5.0
     small = one * 3
     assert R.count_records(small, 0, len(small)) == 3
