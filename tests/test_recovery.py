@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import (MiB, check_records, fill, flip_bit, frame_offsets, key_for, rewind_head, segment_paths, value_for,
-                      zero_from)
+from conftest import (MiB, check_records, fill, first_call, flip_bit, frame_offsets, fs_calls, key_for, rewind_head,
+                      segment_paths, value_for, zero_from)
 from helpers import run_all
 import walsvc
 from walsvc import Log, LogReader, Record
@@ -583,3 +583,72 @@ def test_lsns_fsynced_and_then_missing_are_refused_as_damage(tmp_path: Path, wri
     with Log.open(d, fsync="always", on_corruption="truncate") as log:
         assert log.recovery.lost_lsns == (10, 11)
         assert log.append_batch([Record.put(b"after", b"damage")]) == [11]
+
+
+# -- the order of writes and fsyncs that power-loss safety rests on ------------------------------------------
+
+def _open_traced(directory: Path, work: Path, **options) -> list[tuple[str, str]]:
+    """The file-system calls of one open (recovery) and close of `directory`, made in a child process."""
+    return fs_calls(f"from walsvc import Log\nLog.open({str(directory)!r}, segment_bytes={MiB}, fsync='os', "
+                    f"**{options!r}).close()", work)
+
+
+def _pwrite_at(calls: list[tuple[str, str]], path: Path, offset: int) -> int:
+    """Index of the first pwrite of `path` at `offset` (strace: `pwrite64(fd<path>, "...", size, offset)`)."""
+    return next((i for i, (name, args) in enumerate(calls)
+                 if name == "pwrite64" and args.startswith(tuple(f"{fd}<{path}>" for fd in range(3, 64)))
+                 and f", {offset})" in args), -1)
+
+
+def test_a_skip_marker_is_durable_before_the_torn_bytes_are_cut(tmp_path):
+    """The marker that burns a torn batch's LSNs is fsynced before the cut: if a power cut kept the cut but
+    lost the marker, the next open would hand those LSNs out again."""
+    directory = (tmp_path / "wal").resolve()
+    lsns = _write_batches(directory, [[10, 10], [10, 10, 10]])
+    (path,) = segment_paths(directory)
+    last_off, _ = frame_offsets(path)[-1]
+    zero_from(path, last_off + F.FRAME_HEADER_SIZE + 3)  # torn with its header intact: its LSNs are burned
+    rewind_head(directory, lsns[0][-1])  # the crash came while the last batch was being written
+    calls = _open_traced(directory, tmp_path)
+    marker = _pwrite_at(calls, path, last_off)
+    assert marker >= 0, calls
+    synced = first_call(calls, ("fdatasync", "fsync"), f"<{path}>", marker)
+    cut = first_call(calls, ("ftruncate",), f"<{path}>", marker)
+    assert marker < synced < cut, calls[marker:]
+    with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
+        assert log.next_lsn == lsns[-1][-1] + 1
+
+
+def test_segments_moved_to_quarantine_leave_the_log_directory_durably(tmp_path):
+    """A truncate-mode repair moves later segments to quarantine/ and fsyncs both folders after: if a power
+    cut brought a moved segment back, the log would hold a segment past a cut that burned its LSNs."""
+    directory = (tmp_path / "wal").resolve()
+    _multi_segment_log(directory)
+    paths = segment_paths(directory)
+    assert len(paths) >= 3
+    seal_off, _ = frame_offsets(paths[1])[-1]
+    flip_bit(paths[1], seal_off + F.FRAME_HEADER_SIZE + 2)  # the seal is damaged: later segments go
+    calls = _open_traced(directory, tmp_path, on_corruption="truncate")
+    moved = [first_call(calls, ("rename", "renameat", "renameat2"), f'"{p}"') for p in paths[2:]]
+    assert min(moved) >= 0, calls
+    last = max(moved)
+    assert first_call(calls, ("fsync",), f"<{directory / QUARANTINE}>", last) > last, calls[last:]
+    assert first_call(calls, ("fsync",), f"<{directory}>", last) > last, calls[last:]
+    assert segment_paths(directory) == paths[:2]
+
+
+def test_a_seal_written_by_recovery_follows_an_fsync_of_the_frames_it_vouches_for(tmp_path):
+    """A crash between a rotation's switch and its seal: recovery seals the old segment, fsyncing its frames
+    first (they may never have been fsynced), as a seal is trusted without a rescan: a power cut that kept
+    the seal and lost a frame would leave a hole no open notices."""
+    directory = (tmp_path / "wal").resolve()
+    lsns = _multi_segment_log(directory)
+    first = segment_paths(directory)[0]
+    seal_off, seal_h = frame_offsets(first)[-1]
+    assert seal_h.kind == F.KIND_SEAL
+    zero_from(first, seal_off)  # the seal was never written
+    calls = _open_traced(directory, tmp_path)
+    seal = _pwrite_at(calls, first, seal_off)
+    assert seal >= 0, calls
+    assert 0 <= first_call(calls, ("fdatasync", "fsync"), f"<{first}>") < seal, calls[:seal + 1]
+    assert _lsns(_read_all(directory)) == list(range(1, lsns[-1] + 1))
