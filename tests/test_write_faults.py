@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,3 +622,25 @@ def test_a_head_whose_own_fsync_failed_is_what_the_stop_records(tmp_path: Path, 
     assert writer.ready_committed_lsn() == shown
     assert writer.stop() == 0
     assert [r.lsn for r in verify_log(d)] == list(range(1, shown + 1))
+
+
+def test_a_frame_write_that_fails_in_an_embedded_log_commits_none_of_its_batch(tmp_path: Path, shim: Path) -> None:
+    """Under `os` an embedded log commits each batch as soon as it is written, and only then: when the frame
+    write fails, the committed LSN (in memory, in HEAD, in the stop record) stays at the batch before, and the
+    next open reads exactly the batches written."""
+    directory = tmp_path / "wal"
+    code = (f"from walsvc import Log, Record\nfrom walsvc.errors import LogStoppedError\n"
+            f"log = Log.open({str(directory)!r}, fsync='os')\n"
+            "for _ in range(3):\n    log.append_batch([Record.put(b'k', b'v')] * 5)\n"
+            "try:\n    log.append_batch([Record.put(b'k', b'v')] * 5)\nexcept LogStoppedError as exc:\n"
+            "    print(log.committed_lsn, exc.operation.split()[0], exc.errno, flush=True)\n")
+    env = {**python_env(), "LD_PRELOAD": str(shim),
+           "WALSVC_FAULT": "call=pwritev,errno=EIO,after=3,path=.wal,mode=persistent"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert "walsvc_fault:" in done.stderr, done.stderr  # the fault was injected
+    assert done.stdout.split() == ["15", "frame", str(errno.EIO)], (done.stdout, done.stderr)
+    assert H.load(directory).committed_lsn == 15
+    assert stopped.load(directory).committed_lsn == 15
+    with Log.open(directory, fsync="os") as log:
+        assert [r.lsn for r in log.read()] == list(range(1, 16))
