@@ -144,6 +144,29 @@ def test_resent_batch_is_duplicate_and_gap_is_out_of_sequence(tmp_path: Path, wr
     assert [(r.lsn, r.key) for r in verify_log(d)] == [(1, b"probe"), (2, b"a"), (3, b"b"), (4, b"c")]
 
 
+def test_a_resend_of_a_batch_not_yet_committed_is_answered_after_its_commit(tmp_path: Path, writers) -> None:
+    """A DUPLICATE names LSNs as an ACK does, so it waits for the same commit: under `batch` with a long window
+    the copy of a batch still waiting for its fsync gets no answer before that batch is committed."""
+    d = tmp_path / "wal"
+    config = tmp_path / "walsvc.toml"
+    config.write_text('[log]\nfsync = "batch"\nfsync_window_ms = 1000\n')
+    writers(d, config=config).start()
+    pid, probe = 0xA11CE0000002, 0x5EED
+    client = RawClient(d, [pid])
+    try:
+        client.sync(probe, encode_put(b"probe", b"1"))  # fsynced at once: the next write waits for the window
+        batch = P.encode_append(pid, 1, 2, encode_many([Record.put("a", "1"), Record.put("b", "2")]))
+        client.send(batch)
+        client.send(batch)  # a resend before the first copy is committed
+        first = client.wait_reply(pid, 1)
+        assert first.status == P.ACK, first  # a DUPLICATE first would ack LSNs that are not yet durable
+        dup = client.wait_reply(pid, 1)
+        assert (dup.status, dup.base_lsn, dup.count) == (P.DUPLICATE, first.base_lsn, 2)
+        assert status(d)["committed_lsn"] >= first.base_lsn + 1
+    finally:
+        client.close()
+
+
 # -- readers ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("directory", ["empty", "missing"])
