@@ -179,6 +179,8 @@ def test_an_unknown_key_in_any_section_is_refused_by_name(tmp_path: Path, sectio
     ("[log]\nretention = 1\n", "log.retention"),
     ("[log]\nmax_bytes = 1\n", "log.max_bytes"),  # a [retention] key, in its own section only
     ("producer = 1\n", "producer"),
+    # a batch must hold one record of max_record_bytes and its overhead (64 bytes at most)
+    ("[log]\nmax_record_bytes = 4096\nmax_batch_bytes = 4159\n", "log.max_batch_bytes"),
 ])
 def test_bad_values_in_the_new_sections_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "c.toml"
@@ -186,6 +188,12 @@ def test_bad_values_in_the_new_sections_name_the_key(tmp_path: Path, text: str, 
     with pytest.raises(ConfigError) as info:
         load(path)
     assert info.value.key == key
+
+
+def test_a_batch_just_large_enough_for_one_record_of_the_maximum_size_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[log]\nmax_record_bytes = 4096\nmax_batch_bytes = 4160\n")
+    assert load(path).log.max_batch_bytes == 4160
 
 
 def test_retention_is_its_own_section_and_the_flat_keywords_still_work(tmp_path: Path) -> None:

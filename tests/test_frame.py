@@ -11,7 +11,7 @@ from walsvc import frame as F
 from walsvc import record as R
 from walsvc.errors import ChecksumError, IncompleteRecordError, InvalidRecordError
 from walsvc.record import Record
-from walsvc.segment import FrameScanner, find_valid_header, is_zero_from, segment_name
+from walsvc.segment import FrameScanner, find_valid_header, is_zero_from, read_seal, segment_name
 
 pytestmark = pytest.mark.usefixtures("codec")  # every test on the pure-Python codecs and their compiled twins
 
@@ -112,6 +112,8 @@ def test_seal_round_trip(last, next_lsn, count, crc, index, producers, offset, t
     assert F.seal_offset_from_trailer(frame[-8:]) == offset
     with pytest.raises(InvalidRecordError):
         F.decode_seal(h, frame[F.FRAME_HEADER_SIZE:-1])
+    with pytest.raises(InvalidRecordError):  # bytes left over after the last field: not a seal this writer made
+        F.decode_seal(h, frame[F.FRAME_HEADER_SIZE:] + bytes(8))
 
 
 # -- the scanner over real files ---------------------------------------------------------------------------
@@ -178,18 +180,38 @@ def test_scanner_stops_at_damage_with_header_kept(tmp_path):
         os.close(fd)
 
 
-def test_scanner_reports_frame_running_past_limit(tmp_path):
+@pytest.mark.parametrize("short", [1, 5])
+def test_scanner_reports_frame_running_past_limit(tmp_path, short):
     frames = _frames(3)
     path = tmp_path / "seg.wal"
     _write_segment(path, frames)
     size = path.stat().st_size
     with open(path, "r+b") as f:
-        f.truncate(size - 5)
+        f.truncate(size - short)
     fd = os.open(path, os.O_RDONLY)
     try:
-        sc = FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size - 5)
+        sc = FrameScanner(fd, F.SEGMENT_HEADER_SIZE, size - short)
         assert len(list(sc)) == 2
         assert isinstance(sc.stop.error, IncompleteRecordError) and sc.stop.header.base_lsn == 7
+    finally:
+        os.close(fd)
+
+
+def test_a_seal_is_found_only_at_the_very_end_of_its_file(tmp_path):
+    """A sealed segment ends with its seal frame, whose last 8 bytes point back at it: bytes after it (here
+    a copy of that pointer) mean the file is not as its writer left it, so it is not taken as sealed."""
+    frames = _frames(2)
+    offset = F.SEGMENT_HEADER_SIZE + sum(map(len, frames))
+    seal = F.encode_seal(F.Seal(6, 7, 6, 0), offset, 2000)
+    path = tmp_path / "seg.wal"
+    _write_segment(path, frames + [seal])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = read_seal(fd, path.stat().st_size)
+        assert found is not None and found[1] == offset and found[0].next_lsn == 7
+        with open(path, "ab") as f:
+            f.write(seal[-8:])
+        assert read_seal(fd, path.stat().st_size) is None
     finally:
         os.close(fd)
 
