@@ -89,6 +89,24 @@ def test_committed_bound_beyond_data_is_corruption(open_log):
         reader.close()
 
 
+def test_a_frame_past_a_gap_above_the_bound_is_not_read(tmp_path):
+    """The bound is checked against each frame's first LSN, not only against the LSN the reader expects next:
+    after a gap in the LSNs (burned by a torn batch before skip markers existed), a bound inside the gap
+    must not let the frame after it through."""
+    directory = tmp_path / "wal"
+    directory.mkdir()
+    frames = [F.encode_frame(F.KIND_DATA, walsvc.record.encode_many([Record.put(b"k%d" % lsn, b"v")
+                                                                      for lsn in range(base, base + 5)]),
+                             5, base, 1000 + base) for base in (1, 11)]
+    (directory / "00000000000000000001.wal").write_bytes(
+        F.encode_segment_header(F.SegmentHeader(1, 1, 0)) + b"".join(frames))
+    bound = [7]
+    with LogReader(directory, bound=lambda: bound[0]) as reader:
+        assert _lsns(_drain(reader)) == [1, 2, 3, 4, 5]
+        bound[0] = 15
+        assert _lsns(_drain(reader)) == [11, 12, 13, 14, 15]
+
+
 def test_reader_skips_burned_lsns(tmp_path):
     directory = tmp_path / "wal"
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
