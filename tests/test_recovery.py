@@ -460,6 +460,23 @@ def test_a_stop_record_cuts_what_follows_its_lsn_across_segments(tmp_path: Path,
         assert log.recovery.cut_after_stop is None
 
 
+def test_a_damaged_stop_record_is_refused_not_read_as_another_lsn(tmp_path: Path) -> None:
+    """A bit flipped in STOPPED's committed LSN would make the next open cut committed records (or keep
+    uncommitted ones): its CRC is checked, and open refuses, naming the file, without changing a byte."""
+    from walsvc import stopped
+    d = tmp_path / "wal"
+    _write_batches(d, [[10] * 5, [10] * 5])
+    stopped.write(d, stopped.Stopped(5, "fdatasync failed on a test's behalf"))
+    flip_bit(d / stopped.NAME, 8, 1)  # the committed LSN's low byte: 5 becomes 7
+    before = [p.read_bytes() for p in segment_paths(d)]
+    with pytest.raises(CorruptionError) as info:
+        stopped.load(d)
+    assert stopped.NAME in str(info.value)
+    with pytest.raises(CorruptionError):
+        Log.open(d, segment_bytes=MiB, fsync="os")
+    assert [p.read_bytes() for p in segment_paths(d)] == before
+
+
 def test_a_stop_record_with_no_segment_left_to_cut_is_forgotten(tmp_path: Path) -> None:
     """The only segment lost its header (a power cut after a switch; retention had deleted the rest) or no
     segment exists: nothing to cut, and the record must go, or the next open would cut what the next writer
