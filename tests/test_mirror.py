@@ -221,6 +221,8 @@ def test_resume_refusal_rules():
     why = resume_refusal(10, st_, 120, 1200, 20)
     assert "duplicate window is 120 s" in why and "LSN 10" in why
     assert resume_refusal(10, st_, 120, 9999, 10) is None  # nothing past the cursor is in the stream
+    assert resume_refusal(10, st_, 120, 9999, 11) is not None  # one record past it is
+    assert resume_refusal(10, st_, 120, 1116, 20) is not None  # within the margin (5 s) before the window ends
     clean = MirrorState("m", LOG_ID, "s", "record", mirrored_lsn=10, safe_since=0.0, clean=True)
     assert resume_refusal(10, clean, 120, 9999, 20) is None
     assert "state file is missing" in resume_refusal(10, None, 120, 5000, 20)
