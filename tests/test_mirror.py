@@ -288,6 +288,23 @@ def test_mirror_both_modes_then_stream_reader_and_restore(cluster, tmp_path):
     assert r.returncode == 1 and "already holds a log" in r.stderr
 
 
+def test_a_mirror_run_with_one_record_to_publish_moves_its_cursor(cluster, tmp_path):
+    """The cursor follows every acked record, also when a run has a single one to publish (a mirror resumed
+    after one more append): else the next run publishes it again, and the status shows a lag that is not."""
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append_batch([Record.put(b"a", b"1"), Record.put(b"b", b"2")])
+    r = run_mirror(d, cluster, "ONE", "--create", "--name", "m-one")
+    assert r.returncode == 0 and "mirrored_lsn=2" in r.stdout, r.stdout + r.stderr
+    with Log.open(d) as log:
+        log.append(Record.put(b"c", b"3"))
+    r = run_mirror(d, cluster, "ONE", "--name", "m-one")
+    assert r.returncode == 0 and "mirrored_lsn=3" in r.stdout, r.stdout + r.stderr
+    status = json.loads(run_cli("status", "--dir", d, "--json").stdout)
+    assert status["cursors"]["m-one"]["lsn"] == 3 and status["mirrors"]["m-one"]["lag_records"] == 0
+    assert [int(h[H_LSN]) for h, _ in stream_messages(cluster, "ONE")] == [1, 2, 3]
+
+
 class Appender:
     """Appends small batches to an open log from a thread until stopped (the live log being mirrored)."""
 
