@@ -168,6 +168,23 @@ def test_verify_torn_tail_is_not_corruption(healthy):
     assert report.gaps == [(len(written) + 1, len(written) + 2)] and report.next_lsn == len(written) + 2
 
 
+def test_verify_reports_a_torn_tail_holding_a_committed_lsn(tmp_path):
+    """A torn tail is what a crash leaves past the committed LSN; one that holds a committed LSN lost an
+    acked record, down to the last one alone: that is a problem, not a note."""
+    d = tmp_path / "log"
+    with Log.open(d, segment_bytes=SEG, fsync="os") as log:
+        _write(log, range(5))
+        last = log.append(Record.put(b"last", b"acked"))  # a batch of one: its LSN is the committed one
+        assert log.committed_lsn == last
+    active = list_segments(d)[-1][1]
+    with open(active, "r+b") as f:  # its payload lost (its header kept), nothing after it
+        f.seek(verify(d).tail_offset - len(encode_put(b"last", b"acked")))
+        f.write(bytes(len(encode_put(b"last", b"acked"))))
+    report = verify(d)
+    assert report.tail == "torn" and not report.ok
+    assert any(f"HEAD says LSN {last} was committed" in p for p in report.problems), report.problems
+
+
 def test_verify_torn_header_and_burned_lsn_gap(tmp_path):
     d = tmp_path / "log"
     with Log.open(d, segment_bytes=SEG, fsync="os") as log:
