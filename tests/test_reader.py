@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (MiB, check_records, fill, frame_offsets, python_env, segment_paths, value_for, wait_line,
-                      zero_from)
+from conftest import (MiB, check_records, fill, frame_offsets, python_env, rewind_head, segment_paths, value_for,
+                      wait_line, zero_from)
 import walsvc
 from walsvc import Log, LogReader, Record
 from walsvc import cursor
@@ -115,6 +115,7 @@ def test_reader_skips_burned_lsns(tmp_path):
     (path,) = segment_paths(directory)
     off, h = frame_offsets(path)[-1]
     zero_from(path, off + F.FRAME_HEADER_SIZE + 3)  # torn with its header intact: LSNs 6..10 are burned
+    rewind_head(directory, 5)  # the crash came while LSNs 6..10 were being written
     with Log.open(directory, segment_bytes=MiB, fsync="os") as log:
         assert log.append(Record.put(b"k00000011", value_for(11))) == 11
         assert _lsns(list(log.read())) == [1, 2, 3, 4, 5, 11]

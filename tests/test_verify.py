@@ -182,7 +182,7 @@ def test_verify_reports_a_torn_tail_holding_a_committed_lsn(tmp_path):
         f.write(bytes(len(encode_put(b"last", b"acked"))))
     report = verify(d)
     assert report.tail == "torn" and not report.ok
-    assert any(f"HEAD says LSN {last} was committed" in p for p in report.problems), report.problems
+    assert any(f"HEAD says LSN {last} is committed" in p for p in report.problems), report.problems
 
 
 def test_verify_torn_header_and_burned_lsn_gap(tmp_path):
