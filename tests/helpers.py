@@ -571,3 +571,23 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def process_resources() -> tuple[int, int]:
+    """This process's open file descriptors and threads (ZeroMQ's native ones too), from /proc."""
+    with open("/proc/self/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return len(os.listdir("/proc/self/fd")), threads
+
+
+def settled_resources(baseline: tuple[int, int], margin: int, timeout: float = 15.0) -> tuple[int, int]:
+    """process_resources() once within `margin` of `baseline` (collecting garbage meanwhile), or the last
+    reading after `timeout`: freeing an abandoned client may take a collection and a thread's wake-up."""
+    import gc
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        now = process_resources()
+        if all(n <= b + margin for n, b in zip(now, baseline)) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.2)

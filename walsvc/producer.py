@@ -288,7 +288,10 @@ class Producer:
         self._sub.setsockopt(zmq.RCVTIMEO, RECEIVE_SLICE_MS)
         self._sub_in = [(self._sub, zmq.POLLIN)]  # for zmq.zmq_poll: Socket.poll builds a Poller per call
         self._poke_in = [(self._poke_rx, zmq.POLLIN)]
-        self._io = threading.Thread(target=self._io_main, name="walsvc-producer-io", daemon=True)
+        # The thread holds the producer weakly while nothing awaits an ack (`_io_main`), so a Producer dropped
+        # without close is freed, its thread and sockets with it.
+        self._io = threading.Thread(target=_io_main, args=(weakref.ref(self),), name="walsvc-producer-io",
+                                    daemon=True)
         self._io.start()
 
     @property
@@ -640,75 +643,69 @@ class Producer:
 
     # -- I/O thread ------------------------------------------------------------------------------------
 
-    def _io_main(self) -> None:
-        """The I/O thread.  An exception nobody named (a bug) must not end it silently while records wait on
+    def _io_failed(self, exc: BaseException) -> None:
+        """An exception nobody named (a bug) in the I/O thread must not end it silently while records wait on
         it: the producer closes, and every record not yet acked fails at once with the reason."""
-        try:
-            self._run()
-        except BaseException as exc:
-            logger.error("producer %016x: its I/O thread failed", self.producer_id, exc_info=exc)
-            with self._lock:
-                self._closed = True
-                self._closed_reason = (f"producer closed: its I/O thread failed ({exc!r}); records not acked "
-                                       "before that may or may not be in the log")
-                if self._receiver == "io":
-                    self._receiver = None
-                self._io_lazy = False
-                if self._open is not None:
-                    self._close_open_batch()
-                self._apply(self._session.fail_all(LogClosedError(self._closed_reason)))
-                self._wake_sleepers()
-            self._resolve_futures()
-
-    def _run(self) -> None:
-        receiving = zmq.Poller()  # while this thread holds the reply socket
-        receiving.register(self._sub, zmq.POLLIN)
-        receiving.register(self._poke_rx, zmq.POLLIN)
-        idle = zmq.Poller()  # while a caller holds it
-        idle.register(self._poke_rx, zmq.POLLIN)
-        session = self._session
+        logger.error("producer %016x: its I/O thread failed", self.producer_id, exc_info=exc)
         with self._lock:
-            receives, timeout = self._next_turn(time.monotonic())
-        while True:
-            events = dict((receiving if receives else idle).poll(timeout))
-            if self._poke_rx in events:
-                while zmq.zmq_poll(self._poke_in, 0):  # a fraction of the zmq.Again a recv would raise
-                    self._poke_rx.recv(zmq.NOBLOCK)
-            take = self._sub in events
-            replies: list[P.Reply] | tuple[()] = ()
-            if take and self._lock.acquire(blocking=False):
-                # Nobody is in a `put`: take the replies off the socket without the lock, so a `put` that
-                # comes meanwhile does not wait for that socket work.
-                self._lock.release()
-                replies, take = self._take_replies(), False
-            with self._lock:  # once per turn: every lock round trip here is one a `put` may have to wait for
-                if not take and self._reply_socket_free() and not self._waiters:
-                    # It did not watch the reply socket: take what waits (before `tick` judges ack timeouts).
-                    self._receiver = "io"
-                    take = bool(zmq.zmq_poll(self._sub_in, 0))
-                self._io_lazy = False
-                if take:
-                    # A `put` held the lock: it may be inside its send, which gave this thread the GIL.  Waiting
-                    # for the lock at once hands the GIL back, and the replies are taken after.
-                    replies = self._take_replies()
-                if self._closed:
-                    return
-                now = time.monotonic()
-                self._apply_replies(replies, now)
-                # Close the open batch when the pipeline has room, or its linger is over and it could go out
-                # now (while every slot is taken it keeps growing instead of queueing as many small batches).
-                if self._open is not None and (self._pipeline_idle() or (
-                        now - self._open.opened_at >= self.linger and session.in_flight < self.max_in_flight
-                        and len(session) == session.in_flight)):
-                    self._close_open_batch()
-                session.tick(now)
-                self._send_ready(now)
-                if self._receiver == "io" and self._waiters:
-                    self._receiver = None  # a caller waits for a reply: it receives from now on
-                    self._wake_sleepers()
-                receives, timeout = self._next_turn(now)
-            if self._settling:
-                self._resolve_futures()
+            self._closed = True
+            self._closed_reason = (f"producer closed: its I/O thread failed ({exc!r}); records not acked "
+                                   "before that may or may not be in the log")
+            if self._receiver == "io":
+                self._receiver = None
+            self._io_lazy = False
+            if self._open is not None:
+                self._close_open_batch()
+            self._apply(self._session.fail_all(LogClosedError(self._closed_reason)))
+            self._wake_sleepers()
+        self._resolve_futures()
+
+    def _idle(self) -> bool:
+        """Nothing put awaits its send or ack: the I/O thread may let go of a producer nobody else holds."""
+        return not len(self._session) and self._open is None and not self._pending.count and not self._settling
+
+    def _io_turn(self, events: dict) -> tuple[bool, int] | None:
+        """One turn of the I/O thread after its poll: the next poll's (receives, timeout), None once closed."""
+        session = self._session
+        if self._poke_rx in events:
+            while zmq.zmq_poll(self._poke_in, 0):  # a fraction of the zmq.Again a recv would raise
+                self._poke_rx.recv(zmq.NOBLOCK)
+        take = self._sub in events
+        replies: list[P.Reply] | tuple[()] = ()
+        if take and self._lock.acquire(blocking=False):
+            # Nobody is in a `put`: take the replies off the socket without the lock, so a `put` that
+            # comes meanwhile does not wait for that socket work.
+            self._lock.release()
+            replies, take = self._take_replies(), False
+        with self._lock:  # once per turn: every lock round trip here is one a `put` may have to wait for
+            if not take and self._reply_socket_free() and not self._waiters:
+                # It did not watch the reply socket: take what waits (before `tick` judges ack timeouts).
+                self._receiver = "io"
+                take = bool(zmq.zmq_poll(self._sub_in, 0))
+            self._io_lazy = False
+            if take:
+                # A `put` held the lock: it may be inside its send, which gave this thread the GIL.  Waiting
+                # for the lock at once hands the GIL back, and the replies are taken after.
+                replies = self._take_replies()
+            if self._closed:
+                return None
+            now = time.monotonic()
+            self._apply_replies(replies, now)
+            # Close the open batch when the pipeline has room, or its linger is over and it could go out
+            # now (while every slot is taken it keeps growing instead of queueing as many small batches).
+            if self._open is not None and (self._pipeline_idle() or (
+                    now - self._open.opened_at >= self.linger and session.in_flight < self.max_in_flight
+                    and len(session) == session.in_flight)):
+                self._close_open_batch()
+            session.tick(now)
+            self._send_ready(now)
+            if self._receiver == "io" and self._waiters:
+                self._receiver = None  # a caller waits for a reply: it receives from now on
+                self._wake_sleepers()
+            turn = self._next_turn(now)
+        if self._settling:
+            self._resolve_futures()
+        return turn
 
     def _next_turn(self, now: float) -> tuple[bool, int]:
         """For the I/O thread's next poll (lock held): whether it watches the reply socket, and the poll
@@ -836,6 +833,44 @@ class Producer:
                         future.set_result(result)
             finally:
                 self._settle_lock.release()
+
+
+def _io_main(ref: "weakref.ref[Producer]") -> None:
+    """The I/O thread.  It holds its producer only while records await their send or ack, and weakly while
+    it sleeps with nothing to do: a Producer dropped without close (and collected) ends the thread, which
+    frees the sockets.  Records put and not yet sent by then, with no future of theirs held, are lost with it,
+    as a dropped file's unflushed bytes: close a producer (or use `with`) to know they went in."""
+    producer = ref()
+    receiving = zmq.Poller()  # while this thread holds the reply socket
+    receiving.register(producer._sub, zmq.POLLIN)
+    receiving.register(producer._poke_rx, zmq.POLLIN)
+    idle = zmq.Poller()  # while a caller holds it
+    idle.register(producer._poke_rx, zmq.POLLIN)
+    ctx = producer._ctx
+    sockets = (producer._poke_tx, producer._poke_rx, producer._push, producer._sub)
+    with producer._lock:
+        receives, timeout = producer._next_turn(time.monotonic())
+    while True:
+        if producer._idle():
+            producer = None
+        try:
+            events = dict((receiving if receives else idle).poll(timeout))
+            if producer is None:
+                producer = ref()
+                if producer is None:  # dropped without close: nobody else will free these
+                    for sock in sockets:
+                        sock.close(linger=0)
+                    ctx.term()
+                    return
+            turn = producer._io_turn(events)
+        except BaseException as exc:
+            producer = producer or ref()
+            if producer is not None:
+                producer._io_failed(exc)
+            return
+        if turn is None:
+            return
+        receives, timeout = turn
 
 
 def _after_fork() -> None:

@@ -17,8 +17,9 @@ import json
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 import zmq
 
@@ -31,8 +32,9 @@ from .head import Head, HeadReader
 from .record import Record
 from .scan import LogReader
 from .segment import list_segments
-from .wakeup import CommitSubscription, HeadWatch, Wakeup, wait_for_commit
+from .wakeup import CommitSubscription, HeadWatch, Wakeup, close_context, wait_for_commit
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0  # a group consumer's wait for the writer's answer to one control request
@@ -50,6 +52,14 @@ def _checked_start(directory: Path, start: int | str | datetime.datetime) -> int
             raise ConfigError("start", f"LSN {start} is past the end of the log in {directory} (committed up to "
                                        f"LSN {end}); start='latest' waits for new records")
     return start
+
+
+def _weak(method: Callable[[], T]) -> Callable[[], T]:
+    """`method` without a reference to its object: a Reader's LogReader calls back into the Reader, and a
+    strong reference would make a cycle, so a reader dropped without close would keep its files and its
+    cursor's lock until the next garbage collection instead of being freed at once."""
+    ref = weakref.WeakMethod(method)
+    return lambda: ref()()
 
 
 def reader_settings(config: Config | None, **given: object) -> ReaderConfig:
@@ -126,7 +136,7 @@ class Reader:
                 stored = cursor.load(self.directory, self.name)
                 if stored is not None:
                     start = stored + 1
-            self._log = LogReader(self.directory, start, bound=self._read_head, written_end=self._written_end,
+            self._log = LogReader(self.directory, start, bound=_weak(self._read_head), written_end=_weak(self._written_end),
                                   max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
         except BaseException:
             if self._cursor_lock is not None:
@@ -284,6 +294,12 @@ class Reader:
             if self._wakeup is not None:
                 self._wakeup.close()
 
+    def __del__(self) -> None:
+        """A reader dropped without close frees its files, its wake-up and its cursor's lock (a named cursor
+        would otherwise stay busy until the process ends)."""
+        if not getattr(self, "_closed", True):
+            self.close()
+
     def __enter__(self) -> "Reader":
         return self
 
@@ -330,7 +346,8 @@ class GroupReader(Reader):
         try:
             self._endpoints = load_endpoints(self.directory)
         except ServiceUnavailableError as exc:
-            self._ctx.destroy(linger=0)
+            self._closed = True
+            close_context(self._ctx, self._sub)
             raise ServiceUnavailableError(f"consumer group {group!r} needs a running writer: {exc}") from None
         self._endpoints.secure(self._sub).connect(self._endpoints.publish)
 
@@ -435,9 +452,19 @@ class GroupReader(Reader):
         except (GroupError, ServiceUnavailableError):
             pass  # the writer is gone or forgot us: our leases expire on their own
         finally:
-            if self._log is not None:
-                self._log.close()
-            self._ctx.destroy(linger=0)
+            self._free()
+
+    def _free(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        close_context(self._ctx, self._sub, self._req)
+
+    def __del__(self) -> None:
+        """Dropped without close: free the files and sockets now, without asking the writer (the group
+        takes back this consumer's leases when they expire)."""
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._free()
 
     def __enter__(self) -> "GroupReader":
         return self

@@ -110,6 +110,8 @@ class HeadWatch:
             os.close(self.fd)
             self.fd = -1
 
+    __del__ = close  # a reader dropped without close must not keep an inotify instance (128 per user)
+
 
 class CommitSubscription:
     """Wakes on the writer's COMMIT messages (a ZeroMQ SUB to its PUB endpoint, from ENDPOINTS)."""
@@ -147,4 +149,16 @@ class CommitSubscription:
         return committed
 
     def close(self) -> None:
-        self._ctx.destroy(linger=0)
+        close_context(self._ctx, self._sub)
+
+    __del__ = close  # a reader dropped without close must not keep a context, its threads and sockets
+
+
+def close_context(ctx: zmq.Context, *sockets: zmq.Socket | None) -> None:
+    """Close `sockets`, then terminate `ctx`.  Not `ctx.destroy`: when the garbage collector frees an
+    abandoned reader, the context's weak references to its sockets are already gone, so destroy would close
+    none of them and its term would wait for them forever."""
+    for sock in sockets:
+        if sock is not None:
+            sock.close(linger=0)
+    ctx.term()
