@@ -15,6 +15,7 @@ from walsvc import frame as F
 from walsvc.config import LogConfig
 from walsvc.errors import ConfigError, LogClosedError, LogLockedError, RecordTooLargeError, TruncatedError
 from walsvc.head import HeadReader
+from walsvc.record import encode_many
 from walsvc.segment import read_seal, segment_name
 
 
@@ -479,3 +480,16 @@ def test_read_steps_like_a_generator_and_closes_early(tmp_path: Path) -> None:
             if r.lsn == 2:
                 loop.close()
         assert seen == [1, 2]
+
+
+def test_producers_remembered_stay_within_max_producers_between_seals(open_log) -> None:
+    """Producers that come and go are forgotten, least recently active first, as soon as a new one takes
+    the table past `max_producers`, not at the next rotation.  Before, 300 one-batch producers in one
+    segment left 300 remembered with max_producers = 50 (5,000 in a writer at the default 4,096)."""
+    log = open_log(max_producers=50)
+    payload = encode_many([Record.put(b"k", b"v")])
+    for pid in range(1, 301):
+        log.append_encoded(payload, 1, producer_id=pid, producer_seq=1)
+    assert log.stats()["producers"] == 50
+    assert log.producer_batches(300) is not None and log.producer_batches(250) is None
+    assert sorted(log._producer_table()) == list(range(251, 301))

@@ -296,8 +296,11 @@ class Log:
             self.records_appended += count
             self.bytes_appended += size
             if producer_id:
+                known = producer_id in self._producers
                 remember_batches(self._producers, producer_id, (F.Appended(producer_seq, base, count),),
                                  self.config.producer_window)
+                if not known and len(self._producers) > self.config.max_producers:
+                    self._forget_least_active()
             self._written = (seg.fd, end, seg.path)
             self._syncer.written(end)
         if wait or (wait is None and self.config.fsync == "always"):
@@ -478,6 +481,13 @@ class Log:
         with self._segments_lock:
             self._sealed = [sealed if s.path == old.path else s for s in self._sealed]
         self._apply_retention(F.SEGMENT_HEADER_SIZE)  # as of the switch, whatever was appended since
+
+    def _forget_least_active(self) -> None:
+        """A new producer took the table past `max_producers`: forget the one whose last batch is oldest, as
+        the next seal would.  Without this, producers that came and went piled up until the next rotation
+        (a large segment of small records: hundreds of thousands, unbounded for the writer's memory)."""
+        producers = self._producers
+        del producers[min(producers, key=lambda pid: producers[pid][-1].base_lsn if producers[pid] else -1)]
 
     def _producer_table(self) -> dict[int, list[F.Appended]]:
         """Producer windows for the seal, keeping the `max_producers` most recently active."""
