@@ -194,7 +194,9 @@ class Producer:
     They are read once, here: a writer restarted with lower limits nacks what exceeds them (`too_large`).
 
     A Producer serves the process that made it: in a forked child every call raises LogClosedError (its
-    sockets and I/O thread stay in the parent); make a new Producer there.
+    sockets and I/O thread stay in the parent); make a new Producer there.  Close it (or use `with`): one
+    dropped without close frees its thread and sockets once collected, and a record put just before that
+    whose future nobody holds may then never be sent.
 
     producer_id: the id the writer deduplicates this producer's batches by (with their sequence numbers, from
     1); it is stored in each frame's header, so a fixed one names the producer in the log.  Default: random.

@@ -136,8 +136,9 @@ class Reader:
                 stored = cursor.load(self.directory, self.name)
                 if stored is not None:
                     start = stored + 1
-            self._log = LogReader(self.directory, start, bound=_weak(self._read_head), written_end=_weak(self._written_end),
-                                  max_record_bytes=max_record_bytes, max_batch_bytes=max_batch_bytes)
+            self._log = LogReader(self.directory, start, bound=_weak(self._read_head),
+                                  written_end=_weak(self._written_end), max_record_bytes=max_record_bytes,
+                                  max_batch_bytes=max_batch_bytes)
         except BaseException:
             if self._cursor_lock is not None:
                 self._cursor_lock.release()
