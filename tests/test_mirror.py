@@ -480,6 +480,24 @@ class AckDropProxy:
             s.close()
 
 
+def spawn_via(proxy: AckDropProxy, d: Path, stream: str, out: Path, *flags: str) -> subprocess.Popen:
+    """`walsvc mirror` of `d` into `stream` through `proxy`, its output appended to `out`."""
+    with open(out, "ab") as f:
+        return subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", proxy.url, "--stream", stream,
+                                           "--ack-timeout", "1", *flags),
+                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=python_env())
+
+
+def lose_pubacks_of_101_to_120(log: Log, d: Path, cluster: Cluster, proxy: AckDropProxy, stream: str) -> float:
+    """With LSNs 1-100 mirrored, mute the proxy and append 20 records: the stream stores them, their PubAcks
+    are lost.  Returns a time by which the stream held them all."""
+    wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 100, 60, "the first records")
+    proxy.mute.set()
+    log.append_batch([Record.put(b"b%d" % i, b"v") for i in range(20)])
+    wait_for(lambda: stream_count(cluster, stream) == 120, 30, "the stream to store LSNs 101-120")
+    return time.time()
+
+
 def test_resends_of_publishes_stored_without_their_puback_keep_safe_since(cluster, tmp_path):
     """Publishes the stream stored but whose PubAcks were lost are resent at every retry; the stream's
     duplicate window counts from the stored copies, so `safe_since` must stay at their first publish.
@@ -491,17 +509,9 @@ def test_resends_of_publishes_stored_without_their_puback_keep_safe_since(cluste
     try:
         with Log.open(d) as log:
             log.append_batch([Record.put(b"a%d" % i, b"v") for i in range(100)])
-            with open(out, "ab") as f:
-                proc = subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", proxy.url, "--stream", "ACKLOST",
-                                                   "--create", "--replicas", "1", "--duplicate-window", "6",
-                                                   "--ack-timeout", "1"),
-                                        stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=python_env())
+            proc = spawn_via(proxy, d, "ACKLOST", out, "--create", "--replicas", "1", "--duplicate-window", "6")
             try:
-                wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 100, 60, "the first records")
-                proxy.mute.set()
-                log.append_batch([Record.put(b"b%d" % i, b"v") for i in range(20)])
-                wait_for(lambda: stream_count(cluster, "ACKLOST") == 120, 30, "the stream to store LSNs 101-120")
-                stored_by = time.time()
+                stored_by = lose_pubacks_of_101_to_120(log, d, cluster, proxy, "ACKLOST")
                 # The state is stored at each retry: kill right after the fourth (~9 s after the first publish).
                 wait_for(lambda: load_state(d, "mirror").publish_errors >= 4, 60, "four failed rounds")
             finally:
@@ -603,22 +613,12 @@ def test_a_resume_keeps_the_last_runs_safe_since_until_its_copies_are_behind_the
     d = tmp_path / "w"
     proxy = AckDropProxy(cluster.client_ports[0])
     out = tmp_path / "mirror.out"
-
-    def spawn(*flags: str) -> subprocess.Popen:
-        with open(out, "ab") as f:
-            return subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", proxy.url, "--stream", "CARRY",
-                                               "--ack-timeout", "1", *flags),
-                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=python_env())
     try:
         with Log.open(d) as log:
             log.append_batch([Record.put(b"a%d" % i, b"v") for i in range(100)])
-            proc = spawn("--create", "--replicas", "1", "--duplicate-window", "10")
+            proc = spawn_via(proxy, d, "CARRY", out, "--create", "--replicas", "1", "--duplicate-window", "10")
             try:
-                wait_for(lambda: (s := load_state(d, "mirror")) and s.mirrored_lsn == 100, 60, "the first records")
-                proxy.mute.set()
-                log.append_batch([Record.put(b"b%d" % i, b"v") for i in range(20)])
-                wait_for(lambda: stream_count(cluster, "CARRY") == 120, 30, "the stream to store LSNs 101-120")
-                stored_by = time.time()
+                stored_by = lose_pubacks_of_101_to_120(log, d, cluster, proxy, "CARRY")
                 wait_for(lambda: load_state(d, "mirror").safe_since <= stored_by < load_state(d, "mirror").updated,
                          30, "a state store with 101-120 in flight")
             finally:
@@ -626,7 +626,7 @@ def test_a_resume_keeps_the_last_runs_safe_since_until_its_copies_are_behind_the
                 proc.wait(10)
             proxy.mute.clear()
             time.sleep(max(0.0, stored_by + 3 - time.time()))
-            proc = spawn("--commit-interval-ms", "600000")  # resumes (within the window); stores at start only
+            proc = spawn_via(proxy, d, "CARRY", out, "--commit-interval-ms", "600000")  # resumes; stores at start only
             try:
                 wait_for(lambda: load_state(d, "mirror").pid == proc.pid, 30, "the resumed mirror's first store")
             finally:
