@@ -221,3 +221,42 @@ def test_a_new_groups_start_survives_a_writer_restart_before_any_ack(tmp_path: P
     writer.start()
     with walsvc.Reader(d, group="g", consumer="b", start="latest") as member:
         assert [r.lsn for r in member.poll(5)] == list(range(11, 21))
+
+
+def test_leaving_the_block_on_an_exception_hands_the_range_back_unacked(tmp_path: Path, writers) -> None:
+    """A handler that raises on record 3 of 1..10: before, `__exit__` acked all ten, so 3..10 were never
+    processed by anyone.  Now the range goes back to the group at once and the next consumer gets it."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(20)])]
+    with pytest.raises(RuntimeError, match="handler failed"):
+        with walsvc.Reader(d, group="g", consumer="a", max_records=10) as failing:
+            assert [r.lsn for r in failing.poll(5)] == list(range(1, 11))
+            raise RuntimeError("handler failed on 3")
+    with walsvc.Reader(d, group="g", consumer="b", max_records=10) as other:
+        assert [r.lsn for r in other.poll(5)] == list(range(1, 11))
+        assert other.redelivered == 10
+        assert [r.lsn for r in other.poll(5)] == list(range(11, 21))  # and this acks 1..10
+    assert status(d)["groups"]["g"]["position"] == 21
+
+
+def test_a_refused_late_ack_is_raised_by_commit_and_counted_by_poll(tmp_path: Path, writers) -> None:
+    """A consumer slower than lease_ms loses its range; its late ack is refused.  Before, poll, commit and
+    close all swallowed that refusal, so a consumer never learned its work was handed to another."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(20)])]
+    with walsvc.Reader(d, group="g", consumer="slow", max_records=10, lease_ms=200) as slow:
+        batch = slow.poll(5)
+        assert [r.lsn for r in batch] == list(range(1, 11))
+        with walsvc.Reader(d, group="g", consumer="fast", max_records=10) as fast:
+            wait_for(lambda: [r.lsn for r in fast.poll(0.1)][:1] == [1], 10, "the expired range to be handed on")
+        with pytest.raises(GroupError, match="expired"):
+            slow.commit(batch[-1].lsn)
+        assert slow.expired_acks == 1
+        slow.poll(5)
+        assert slow.expired_acks == 1  # commit consumed the lease: poll has nothing left to ack twice
+    with pytest.raises(walsvc.LogClosedError):
+        slow.commit(1)

@@ -335,6 +335,7 @@ class GroupReader(Reader):
                                                                   max_batch_bytes)
         self.recheck_s = settings.recheck_s
         self.redelivered = 0
+        self.expired_acks = 0  # acks the group refused: their ranges went to other consumers as well
         self._lease: dict | None = None  # the range the last poll returned, acked by the next poll
         self._end = 0  # end of the range being read: the bound of the file reader
         self._log: LogReader | None = None
@@ -370,12 +371,17 @@ class GroupReader(Reader):
         return reply
 
     def _ack_previous(self) -> None:
+        """Ack the last polled range.  A refused ack (the lease expired: its records go to another consumer
+        too) is counted in `expired_acks` and logged, never silent; `commit` raises it instead."""
         lease, self._lease = self._lease, None
         if lease is not None:
             try:
                 self._request("group_ack", lease=lease["id"])
-            except GroupError:
-                pass  # the lease expired: its records go to another consumer as well (at-least-once)
+            except GroupError as exc:
+                self.expired_acks += 1
+                logger.warning("consumer %r of group %r: records %d..%d may be delivered again: %s", self.consumer,
+                               self.group, lease["first"], lease["end"] - 1, exc)
+                raise
 
     def poll(self, timeout: float | None = None) -> list[Record]:
         """The records of the next claimed range, waiting up to `timeout` s (None: forever); [] on timeout.
@@ -384,7 +390,10 @@ class GroupReader(Reader):
         if self._closed:
             raise LogClosedError("group reader is closed")
         check_timeout(timeout)
-        self._ack_previous()
+        try:
+            self._ack_previous()
+        except GroupError:
+            pass  # logged and counted: poll goes on (at-least-once), as Kafka's auto-commit does
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             reply = self._request("group_claim", max_records=self.max_records, lease_ms=self.lease_ms,
@@ -423,7 +432,12 @@ class GroupReader(Reader):
         return out
 
     def commit(self, lsn: int) -> None:
-        """Ack the range the last poll returned now, if `lsn` is its last record or later."""
+        """Ack the range the last poll returned now, if `lsn` is its last record or later.
+
+        Raises GroupError when the group refuses the ack (the lease expired, so the range is, or will be,
+        delivered to another consumer too), as Kafka's commitSync raises CommitFailedException."""
+        if self._closed:
+            raise LogClosedError("group reader is closed")
         if self._lease is not None and lsn >= self._lease["end"] - 1:
             self._ack_previous()
 
@@ -442,13 +456,19 @@ class GroupReader(Reader):
         return {"records": max(0, reply["committed_lsn"] + 1 - reply["position"]),
                 "committed_lsn": reply["committed_lsn"]}
 
-    def close(self) -> None:
-        """Leave the group: the last polled range counts as processed, anything else goes to the others."""
+    def close(self, ack: bool = True) -> None:
+        """Leave the group: the last polled range counts as processed (unless `ack` is False), anything else
+        goes to the others at once."""
         if self._closed:
             return
         self._closed = True
+        if not ack:
+            self._lease = None  # group_leave hands it back unacked
         try:
-            self._ack_previous()
+            try:
+                self._ack_previous()
+            except GroupError:
+                pass  # logged and counted; leaving still hands back anything else we hold
             self._request("group_leave")
         except (GroupError, ServiceUnavailableError):
             pass  # the writer is gone or forgot us: our leases expire on their own
@@ -470,5 +490,7 @@ class GroupReader(Reader):
     def __enter__(self) -> "GroupReader":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Leaving the block on an exception acks nothing: the range being processed when the handler failed
+        goes back to the group for another consumer, instead of counting as processed."""
+        self.close(ack=exc_type is None)
