@@ -92,6 +92,13 @@ def test_prometheus_scrape_status_and_events_move_with_real_traffic(tmp_path: Pa
     assert after["walsvc_batches_total"] >= 1 and after["walsvc_committed_lsn"] == 300
     assert after["walsvc_fsync_seconds_count"] >= 1 and after['walsvc_fsync_seconds_bucket{le="+Inf"}'] >= 1
     assert after["walsvc_append_to_ack_seconds_count"] == after["walsvc_batches_total"]
+    # The same 25 bucket bounds (1 us .. 16.8 s) in every scrape, empty or not: before, the series of a
+    # bucket appeared only with its first sample, already at its count, so rate() missed that sample.
+    for name in ("walsvc_fsync_seconds", "walsvc_append_to_ack_seconds"):
+        bounds = {k for k in before if k.startswith(name + "_bucket")}
+        assert len(bounds) == 26 and bounds == {k for k in after if k.startswith(name + "_bucket")}, bounds
+        assert before[name + '_bucket{le="1e-06"}'] == 0 and before[name + '_bucket{le="16.777216"}'] == 0
+        assert after[name + '_bucket{le="16.777216"}'] == after[name + "_count"]
     assert after["walsvc_segments"] >= 2 and after["walsvc_log_stopped"] == 0
 
     text = run_cli("status", "--dir", str(d)).stdout

@@ -28,9 +28,19 @@ MAX_CONNECTIONS = 8  # scrapes served at once; a connection past them is closed 
 REQUEST_TIMEOUT_S = 5.0  # a connection that sends no whole request within this is closed
 
 
+BUCKET_BOUNDS_US = [1 << i for i in range(25)]  # 1 us .. 16.8 s, powers of two, the same in every scrape
+
+
 def _histogram(name: str, doc: str, summary: dict[str, Any]) -> HistogramMetricFamily:
-    buckets = [(repr(float(upper_us) / 1e6), n) for upper_us, n in summary.get("buckets", [])]
-    buckets.append(("+Inf", summary.get("count", 0)))
+    """Every bound in BUCKET_BOUNDS_US, always: a bucket series that appears only once a sample reaches it
+    (the status dict stops at the last non-empty bucket) starts at its count, so rate() never sees the
+    first slow fsync that created it."""
+    cumulative = {upper_us: n for upper_us, n in summary.get("buckets", [])}
+    count = summary.get("count", 0)
+    last = max(cumulative, default=0)
+    buckets = [(repr(float(upper_us) / 1e6), cumulative.get(upper_us, count if upper_us > last else 0))
+               for upper_us in BUCKET_BOUNDS_US]
+    buckets.append(("+Inf", count))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=summary.get("sum_us", 0.0) / 1e6)
 
 
