@@ -642,3 +642,70 @@ def test_a_resume_keeps_the_last_runs_safe_since_until_its_copies_are_behind_the
     finally:
         proxy.close()
     assert mirrored_lsns(cluster, "CARRY", log_id) == list(range(1, 121))
+
+
+def test_mirror_stops_on_sigterm_while_waiting_for_nats(tmp_path):
+    """`timeout 5 walsvc mirror ...` with no NATS server answering ran on for the whole 60 s open timeout:
+    SIGTERM (and Ctrl-C) only stopped the mirror loop, not the wait for the servers."""
+    from nats_cluster import free_ports
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append(Record.put("a", "b"))
+    proc = subprocess.Popen(walsvc_cmd("mirror", "--dir", d, "--servers", f"nats://127.0.0.1:{free_ports(1)[0]}",
+                                       "--stream", "S", "--open-timeout", "60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=python_env())
+    time.sleep(2)
+    assert proc.poll() is None
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - began < 5, err
+    assert proc.returncode == 1 and "stopped while opening JetStream stream S" in err, err
+    assert "Traceback" not in err and not (d / "mirror").exists()
+
+
+def test_create_on_a_single_server_asks_for_one_replica_at_once(tmp_path):
+    """The README's `walsvc mirror --dir wal-data --stream S --create` against one nats-server (not a cluster):
+    the default 3 replicas are refused ('replicas > 1 not supported in non-clustered mode'), which no wait
+    cures, yet it was retried for the whole open timeout, as 'not available yet'."""
+    from nats_cluster import find_nats_server, free_ports
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append(Record.put("a", "b"))
+    port = free_ports(1)[0]
+    server = subprocess.Popen([find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd",
+                               str(tmp_path / "js")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"nats://127.0.0.1:{port}"
+
+        def accepting() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(accepting, 20, "nats-server to accept clients")
+        began = time.monotonic()
+        r = run_cli("mirror", "--dir", d, "--servers", url, "--stream", "S", "--create", "--once")
+        assert time.monotonic() - began < 20 and r.returncode == 1, r.stderr
+        assert "pass --replicas 1 for a single server" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        r = run_cli("mirror", "--dir", d, "--servers", url, "--stream", "S", "--create", "--replicas", "1", "--once")
+        assert r.returncode == 0 and "mirrored_lsn=1" in r.stdout, r.stdout + r.stderr
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_mirror_and_restore_without_nats_py_say_how_to_install_it(tmp_path):
+    """Without the optional nats-py, `walsvc mirror` and `walsvc restore` ended in a ModuleNotFoundError
+    traceback."""
+    d = tmp_path / "w"
+    with Log.open(d) as log:
+        log.append(Record.put("a", "b"))
+    for args in (["mirror", "--dir", str(d), "--stream", "S"], ["restore", "--dir", str(tmp_path / "r"), "--stream", "S"]):
+        code = f"import sys; sys.modules['nats'] = None; from walsvc.cli import main; sys.exit(main({args!r}))"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                           env=python_env())
+        assert r.returncode == 1 and "pip install 'walsvc[nats]'" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

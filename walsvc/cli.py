@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import config as C
-from .errors import ConfigError, WalError
+from .errors import ConfigError, MirrorError, WalError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -599,9 +599,20 @@ def _range_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_count, help="stop after this many records (frames with --frames)")
 
 
+def _jetstream() -> Any:
+    """walsvc.jetstream, or one line saying how to install nats-py (an optional dependency) when it is missing."""
+    try:
+        from . import jetstream
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "nats":
+            raise
+        raise MirrorError("mirror and restore need nats-py, which is not installed: pip install 'walsvc[nats]'") \
+            from None
+    return jetstream
+
+
 def _sink(args: argparse.Namespace) -> Any:
-    from .jetstream import JetStreamSink
-    return JetStreamSink(args.servers.split(","), args.stream, args.subject or f"walsvc.{args.stream}",
+    return _jetstream().JetStreamSink(args.servers.split(","), args.stream, args.subject or f"walsvc.{args.stream}",
                          create=args.create, replicas=args.replicas, retention=args.retention,
                          max_age_s=args.max_age, duplicate_window_s=args.duplicate_window,
                          order_check=not args.shared_stream, open_timeout_s=args.open_timeout)
@@ -629,7 +640,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .jetstream import restore
+    restore = _jetstream().restore
     cfg = _load(args)
     report = restore(cfg.directory, args.servers.split(","), args.stream, subject=args.subject, log_id=args.log_id)
     print(json.dumps(report))

@@ -77,6 +77,8 @@ WRONG_LAST_MSG_ID = 10070  # JetStream's error code when Nats-Expected-Last-Msg-
 # Creating a stream while the meta leader does not see enough peers for its replicas: a cluster still
 # forming, or a node down.  It passes once they are there, so `--create` waits for it like for a leader.
 NO_SUITABLE_PEERS = 10005
+# Replicas > 1 asked of a server that is not in a cluster: no wait can help, so it fails at once.
+REPLICAS_NEED_A_CLUSTER = 10074
 
 
 def _transient(exc: BaseException) -> bool:
@@ -140,6 +142,10 @@ class JetStreamSink:
                         num_replicas=self.replicas, storage=api.StorageType.FILE, max_age=self.max_age_s or None,
                         duplicate_window=self.duplicate_window_s))
                 except nats.js.errors.APIError as exc:
+                    if exc.err_code == REPLICAS_NEED_A_CLUSTER:
+                        raise MirrorError(f"creating stream {self.stream} with {self.replicas} replicas failed: "
+                                          "the NATS server is not part of a cluster; pass --replicas 1 for a "
+                                          f"single server ({exc})") from None
                     if not _transient(exc) and exc.err_code != NO_SUITABLE_PEERS:
                         raise MirrorError(f"creating stream {self.stream} failed: {exc}") from None
                     last: Exception = exc

@@ -288,6 +288,21 @@ class Mirror:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
 
+    async def _open_sink(self) -> None:
+        """Open the sink unless a stop comes first: opening waits up to the open timeout (60 s by default)
+        for the servers, and SIGTERM or Ctrl-C must not wait that long."""
+        opening = asyncio.ensure_future(self.sink.open())
+        stopping = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({opening, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not opening.done():
+            opening.cancel()
+            await asyncio.gather(opening, return_exceptions=True)
+            raise MirrorError(f"stopped while opening {self.sink.description}: nothing was mirrored")
+        opening.result()
+
     async def run(self) -> MirrorState:
         """Mirror until stopped (or, with `once`, until everything committed when it started is in the sink)."""
         log_id = logid.load(self.directory)
@@ -295,7 +310,7 @@ class Mirror:
             raise MirrorError(f"{self.directory} has no log id yet: start its writer (walsvc serve) once, which "
                               "gives it one")
         try:
-            await self.sink.open()
+            await self._open_sink()
             stored = cursor.load(self.directory, self.name)
             previous = load_state(self.directory, self.name)
             if previous is not None and previous.log_id != log_id:
