@@ -126,7 +126,16 @@ def test_seconds_is_a_hard_bound_and_the_summary_says_what_happened(up, tmp_path
     done = re.search(r"done; ([\d,]+) records acknowledged, consumed \[([\d,]+)\]", out)
     acked = int(done.group(1).replace(",", ""))
     assert acked > 0 and int(done.group(2).replace(",", "")) == acked, out
-    assert re.search(r"rates: produced [\d,]+ rec/s", out), out
+    # Each rate over its own span (before, both over the 2 s: consumers that caught up for seconds after the
+    # stop showed the producers' rate, and records acked after the stop inflated it).
+    spans = re.search(r"producers until their last ack ([\d.]+) s, consumers until they caught up ([\d.]+) s", out)
+    assert spans, out
+    produced_for, consumed_for = float(spans.group(1)), float(spans.group(2))
+    assert 2 <= produced_for <= consumed_for, out
+    rates = re.search(r"rates: produced ([\d,]+) rec/s, consumed \[([\d,]+)\] rec/s", out)
+    assert rates, out
+    for rate, span in ((rates.group(1), produced_for), (rates.group(2), consumed_for)):
+        assert abs(int(rate.replace(",", "")) * span - acked) <= acked * 0.06 + 100, out  # spans print rounded
     assert "final lag: [0] records" in out, out
     assert f"data: {(tmp_path / 'wal').resolve()}: " in out and " MB on disk" in out, out
     assert len(read_log(tmp_path / "wal")) == acked

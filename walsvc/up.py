@@ -301,10 +301,12 @@ def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path | None, produc
 
     stop_producers.set()
     sup.join(prod_procs, PRODUCER_STOP_S)
+    produced_for = time.monotonic() - started  # records still in flight at the stop are acked in the join
     catch_up = time.monotonic() + CONSUMER_CATCH_UP_S
     while (not sup.forced and time.monotonic() < catch_up and writer.is_alive()
            and any(c.value < total(produced) for c, p in zip(consumed, cons_procs) if p.is_alive())):
         time.sleep(0.05)
+    consumed_for = time.monotonic() - started
     stop_consumers.set()
     sup.join(cons_procs, CONSUMER_STOP_S)
     latency = _writer_latency(cfg.directory) if writer.is_alive() and not sup.forced else None
@@ -316,9 +318,11 @@ def _run(cfg: Config, sup: Supervisor, out: Output, workers: Path | None, produc
     say = out if not out.closed else (lambda line: print(line, file=sys.stderr))
     say(f"walsvc up: done; {acked:,} records acknowledged, consumed {c_final}, writer exit code {writer.exitcode}")
     say(f"  stopped by: {sup.reason}{' (forced: every child killed)' if sup.forced else ''}; "
-        f"ran {elapsed:.1f} s")
-    say(f"  rates: produced {acked / elapsed:,.0f} rec/s, consumed "
-        f"[{' '.join(f'{c / elapsed:,.0f}' for c in c_final)}] rec/s")
+        f"ran {elapsed:.1f} s; producers until their last ack {produced_for:.1f} s, consumers until they "
+        f"caught up {consumed_for:.1f} s")
+    # Each rate over its own span: consumers that catch up after the stop read at their rate, not the producers'.
+    say(f"  rates: produced {acked / produced_for:,.0f} rec/s, consumed "
+        f"[{' '.join(f'{c / consumed_for:,.0f}' for c in c_final)}] rec/s")
     if latency and latency.get("count"):
         say(f"  append-to-ack latency (writer): p50 {latency['p50_us']:,.0f} us, p99 {latency['p99_us']:,.0f} us, "
             f"max {latency['max_us']:,.0f} us over {latency['count']:,} batches")
