@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import finish, python_env, spawn_producer, status, wait_for
+from helpers import finish, python_env, run_cli, spawn_producer, status, wait_for
 
 import walsvc
 from walsvc.errors import ConfigError, GroupError, ServiceUnavailableError
@@ -260,3 +260,28 @@ def test_a_refused_late_ack_is_raised_by_commit_and_counted_by_poll(tmp_path: Pa
         assert slow.expired_acks == 1  # commit consumed the lease: poll has nothing left to ack twice
     with pytest.raises(walsvc.LogClosedError):
         slow.commit(1)
+
+
+def test_resetting_a_group_says_the_writer_holds_it_and_works_once_it_is_stopped(tmp_path: Path, writers) -> None:
+    """`walsvc cursors reset GROUP` while the writer runs said 'in use by process N ... stop that reader', N
+    being the writer, which no reader of the user's is.  It now says so, and how to reset the group."""
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(20)])]
+    with walsvc.Reader(d, group="g", consumer="a") as member:
+        assert len(member.poll(5)) == 20
+    with pytest.raises(walsvc.CursorBusyError, match=f"process {writer.pid}, the log's writer.*stop the writer") as busy:
+        walsvc.reset_cursor(d, "g", 5)
+    assert busy.value.by_writer
+    r = run_cli("cursors", "reset", "g", "--to", "5", "--dir", str(d))
+    assert r.returncode == 1 and "the log's writer" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    with walsvc.Reader(d, name="other"):
+        with pytest.raises(walsvc.CursorBusyError, match="stop that reader") as busy:
+            walsvc.reset_cursor(d, "other", 5)
+        assert not busy.value.by_writer
+    assert writer.stop() == 0
+    assert walsvc.reset_cursor(d, "g", 5) == 4
+    writer.start()
+    with walsvc.Reader(d, group="g", consumer="b") as member:
+        assert [r.lsn for r in member.poll(5)] == list(range(5, 21))

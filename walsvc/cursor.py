@@ -31,7 +31,7 @@ from .access import make_dir, replace_file
 from .config import check_lsn, directory_path
 from .errors import ConfigError, CursorBusyError, CursorError, TruncatedError
 from .fsync import fail_stop, sync_dir
-from .lock import PidLock
+from .lock import PidLock, holder_pid
 
 DIRNAME = "cursors"
 SUFFIX = ".cursor"
@@ -198,7 +198,8 @@ class CursorLock(PidLock):
     def __init__(self, directory: Path, name: str) -> None:
         check_name(name)
         super().__init__(_cursor_dir(Path(directory)) / (name + LOCK_SUFFIX),
-                         lambda pid: CursorBusyError(str(directory), name, pid))
+                         lambda pid: CursorBusyError(str(directory), name, pid,
+                                                     by_writer=pid is not None and pid == holder_pid(Path(directory))))
 
 
 def lag_rows(cursors: dict[str, int], last_lsn: int) -> dict[str, dict[str, int]]:

@@ -313,9 +313,16 @@ class UnsafePermissionsError(WalError):
 class CursorBusyError(WalError):
     """Another live reader holds this named cursor (a named cursor has one reader at a time)."""
 
-    def __init__(self, directory: str, name: str, pid: int | None) -> None:
+    def __init__(self, directory: str, name: str, pid: int | None, by_writer: bool = False) -> None:
         self.name = name
         self.pid = pid
+        self.by_writer = by_writer
+        if by_writer:  # a consumer group's position: the writer holds it for as long as it runs
+            super().__init__(f"cursor {name!r} in {directory} is in use by process {pid}, the log's writer: it is "
+                             f"consumer group {name!r}'s position, which the writer holds while it runs; stop the "
+                             "writer (SIGTERM stores the group's position) to reset or delete it, then start it "
+                             "again (or use another name)")
+            return
         holder = f"process {pid}" if pid else "another process"
         super().__init__(f"cursor {name!r} in {directory} is in use by {holder}; a named cursor has one reader "
                          "at a time (use another name, or stop that reader)")
