@@ -242,6 +242,16 @@ def test_cursors_move_forward_only_unless_reset_on_purpose(tmp_path: Path) -> No
         with pytest.raises(CursorError, match="backwards"):
             reader.commit(2)
     assert walsvc.list_cursors(d) == {"c": 4}
+    # An LSN or a time beside an existing named cursor is refused in Python too: Reader(name=, start=2) read
+    # from LSN 5 without a word.  'earliest'/'latest' only start a new cursor (Kafka's auto.offset.reset).
+    for start in (2, datetime.datetime(2020, 1, 1)):
+        with pytest.raises(ConfigError, match="the cursor 'c' exists \\(at LSN 4\\)"):
+            walsvc.Reader(d, start, name="c")
+    with walsvc.Reader(d, "earliest", name="c") as reader:
+        assert [r.lsn for r in reader.poll(1)] == [5]
+    with walsvc.Reader(d, 2, name="new") as reader:  # a new cursor starts where it is told
+        assert [r.lsn for r in reader.poll(1)] == [2, 3, 4, 5]
+    walsvc.delete_cursor(d, "new")
     # --from beside an existing named cursor is refused, not silently ignored
     one_line_error(run_cli("tail", "--dir", str(d), "--name", "c", "--from", "1"), "--from", "'c'", "LSN 4")
     assert [x.split("\t")[0] for x in lines(run_cli("tail", "--dir", str(d), "--name", "c"))] == ["5"]

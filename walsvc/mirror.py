@@ -331,7 +331,8 @@ class Mirror:
             self.state = MirrorState(self.name, log_id, self.sink.description, PACKED if self.packed else PER_RECORD,
                                      publish_errors=previous.publish_errors if previous else 0,
                                      duplicates=previous.duplicates if previous else 0, pid=os.getpid())
-            with Reader(self.directory, self.start, name=self.name) as reader:
+            start = self.start if stored is None else None  # --from starts a new cursor only
+            with Reader(self.directory, start, name=self.name) as reader:
                 self._acked = self._stored = reader.next_lsn - 1
                 self.state.mirrored_lsn = self._acked
                 if previous is not None and not previous.clean and resume_lsn is not None:

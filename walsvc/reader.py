@@ -115,6 +115,7 @@ class Reader:
                  recheck_s: float | None = None, wake: str | None = None) -> None:
         self.directory, config = client_config(directory)
         settings = reader_settings(config, recheck_s=recheck_s, wake=wake)
+        explicit = start is not None and not isinstance(start, str)  # an LSN or a time, not a reset policy
         start = _checked_start(self.directory, settings.start if start is None else start)
         self.name = cursor.check_name(name) if name is not None else None
         max_record_bytes, max_batch_bytes = read_limits(self.directory, config, max_record_bytes, max_batch_bytes)
@@ -134,6 +135,10 @@ class Reader:
             if self.name is not None:
                 self._cursor_lock = cursor.CursorLock(self.directory, self.name)
                 stored = cursor.load(self.directory, self.name)
+                if stored is not None and explicit:  # silently resuming elsewhere would hide the mistake
+                    raise ConfigError("start", f"the cursor {self.name!r} exists (at LSN {stored}): a named reader "
+                                      f"resumes there; give no start (or 'earliest'/'latest', which only "
+                                      f"start a new cursor), or move it with walsvc.reset_cursor")
                 if stored is not None:
                     start = stored + 1
             self._log = LogReader(self.directory, start, bound=_weak(self._read_head),
