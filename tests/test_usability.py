@@ -252,6 +252,22 @@ def test_cursors_move_forward_only_unless_reset_on_purpose(tmp_path: Path) -> No
     with walsvc.Reader(d, 2, name="new") as reader:  # a new cursor starts where it is told
         assert [r.lsn for r in reader.poll(1)] == [2, 3, 4, 5]
     walsvc.delete_cursor(d, "new")
+    # A commit past what the reader delivered was stored (commit(10**6): every later record up to LSN
+    # 1,000,000 skipped, unread); a commit after close moved a cursor this reader no longer held.
+    with walsvc.Reader(d, name="ahead") as reader:
+        with pytest.raises(CursorError, match="past the last record this reader delivered \\(LSN 0\\)"):
+            reader.commit(1)
+        assert [r.lsn for r in reader.poll(1)] == [1, 2, 3, 4, 5]
+        with pytest.raises(CursorError, match="commit\\(1000000\\) is past"):
+            reader.commit(10**6)
+        reader.commit(3)
+    assert walsvc.list_cursors(d)["ahead"] == 3
+    with pytest.raises(walsvc.LogClosedError, match="'ahead' is closed"):
+        reader.commit(5)
+    with pytest.raises(walsvc.LogClosedError):
+        reader.lag()
+    assert walsvc.list_cursors(d)["ahead"] == 3
+    walsvc.delete_cursor(d, "ahead")
     # --from beside an existing named cursor is refused, not silently ignored
     one_line_error(run_cli("tail", "--dir", str(d), "--name", "c", "--from", "1"), "--from", "'c'", "LSN 4")
     assert [x.split("\t")[0] for x in lines(run_cli("tail", "--dir", str(d), "--name", "c"))] == ["5"]

@@ -27,7 +27,7 @@ from . import cursor
 from . import protocol as P
 from .config import Config, LogConfig, ReaderConfig, check_timeout, client_config
 from .endpoints import load as load_endpoints
-from .errors import ConfigError, GroupError, LogClosedError, ServiceUnavailableError
+from .errors import ConfigError, CursorError, GroupError, LogClosedError, ServiceUnavailableError
 from .head import Head, HeadReader
 from .record import Record
 from .scan import LogReader
@@ -267,13 +267,24 @@ class Reader:
                 yield record
 
     def commit(self, lsn: int) -> None:
-        """Durably record that this named reader has processed everything up to `lsn`."""
+        """Durably record that this named reader has processed everything up to `lsn`.
+
+        Only what this reader has delivered can be committed: a cursor past it would skip records nobody
+        read, and after close the cursor is no longer this reader's to move."""
         if self.name is None:
             raise ConfigError("name", "only a named reader (Reader(..., name=...)) keeps a cursor to commit")
+        if self._closed:
+            raise LogClosedError(f"reader {self.name!r} is closed: its cursor is no longer its to commit")
+        delivered = self._log.next_lsn - 1
+        if isinstance(lsn, int) and not isinstance(lsn, bool) and lsn > delivered:
+            raise CursorError(f"cursor {self.name!r}: commit({lsn}) is past the last record this reader delivered "
+                              f"(LSN {delivered}); committing it would skip records nobody read")
         cursor.advance(self.directory, self.name, lsn)
 
     def lag(self) -> dict[str, int]:
         """How far behind the committed LSN this reader is, in records and (to segment granularity) bytes."""
+        if self._closed:
+            raise LogClosedError("reader is closed")
         committed = self._read_head()
         h = self.last_head
         if committed is None or h is None:
@@ -457,6 +468,8 @@ class GroupReader(Reader):
 
     def lag(self) -> dict[str, int]:
         """The group's lag: committed records not yet acked by any consumer (this call is a heartbeat too)."""
+        if self._closed:
+            raise LogClosedError("group reader is closed")
         reply = self._request("group_renew")
         return {"records": max(0, reply["committed_lsn"] + 1 - reply["position"]),
                 "committed_lsn": reply["committed_lsn"]}
