@@ -159,3 +159,18 @@ def test_a_writer_in_another_pid_namespace_is_taken_to_run(tmp_path: Path) -> No
     me = os.getpid()
     (d / "LOCK").write_text(f"{me} {start_ticks(me)} {ours}\n")
     assert WriterProbe(d).running(me) is True
+
+
+def test_status_says_sealed_segments_are_left_to_verify(tmp_path: Path) -> None:
+    """A flipped byte in a sealed segment: the next start trusts the seal, so status (which reads what recovery
+    reads) exits 0; its text looked like a clean log's.  It now says what it checked, and verify finds it."""
+    d = tmp_path / "wal"
+    with walsvc.Log.open(d, fsync="os", segment_bytes=1 << 20) as log:
+        for _ in range(3):
+            log.append_batch([walsvc.Record.put(b"k", b"v" * 1000) for _ in range(500)])
+    first = sorted(d.glob("*.wal"))[0]
+    flip_bit(first, frame_offsets(first)[0][0] + 100)
+    text, verify = run_all(["status", "--dir", d], ["verify", "--dir", d])
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "status checks the active segment only, `walsvc verify` every frame" in text.stdout, text.stdout
+    assert verify.returncode == 1 and "PROBLEM" in verify.stdout and first.name in verify.stdout, verify.stdout

@@ -161,7 +161,10 @@ def format_text(st: dict[str, Any], before: dict[str, Any] | None = None, interv
         lines.append(f"lost: LSNs {lost['first_lsn']:,} to {lost['last_lsn']:,} were committed (HEAD says so) but "
                      "the log's data ends before them: never fsynced (fsync \"os\"), a crash lost or tore them; the "
                      "next start never hands them out again")
-    lines.append(f"segments: {st['segments']:,}, {_bytes(st['bytes'])}")
+    # Status reads what recovery reads, so sealed segments go unchecked: say so, or a clean-looking status
+    # passes for a clean log while a sealed segment is damaged.
+    lines.append(f"segments: {st['segments']:,}, {_bytes(st['bytes'])}; status checks the active segment only, "
+                 "`walsvc verify` every frame")
     if w in ("running", "stopped"):
         c = st.get("counters", {})
         lines.append(f"appended: {c.get('records', 0):,} records in {c.get('batches', 0):,} batches since start"
