@@ -360,3 +360,18 @@ def test_group_options_are_checked(tmp_path):
     path.write_text("[service]\nproduce_group = true\n")
     with pytest.raises(ConfigError, match=r"service.produce_group: needs \[log\] group"):
         load(path)
+
+
+def test_a_private_nonempty_directory_that_is_no_log_is_refused(tmp_path):
+    """`walsvc serve --dir ~/project` (a typo, a 0700 directory of other files) made a log in it, among the
+    user's files.  A new log needs a new or empty directory, as initdb does; an existing log opens as before."""
+    directory = tmp_path / "project"
+    directory.mkdir(mode=0o700)
+    (directory / "notes.txt").write_text("mine")
+    os.chmod(directory / "notes.txt", 0o600)
+    with pytest.raises(ConfigError, match=r"project is not empty and holds no walsvc log \(it holds notes.txt\)"):
+        Log.open(directory)
+    assert sorted(os.listdir(directory)) == ["notes.txt"]
+    Log.open(tmp_path / "wal").close()
+    with Log.open(tmp_path / "wal") as log:  # an existing log is no stranger
+        assert log.committed_lsn == 0

@@ -31,6 +31,11 @@ GROUP_CURSOR_DIR = 0o3770
 PRIVATE_FILE = 0o600
 GROUP_FILE = 0o640
 CURSOR_DIRNAME = "cursors"  # cursor.DIRNAME; cursor.py imports this module
+# Any name walsvc makes in a log directory (or a segment file) makes it a log, even one whose first start was
+# cut short or whose segments are gone: lock, HEAD, log id (written first by restore), endpoints, stop record,
+# sockets, cursors, quarantine, nori imports, mirror states, the spare segment.
+LOG_MARKS = frozenset({"LOCK", "HEAD", "log-id", "ENDPOINTS", "STOPPED", "sockets", "cursors", "quarantine",
+                       "nori-imports.json", "mirrors", "next-segment.tmp"})
 
 logger = logging.getLogger("walsvc.access")
 
@@ -130,7 +135,8 @@ def prepare(directory: Path, group: str) -> None:
         raise UnsafePermissionsError(str(directory), [f"{directory} is owned by uid {st.st_uid}"],
                                      f"the writer runs as uid {os.geteuid()}: run it as the owner, or "
                                      f"`chown -R {os.geteuid()} {directory}`", what="belongs to another account")
-    if not os.listdir(directory):
+    entries = os.listdir(directory)
+    if not entries:
         if gid is None:
             os.chmod(directory, PRIVATE_DIR)
         else:
@@ -139,6 +145,10 @@ def prepare(directory: Path, group: str) -> None:
         problems = unsafe_paths(directory, gid)
         if problems:
             raise UnsafePermissionsError(str(directory), problems, _fix(directory, problems, group))
+        if not any(name in LOG_MARKS or name.endswith(".wal") for name in entries):
+            shown = ", ".join(sorted(entries)[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise ConfigError("log.dir", f"{directory} is not empty and holds no walsvc log (it holds {shown}): "
+                              "give a new or empty directory for a new log (as initdb does), or an existing log's")
         if gid is not None and not (st.st_gid == gid and st.st_mode & stat.S_IRGRP):
             logger.warning("log.group is %s but %s is not open to it (an existing log is never re-permissioned): "
                            "`chgrp -R %s %s && chmod -R g+rX %s && chmod g+s %s`", group, directory, group,
