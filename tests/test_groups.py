@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,25 @@ def test_resetting_a_group_says_the_writer_holds_it_and_works_once_it_is_stopped
     writer.start()
     with walsvc.Reader(d, group="g", consumer="b") as member:
         assert [r.lsn for r in member.poll(5)] == list(range(5, 21))
+
+
+def test_a_group_starts_at_a_time_and_its_errors_name_it_once(tmp_path: Path, writers) -> None:
+    """Reader(dir, datetime, group=...) raised TypeError (a datetime is not JSON) though a named reader takes
+    one; a refused start said "consumer group 'g': consumer group 'g': ..."."""
+    import datetime
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"old%d" % i, b"v") for i in range(5)])]
+    time.sleep(0.05)
+    cut = datetime.datetime.now(datetime.timezone.utc)
+    time.sleep(0.05)
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"new%d" % i, b"v") for i in range(5)])]
+    with walsvc.Reader(d, cut, group="since", consumer="a") as member:
+        assert [r.key for r in member.poll(5)] == [b"new%d" % i for i in range(5)]
+    with pytest.raises(GroupError) as refused:
+        walsvc.Reader(d, 0, group="bad", consumer="a").poll(1)
+    assert str(refused.value).count("consumer group 'bad'") == 1, refused.value
+    with pytest.raises(ConfigError, match="past the end of the log"):
+        walsvc.Reader(d, 99, group="far", consumer="a")

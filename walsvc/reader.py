@@ -336,15 +336,17 @@ class GroupReader(Reader):
     long the group waits for its ack before giving the range to another.  These two, `start` and `recheck_s`
     take their defaults from the `[reader]` section of a given Config or config file."""
 
-    def __init__(self, directory: str | os.PathLike | Config = "./wal-data", start: int | str | None = None, *,
-                 group: str, consumer: str, max_records: int | None = None, lease_ms: int | None = None,
+    def __init__(self, directory: str | os.PathLike | Config = "./wal-data",
+                 start: int | str | datetime.datetime | None = None, *, group: str, consumer: str,
+                 max_records: int | None = None, lease_ms: int | None = None,
                  max_record_bytes: int | None = None, max_batch_bytes: int | None = None,
                  recheck_s: float | None = None) -> None:
         self.directory, config = client_config(directory)
         settings = reader_settings(config, max_records=max_records, lease_ms=lease_ms, recheck_s=recheck_s)
         self.group = group
         self.consumer = consumer
-        self.start = settings.start if start is None else start
+        # A time becomes its LSN here, as for a named reader (the writer's claim takes LSNs only).
+        self.start = _checked_start(self.directory, settings.start if start is None else start)
         self.max_records = settings.max_records
         self.lease_ms = settings.lease_ms
         self.max_record_bytes, self.max_batch_bytes = read_limits(self.directory, config, max_record_bytes,
@@ -383,7 +385,9 @@ class GroupReader(Reader):
                                           f"{REQUEST_TIMEOUT_S:g} s")
         reply = json.loads(self._req.recv())
         if not reply.get("ok"):
-            raise GroupError(self.group, reply.get("error", "refused"))
+            error = str(reply.get("error", "refused"))
+            said = f"consumer group {self.group!r}: "  # the writer's GroupError says it already
+            raise GroupError(self.group, error[len(said):] if error.startswith(said) else error)
         return reply
 
     def _ack_previous(self) -> None:
