@@ -310,3 +310,25 @@ def test_a_group_starts_at_a_time_and_its_errors_name_it_once(tmp_path: Path, wr
     assert str(refused.value).count("consumer group 'bad'") == 1, refused.value
     with pytest.raises(ConfigError, match="past the end of the log"):
         walsvc.Reader(d, 99, group="far", consumer="a")
+
+
+def test_a_loop_left_inside_a_range_hands_the_rest_back(tmp_path: Path, writers) -> None:
+    """`for record in reader: ... break` at record 3 of 1..10, then a normal close: before, close acked all
+    ten, so 4..10, never handed out, were lost to the group.  A loop that got to a range's last record acks it."""
+    d = tmp_path / "wal"
+    writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(20)])]
+    with walsvc.Reader(d, group="g", consumer="a", max_records=10) as reader:
+        for record in reader:
+            if record.lsn == 3:
+                break
+    with walsvc.Reader(d, group="g", consumer="b", max_records=10) as reader:
+        seen = []
+        for record in reader:
+            seen.append(record.lsn)
+            if record.lsn == 10:
+                break
+        assert seen == list(range(1, 11)) and reader.redelivered == 10
+    with walsvc.Reader(d, group="g", consumer="c", max_records=10) as reader:
+        assert [r.lsn for r in reader.poll(5)] == list(range(11, 21))  # b's loop reached 10: 1..10 acked

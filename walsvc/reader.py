@@ -354,6 +354,7 @@ class GroupReader(Reader):
         self.recheck_s = settings.recheck_s
         self.redelivered = 0
         self.expired_acks = 0  # acks the group refused: their ranges went to other consumers as well
+        self._yielded: int | None = None  # the last record iteration handed out (None: the range went by poll)
         self._lease: dict | None = None  # the range the last poll returned, acked by the next poll
         self._end = 0  # end of the range being read: the bound of the file reader
         self._log: LogReader | None = None
@@ -414,6 +415,7 @@ class GroupReader(Reader):
             self._ack_previous()
         except GroupError:
             pass  # logged and counted: poll goes on (at-least-once), as Kafka's auto-commit does
+        self._yielded = None
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             reply = self._request("group_claim", max_records=self.max_records, lease_ms=self.lease_ms,
@@ -451,6 +453,21 @@ class GroupReader(Reader):
             self._log = None
         return out
 
+    def __iter__(self) -> Iterator[Record]:
+        """Every record the group gives this consumer, forever.  A loop left before the last record of a range
+        (break, return) does not ack that range on close: it goes back to the group (see close)."""
+        while True:
+            for record in self.poll(None):
+                self._yielded = record.lsn
+                yield record
+
+    async def _aiter(self) -> AsyncIterator[Record]:
+        loop = asyncio.get_running_loop()
+        while True:
+            for record in await loop.run_in_executor(None, self.poll, 0.5):
+                self._yielded = record.lsn
+                yield record
+
     def commit(self, lsn: int) -> None:
         """Ack the range the last poll returned now, if `lsn` is its last record or later.
 
@@ -484,6 +501,8 @@ class GroupReader(Reader):
         if self._closed:
             return
         self._closed = True
+        if self._lease is not None and self._yielded is not None and self._yielded < self._lease["end"] - 1:
+            ack = False  # iteration stopped inside the range: records after it were never handed out
         if not ack:
             self._lease = None  # group_leave hands it back unacked
         try:
