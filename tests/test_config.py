@@ -353,3 +353,13 @@ def test_bad_writer_cpus_are_refused_by_key_with_the_reason(tmp_path: Path, valu
         load(path)
     assert info.value.key == "service.cpus"
     assert says in str(info.value)
+
+
+def test_a_mistyped_config_file_is_named_as_one(tmp_path: Path) -> None:
+    """`Producer("walsvc.tmol.toml")`, a file that does not exist, was taken for a log directory: "no writer
+    has run for ... start one with `walsvc serve --dir walsvc.tmol.toml`"."""
+    missing = tmp_path / "walsvc.tmol.toml"
+    for make in (walsvc.Producer, walsvc.Reader, lambda p: walsvc.Reader(p, group="g", consumer="a")):
+        with pytest.raises(ConfigError, match=f"config file {missing} does not exist"):
+            make(missing)
+    assert not missing.exists()

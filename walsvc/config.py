@@ -411,6 +411,8 @@ def client_config(target: "str | os.PathLike | Config", key: str = "directory") 
     if path.is_file():
         cfg = load(path, key=key)
         return cfg.directory, cfg
+    if path.suffix == ".toml" and not path.exists():  # a mistyped config file, not a log directory to serve
+        raise ConfigError(key, f"config file {path} does not exist")
     return path, None
 
 
