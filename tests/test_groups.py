@@ -305,8 +305,8 @@ def test_a_group_starts_at_a_time_and_its_errors_name_it_once(tmp_path: Path, wr
         [f.result(30) for f in producer.put_many([(b"new%d" % i, b"v") for i in range(5)])]
     with walsvc.Reader(d, cut, group="since", consumer="a") as member:
         assert [r.key for r in member.poll(5)] == [b"new%d" % i for i in range(5)]
-    with pytest.raises(GroupError) as refused:
-        walsvc.Reader(d, 0, group="bad", consumer="a").poll(1)
+    with pytest.raises(GroupError) as refused, walsvc.Reader(d, 0, group="bad", consumer="a") as bad:
+        bad.poll(1)
     assert str(refused.value).count("consumer group 'bad'") == 1, refused.value
     with pytest.raises(ConfigError, match="past the end of the log"):
         walsvc.Reader(d, 99, group="far", consumer="a")
