@@ -594,8 +594,9 @@ def test_lsns_fsynced_and_then_missing_are_refused_as_damage(tmp_path: Path, wri
     status, verify = run_all(["status", "--dir", str(d)], ["verify", "--dir", str(d)])
     assert status.returncode == 1 and "DAMAGED: LSNs 10..10 were committed and fsynced" in status.stdout, status
     assert verify.returncode == 1 and "committed records are missing" in verify.stdout, verify
-    with pytest.raises(CorruptionError, match=r"LSNs 10\.\.10 were committed and fsynced"):
+    with pytest.raises(CorruptionError, match=r"LSNs 10\.\.10 were committed and fsynced") as info:
         Log.open(d, fsync="always")
+    assert (info.value.segment, info.value.lsn) == (segment_paths(d)[-1].name, 10)
     assert segment_paths(d)[-1].read_bytes() == before
     with Log.open(d, fsync="always", on_corruption="truncate") as log:
         assert log.recovery.lost_lsns == (10, 11)

@@ -60,9 +60,9 @@ class RecoveryInfo:
     quarantined: list[str] = field(default_factory=list)
     skipped_lsns: tuple[int, int] | None = None  # [first, end) of a torn batch whose LSNs are never reused
     cut_after_stop: int | None = None  # the log had stopped (STOPPED): everything after this LSN was cut
-    # [first, end) of LSNs HEAD called committed that are not on disk (acked under `os`, then a crash of the
-    # OS): the writer never hands them out again, or a reader, cursor or mirror that had them would take a
-    # new record for the old one
+    # [first, end) of LSNs HEAD called committed that are not on disk (acked under `os` and lost in a crash of
+    # the OS, or cut as damage in truncate mode): the writer never hands them out again, or a reader, cursor or
+    # mirror that had them would take a new record for the old one
     lost_lsns: tuple[int, int] | None = None
     first_lsn: int = 1
     last_lsn: int = 0
@@ -218,7 +218,7 @@ def recover(directory: Path, cfg: LogConfig, *, verify: bool = False) -> tuple[R
             if is_last or (isinstance(action, Cut) and action.quarantine_later):
                 # The log's data ends here (LSNs a torn batch's surviving header burns are lost too): refuse a
                 # loss of fsynced records before cutting a byte.
-                info.lost_lsns = _check_lost(head, scan.expected, cfg)
+                info.lost_lsns = _check_lost(head, scan.expected, cfg, path, plan.offset)
             if isinstance(action, Cut):
                 expected = _apply_cut(directory, path, seg, scan.expected, plan, action, later, info, cfg)
             else:
@@ -243,9 +243,11 @@ def head_lost(head: Head | None, next_lsn: int) -> Lost | None:
     return lost_after(next_lsn, head.committed_lsn, head.durable_lsn) if head is not None else None
 
 
-def _check_lost(head: Head | None, next_lsn: int, cfg: LogConfig) -> tuple[int, int] | None:
+def _check_lost(head: Head | None, next_lsn: int, cfg: LogConfig, path: Path | None = None,
+                offset: int | None = None) -> tuple[int, int] | None:
     """The LSNs HEAD calls committed that the data does not reach, [first, end); refused (unless
-    on_corruption = "truncate") when HEAD calls them fsynced too (a lying disk, a file changed by hand)."""
+    on_corruption = "truncate") when HEAD calls them fsynced too (a lying disk, a file changed by hand).
+    `path` and `offset`: where the log's data ends, for the error."""
     lost = head_lost(head, next_lsn)
     if lost is None:
         return None
@@ -253,7 +255,8 @@ def _check_lost(head: Head | None, next_lsn: int, cfg: LogConfig) -> tuple[int, 
         raise CorruptionError(f"LSNs {lost.first}..{lost.end - 1} were committed and fsynced (HEAD's durable LSN is "
                               f"{head.durable_lsn}), but the log's data ends before them: the disk lost "
                               "acknowledged writes; `walsvc verify` shows the log, and on_corruption = \"truncate\" "
-                              "starts without them (their LSNs are never handed out again)")
+                              "starts without them (their LSNs are never handed out again)",
+                              segment=path.name if path is not None else None, offset=offset, lsn=lost.first)
     return lost.first, lost.end
 
 
