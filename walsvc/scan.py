@@ -309,7 +309,8 @@ class LogReader:
                 break  # all that is committed is read: looking further would only re-read the file's end
         if self._seg is not None and self._cap is not None and self.next_lsn > self._cap:
             # Buffered bytes past the bound were written, not committed: a new writer's recovery may cut them
-            # and write others there, and a bound from its COMMIT comes with no HEAD read to tell us.
+            # and write others there, and a reader cannot always tell the writer changed (a log reopened in
+            # the same process leaves the same PID in HEAD).
             self._seg.scanner.rewind(self._seg.scanner.offset)
         return out
 
