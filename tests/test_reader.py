@@ -371,9 +371,9 @@ def test_a_reader_across_a_stop_and_a_restart_never_returns_a_cut_record(tmp_pat
 
 def test_bytes_past_the_committed_bound_are_read_again_not_kept(tmp_path: Path) -> None:
     """A tailing reader stops at its bound with the next frame already in its buffer (written, not yet
-    committed).  The writer stops, and a new one's recovery cuts that frame and writes 5-7 over its bytes; a
-    bound from the new writer's COMMIT arrives without a HEAD read in between (`wake="commit"`), so nothing
-    tells the reader that the writer changed.  It must return 5-7, never the cut LSN 4 from its old buffer."""
+    committed).  The log stops, and its reopen in the same process (the same PID in HEAD, so nothing tells
+    the reader the writer changed) cuts that frame and writes 5-7 over its bytes.  The reader must return
+    5-7, never the cut LSN 4 from its old buffer."""
     d = tmp_path / "wal"
     log = Log.open(d, fsync="always", fsync_thread=False)  # LSN 4 stays uncommitted: nobody syncs it
     log.append_batch([Record.put(b"k%d" % i, b"committed") for i in range(3)])
