@@ -85,6 +85,9 @@ def test_a_refused_claim_leaves_no_group_behind() -> None:
         _claim(table, "billing", max_records="ten", start="latest", lease_ms=5)
     with pytest.raises(GroupError, match="past the end of the log"):
         _claim(table, "billing", start=2 ** 80)
+    for bad in (0, -1):  # of the right type but out of range: this too created the group
+        with pytest.raises(GroupError, match="max_records must be at least 1"):
+            _claim(table, "billing", max_records=bad, start="latest", lease_ms=5)
     assert table.groups == {} and claimed == []
     reply = _claim(table, "billing", start="earliest")
     assert reply["lease"]["first"] == 1 and reply["lease"]["lease_ms"] == 30_000 and claimed == ["billing"]

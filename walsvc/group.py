@@ -187,6 +187,8 @@ class GroupTable:
             raise GroupError(name, "consumer names are 1-200 characters")
         op = req["op"]
         max_records = _field(req, "max_records", int, name) if op == "group_claim" else 0
+        if op == "group_claim" and max_records < 1:
+            raise GroupError(name, f"max_records must be at least 1, not {max_records}")
         group = self.groups.get(name)
         if group is None:
             # Every field is checked before the group exists: a refused claim leaves nothing behind (no
