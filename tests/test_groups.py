@@ -224,6 +224,25 @@ def test_a_new_groups_start_survives_a_writer_restart_before_any_ack(tmp_path: P
         assert [r.lsn for r in member.poll(5)] == list(range(11, 21))
 
 
+def test_lease_ids_never_repeat_across_a_writer_restart(tmp_path: Path, writers) -> None:
+    """An ack sent before a writer restart must not name a lease of the new run.  Before, every run numbered
+    its leases from 1: consumer a's late ack of lease 1 acked the range the new run had just leased to it as
+    lease 1, unread."""
+    from helpers import control
+    d = tmp_path / "wal"
+    writer = writers(d).start()
+    with walsvc.Producer(d) as producer:
+        [f.result(30) for f in producer.put_many([(b"k%d" % i, b"v") for i in range(20)])]
+    old = control(d, "group_claim", group="g", consumer="a", max_records=10)["lease"]
+    assert writer.stop() == 0
+    writer.start()
+    new = control(d, "group_claim", group="g", consumer="a", max_records=10)["lease"]
+    assert (new["first"], new["end"]) == (old["first"], old["end"]) and new["id"] > old["id"], (old, new)
+    stale = control(d, "group_ack", group="g", consumer="a", lease=old["id"])
+    assert not stale["ok"], stale
+    assert control(d, "group_ack", group="g", consumer="a", lease=new["id"])["ok"]
+
+
 def test_leaving_the_block_on_an_exception_hands_the_range_back_unacked(tmp_path: Path, writers) -> None:
     """A handler that raises on record 3 of 1..10: before, `__exit__` acked all ten, so 3..10 were never
     processed by anyone.  Now the range goes back to the group at once and the next consumer gets it."""

@@ -44,7 +44,7 @@ class Lease:
 class Group:
     """One consumer group's state: leases out, ranges to hand out again, and the position below both."""
 
-    def __init__(self, name: str, position: int, lease_ms: float) -> None:
+    def __init__(self, name: str, position: int, lease_ms: float, first_lease_id: int = 1) -> None:
         if lease_ms <= 0:
             raise GroupError(name, f"lease_ms must be positive, not {lease_ms}")
         self.name = name
@@ -52,7 +52,7 @@ class Group:
         self.next_new = position  # first LSN never handed out in this incarnation
         self.leases: dict[int, Lease] = {}
         self._returned: list[tuple[int, int]] = []  # heap of (first, end) to hand out again, lowest first
-        self._next_id = 1
+        self._next_id = first_lease_id
         self.consumers: dict[str, float] = {}  # consumer -> last seen (ms)
         self.redeliveries = 0
 
@@ -166,8 +166,13 @@ class GroupTable:
     kept none of its records.
     """
 
-    def __init__(self, check_name: Callable[[str], str], claim_name: Callable[[str], None]) -> None:
+    def __init__(self, check_name: Callable[[str], str], claim_name: Callable[[str], None],
+                 first_lease_id: int = 1) -> None:
+        """`first_lease_id`: where this writer's lease ids start.  The writer passes its start time in
+        microseconds, above every id an earlier run can have handed out (one per claim, far fewer than one
+        per microsecond), so an ack sent before a restart never names a lease of this run."""
         self.groups: dict[str, Group] = {}
+        self._first_lease_id = first_lease_id
         self._check_name = check_name
         self._claim_name = claim_name
         self._moved: dict[str, int] = {}
@@ -212,7 +217,7 @@ class GroupTable:
                 self._claim_name(name)
             except WalError as exc:
                 raise GroupError(name, str(exc)) from None
-            group = self.groups[name] = Group(name, position, lease_ms)
+            group = self.groups[name] = Group(name, position, lease_ms, self._first_lease_id)
             if last is None:
                 self._moved[name] = position
         before = group.position

@@ -173,7 +173,7 @@ class Writer:
         self._stop = threading.Event()
         self.started = time.time()
         self._group_locks: list[cursor.CursorLock] = []
-        self.groups = GroupTable(cursor.check_name, self._claim_group_name)
+        self.groups = GroupTable(cursor.check_name, self._claim_group_name, time.time_ns() // 1000)
         self._groups_stored_at = 0.0
         self._cursor_storer: cursor.CursorStorer | None = None
         self._sync_in_loop = config.log.fsync == "always"
