@@ -79,6 +79,7 @@ class HeadWatch:
     """Wakes on every change of the HEAD file (inotify).  Raises OSError where inotify is unavailable."""
 
     def __init__(self, head_path: Path) -> None:
+        self.fd = -1  # before anything can raise: a watch never made is still closed on collection (__del__)
         if _LIBC is None:
             raise OSError(errno.ENOSYS, "inotify is not available here")
         fd = _LIBC.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
